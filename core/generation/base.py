@@ -1,0 +1,79 @@
+"""The contract between the engine and whatever produces the bot's words."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from core.config import BotSettings
+from core.registry import Registry
+from core.types import Role
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    """One message of the chat a request carries; the worker formats it for its model."""
+
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to sample; ``temperature == 0`` means greedy."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    top_p: float = 0.9
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """A chat to continue. ``tenant`` (the bot) and ``user`` let a scheduler be fair."""
+
+    messages: tuple[ChatMessage, ...]
+    sampling: SamplingParams = SamplingParams()
+    tenant: str = ""
+    user: str = ""
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenDelta:
+    """A piece of generated text. The last delta of a stream has ``finish_reason`` set."""
+
+    text: str
+    finish_reason: FinishReason | None = None
+
+
+class Generator(Protocol):
+    """Streams the continuation of a chat.
+
+    ``stream`` yields deltas as tokens are made; when the consumer stops iterating (or
+    closes the iterator) the request is cancelled and its resources freed. Failures raise
+    :class:`core.errors.GenerationError` (``GeneratorBusy`` when it cannot serve in time).
+    """
+
+    async def start(self) -> None:
+        """Load models / connect; idempotent."""
+
+    async def stop(self) -> None:
+        """Release everything; idempotent."""
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        """The continuation of ``request.messages``, piece by piece."""
+        ...
+
+
+GeneratorFactory = Callable[[BotSettings], Generator]
+
+
+def generator_backends() -> Registry[GeneratorFactory]:
+    """A registry of generation backends, filled from the ``parley.generators`` entry points."""
+    return Registry("generation backend", "parley.generators")

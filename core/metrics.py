@@ -1,0 +1,42 @@
+"""Prometheus metrics of one Parley process, on a registry of its own (no globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+
+class Metrics:
+    """The counters and histograms the engine and adapters update."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.messages = Counter(
+            "parley_messages_total",
+            "Messages handled, by outcome (answered, command, blocked, duplicate, invalid, error).",
+            ["bot", "channel", "outcome"],
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "parley_errors_total",
+            "Failures turned into an apology, by pipeline stage.",
+            ["bot", "stage"],
+            registry=self.registry,
+        )
+        self.reply_seconds = Histogram(
+            "parley_reply_seconds",
+            "Time from a message's arrival to the end of its reply.",
+            ["bot"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+        )
+        self.first_token_seconds = Histogram(
+            "parley_first_token_seconds",
+            "Time from a message's arrival to the first piece of its reply.",
+            ["bot"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+        )
+
+    def render(self) -> bytes:
+        """The metrics in Prometheus' text format."""
+        return generate_latest(self.registry)

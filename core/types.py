@@ -1,0 +1,116 @@
+"""The vocabulary every part of Parley speaks: messages in, turns stored, events out."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Literal
+
+Role = Literal["system", "user", "assistant"]
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationKey:
+    """Identifies one conversation of one bot on one channel."""
+
+    bot: str
+    channel: str
+    conversation_id: str
+
+    def __str__(self) -> str:
+        return f"{self.bot}/{self.channel}/{self.conversation_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingMessage:
+    """A user's message as an adapter hands it to the engine.
+
+    ``message_id`` is the platform's id for the message; a redelivered event carries the
+    same id and is answered once.
+    """
+
+    bot: str
+    channel: str
+    conversation_id: str
+    user_id: str
+    message_id: str
+    text: str
+    user_name: str | None = None
+    received_at: float = field(default_factory=time.time)
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> ConversationKey:
+        """The conversation this message belongs to."""
+        return ConversationKey(self.bot, self.channel, self.conversation_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One stored utterance of a conversation."""
+
+    role: Role
+    text: str
+    user_id: str | None = None
+    message_id: str | None = None
+    at: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready form, used by the memory backends."""
+        return {
+            "role": self.role,
+            "text": self.text,
+            "user_id": self.user_id,
+            "message_id": self.message_id,
+            "at": self.at,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> Turn:
+        """Inverse of :meth:`to_dict`; raises ``ValueError`` on a malformed record."""
+        role = data.get("role")
+        text = data.get("text")
+        if role not in ("system", "user", "assistant") or not isinstance(text, str):
+            raise ValueError(f"malformed turn record: {data!r}")
+        user_id = data.get("user_id")
+        message_id = data.get("message_id")
+        at = data.get("at")
+        return cls(
+            role=role,
+            text=text,
+            user_id=user_id if isinstance(user_id, str) else None,
+            message_id=message_id if isinstance(message_id, str) else None,
+            at=float(at) if isinstance(at, int | float) else 0.0,
+        )
+
+
+class ReplyKind(StrEnum):
+    """What a :class:`ReplyEvent` carries."""
+
+    TYPING = "typing"  # the bot is working on an answer
+    DELTA = "delta"  # a piece of the answer, to append to what was shown
+    FINAL = "final"  # the whole answer; ends the stream
+    NOTICE = "notice"  # a short message that is not the model's (e.g. a command's reply)
+    ERROR = "error"  # the message could not be answered; ``text`` is safe to show
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyEvent:
+    """One event of the stream the engine yields for a message.
+
+    A stream ends with exactly one FINAL, NOTICE or ERROR event. ``action`` says what
+    moderation did with the message ("allow", "mask", "block", ...). ``code`` is a
+    machine-readable reason on ERROR events ("invalid_input", "memory_unavailable", ...).
+    """
+
+    kind: ReplyKind
+    text: str = ""
+    action: str = "allow"
+    code: str | None = None
+
+    @property
+    def is_last(self) -> bool:
+        """Whether this event ends the stream."""
+        return self.kind in (ReplyKind.FINAL, ReplyKind.NOTICE, ReplyKind.ERROR)
