@@ -1,0 +1,177 @@
+"""The terminal channel: try a bot locally, or script it one message per line.
+
+Interactive when stdin is a terminal (a prompt, the reply streamed as it is made);
+otherwise each input line is one message and each reply is one output line — with
+``json = true``, one JSON object per line with ``text``, ``action``, ``kind`` and ``code``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import threading
+import uuid
+from collections.abc import Mapping
+from contextlib import aclosing
+from typing import IO, Any
+
+from core.config import BotSettings, Section, validate_section
+from core.engine import Engine
+from core.types import IncomingMessage, ReplyEvent, ReplyKind
+
+_EOF = None
+
+
+class ConsoleSettings(Section):
+    """``[adapters.console]``."""
+
+    json: bool = False
+    user_id: str = "local"
+    conversation_id: str = "terminal"
+    interactive: bool | None = None  # default: whether stdin is a terminal
+    exit_on_eof: bool | None = None  # default: when interactive
+    prompt: str = "you> "
+
+
+class ConsoleAdapter:
+    """Reads messages from stdin and writes replies to stdout."""
+
+    channel = "console"
+
+    def __init__(
+        self,
+        settings: BotSettings,
+        section: Mapping[str, Any],
+        *,
+        stdin: IO[bytes] | None = None,
+        stdout: IO[str] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.config = validate_section(
+            ConsoleSettings, section, source=settings.source, prefix="adapters.console"
+        )
+        self._stdin = stdin
+        self._stdout = stdout
+        self._task: asyncio.Task[None] | None = None
+        self._finished = asyncio.Event()
+
+    async def start(self, engine: Engine) -> None:
+        """Begin reading input in the background."""
+        if self._task is None:
+            self._finished.clear()
+            self._task = asyncio.create_task(self._run(engine), name="console-adapter")
+
+    async def stop(self) -> None:
+        """Stop reading; a reply in progress is cancelled."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def wait(self) -> None:
+        """Return at the end of input if ``exit_on_eof``; otherwise only when stopped."""
+        await self._finished.wait()
+
+    async def _run(self, engine: Engine) -> None:
+        stdin = self._stdin or sys.stdin.buffer
+        out = self._stdout or sys.stdout
+        interactive = self.config.interactive
+        if interactive is None:
+            interactive = stdin.isatty()
+        exit_on_eof = self.config.exit_on_eof
+        if exit_on_eof is None:
+            exit_on_eof = interactive
+        lines = _read_lines(stdin)
+        if interactive:
+            out.write(f"{engine.name} is listening. /help for commands, Ctrl-D to quit.\n")
+        try:
+            while True:
+                if interactive:
+                    out.write(self.config.prompt)
+                    out.flush()
+                raw = await lines.get()
+                if raw is _EOF:
+                    break
+                # Invalid UTF-8 survives as lone surrogates, which the engine refuses
+                # with a clear message instead of this loop crashing.
+                text = raw.decode("utf-8", errors="surrogateescape").rstrip("\r\n")
+                if not text.strip() and interactive:
+                    continue
+                message = IncomingMessage(
+                    bot=engine.name,
+                    channel=self.channel,
+                    conversation_id=self.config.conversation_id,
+                    user_id=self.config.user_id,
+                    message_id=uuid.uuid4().hex,
+                    text=text,
+                )
+                async with aclosing(engine.handle(message)) as events:
+                    if interactive:
+                        await _render_streaming(events, out)
+                    else:
+                        await _render_line(events, out, as_json=self.config.json)
+        finally:
+            if interactive:
+                out.write("\n")
+                out.flush()
+        if exit_on_eof:
+            self._finished.set()
+
+
+async def _render_streaming(events: Any, out: IO[str]) -> None:
+    shown = False
+    async for event in events:
+        if event.kind is ReplyKind.DELTA:
+            if not shown:
+                out.write("bot> ")
+                shown = True
+            out.write(event.text)
+            out.flush()
+        elif event.is_last:
+            if shown:
+                out.write("\n")
+            elif event.text:
+                out.write(f"bot> {event.text}\n")
+            out.flush()
+
+
+async def _render_line(events: Any, out: IO[str], *, as_json: bool) -> None:
+    last: ReplyEvent | None = None
+    async for event in events:
+        if event.is_last:
+            last = event
+    if last is None:
+        return
+    if as_json:
+        record = {"text": last.text, "action": last.action, "kind": last.kind.value,
+                  "code": last.code}
+        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    else:
+        out.write(last.text.replace("\n", " ") + "\n")
+    out.flush()
+
+
+def _read_lines(stdin: IO[bytes]) -> asyncio.Queue[bytes | None]:
+    """Lines of ``stdin`` on a queue, read by a daemon thread so the loop never blocks.
+
+    A daemon thread, not the default executor: a read blocked on a terminal must not
+    keep the process alive at exit.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    def pump() -> None:
+        try:
+            for line in iter(stdin.readline, b""):
+                loop.call_soon_threadsafe(queue.put_nowait, line)
+        except (OSError, ValueError):
+            pass
+        finally:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(queue.put_nowait, _EOF)
+
+    threading.Thread(target=pump, name="console-stdin", daemon=True).start()
+    return queue

@@ -1,0 +1,121 @@
+"""Assembling a bot from its settings, and running its adapters until told to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from core import commands
+from core.config import BotSettings
+from core.engine import Engine
+from core.errors import ConfigError
+from core.generation.base import generator_backends
+from core.memory.base import memory_backends
+from core.metrics import Metrics
+from core.moderation.base import moderators
+from core.plugins import PluginRegistry, load_plugins
+from core.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+class Adapter(Protocol):
+    """A channel: turns platform events into ``engine.handle`` calls and renders replies.
+
+    ``start`` returns once the adapter is serving; it must never block the engine.
+    ``wait`` returns when the adapter has finished on its own (an interactive terminal
+    closed by its user); adapters that only stop when told never return from it.
+    """
+
+    async def start(self, engine: Engine) -> None:
+        """Begin serving ``engine``."""
+
+    async def stop(self) -> None:
+        """Stop serving; idempotent."""
+
+    async def wait(self) -> None:
+        """Return when the adapter has finished by itself."""
+
+
+AdapterFactory = Callable[[BotSettings, Mapping[str, Any]], Adapter]
+
+
+def adapter_registry() -> Registry[AdapterFactory]:
+    """Adapters by name, from the ``parley.adapters`` entry points (bots/ registers them)."""
+    return Registry("adapter", "parley.adapters")
+
+
+def build_engine(settings: BotSettings, *, metrics: Metrics | None = None) -> Engine:
+    """An engine with the memory, generator, moderator and plugins ``settings`` name."""
+    src = settings.source
+    memory = memory_backends().get(settings.memory.backend, where=f"{src}: memory.backend")
+    generator = generator_backends().get(
+        settings.generation.backend, where=f"{src}: generation.backend"
+    )
+    moderator = moderators().get(settings.moderation.backend, where=f"{src}: moderation.backend")
+    plugins = PluginRegistry()
+    commands.setup(plugins)
+    load_plugins(plugins, settings.plugins.modules, settings.plugins.disable, source=src)
+    return Engine(
+        settings,
+        memory=memory(settings),
+        generator=generator(settings),
+        moderator=moderator(settings),
+        plugins=plugins,
+        metrics=metrics,
+    )
+
+
+def build_adapters(settings: BotSettings, names: Sequence[str] | None = None) -> list[Adapter]:
+    """The adapters configured under ``[adapters.NAME]`` (or just ``names``)."""
+    registry = adapter_registry()
+    chosen = list(names) if names is not None else list(settings.adapters)
+    if not chosen:
+        raise ConfigError(f"{settings.source}: adapters: no adapter configured")
+    return [
+        registry.get(name, where=f"{settings.source}: adapters.{name}")(
+            settings, settings.adapters.get(name, {})
+        )
+        for name in chosen
+    ]
+
+
+async def serve(engine: Engine, adapters: Sequence[Adapter]) -> None:
+    """Run ``adapters`` on ``engine`` until SIGINT/SIGTERM or one of them finishes.
+
+    Starts the engine, then the adapters in order; stops them in reverse order, engine
+    last, whatever happened (a failed start undoes the starts before it).
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    started: list[Adapter] = []
+    try:
+        async with engine:
+            try:
+                for adapter in adapters:
+                    await adapter.start(engine)
+                    started.append(adapter)
+                waiters = [asyncio.ensure_future(a.wait()) for a in started]
+                stopper = asyncio.ensure_future(stop.wait())
+                try:
+                    await asyncio.wait([stopper, *waiters], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for task in (stopper, *waiters):
+                        task.cancel()
+            finally:
+                for adapter in reversed(started):
+                    try:
+                        await adapter.stop()
+                    except Exception:
+                        log.exception("stopping adapter %r failed", adapter)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)

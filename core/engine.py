@@ -1,0 +1,283 @@
+"""The conversation engine: one message in, a stream of reply events out.
+
+The pipeline of DESIGN.md, each stage a method and each collaborator passed in:
+
+    validate -> dedupe -> moderate input -> commands / pre-hooks -> load memory
+    -> build request -> generate -> guard output -> append memory
+
+Messages of one conversation are answered in arrival order (a FIFO lock per
+conversation); different conversations run concurrently. Failures of memory or the
+generator become a short apology to the user, a log line and a counter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+
+from core.config import BotSettings
+from core.errors import GenerationError, GeneratorBusy, InvalidMessage, MemoryUnavailable
+from core.generation.base import ChatMessage, GenerationRequest, Generator, SamplingParams
+from core.lifecycle import ServiceBase
+from core.memory.base import MemorySnapshot, MemoryStore
+from core.metrics import Metrics
+from core.moderation.base import Action, Moderator, Verdict
+from core.plugins import CommandContext, PluginRegistry
+from core.streams import closing
+from core.types import ConversationKey, IncomingMessage, ReplyEvent, ReplyKind, Turn
+from core.validation import clean_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Apologies:
+    """What users are told when something behind the bot fails. Short and polite."""
+
+    memory: str = (
+        "Sorry, I'm having trouble remembering our conversation right now. "
+        "Please try again in a moment."
+    )
+    busy: str = "Sorry, I'm very busy right now. Please try again in a moment."
+    generation: str = "Sorry, something went wrong while I was thinking. Please try again."
+    empty: str = "Sorry, I don't have an answer to that."
+
+
+class _Lane:
+    """A FIFO lock for one conversation, counted so idle lanes can be dropped."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
+class Engine(ServiceBase):
+    """Answers messages from any channel; see the module docstring.
+
+    Starting the engine starts its memory store and generator (in that order) and
+    stopping it stops them in reverse.
+    """
+
+    def __init__(
+        self,
+        settings: BotSettings,
+        *,
+        memory: MemoryStore,
+        generator: Generator,
+        moderator: Moderator,
+        plugins: PluginRegistry,
+        metrics: Metrics | None = None,
+        apologies: Apologies | None = None,
+    ) -> None:
+        self.settings = settings
+        self.memory = memory
+        self.generator = generator
+        self.moderator = moderator
+        self.plugins = plugins
+        self.metrics = metrics or Metrics()
+        self.apologies = apologies or Apologies()
+        self._lanes: dict[ConversationKey, _Lane] = {}
+
+    @property
+    def name(self) -> str:
+        """The bot's name."""
+        return self.settings.bot.name
+
+    async def _start(self) -> None:
+        await self.memory.start()
+        await self.generator.start()
+
+    async def _stop(self) -> None:
+        try:
+            await self.generator.stop()
+        finally:
+            await self.memory.stop()
+
+    async def handle(self, message: IncomingMessage) -> AsyncIterator[ReplyEvent]:
+        """The reply to ``message`` as a stream of events, ending in FINAL, NOTICE or ERROR.
+
+        Closing the stream early cancels the generation; nothing is stored then.
+        """
+        started = time.monotonic()
+        outcome = "error"
+        try:
+            try:
+                text = clean_text(message.text, self.settings.bot.max_message_chars)
+            except InvalidMessage as exc:
+                outcome = "invalid"
+                yield ReplyEvent(ReplyKind.ERROR, exc.reason, code="invalid_input")
+                return
+            message = replace(message, text=text)
+            async with self._lane(message.key):
+                async for event in self._pipeline(message):
+                    if event.is_last:
+                        outcome = _outcome(event)
+                    yield event
+        finally:
+            self.metrics.messages.labels(self.name, message.channel, outcome).inc()
+            if outcome in ("answered", "command"):
+                self.metrics.reply_seconds.labels(self.name).observe(time.monotonic() - started)
+
+    async def _pipeline(self, message: IncomingMessage) -> AsyncIterator[ReplyEvent]:
+        stage = "memory"
+        try:
+            if not await self.memory.mark_seen(message.key, message.message_id):
+                yield ReplyEvent(ReplyKind.NOTICE, code="duplicate")
+                return
+            stage = "moderation"
+            verdict = await self.moderator.check_input(message)
+            if not verdict.action.answers:
+                yield ReplyEvent(ReplyKind.NOTICE, verdict.reply or "", action=verdict.action,
+                                 code="moderated")
+                return
+            message = replace(message, text=verdict.text)
+            stage = "plugins"
+            direct = await self._dispatch_plugins(message, verdict)
+            if direct is not None:
+                yield direct
+                return
+            yield ReplyEvent(ReplyKind.TYPING, action=verdict.action)
+            stage = "memory"
+            snapshot = await self.memory.load(message.key, message.user_id)
+            stage = "plugins"
+            request = await self.build_request(message, snapshot)
+            stage = "generation"
+            pieces: list[str] = []
+            first = True
+            async with closing(self._generate(message, request)) as stream:
+                async for piece in stream:
+                    if first:
+                        first = False
+                        self.metrics.first_token_seconds.labels(self.name).observe(
+                            time.time() - message.received_at
+                        )
+                    pieces.append(piece)
+                    yield ReplyEvent(ReplyKind.DELTA, piece, action=verdict.action)
+            reply = "".join(pieces).strip()
+            if not reply:
+                self.metrics.errors.labels(self.name, "empty_reply").inc()
+                yield ReplyEvent(ReplyKind.ERROR, self.apologies.empty, action=verdict.action,
+                                 code="empty_reply")
+                return
+            stage = "memory"
+            await self._remember(message, reply)
+            yield ReplyEvent(ReplyKind.FINAL, reply, action=verdict.action)
+        except MemoryUnavailable as exc:
+            yield self._failure(message, stage, exc, self.apologies.memory, "memory_unavailable")
+        except GeneratorBusy as exc:
+            yield self._failure(message, stage, exc, self.apologies.busy, "busy")
+        except GenerationError as exc:
+            yield self._failure(message, stage, exc, self.apologies.generation, "generation_failed")
+
+    async def _dispatch_plugins(
+        self, message: IncomingMessage, verdict: Verdict
+    ) -> ReplyEvent | None:
+        """A command's or pre-hook's answer, if one answers the message."""
+        matched = self.plugins.match_command(message.text)
+        if matched is not None:
+            command, args = matched
+            ctx = CommandContext(message, args, self.memory, self.plugins)
+            return ReplyEvent(ReplyKind.NOTICE, await command.handler(ctx), action=verdict.action,
+                              code="command")
+        for hook in self.plugins.pre_hooks:
+            answer = await hook(message)
+            if answer is not None:
+                await self._remember(message, answer)
+                return ReplyEvent(ReplyKind.FINAL, answer, action=verdict.action)
+        return None
+
+    async def build_request(
+        self, message: IncomingMessage, snapshot: MemorySnapshot
+    ) -> GenerationRequest:
+        """The chat the generator continues: persona and context, history, the message."""
+        system = [self.settings.bot.persona]
+        for provider in self.plugins.context_providers:
+            extra = await provider(message)
+            if extra:
+                system.append(extra)
+        if snapshot.facts:
+            facts = "; ".join(f"{k}: {v}" for k, v in sorted(snapshot.facts.items()))
+            system.append(f"What you know about this user: {facts}")
+        messages = [ChatMessage("system", "\n\n".join(system))]
+        messages += [ChatMessage(t.role, t.text) for t in snapshot.turns if t.role != "system"]
+        messages.append(ChatMessage("user", message.text))
+        gen = self.settings.generation
+        return GenerationRequest(
+            messages=tuple(messages),
+            sampling=SamplingParams(
+                max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p
+            ),
+            tenant=self.name,
+            user=f"{message.channel}:{message.user_id}",
+        )
+
+    async def _generate(
+        self, message: IncomingMessage, request: GenerationRequest
+    ) -> AsyncIterator[str]:
+        async def texts() -> AsyncIterator[str]:
+            async with closing(self.generator.stream(request)) as deltas:
+                async for delta in deltas:
+                    if delta.text:
+                        yield delta.text
+
+        async with closing(self.moderator.guard(message, texts())) as guarded:
+            async for piece in guarded:
+                yield piece
+
+    async def _remember(self, message: IncomingMessage, reply: str) -> None:
+        await self.memory.append(
+            message.key,
+            [
+                Turn("user", message.text, message.user_id, message.message_id,
+                     message.received_at),
+                Turn("assistant", reply),
+            ],
+        )
+
+    def _failure(
+        self, message: IncomingMessage, stage: str, exc: Exception, apology: str, code: str
+    ) -> ReplyEvent:
+        log.warning("bot %s: %s failed for %s: %s", self.name, stage, message.key, exc)
+        self.metrics.errors.labels(self.name, stage).inc()
+        return ReplyEvent(ReplyKind.ERROR, apology, code=code)
+
+    @asynccontextmanager
+    async def _lane(self, key: ConversationKey) -> AsyncIterator[None]:
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane()
+        lane.users += 1
+        try:
+            async with lane.lock:
+                yield
+        finally:
+            lane.users -= 1
+            if lane.users == 0:
+                del self._lanes[key]
+
+
+def _outcome(event: ReplyEvent) -> str:
+    if event.kind is ReplyKind.FINAL:
+        return "answered"
+    if event.kind is ReplyKind.ERROR:
+        return "error"
+    if event.code == "duplicate":
+        return "duplicate"
+    if event.code == "command":
+        return "command"
+    return "blocked" if event.action != Action.ALLOW else "notice"
+
+
+async def collect(events: AsyncIterator[ReplyEvent]) -> ReplyEvent:
+    """Drain a reply stream and return its last event (for channels that don't stream)."""
+    last = ReplyEvent(ReplyKind.ERROR, "no reply", code="no_reply")
+    async with closing(events) as stream:
+        async for event in stream:
+            last = event
+    return last
