@@ -52,7 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             console = adapter_registry().get("console")(
                 settings,
                 {**settings.adapters.get("console", {}), "json": args.json,
-                 "user_id": args.user, "conversation_id": args.conversation},
+                 "user_id": args.user, "conversation_id": args.conversation,
+                 "exit_on_eof": True},
             )
             asyncio.run(serve(build_engine(settings), [console]))
             return 0

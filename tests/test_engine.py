@@ -245,3 +245,25 @@ async def test_metrics_count_outcomes(engine: Engine) -> None:
     assert 'parley_messages_total{bot="tbot",channel="test",outcome="answered"} 1.0' in text
     assert 'outcome="duplicate"} 1.0' in text
     assert 'outcome="invalid"} 1.0' in text
+
+
+async def test_redis_killed_mid_conversation_apologises_then_recovers(
+    redis_server: Any, redis_url: str, memory_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = settings(memory={"backend": "redis", "url": redis_url, "key_prefix": memory_prefix,
+                              "timeout": 0.5})
+    async with build_engine(config) as engine:
+        assert (await collect(engine.handle(message("before")))).text == "before"
+        redis_server.kill()
+        try:
+            events = await asyncio.wait_for(events_of(engine, message("during")), 5)
+            assert [e.kind for e in events] == [ReplyKind.ERROR]
+            assert events[0].code == "memory_unavailable"
+            assert events[0].text.startswith("Sorry")
+            assert "memory failed" in caplog.text
+            assert engine.metrics.errors.labels("tbot", "memory")._value.get() == 1
+        finally:
+            redis_server.restart()
+        # A fresh server (it keeps nothing on disk): the bot answers again and remembers.
+        assert (await collect(engine.handle(message("after")))).text == "after"
+        assert await turns(engine) == [("user", "after"), ("assistant", "after")]

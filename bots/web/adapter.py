@@ -1,0 +1,365 @@
+"""The web channel: a JSON API on aiohttp, streaming replies as Server-Sent Events.
+
+Routes:
+
+- ``POST /api/v1/chat``: ``{"conversation_id", "user_id", "text", "message_id"?}`` in,
+  the reply as one JSON object out.
+- ``POST /api/v1/chat/stream``: the same request; the reply's events as they are made
+  (``event: delta | final | notice | error``, each ``data`` a JSON object). A failure
+  before the reply begins is answered as on ``/api/v1/chat``, with a JSON error status.
+- ``GET /healthz``, ``GET /metrics`` (Prometheus), and ``GET /`` (a demo page).
+
+A request the adapter refuses (wrong content type, too big, not UTF-8, not JSON, bad
+fields) never reaches the engine. Errors of the API are JSON: ``{"error", "code"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from importlib.resources import files
+from typing import Annotated, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+)
+from pydantic_core import PydanticCustomError
+
+from core.config import BotSettings, Section, validate_section
+from core.engine import Engine, collect
+from core.errors import ConfigError
+from core.streams import closing
+from core.types import IncomingMessage, ReplyEvent, ReplyKind
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "web"
+MAX_ID_CHARS = 256
+RETRY_AFTER_SECONDS = 5
+# How long stop() lets replies in progress finish before it cuts them off.
+SHUTDOWN_TIMEOUT = 10.0
+
+# The HTTP status of an engine error, by code; an unknown code is a 500.
+_ERROR_STATUS = {
+    "invalid_input": 400,
+    "busy": 503,
+    "memory_unavailable": 503,
+    "generation_failed": 503,
+    "empty_reply": 502,
+}
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_PAGE_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+class WebSettings(Section):
+    """``[adapters.web]``: where to listen and what to accept."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)  # 0: any free port
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    cors_origins: list[str] = []  # origins whose pages may call the API; "*" for any
+
+
+def _check_id(value: str) -> str:
+    if _CONTROL.search(value):
+        raise PydanticCustomError("control_character", "must not contain control characters")
+    if not value.strip():
+        raise PydanticCustomError("blank", "must not be blank")
+    return value
+
+
+Id = Annotated[
+    str,
+    StringConstraints(strict=True, min_length=1, max_length=MAX_ID_CHARS),
+    AfterValidator(_check_id),
+]
+
+
+class ChatRequest(BaseModel):
+    """The body of a chat request; the engine itself checks ``text``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    conversation_id: Id
+    user_id: Id
+    text: str
+    message_id: Id | None = None
+
+
+ENGINE = web.AppKey("engine", Engine)
+CONFIG = web.AppKey("web_settings", WebSettings)
+PAGE = web.AppKey("page", bytes)
+
+
+class WebAdapter:
+    """Serves a bot over HTTP; see the module docstring for the routes."""
+
+    channel = CHANNEL
+
+    def __init__(self, settings: BotSettings, section: Mapping[str, Any]) -> None:
+        self.settings = settings
+        self.config = validate_section(
+            WebSettings, section, source=settings.source, prefix="adapters.web"
+        )
+        self._runner: web.AppRunner | None = None
+        self._stopped = asyncio.Event()
+
+    @property
+    def port(self) -> int:
+        """The port the adapter listens on (the one picked, if configured as 0)."""
+        if self._runner is None or not self._runner.addresses:
+            raise RuntimeError("the web adapter is not started")
+        return int(self._runner.addresses[0][1])
+
+    async def start(self, engine: Engine) -> None:
+        """Listen on the configured host and port; returns once serving."""
+        if self._runner is not None:
+            return
+        self._stopped.clear()
+        page = await asyncio.to_thread(files("bots.web").joinpath("static/index.html").read_bytes)
+        runner = web.AppRunner(
+            build_app(engine, self.config, page),
+            # Cancel a request's handler when its client goes, so its generation stops.
+            handler_cancellation=True,
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
+        )
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self.config.host, self.config.port).start()
+        except BaseException as exc:
+            await runner.cleanup()
+            if isinstance(exc, OSError):
+                raise ConfigError(
+                    f"{self.settings.source}: adapters.web: cannot listen on "
+                    f"{self.config.host}:{self.config.port}: {exc.strerror or exc}"
+                ) from exc
+            raise
+        self._runner = runner
+        log.info("bot %s: web adapter on http://%s:%d/", engine.name, self.config.host, self.port)
+
+    async def stop(self) -> None:
+        """Stop listening; replies in progress get a few seconds to finish. Idempotent."""
+        runner, self._runner = self._runner, None
+        try:
+            if runner is not None:
+                await runner.cleanup()
+        finally:
+            self._stopped.set()
+
+    async def wait(self) -> None:
+        """Return only once the adapter is stopped: a web server never ends by itself."""
+        await self._stopped.wait()
+
+
+def build_app(engine: Engine, config: WebSettings, page: bytes) -> web.Application:
+    """The aiohttp application serving ``engine``, with ``page`` as the demo page."""
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_json_errors])
+    app[ENGINE] = engine
+    app[CONFIG] = config
+    app[PAGE] = page
+    app.on_response_prepare.append(_add_headers)
+    app.router.add_get("/", _index)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/metrics", _metrics)
+    for path, handler in (("/api/v1/chat", _chat), ("/api/v1/chat/stream", _chat_stream)):
+        app.router.add_post(path, handler)
+        app.router.add_route("OPTIONS", path, _preflight)
+    return app
+
+
+async def _chat(request: web.Request) -> web.StreamResponse:
+    message = await _read_message(request)
+    return _json_reply(await collect(request.app[ENGINE].handle(message)), message)
+
+
+async def _chat_stream(request: web.Request) -> web.StreamResponse:
+    message = await _read_message(request)
+    async with closing(request.app[ENGINE].handle(message)) as events:
+        # The open request is the typing indicator; holding the response until the reply
+        # begins lets a failure before it (busy, memory down) be a status, as on /chat.
+        first = await anext(events)
+        while first.kind is ReplyKind.TYPING:
+            first = await anext(events)
+        if first.kind is ReplyKind.ERROR:
+            return _json_reply(first, message)
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",  # proxies must not hold the deltas back
+            }
+        )
+        await response.prepare(request)
+        await response.write(_sse(first, message))
+        try:
+            async for event in events:
+                if event.kind is not ReplyKind.TYPING:
+                    await response.write(_sse(event, message))
+        except ConnectionError:
+            raise  # the client went; leaving the block closes the engine's stream
+        except Exception:
+            log.exception("web: reply to %s failed mid-stream", message.key)
+            failed = ReplyEvent(ReplyKind.ERROR, "Sorry, something went wrong.", code="internal")
+            await response.write(_sse(failed, message))
+        await response.write_eof()
+    return response
+
+
+async def _read_message(request: web.Request) -> IncomingMessage:
+    """The request's message, or an HTTP error saying why it is refused."""
+    limit = request.app[CONFIG].max_body_bytes
+    # Insisting on JSON also means a cross-site page cannot post without a CORS preflight.
+    charset = (request.charset or "utf-8").lower()
+    if request.content_type != "application/json" or charset not in ("utf-8", "utf8"):
+        raise _Refused(415, "the body must be JSON in UTF-8 (Content-Type: application/json)",
+                     "unsupported_media_type")
+    too_large = _Refused(413, f"the body must be at most {limit} bytes", "payload_too_large")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large from None
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise _Refused(400, "the body is not valid UTF-8") from None
+    except (ValueError, RecursionError):
+        raise _Refused(400, "the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise _Refused(400, "the body must be a JSON object")
+    try:
+        fields = ChatRequest.model_validate(data)
+    except ValidationError as exc:
+        problems = (".".join(map(str, e["loc"])) + ": " + e["msg"] for e in exc.errors())
+        raise _Refused(400, "; ".join(problems)) from None
+    return IncomingMessage(
+        bot=request.app[ENGINE].name,
+        channel=CHANNEL,
+        conversation_id=fields.conversation_id,
+        user_id=fields.user_id,
+        message_id=fields.message_id or uuid.uuid4().hex,
+        text=fields.text,
+    )
+
+
+def _reply_body(event: ReplyEvent, message: IncomingMessage) -> dict[str, str]:
+    body = {
+        "kind": event.kind.value,
+        "text": event.text,
+        "action": str(event.action),
+        "conversation_id": message.conversation_id,
+        "message_id": message.message_id,
+    }
+    if event.code is not None:
+        body["code"] = event.code
+    return body
+
+
+def _json_reply(event: ReplyEvent, message: IncomingMessage) -> web.Response:
+    if event.kind is not ReplyKind.ERROR:
+        return web.json_response(_reply_body(event, message))
+    status = _ERROR_STATUS.get(event.code or "", 500)
+    if status == 400:
+        return _error_response(400, event.text, event.code or "bad_request")
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else None
+    return web.json_response(_reply_body(event, message), status=status, headers=headers)
+
+
+def _sse(event: ReplyEvent, message: IncomingMessage) -> bytes:
+    data = json.dumps(_reply_body(event, message), ensure_ascii=False)
+    return f"event: {event.kind.value}\ndata: {data}\n\n".encode()
+
+
+class _Refused(Exception):
+    """A request answered with an error status without asking the engine."""
+
+    def __init__(self, status: int, reason: str, code: str = "bad_request") -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.code = code
+
+
+def _error_response(status: int, reason: str, code: str) -> web.Response:
+    return web.json_response({"error": reason, "code": code}, status=status)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Give the API's own errors (unknown route, wrong method, a bug) JSON bodies too."""
+    api = request.path.startswith("/api/")
+    try:
+        return await handler(request)
+    except _Refused as exc:
+        return _error_response(exc.status, exc.reason, exc.code)
+    except web.HTTPException as exc:
+        if api and exc.status >= 400 and exc.content_type != "application/json":
+            exc.content_type = "application/json"
+            exc.text = json.dumps({"error": exc.reason.lower(), "code": "http_error"})
+        raise
+    except Exception:
+        if not api:
+            raise
+        log.exception("web: %s %s failed", request.method, request.path)
+        return web.json_response({"error": "internal error", "code": "internal"}, status=500)
+
+
+async def _add_headers(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    origin = request.headers.get("Origin")
+    allowed = request.app[CONFIG].cors_origins
+    if origin and request.path.startswith("/api/") and (origin in allowed or "*" in allowed):
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = "Retry-After"
+        response.headers["Vary"] = "Origin"
+
+
+async def _preflight(request: web.Request) -> web.Response:
+    # The Allow-Origin header is added by _add_headers only for an allowed origin;
+    # without it the browser refuses the call.
+    return web.Response(
+        status=204,
+        headers={
+            "Access-Control-Allow-Methods": "POST, OPTIONS",
+            "Access-Control-Allow-Headers": "Content-Type",
+            "Access-Control-Max-Age": "600",
+        },
+    )
+
+
+async def _index(request: web.Request) -> web.Response:
+    return web.Response(
+        body=request.app[PAGE],
+        content_type="text/html",
+        charset="utf-8",
+        headers={"Content-Security-Policy": _PAGE_CSP, "Cache-Control": "no-cache"},
+    )
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "bot": request.app[ENGINE].name})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    return web.Response(
+        body=request.app[ENGINE].metrics.render(),
+        headers={"Content-Type": CONTENT_TYPE_LATEST},
+    )

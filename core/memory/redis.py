@@ -1,0 +1,305 @@
+"""Conversation memory in Redis: for production, and for several processes serving one bot.
+
+Key layout (``{p}`` is ``memory.key_prefix``; the bot name and every id are
+percent-encoded, so a ``:`` inside an id cannot make two keys collide; ``{ref}`` is
+``{channel}:{conversation_id}``)::
+
+    {p}:{bot}:conv:{ref}         list  the window of turns, JSON, oldest first
+    {p}:{bot}:members:{ref}      hash  user id -> that user's index key, for each user
+                                       whose turns are in the window
+    {p}:{bot}:seen:{ref}         zset  message id -> expiry (ms), for dedupe; capped
+    {p}:{bot}:facts:{user}       hash  facts about a user; no TTL, gone on forget_user
+    {p}:{bot}:user:{user}:convs  set   refs of the conversations holding the user's turns
+
+A conversation, its members hash and the index of every member get the same TTL, set
+together on every load and append, so an index outlives every conversation it points
+to and ``forget_user`` finds them all.
+
+Every call is one round trip: one command, or one Lua script (atomic, and checking key
+types before it writes, so a failure leaves nothing half-stored). The scripts touch keys
+they derive from stored data, which a standalone Redis (or a replicated one) allows and
+Redis Cluster does not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from core.config import BotSettings, MemorySection
+from core.errors import ConfigError, MemoryUnavailable
+from core.lifecycle import ServiceBase
+from core.memory.base import MemorySnapshot
+from core.types import ConversationKey, Turn
+
+log = logging.getLogger(__name__)
+
+SEEN_TTL_CAP = 24 * 3600  # seconds a message id is remembered for dedupe, at most
+SEEN_PER_CONVERSATION = 10_000  # message ids kept per conversation, at most
+
+# KEYS: conv, members, facts. ARGV: window, ttl.
+_LOAD = """
+local turns = redis.call('LRANGE', KEYS[1], -tonumber(ARGV[1]), -1)
+if redis.call('EXPIRE', KEYS[1], ARGV[2]) == 1 then
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+  for _, idx in ipairs(redis.call('HVALS', KEYS[2])) do
+    redis.call('EXPIRE', idx, ARGV[2])
+  end
+end
+return {turns, redis.call('HGETALL', KEYS[3])}
+"""
+
+# KEYS: conv, members. ARGV: window, ttl, ref, n, n x (user id, index key), turns (JSON).
+_APPEND = """
+local conv, members = KEYS[1], KEYS[2]
+local window, ttl, ref, n = tonumber(ARGV[1]), ARGV[2], ARGV[3], tonumber(ARGV[4])
+local function wrong(key, kind)
+  local t = redis.call('TYPE', key)['ok']
+  if t ~= 'none' and t ~= kind then return 'WRONGTYPE ' .. key .. ' is a ' .. t end
+end
+local bad = wrong(conv, 'list') or wrong(members, 'hash')
+for i = 0, n - 1 do bad = bad or wrong(ARGV[6 + 2 * i], 'set') end
+for _, idx in ipairs(bad and {} or redis.call('HVALS', members)) do
+  bad = bad or wrong(idx, 'set')
+end
+if bad then return redis.error_reply(bad) end
+-- Nothing is written above this line.
+for i = 0, n - 1 do redis.call('HSET', members, ARGV[5 + 2 * i], ARGV[6 + 2 * i]) end
+for i = 5 + 2 * n, #ARGV do redis.call('RPUSH', conv, ARGV[i]) end
+redis.call('LTRIM', conv, -window, -1)
+local present = {}
+for _, raw in ipairs(redis.call('LRANGE', conv, 0, -1)) do
+  local ok, turn = pcall(cjson.decode, raw)
+  if ok and type(turn) == 'table' and type(turn.user_id) == 'string' then
+    present[turn.user_id] = true
+  end
+end
+local pairs_ = redis.call('HGETALL', members)
+for i = 1, #pairs_, 2 do
+  local user, idx = pairs_[i], pairs_[i + 1]
+  if present[user] then
+    redis.call('SADD', idx, ref)
+    redis.call('EXPIRE', idx, ttl)
+  else
+    redis.call('SREM', idx, ref)
+    redis.call('HDEL', members, user)
+  end
+end
+redis.call('EXPIRE', conv, ttl)
+redis.call('EXPIRE', members, ttl)
+return 1
+"""
+
+# KEYS: conv, members. ARGV: ref.
+_RESET = """
+for _, idx in ipairs(redis.call('HVALS', KEYS[2])) do redis.call('SREM', idx, ARGV[1]) end
+return redis.call('DEL', KEYS[1], KEYS[2])
+"""
+
+# KEYS: seen. ARGV: message id, ttl (ms), cap.
+_MARK_SEEN = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local added = redis.call('ZADD', KEYS[1], 'NX', now + tonumber(ARGV[2]), ARGV[1])
+if added == 1 then
+  local extra = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[3])
+  if extra > 0 then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, extra - 1) end
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return added
+"""
+
+# KEYS: user index, facts. ARGV: '{p}:{bot}:'. Returns conversations + facts deleted.
+_FORGET_USER = """
+local base, count = ARGV[1], 0
+for _, ref in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local members = base .. 'members:' .. ref
+  for _, idx in ipairs(redis.call('HVALS', members)) do redis.call('SREM', idx, ref) end
+  count = count + redis.call('EXISTS', base .. 'conv:' .. ref)
+  redis.call('DEL', base .. 'conv:' .. ref, members, base .. 'seen:' .. ref)
+end
+count = count + redis.call('HLEN', KEYS[2])
+redis.call('DEL', KEYS[1], KEYS[2])
+return count
+"""
+
+
+def _part(value: str) -> str:
+    """One key component, percent-encoded so that it holds no ':'."""
+    return quote(value, safe="")
+
+
+def _redact(url: str) -> str:
+    """``url`` without its password, fit for logs and error messages."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        user = f"{parts.username}:***@" if parts.username else "***@"
+        return urlunsplit(parts._replace(netloc=user + host))
+    except ValueError:
+        return "<unparsable url>"
+
+
+class RedisMemory(ServiceBase):
+    """A :class:`~core.memory.base.MemoryStore` on Redis (``redis://`` or ``unix://``).
+
+    Every Redis failure is raised as :class:`~core.errors.MemoryUnavailable`. Calls are
+    not retried, because a retried write whose first attempt did reach Redis would be
+    stored twice; a connection broken by a Redis restart is replaced on the next call.
+    """
+
+    def __init__(self, section: MemorySection, *, source: str = "<memory>") -> None:
+        self.section = section
+        self.source = source
+        self.where = _redact(section.url)
+        self._client: Redis | None = None
+        self._scripts: dict[str, AsyncScript] = {}
+
+    async def _start(self) -> None:
+        timeout = self.section.timeout
+        try:
+            client = Redis.from_url(
+                self.section.url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                retry=Retry(NoBackoff(), 0),
+                decode_responses=False,
+            )
+        except ValueError as exc:
+            raise ConfigError(
+                f"{self.source}: memory.url: not a Redis URL ({self.where}): {exc}"
+            ) from None
+        self._client = client
+        sources = {
+            "load": _LOAD,
+            "append": _APPEND,
+            "reset": _RESET,
+            "mark_seen": _MARK_SEEN,
+            "forget_user": _FORGET_USER,
+        }
+        self._scripts = {name: client.register_script(src) for name, src in sources.items()}
+        async with self._failures("start"):
+            await client.ping()
+            # Loading now keeps the first real calls to one round trip each.
+            for script in self._scripts.values():
+                await client.script_load(script.script)
+
+    async def _stop(self) -> None:
+        client, self._client = self._client, None
+        self._scripts = {}
+        if client is not None:
+            await client.aclose()
+
+    @asynccontextmanager
+    async def _failures(self, what: str) -> AsyncIterator[None]:
+        try:
+            yield
+        except (RedisError, OSError) as exc:
+            # builtin ConnectionError and TimeoutError are OSErrors too.
+            detail = str(exc) or type(exc).__name__
+            raise MemoryUnavailable(f"redis at {self.where}: {what} failed: {detail}") from exc
+
+    async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        if self._client is None:
+            raise RuntimeError("RedisMemory is used before start() or after stop()")
+        async with self._failures(name):
+            return await self._scripts[name](keys=list(keys), args=list(args))
+
+    def _base(self, bot: str) -> str:
+        return f"{self.section.key_prefix}:{_part(bot)}:"
+
+    @staticmethod
+    def _ref(key: ConversationKey) -> str:
+        return f"{_part(key.channel)}:{_part(key.conversation_id)}"
+
+    def _index(self, bot: str, user_id: str) -> str:
+        return f"{self._base(bot)}user:{_part(user_id)}:convs"
+
+    def _facts(self, bot: str, user_id: str) -> str:
+        return f"{self._base(bot)}facts:{_part(user_id)}"
+
+    async def mark_seen(self, key: ConversationKey, message_id: str) -> bool:
+        """Record ``message_id``; False if it was recorded within the dedupe TTL."""
+        ttl_ms = min(self.section.ttl, SEEN_TTL_CAP) * 1000
+        seen = f"{self._base(key.bot)}seen:{self._ref(key)}"
+        added = await self._run("mark_seen", [seen], [message_id, ttl_ms, SEEN_PER_CONVERSATION])
+        return bool(added)
+
+    async def load(self, key: ConversationKey, user_id: str) -> MemorySnapshot:
+        """The last ``window`` turns and the user's facts; refreshes the TTL."""
+        base, ref = self._base(key.bot), self._ref(key)
+        raw_turns, raw_facts = await self._run(
+            "load",
+            [f"{base}conv:{ref}", f"{base}members:{ref}", self._facts(key.bot, user_id)],
+            [self.section.window, self.section.ttl],
+        )
+        turns = []
+        for raw in raw_turns:
+            try:
+                turns.append(Turn.from_dict(json.loads(raw)))
+            except (ValueError, TypeError, AttributeError):
+                log.warning("memory: skipping a malformed turn in %s: %.200r", key, raw)
+        facts = {
+            _text(raw_facts[i]): _text(raw_facts[i + 1]) for i in range(0, len(raw_facts), 2)
+        }
+        return MemorySnapshot(tuple(turns), facts)
+
+    async def append(self, key: ConversationKey, turns: Sequence[Turn]) -> None:
+        """Add ``turns`` and trim to the window, atomically, in one round trip."""
+        if not turns:
+            return
+        base, ref = self._base(key.bot), self._ref(key)
+        users = {t.user_id for t in turns if t.user_id is not None}
+        args: list[Any] = [self.section.window, self.section.ttl, ref, len(users)]
+        for user in sorted(users):
+            args += [user, self._index(key.bot, user)]
+        args += [json.dumps(t.to_dict(), separators=(",", ":")) for t in turns]
+        await self._run("append", [f"{base}conv:{ref}", f"{base}members:{ref}"], args)
+
+    async def reset(self, key: ConversationKey) -> None:
+        """Delete the conversation's turns (its dedupe record stays)."""
+        base, ref = self._base(key.bot), self._ref(key)
+        await self._run("reset", [f"{base}conv:{ref}", f"{base}members:{ref}"], [ref])
+
+    async def set_fact(self, bot: str, user_id: str, name: str, value: str) -> None:
+        """Store ``name = value`` in the user's facts."""
+        if self._client is None:
+            raise RuntimeError("RedisMemory is used before start() or after stop()")
+        async with self._failures("set_fact"):
+            await self._client.hset(self._facts(bot, user_id), name, value)
+
+    async def forget_user(self, bot: str, user_id: str) -> int:
+        """Delete the user's facts and every conversation holding their turns.
+
+        Returns the number of conversations plus the number of facts deleted.
+        """
+        count = await self._run(
+            "forget_user",
+            [self._index(bot, user_id), self._facts(bot, user_id)],
+            [self._base(bot)],
+        )
+        return int(count)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+
+
+def create(settings: BotSettings) -> RedisMemory:
+    """The ``redis`` memory backend for ``settings`` (entry point ``parley.memory``)."""
+    return RedisMemory(settings.memory, source=settings.source)

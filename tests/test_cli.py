@@ -1,0 +1,99 @@
+"""The ``parley`` command as a user runs it: a real subprocess, stdin in, stdout out."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parley(*args: str, stdin: bytes = b"", timeout: float = 600) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "core.cli", *args],
+        input=stdin, capture_output=True, timeout=timeout, cwd=REPO, env=env, check=False,
+    )
+
+
+def bot_file(tmp_path: Path, generation: str, name: str = "clibot") -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(
+        f'[bot]\nname = "{name}"\npersona = "You are a friendly assistant."\n'
+        f"[generation]\n{generation}\n"
+        '[memory]\nbackend = "embedded"\n[adapters.console]\n',
+        encoding="utf-8",
+    )
+    return path
+
+
+def json_lines(out: bytes) -> list[dict[str, object]]:
+    return [json.loads(line) for line in out.decode().splitlines() if line.strip()]
+
+
+def test_check_accepts_the_example_bots() -> None:
+    for name in ("demo.toml", "echo.toml"):
+        result = parley("check", f"config/{name}")
+        assert result.returncode == 0, result.stderr.decode()
+        assert b": ok" in result.stdout
+
+
+def test_check_rejects_a_wrong_file_naming_file_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[bot]\nname = "x"\n[memory]\nwindow = "many"\n', encoding="utf-8")
+    result = parley("check", str(path))
+    assert result.returncode == 2
+    err = result.stderr.decode()
+    assert f"{path}: memory.window:" in err
+    assert "Traceback" not in err
+
+
+def test_check_rejects_unknown_backend(tmp_path: Path) -> None:
+    path = bot_file(tmp_path, 'backend = "nonesuch"')
+    result = parley("check", str(path))
+    assert result.returncode == 2
+    assert "generation.backend: unknown generation backend 'nonesuch'" in result.stderr.decode()
+
+
+def test_chat_json_one_object_per_line(tmp_path: Path) -> None:
+    path = bot_file(tmp_path, 'backend = "echo"')
+    lines = "hello world\n/help\n\nbad \x01 char\nsecond message\n/reset\n"
+    result = parley("chat", str(path), "--json", stdin=lines.encode() + b"\xff\xfe broken\n")
+    assert result.returncode == 0, result.stderr.decode()
+    replies = json_lines(result.stdout)
+    assert [r["text"] for r in replies][:1] == ["hello world"]
+    assert [(r["kind"], r["action"]) for r in replies[:2]] == [("final", "allow"),
+                                                              ("notice", "allow")]
+    assert "/reset" in str(replies[1]["text"])
+    assert (replies[2]["kind"], replies[2]["code"]) == ("error", "invalid_input")  # empty line
+    assert replies[3]["code"] == "invalid_input" and "control" in str(replies[3]["text"])
+    assert replies[4]["text"] == "second message"
+    assert replies[5]["kind"] == "notice"
+    assert replies[6]["code"] == "invalid_input" and "UTF-8" in str(replies[6]["text"])
+    assert len(replies) == 7
+
+
+def test_chat_plain_text_mode(tmp_path: Path) -> None:
+    path = bot_file(tmp_path, 'backend = "echo"')
+    result = parley("chat", str(path), stdin=b"one\ntwo\n")
+    assert result.stdout.decode().splitlines() == ["one", "two"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["smollm2-135m", "gemma3-270m"])
+def test_chat_with_each_preset_gives_a_real_reply(tmp_path: Path, preset: str) -> None:
+    path = bot_file(tmp_path, f'model = "{preset}"\nmax_new_tokens = 32\ntemperature = 0.0')
+    result = parley("chat", str(path), "--json",
+                    stdin=b"Hello, who are you?\nWhat did I just ask you?\n")
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    replies = json_lines(result.stdout)
+    assert len(replies) == 2
+    for reply in replies:
+        assert reply["kind"] == "final", reply
+        assert reply["action"] == "allow"
+        assert isinstance(reply["text"], str) and reply["text"].strip()

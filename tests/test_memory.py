@@ -1,0 +1,458 @@
+"""Memory backends: the shared semantics on both, and Redis's failure modes on a real server.
+
+The Redis tests run against the session's own ``redis-server`` (tests/support/redis_server.py),
+each under its own key prefix. Time: the embedded store takes an injected clock that tests
+move forward; on Redis, TTLs of one second and short real sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
+
+from core.config import BotSettings, parse_settings
+from core.errors import ConfigError, MemoryUnavailable
+from core.memory.base import MemoryStore, memory_backends
+from core.memory.embedded import EmbeddedMemory
+from core.memory.redis import RedisMemory
+from core.types import ConversationKey, Turn
+from tests.support.redis_server import RedisServer
+
+TIMEOUT = 0.5  # memory.timeout for Redis tests: a stuck server fails a call this fast
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class FakeClock:
+    """A monotonic clock that moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Backend:
+    """Opens stores of one backend with chosen settings, and moves their time forward."""
+
+    def __init__(self, kind: str, url: str = "", prefix: str = "parley") -> None:
+        self.kind = kind
+        self.url = url
+        self.prefix = prefix
+        self.clock = FakeClock()
+        self.stores: list[MemoryStore] = []
+
+    def settings(self, bot: str = "bot", **memory: Any) -> BotSettings:
+        """Bot settings for this backend, with ``memory`` overrides."""
+        section = {"backend": self.kind, "url": self.url or "redis://unused", "timeout": TIMEOUT,
+                   "key_prefix": self.prefix, **memory}
+        return parse_settings({"bot": {"name": bot}, "memory": section})
+
+    async def open(self, **memory: Any) -> MemoryStore:
+        """A started store; stopped at the end of the test."""
+        settings = self.settings(**memory)
+        store: MemoryStore
+        if self.kind == "embedded":
+            store = EmbeddedMemory(settings.memory, clock=self.clock, sweep_interval=10.0)
+        else:
+            store = RedisMemory(settings.memory)
+        await store.start()
+        self.stores.append(store)
+        return store
+
+    async def advance(self, seconds: float) -> None:
+        """Let ``seconds`` pass for the stores."""
+        if self.kind == "embedded":
+            self.clock.now += seconds
+        else:
+            await asyncio.sleep(seconds)
+
+
+@pytest.fixture(params=["embedded", "redis"])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    """Each shared test runs once per backend."""
+    if request.param == "redis":
+        b = Backend("redis", request.getfixturevalue("redis_url"),
+                    request.getfixturevalue("memory_prefix"))
+    else:
+        b = Backend("embedded")
+    yield b
+    for store in reversed(b.stores):
+        await store.stop()
+
+
+@pytest.fixture
+async def redis_backend(redis_url: str, memory_prefix: str) -> AsyncIterator[Backend]:
+    """Only the Redis backend."""
+    b = Backend("redis", redis_url, memory_prefix)
+    yield b
+    for store in reversed(b.stores):
+        await store.stop()
+
+
+@pytest.fixture
+async def raw(redis_url: str) -> AsyncIterator[Redis]:
+    """A plain client on the test server, to look at keys behind the store's back."""
+    client = Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+KEY = ConversationKey("bot", "web", "conv-1")
+
+
+def turns(*texts: str, user: str = "alice") -> list[Turn]:
+    """A user turn per text, with message ids, at increasing times."""
+    return [Turn("user", t, user, f"m-{t}", at=1000.0 + i) for i, t in enumerate(texts)]
+
+
+def texts(snapshot: Any) -> list[str]:
+    """The texts of a snapshot's turns, oldest first."""
+    return [t.text for t in snapshot.turns]
+
+
+# --- shared semantics -------------------------------------------------------------------
+
+
+async def test_start_and_stop_are_idempotent(backend: Backend) -> None:
+    store = await backend.open()
+    await store.start()
+    await store.append(KEY, turns("a"))
+    await store.stop()
+    await store.stop()
+
+
+async def test_unknown_conversation_loads_empty(backend: Backend) -> None:
+    store = await backend.open()
+    snapshot = await store.load(KEY, "alice")
+    assert snapshot.turns == () and dict(snapshot.facts) == {}
+
+
+async def test_turns_come_back_in_order_and_intact(backend: Backend) -> None:
+    store = await backend.open()
+    first = [Turn("user", "hi: there", "alice", "m1", at=10.5), Turn("assistant", "héllo ✓")]
+    await store.append(KEY, first)
+    await store.append(KEY, [Turn("user", "again", "alice", "m2", at=11.0)])
+    snapshot = await store.load(KEY, "alice")
+    assert snapshot.turns[:2] == tuple(first)
+    assert texts(snapshot) == ["hi: there", "héllo ✓", "again"]
+
+
+async def test_conversation_is_trimmed_to_its_window(backend: Backend) -> None:
+    store = await backend.open(window=3)
+    await store.append(KEY, turns("1", "2"))
+    await store.append(KEY, turns("3", "4"))
+    assert texts(await store.load(KEY, "alice")) == ["2", "3", "4"]
+    await store.append(KEY, turns("5", "6", "7", "8", "9"))  # one batch longer than the window
+    assert texts(await store.load(KEY, "alice")) == ["7", "8", "9"]
+
+
+async def test_concurrent_appends_keep_each_batch_whole(backend: Backend) -> None:
+    store = await backend.open(window=100)
+    batches = [
+        [Turn("user", f"q{i}", f"user{i}"), Turn("assistant", f"a{i}")] for i in range(20)
+    ]
+    await asyncio.gather(*(store.append(KEY, batch) for batch in batches))
+    got = texts(await store.load(KEY, "user0"))
+    assert sorted(got) == sorted(t.text for batch in batches for t in batch)
+    assert all(got[i][1:] == got[i + 1][1:] for i in range(0, len(got), 2))  # q7 then a7
+
+
+async def test_conversation_expires_and_load_refreshes_it(backend: Backend) -> None:
+    store = await backend.open(ttl=1)
+    await store.append(KEY, turns("a"))
+    await backend.advance(0.6)
+    assert texts(await store.load(KEY, "alice")) == ["a"]  # refreshes: 1 s from now
+    await backend.advance(0.6)
+    assert texts(await store.load(KEY, "alice")) == ["a"]  # alive only thanks to the refresh
+    await backend.advance(1.3)
+    assert texts(await store.load(KEY, "alice")) == []
+
+
+async def test_reset_forgets_one_conversation_only(backend: Backend) -> None:
+    store = await backend.open()
+    other = ConversationKey("bot", "web", "conv-2")
+    assert await store.mark_seen(KEY, "m1")
+    await store.append(KEY, turns("a"))
+    await store.append(other, turns("b"))
+    await store.set_fact("bot", "alice", "name", "Alice")
+    await store.reset(KEY)
+    snapshot = await store.load(KEY, "alice")
+    assert texts(snapshot) == [] and dict(snapshot.facts) == {"name": "Alice"}
+    assert texts(await store.load(other, "alice")) == ["b"]
+    assert not await store.mark_seen(KEY, "m1")  # a redelivery is still recognised
+    await store.append(KEY, turns("c"))
+    assert texts(await store.load(KEY, "alice")) == ["c"]
+
+
+async def test_bots_channels_and_conversations_do_not_meet(backend: Backend) -> None:
+    store = await backend.open()
+    keys = [
+        ConversationKey("bot", "web", "c"),
+        ConversationKey("other-bot", "web", "c"),
+        ConversationKey("bot", "discord", "c"),
+        ConversationKey("bot", "web", "d"),
+        # ':' in ids must not make these two the same conversation
+        ConversationKey("bot", "a:b", "c"),
+        ConversationKey("bot", "a", "b:c"),
+    ]
+    for i, key in enumerate(keys):
+        await store.append(key, turns(str(i)))
+        assert await store.mark_seen(key, "same-id")
+    for i, key in enumerate(keys):
+        assert texts(await store.load(key, "alice")) == [str(i)]
+
+
+async def test_a_message_is_seen_once_until_dedupe_expires(backend: Backend) -> None:
+    store = await backend.open(ttl=1)
+    assert await store.mark_seen(KEY, "m1")
+    assert not await store.mark_seen(KEY, "m1")
+    assert await store.mark_seen(KEY, "m2")
+    assert await store.mark_seen(ConversationKey("bot", "web", "conv-2"), "m1")
+    await backend.advance(1.2)
+    assert await store.mark_seen(KEY, "m1")
+
+
+async def test_facts_belong_to_a_user_of_a_bot(backend: Backend) -> None:
+    store = await backend.open()
+    await store.set_fact("bot", "alice", "name", "Alice")
+    await store.set_fact("bot", "alice", "name", "Ally")
+    await store.set_fact("bot", "alice", "city", "Oslo")
+    await store.set_fact("bot", "bob", "name", "Bob")
+    await store.set_fact("other-bot", "alice", "name", "A.")
+    elsewhere = ConversationKey("bot", "telegram", "42")
+    assert dict((await store.load(elsewhere, "alice")).facts) == {"name": "Ally", "city": "Oslo"}
+    assert dict((await store.load(KEY, "bob")).facts) == {"name": "Bob"}
+    other = ConversationKey("other-bot", "web", "conv-1")
+    assert dict((await store.load(other, "alice")).facts) == {"name": "A."}
+
+
+async def test_forget_user_deletes_their_conversations_and_facts(backend: Backend) -> None:
+    store = await backend.open()
+    alone = ConversationKey("bot", "web", "alice-only")
+    shared = ConversationKey("bot", "discord", "group")
+    bobs = ConversationKey("bot", "web", "bob-only")
+    theirs = ConversationKey("other-bot", "web", "alice-only")
+    await store.append(alone, turns("a1", user="alice:x"))
+    await store.append(shared, turns("b1", user="bob") + turns("a2", user="alice:x"))
+    await store.append(bobs, turns("b2", user="bob"))
+    await store.append(theirs, turns("a3", user="alice:x"))
+    await store.set_fact("bot", "alice:x", "name", "Alice")
+    await store.set_fact("bot", "alice:x", "city", "Oslo")
+    await store.set_fact("bot", "bob", "name", "Bob")
+
+    assert await store.forget_user("bot", "alice:x") == 2 + 2  # conversations + facts
+    assert texts(await store.load(alone, "bob")) == []
+    assert texts(await store.load(shared, "bob")) == []
+    assert dict((await store.load(alone, "alice:x")).facts) == {}
+    assert texts(await store.load(bobs, "bob")) == ["b2"]
+    assert dict((await store.load(bobs, "bob")).facts) == {"name": "Bob"}
+    assert texts(await store.load(theirs, "alice:x")) == ["a3"]  # another bot's data
+    assert await store.forget_user("bot", "alice:x") == 0
+
+
+async def test_forget_user_spares_conversations_their_turns_have_left(backend: Backend) -> None:
+    store = await backend.open(window=2)
+    await store.append(KEY, turns("a", user="alice"))
+    await store.append(KEY, turns("b1", "b2", user="bob"))  # alice's turn is trimmed away
+    assert await store.forget_user("bot", "alice") == 0
+    assert texts(await store.load(KEY, "bob")) == ["b1", "b2"]
+
+
+async def test_forget_user_finds_a_conversation_kept_alive_by_others(backend: Backend) -> None:
+    store = await backend.open(ttl=1)
+    await store.append(KEY, turns("a", user="alice"))
+    for _ in range(3):  # longer than the TTL, with only bob reading the conversation
+        await backend.advance(0.5)
+        assert texts(await store.load(KEY, "bob")) == ["a"]
+    assert await store.forget_user("bot", "alice") == 1
+    assert texts(await store.load(KEY, "bob")) == []
+
+
+async def test_backends_are_found_by_name() -> None:
+    memory = {"backend": "redis", "url": "redis://127.0.0.1:1/0"}
+    settings = parse_settings({"bot": {"name": "b"}, "memory": memory})
+    backends = memory_backends()
+    assert {"embedded", "redis"} <= set(backends.names())
+    assert isinstance(backends.get("embedded")(settings), EmbeddedMemory)
+    assert isinstance(backends.get("redis")(settings), RedisMemory)  # not started: no I/O
+
+
+# --- embedded only ----------------------------------------------------------------------
+
+
+async def test_embedded_sweeps_expired_conversations() -> None:
+    clock = FakeClock()
+    settings = parse_settings({"bot": {"name": "b"}, "memory": {"ttl": 5}})
+    store = EmbeddedMemory(settings.memory, clock=clock, sweep_interval=10.0)
+    for i in range(100):
+        key = ConversationKey("b", "web", str(i))
+        await store.append(key, turns("x"))
+        await store.mark_seen(key, "m")
+    assert store.conversation_count == 100
+    clock.now += 11
+    await store.mark_seen(KEY, "m")  # any call may sweep
+    assert store.conversation_count == 0
+
+
+# --- redis only -------------------------------------------------------------------------
+
+
+class RoundTrips:
+    """Counts requests written to Redis connections in this process.
+
+    redis-py writes a command, or a whole pipeline, with one ``send_packed_command`` and
+    then reads all its replies, so each call is one round trip. A connection's handshake
+    would count too, which is why the store is used once before counting.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+@pytest.fixture
+def round_trips(monkeypatch: pytest.MonkeyPatch) -> Iterator[RoundTrips]:
+    """A :class:`RoundTrips` observing every redis.asyncio connection."""
+    counter = RoundTrips()
+    original = AbstractConnection.send_packed_command
+
+    async def counting(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
+        counter.count += 1
+        await original(self, command, check_health)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+    yield counter
+
+
+async def test_each_call_is_one_round_trip_whatever_the_history(
+    redis_backend: Backend, round_trips: RoundTrips
+) -> None:
+    store = await redis_backend.open(window=100)
+    for i in range(60):
+        await store.append(KEY, turns(f"{i}a", f"{i}b", user=f"user{i % 7}"))
+    calls: dict[str, Callable[[], Any]] = {
+        "load": lambda: store.load(KEY, "user1"),
+        "append": lambda: store.append(KEY, turns("x", "y", user="user9")),
+        "mark_seen": lambda: store.mark_seen(KEY, "m-new"),
+        "set_fact": lambda: store.set_fact("bot", "user1", "name", "One"),
+        "forget_user": lambda: store.forget_user("bot", "user3"),
+        "reset": lambda: store.reset(KEY),
+    }
+    for name, call in calls.items():
+        before = round_trips.count
+        await call()
+        assert round_trips.count - before == 1, name
+
+
+async def test_keys_live_under_prefix_and_bot_and_expire(
+    redis_backend: Backend, raw: Redis
+) -> None:
+    store = await redis_backend.open(ttl=100)
+    key = ConversationKey("bot", "dis:cord", "c:1")
+    await store.mark_seen(key, "m1")
+    await store.append(key, turns("a", user="u:1"))
+    await store.set_fact("bot", "u:1", "name", "U")
+    keys = sorted(await raw.keys(f"{redis_backend.prefix}:*"))
+    p = f"{redis_backend.prefix}:bot"
+    assert keys == [
+        f"{p}:conv:dis%3Acord:c%3A1",
+        f"{p}:facts:u%3A1",
+        f"{p}:members:dis%3Acord:c%3A1",
+        f"{p}:seen:dis%3Acord:c%3A1",
+        f"{p}:user:u%3A1:convs",
+    ]
+    for k in keys:
+        ttl = await raw.ttl(k)
+        assert (ttl == -1) if ":facts:" in k else (0 < ttl <= 100), k
+
+
+async def test_malformed_turns_are_skipped_with_a_warning(
+    redis_backend: Backend, raw: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = await redis_backend.open()
+    await store.append(KEY, turns("a"))
+    conv = f"{redis_backend.prefix}:bot:conv:web:conv-1"
+    await raw.rpush(conv, b"not json", b'{"role": "robot", "text": 1}', b"\xff\xfe", b"[1]")
+    await store.append(KEY, turns("b"))  # the append script copes with them too
+    with caplog.at_level(logging.WARNING, logger="core.memory.redis"):
+        assert texts(await store.load(KEY, "alice")) == ["a", "b"]
+    assert sum("malformed turn" in r.getMessage() for r in caplog.records) == 4
+
+
+async def test_a_failed_append_stores_nothing(redis_backend: Backend, raw: Redis) -> None:
+    store = await redis_backend.open()
+    await store.append(KEY, turns("a", user="alice"))
+    await raw.set(f"{redis_backend.prefix}:bot:user:bob:convs", "not a set")
+    with pytest.raises(MemoryUnavailable, match="WRONGTYPE"):
+        await store.append(KEY, turns("b1", user="alice") + turns("b2", user="bob"))
+    assert texts(await store.load(KEY, "alice")) == ["a"]
+    members = await raw.hkeys(f"{redis_backend.prefix}:bot:members:web:conv-1")
+    assert members == ["alice"]
+
+
+async def test_killed_redis_fails_fast_then_recovers_after_restart(
+    redis_backend: Backend, redis_server: RedisServer
+) -> None:
+    store = await redis_backend.open()
+    await store.append(KEY, turns("a"))
+    redis_server.kill()
+    calls: list[Callable[[], Any]] = [
+        lambda: store.load(KEY, "alice"),
+        lambda: store.append(KEY, turns("b")),
+        lambda: store.mark_seen(KEY, "m9"),
+        lambda: store.set_fact("bot", "alice", "k", "v"),
+        lambda: store.reset(KEY),
+        lambda: store.forget_user("bot", "alice"),
+    ]
+    for call in calls:
+        started = time.monotonic()
+        with pytest.raises(MemoryUnavailable, match="redis at unix://"):
+            await call()
+        assert time.monotonic() - started < TIMEOUT * 2
+    redis_server.restart()  # an empty server: it keeps nothing on disk
+    assert texts(await store.load(KEY, "alice")) == []
+    await store.append(KEY, turns("c"))  # scripts are loaded again as needed
+    assert await store.mark_seen(KEY, "m9")
+    assert await store.forget_user("bot", "alice") == 1
+
+
+async def test_unresponsive_redis_times_out_then_recovers(
+    redis_backend: Backend, redis_server: RedisServer
+) -> None:
+    store = await redis_backend.open()
+    await store.append(KEY, turns("a"))
+    redis_server.pause()
+    try:
+        started = time.monotonic()
+        with pytest.raises(MemoryUnavailable, match="load failed"):
+            await store.load(KEY, "alice")
+        assert time.monotonic() - started < TIMEOUT + 0.5
+    finally:
+        redis_server.resume()
+    assert texts(await store.load(KEY, "alice")) == ["a"]
+
+
+async def test_start_fails_naming_the_url(
+    redis_backend: Backend, redis_server: RedisServer
+) -> None:
+    missing = f"unix://{redis_server.workdir}/nobody-here.sock"
+    store = RedisMemory(redis_backend.settings(url=missing).memory)
+    with pytest.raises(MemoryUnavailable, match=r"nobody-here\.sock"):
+        await store.start()
+    assert not store.started
+    secret = "redis://user:hunter2@127.0.0.1:1/0"  # port 1: nothing listens
+    store = RedisMemory(redis_backend.settings(url=secret).memory)
+    with pytest.raises(MemoryUnavailable) as failure:
+        await store.start()
+    assert "127.0.0.1:1" in str(failure.value) and "hunter2" not in str(failure.value)
+    store = RedisMemory(redis_backend.settings(url="http://example.invalid").memory)
+    with pytest.raises(ConfigError, match=r"memory\.url"):
+        await store.start()
