@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import shutil
 import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,12 +69,9 @@ def settings(memory: dict[str, Any]) -> Any:
     })
 
 
-async def run_backend(name: str, args: argparse.Namespace) -> float:
-    if name == "embedded":
-        engine = build_engine(settings({"backend": "embedded"}))
-        async with engine:
-            await drive(engine, min(1000, args.messages), args.concurrency, args.conversations)
-            return await drive(engine, args.messages, args.concurrency, args.conversations)
+@contextlib.contextmanager
+def private_redis() -> Iterator[str]:
+    """A throwaway redis-server on a unix socket; yields its URL."""
     server = shutil.which("redis-server")
     if server is None:
         raise SystemExit("redis-server is not installed (apt-get install redis-server)")
@@ -83,18 +82,22 @@ async def run_backend(name: str, args: argparse.Namespace) -> float:
             stdout=subprocess.DEVNULL,
         )
         try:
-            for _ in range(200):
+            for _ in range(500):
                 if sock.exists():
                     break
-                await asyncio.sleep(0.01)
-            engine = build_engine(settings({"backend": "redis", "url": f"unix://{sock}"}))
-            async with engine:
-                await drive(engine, min(1000, args.messages), args.concurrency,
-                            args.conversations)
-                return await drive(engine, args.messages, args.concurrency, args.conversations)
+                time.sleep(0.01)
+            yield f"unix://{sock}"
         finally:
             proc.kill()
             proc.wait()
+
+
+async def run_backend(memory: dict[str, Any], args: argparse.Namespace) -> float:
+    """Warm up, then measure one memory backend."""
+    engine = build_engine(settings(memory))
+    async with engine:
+        await drive(engine, min(1000, args.messages), args.concurrency, args.conversations)
+        return await drive(engine, args.messages, args.concurrency, args.conversations)
 
 
 def main() -> None:
@@ -106,7 +109,11 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=500)
     args = parser.parse_args()
     for backend in args.memory or ["embedded", "redis"]:
-        rate = asyncio.run(run_backend(backend, args))
+        if backend == "redis":
+            with private_redis() as url:
+                rate = asyncio.run(run_backend({"backend": "redis", "url": url}, args))
+        else:
+            rate = asyncio.run(run_backend({"backend": "embedded"}, args))
         print(f"pipeline  memory={backend:<9} messages={args.messages} "
               f"concurrency={args.concurrency}  {rate:,.0f} messages/s")
 

@@ -14,11 +14,11 @@ import sys
 import threading
 import uuid
 from collections.abc import Mapping
-from contextlib import aclosing
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from core.config import BotSettings, Section, validate_section
 from core.engine import Engine
+from core.streams import closing
 from core.types import IncomingMessage, ReplyEvent, ReplyKind
 
 _EOF = None
@@ -27,7 +27,7 @@ _EOF = None
 class ConsoleSettings(Section):
     """``[adapters.console]``."""
 
-    json: bool = False
+    output: Literal["text", "json"] = "text"  # json: one object per reply, when piped
     user_id: str = "local"
     conversation_id: str = "terminal"
     interactive: bool | None = None  # default: whether stdin is a terminal
@@ -108,11 +108,11 @@ class ConsoleAdapter:
                     message_id=uuid.uuid4().hex,
                     text=text,
                 )
-                async with aclosing(engine.handle(message)) as events:
+                async with closing(engine.handle(message)) as events:
                     if interactive:
                         await _render_streaming(events, out)
                     else:
-                        await _render_line(events, out, as_json=self.config.json)
+                        await _render_line(events, out, as_json=self.config.output == "json")
         finally:
             if interactive:
                 out.write("\n")

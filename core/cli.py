@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "chat":
             console = adapter_registry().get("console")(
                 settings,
-                {**settings.adapters.get("console", {}), "json": args.json,
+                {**settings.adapters.get("console", {}), "output": "json" if args.json else "text",
                  "user_id": args.user, "conversation_id": args.conversation,
                  "exit_on_eof": True},
             )

@@ -13,7 +13,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def parley(*args: str, stdin: bytes = b"", timeout: float = 600) -> subprocess.CompletedProcess[bytes]:
+def parley(
+    *args: str, stdin: bytes = b"", timeout: float = 600
+) -> subprocess.CompletedProcess[bytes]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     return subprocess.run(
         [sys.executable, "-m", "core.cli", *args],

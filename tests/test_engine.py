@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from core.generation.echo import EchoGenerator
 
 from core.app import build_engine
 from core.config import parse_settings
 from core.engine import Engine, collect
 from core.errors import GenerationError, GeneratorBusy
 from core.generation.base import GenerationRequest, TokenDelta
+from core.generation.echo import EchoGenerator
 from core.plugins import PluginRegistry
 from core.types import ConversationKey, IncomingMessage, ReplyEvent, ReplyKind
 
@@ -122,9 +122,8 @@ async def test_fifty_conversations_at_once_keep_their_order() -> None:
 
     base = settings()
     registry = PluginRegistry()
-    from core.memory.embedded import create as embedded
-
     from core import commands
+    from core.memory.embedded import create as embedded
 
     commands.setup(registry)
     engine = Engine(base, memory=embedded(base), generator=JitteryEcho(base),
