@@ -81,11 +81,13 @@ class Reference:
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir: Path) -> Reference:
+    """The tiny model loaded plainly, once per module."""
     return Reference(tiny_model_dir)
 
 
 @pytest.fixture
 async def generator(tiny_model_dir: Path) -> AsyncIterator[LocalGenerator]:
+    """A started generator on the tiny model."""
     async with LocalGenerator(settings(tiny_model_dir)) as gen:
         yield gen
 

@@ -23,6 +23,7 @@ SYSTEM = ChatMessage("system", "You are a helpful bookshop assistant.")
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir: Path) -> Any:
+    """The tiny model's tokenizer, with its ChatML template."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir)
