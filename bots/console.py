@@ -130,6 +130,9 @@ async def _render_streaming(events: Any, out: IO[str]) -> None:
                 shown = True
             out.write(event.text)
             out.flush()
+        elif event.kind is ReplyKind.RESET and shown:
+            out.write(" [starting over]\nbot> ")
+            out.flush()
         elif event.is_last:
             if shown:
                 out.write("\n")

@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--user", default="local", help="user id to chat as")
     chat.add_argument("--conversation", default="terminal", help="conversation id")
 
+    worker = sub.add_parser("worker", help="serve generation jobs from Redis (and HTTP)")
+    worker.add_argument("config", help="the bot's TOML file ([generation] and [worker])")
+
     check = sub.add_parser("check", help="validate the bot's file and exit")
     check.add_argument("config", help="the bot's TOML file")
     return parser
@@ -56,6 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "exit_on_eof": True},
             )
             asyncio.run(serve(build_engine(settings), [console]))
+            return 0
+        if args.command == "worker":
+            from core.generation.worker import run_worker
+
+            asyncio.run(run_worker(settings))
             return 0
         adapters = build_adapters(settings, args.adapters)
         asyncio.run(serve(build_engine(settings), adapters))

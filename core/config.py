@@ -49,6 +49,24 @@ class GenerationSection(Section):
     context_tokens: int | None = Field(default=None, ge=64)
     cache_dir: str | None = None
     timeout: float = Field(default=120.0, gt=0.0)
+    # Remote backends: ``redis`` (a fleet of ``parley worker``s) and ``openai`` (any
+    # OpenAI-compatible server). ``url`` is the Redis URL or the server's base URL.
+    url: str | None = None
+    api_key: str | None = None
+    queue: str = Field(default="parley:gen", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+class WorkerSection(Section):
+    """``[worker]``: how ``parley worker`` serves generation jobs from Redis and HTTP."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    name: str | None = None  # consumer name; default: host name and process id
+    concurrency: int = Field(default=32, ge=1, le=4096)
+    claim_idle: float = Field(default=15.0, gt=0.0)  # seconds before a silent job is reclaimed
+    heartbeat: float = Field(default=3.0, gt=0.0)
+    max_attempts: int = Field(default=3, ge=1)
+    http_host: str = "127.0.0.1"
+    http_port: int | None = Field(default=None, ge=0, le=65535)  # OpenAI-compatible API
 
 
 class MemorySection(Section):
@@ -83,6 +101,7 @@ class BotSettings(Section):
     memory: MemorySection = MemorySection()
     moderation: ModerationSection = ModerationSection()
     plugins: PluginsSection = PluginsSection()
+    worker: WorkerSection = WorkerSection()
     # Each adapter validates its own slice (see ``validate_section``).
     adapters: dict[str, dict[str, Any]] = {}
     source: str = "<memory>"

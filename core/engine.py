@@ -21,7 +21,13 @@ from dataclasses import dataclass, replace
 
 from core.config import BotSettings
 from core.errors import GenerationError, GeneratorBusy, InvalidMessage, MemoryUnavailable
-from core.generation.base import ChatMessage, GenerationRequest, Generator, SamplingParams
+from core.generation.base import (
+    ChatMessage,
+    GenerationRequest,
+    Generator,
+    SamplingParams,
+    TokenDelta,
+)
 from core.lifecycle import ServiceBase
 from core.memory.base import MemorySnapshot, MemoryStore
 from core.metrics import Metrics
@@ -152,6 +158,13 @@ class Engine(ServiceBase):
             first = True
             async with closing(self._generate(message, request)) as stream:
                 async for piece in stream:
+                    if piece is None:
+                        # A remote worker died mid-reply and another started over: the
+                        # user is told to drop what they saw, so they see one answer.
+                        if pieces:
+                            pieces.clear()
+                            yield ReplyEvent(ReplyKind.RESET, action=verdict.action)
+                        continue
                     if first:
                         first = False
                         self.metrics.first_token_seconds.labels(self.name).observe(
@@ -219,16 +232,39 @@ class Engine(ServiceBase):
 
     async def _generate(
         self, message: IncomingMessage, request: GenerationRequest
-    ) -> AsyncIterator[str]:
-        async def texts() -> AsyncIterator[str]:
-            async with closing(self.generator.stream(request)) as deltas:
-                async for delta in deltas:
-                    if delta.text:
-                        yield delta.text
+    ) -> AsyncIterator[str | None]:
+        """The guarded reply text, piece by piece; ``None`` means "start over".
 
-        async with closing(self.moderator.guard(message, texts())) as guarded:
-            async for piece in guarded:
-                yield piece
+        Each attempt of the generator (a remote job reclaimed after its worker died
+        starts a new one) runs through a fresh output guard, so nothing the guard held
+        back from an abandoned attempt leaks into the next.
+        """
+        async with closing(self.generator.stream(request)) as deltas:
+            iterator = aiter(deltas)
+            carry: TokenDelta | None = None
+            while True:
+                restarted = False
+
+                async def attempt() -> AsyncIterator[str]:
+                    nonlocal carry, restarted
+                    if carry is not None and carry.text:
+                        yield carry.text
+                    carry = None
+                    async for delta in iterator:
+                        if delta.restart:
+                            carry, restarted = delta, True
+                            return
+                        if delta.text:
+                            yield delta.text
+
+                async with closing(self.moderator.guard(message, attempt())) as guarded:
+                    async for piece in guarded:
+                        if restarted:
+                            break  # what the guard flushed of the abandoned attempt
+                        yield piece
+                if not restarted:
+                    return
+                yield None
 
     async def _remember(self, message: IncomingMessage, reply: str) -> None:
         await self.memory.append(

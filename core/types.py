@@ -91,6 +91,7 @@ class ReplyKind(StrEnum):
 
     TYPING = "typing"  # the bot is working on an answer
     DELTA = "delta"  # a piece of the answer, to append to what was shown
+    RESET = "reset"  # discard the deltas shown so far: the answer starts again
     FINAL = "final"  # the whole answer; ends the stream
     NOTICE = "notice"  # a short message that is not the model's (e.g. a command's reply)
     ERROR = "error"  # the message could not be answered; ``text`` is safe to show

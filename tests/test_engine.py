@@ -266,3 +266,24 @@ async def test_redis_killed_mid_conversation_apologises_then_recovers(
         # A fresh server (it keeps nothing on disk): the bot answers again and remembers.
         assert (await collect(engine.handle(message("after")))).text == "after"
         assert await turns(engine) == [("user", "after"), ("assistant", "after")]
+
+
+async def test_a_restarted_generation_shows_one_answer() -> None:
+    class Reclaimed(Failing):
+        """A remote generation whose worker died after two words; another started over."""
+
+        async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+            for delta in (TokenDelta("half "), TokenDelta("said "),
+                          TokenDelta("The ", restart=True), TokenDelta("answer."),
+                          TokenDelta("", "stop")):
+                yield delta
+
+    async with engine_with(Reclaimed()) as engine:
+        events = await events_of(engine, message("hi"))
+        kinds = [e.kind for e in events]
+        assert kinds == [ReplyKind.TYPING, ReplyKind.DELTA, ReplyKind.DELTA, ReplyKind.RESET,
+                         ReplyKind.DELTA, ReplyKind.DELTA, ReplyKind.FINAL]
+        after_reset = events[kinds.index(ReplyKind.RESET) + 1:-1]
+        assert "".join(e.text for e in after_reset) == "The answer."
+        assert events[-1].text == "The answer."
+        assert await turns(engine) == [("user", "hi"), ("assistant", "The answer.")]

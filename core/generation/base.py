@@ -46,10 +46,15 @@ class GenerationRequest:
 
 @dataclass(frozen=True, slots=True)
 class TokenDelta:
-    """A piece of generated text. The last delta of a stream has ``finish_reason`` set."""
+    """A piece of generated text. The last delta of a stream has ``finish_reason`` set.
+
+    ``restart`` marks the first delta of a new attempt (a remote job reclaimed from a
+    worker that died): everything streamed before it is to be discarded.
+    """
 
     text: str
     finish_reason: FinishReason | None = None
+    restart: bool = False
 
 
 class Generator(Protocol):
