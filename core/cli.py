@@ -1,4 +1,4 @@
-"""The ``parley`` command: ``run``, ``chat`` and ``check`` a bot from its TOML file."""
+"""The ``parley`` command: ``run``, ``chat``, ``check`` and ``audit`` a bot from its TOML file."""
 
 from __future__ import annotations
 
@@ -34,6 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="serve generation jobs from Redis (and HTTP)")
     worker.add_argument("config", help="the bot's TOML file ([generation] and [worker])")
 
+    audit = sub.add_parser("audit", help="show the bot's moderation audit log (newest first)")
+    audit.add_argument("config", help="the bot's TOML file")
+    audit.add_argument("--limit", type=int, default=50, help="entries to show")
+    audit.add_argument("--escalations", action="store_true",
+                       help="show the cases handed to people instead")
+    audit.add_argument("--json", action="store_true", help="one JSON object per entry")
+
     check = sub.add_parser("check", help="validate the bot's file and exit")
     check.add_argument("config", help="the bot's TOML file")
     return parser
@@ -51,6 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(args.config)
         if args.command == "check":
             return _check(settings)
+        if args.command == "audit":
+            from core.moderation.audit_cli import print_audit
+
+            return asyncio.run(print_audit(settings, limit=args.limit,
+                                           escalations=args.escalations, as_json=args.json))
         if args.command == "chat":
             console = adapter_registry().get("console")(
                 settings,

@@ -12,7 +12,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -49,6 +49,13 @@ class GenerationSection(Section):
     context_tokens: int | None = Field(default=None, ge=64)
     cache_dir: str | None = None
     timeout: float = Field(default=120.0, gt=0.0)
+    # The local backend's continuous batching: how many requests decode together, how
+    # many may wait (beyond that: "busy" at once), and how many one user may have running.
+    batching: bool = True
+    max_batch: int = Field(default=32, ge=1, le=1024)
+    max_waiting: int = Field(default=256, ge=0)
+    max_per_user: int = Field(default=4, ge=1)
+    kv_cache_tokens: int | None = Field(default=None, ge=256)
     # Remote backends: ``redis`` (a fleet of ``parley worker``s) and ``openai`` (any
     # OpenAI-compatible server). ``url`` is the Redis URL or the server's base URL.
     url: str | None = None
@@ -60,6 +67,7 @@ class WorkerSection(Section):
     """``[worker]``: how ``parley worker`` serves generation jobs from Redis and HTTP."""
 
     url: str = "redis://127.0.0.1:6379/0"
+    backend: str = "local"  # the generator the jobs run on: local or echo
     name: str | None = None  # consumer name; default: host name and process id
     concurrency: int = Field(default=32, ge=1, le=4096)
     claim_idle: float = Field(default=15.0, gt=0.0)  # seconds before a silent job is reclaimed
@@ -80,10 +88,106 @@ class MemorySection(Section):
     timeout: float = Field(default=2.0, gt=0.0)
 
 
-class ModerationSection(Section):
-    """``[moderation]``: input checks and output guard (a pass-through for now)."""
+ModerationActionName = Literal["allow", "mask", "warn", "block", "mute", "escalate"]
+DEFAULT_ACTIONS: dict[str, ModerationActionName] = {
+    "size": "block", "terms": "block", "classifier": "block", "pii": "mask",
+    "injection": "block", "flood": "block",
+}
+DEFAULT_POINTS = {"terms": 2.0, "classifier": 2.0, "injection": 2.0, "flood": 1.0}
+
+
+class ModerationPolicy(Section):
+    """What the moderation filters check and do; the ``[moderation]`` keys of one channel.
+
+    ``[moderation]`` sets them for the bot; ``[moderation.channels.NAME]`` overrides any
+    of them for one channel (``discord``, ``telegram``, ``web``, ``console``, ...).
+    Filters are named in ``input_filters`` / ``output_filters``, in the order they run.
+    """
+
+    input_filters: list[str] = [
+        "size", "terms", "classifier", "pii", "injection", "flood",
+    ]
+    output_filters: list[str] = ["terms", "classifier", "pii"]
+    max_chars: int = Field(default=2000, ge=1, le=100_000)
+    # Terms: matched on normalised text (NFKC, invisible characters gone, leetspeak
+    # folded); ``word*`` matches words starting with ``word``, ``*part*`` any word
+    # containing ``part``. Files hold one term a line (``#`` starts a comment).
+    builtin_terms: bool = True
+    blocklist: list[str] = []
+    allowlist: list[str] = []
+    blocklist_files: list[str] = []
+    allowlist_files: list[str] = []
+    classifier: str = "profanity-check"
+    classifier_threshold: float = Field(default=0.90, ge=0.0, le=1.0)
+    output_threshold: float = Field(default=0.90, ge=0.0, le=1.0)
+    pii: list[str] = ["email", "phone", "card", "iban"]
+    injection_threshold: float = Field(default=1.0, gt=0.0)
+    # Flood control: at most N messages per window (seconds), per user and per conversation.
+    user_rate: int = Field(default=8, ge=1)
+    user_window: float = Field(default=10.0, gt=0.0)
+    conversation_rate: int = Field(default=30, ge=1)
+    conversation_window: float = Field(default=10.0, gt=0.0)
+    # The action each finding leads to, and the violation points it adds: changes to
+    # DEFAULT_ACTIONS and DEFAULT_POINTS (a channel's changes go on top of the bot's).
+    actions: dict[str, ModerationActionName] = {}
+    points: dict[str, float] = {}
+    # The violation score decays by half every ``half_life`` seconds; past ``warn_at``
+    # a refusal carries a warning, past ``mute_at`` the user is muted, past
+    # ``escalate_at`` the case is handed to people.
+    half_life: float = Field(default=600.0, gt=0.0)
+    warn_at: float = Field(default=3.0, ge=0.0)
+    mute_at: float = Field(default=5.0, ge=0.0)
+    escalate_at: float = Field(default=10.0, ge=0.0)
+    mute_seconds: float = Field(default=300.0, gt=0.0)
+    # Fail modes when a filter raises or runs past ``filter_timeout`` seconds: input
+    # "open" falls back to the blocklist, "closed" refuses; output "closed" replaces
+    # the reply, "open" lets it through.
+    filter_timeout: float = Field(default=0.5, gt=0.0)
+    fail_input: Literal["open", "closed"] = "open"
+    fail_output: Literal["open", "closed"] = "closed"
+    hold_chars: int = Field(default=160, ge=16, le=4000)
+    # What users are told.
+    block_reply: str = "Sorry, I can't help with that message."
+    warn_notice: str = (
+        "Please keep it civil: repeated violations will get you muted for a while."
+    )
+    mute_reply: str = "You are muted for {minutes} more minute(s)."
+    escalate_reply: str = "I've passed this conversation to a human moderator."
+    flood_reply: str = "You're sending messages too fast. Please slow down."
+    size_reply: str = "That message is too long for me."
+    output_replacement: str = "Sorry, I can't share that answer. Let's talk about something else."
+    failure_reply: str = "Sorry, I can't check messages right now. Please try again shortly."
+
+
+class ModerationSection(ModerationPolicy):
+    """``[moderation]``: input checks and output guard, per bot and per channel.
+
+    Shared state (flood counters, violation scores, mutes, the audit log) lives in Redis
+    when ``state = "redis"``, or ``"auto"`` with ``[memory] backend = "redis"`` (then
+    ``url`` and ``key_prefix`` default to memory's); in this process otherwise.
+    """
 
     backend: str = "passthrough"
+    state: Literal["auto", "memory", "redis"] = "auto"
+    url: str | None = None
+    key_prefix: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    audit_max_entries: int = Field(default=100_000, ge=10)
+    audit_retention: float = Field(default=30 * 86400.0, gt=0.0)
+    audit_key: str | None = None  # keys the content hash; set it from ${ENV}
+    channels: dict[str, ModerationPolicy] = {}
+
+    def for_channel(self, channel: str) -> ModerationPolicy:
+        """The policy of ``channel``: the bot's, with the channel's overrides applied."""
+        fields = {name: getattr(self, name) for name in ModerationPolicy.model_fields}
+        override = self.channels.get(channel)
+        if override is not None:
+            for name in override.model_fields_set:
+                fields[name] = getattr(override, name)
+        fields["actions"] = {**DEFAULT_ACTIONS, **self.actions,
+                             **(override.actions if override else {})}
+        fields["points"] = {**DEFAULT_POINTS, **self.points,
+                            **(override.points if override else {})}
+        return ModerationPolicy.model_validate(fields)
 
 
 class PluginsSection(Section):

@@ -28,10 +28,10 @@ from core.generation.base import (
     SamplingParams,
     TokenDelta,
 )
-from core.lifecycle import ServiceBase
+from core.lifecycle import Service, ServiceBase
 from core.memory.base import MemorySnapshot, MemoryStore
 from core.metrics import Metrics
-from core.moderation.base import Action, Moderator, Verdict
+from core.moderation.base import Action, Moderator, ReplyWithheld, Verdict
 from core.plugins import CommandContext, PluginRegistry
 from core.streams import closing
 from core.types import ConversationKey, IncomingMessage, ReplyEvent, ReplyKind, Turn
@@ -66,8 +66,8 @@ class _Lane:
 class Engine(ServiceBase):
     """Answers messages from any channel; see the module docstring.
 
-    Starting the engine starts its memory store and generator (in that order) and
-    stopping it stops them in reverse.
+    Starting the engine starts its memory store, moderator (if it is a service) and
+    generator, in that order, and stopping it stops them in reverse.
     """
 
     def __init__(
@@ -97,13 +97,19 @@ class Engine(ServiceBase):
 
     async def _start(self) -> None:
         await self.memory.start()
+        if isinstance(self.moderator, Service):
+            await self.moderator.start()
         await self.generator.start()
 
     async def _stop(self) -> None:
         try:
             await self.generator.stop()
         finally:
-            await self.memory.stop()
+            try:
+                if isinstance(self.moderator, Service):
+                    await self.moderator.stop()
+            finally:
+                await self.memory.stop()
 
     async def handle(self, message: IncomingMessage) -> AsyncIterator[ReplyEvent]:
         """The reply to ``message`` as a stream of events, ending in FINAL, NOTICE or ERROR.
@@ -156,22 +162,33 @@ class Engine(ServiceBase):
             stage = "generation"
             pieces: list[str] = []
             first = True
-            async with closing(self._generate(message, request)) as stream:
-                async for piece in stream:
-                    if piece is None:
-                        # A remote worker died mid-reply and another started over: the
-                        # user is told to drop what they saw, so they see one answer.
-                        if pieces:
-                            pieces.clear()
-                            yield ReplyEvent(ReplyKind.RESET, action=verdict.action)
-                        continue
-                    if first:
-                        first = False
-                        self.metrics.first_token_seconds.labels(self.name).observe(
-                            time.time() - message.received_at
-                        )
-                    pieces.append(piece)
-                    yield ReplyEvent(ReplyKind.DELTA, piece, action=verdict.action)
+            try:
+                async with closing(self._generate(message, request)) as stream:
+                    async for piece in stream:
+                        if piece is None:
+                            # A remote worker died mid-reply and another started over: the
+                            # user is told to drop what they saw, so they see one answer.
+                            if pieces:
+                                pieces.clear()
+                                yield ReplyEvent(ReplyKind.RESET, action=verdict.action)
+                            continue
+                        if first:
+                            first = False
+                            self.metrics.first_token_seconds.labels(self.name).observe(
+                                time.time() - message.received_at
+                            )
+                        pieces.append(piece)
+                        yield ReplyEvent(ReplyKind.DELTA, piece, action=verdict.action)
+            except ReplyWithheld as withheld:
+                # The output guard flagged the reply part-way: what was shown was safe,
+                # but the answer is replaced as a whole.
+                if pieces:
+                    yield ReplyEvent(ReplyKind.RESET, action=Action.BLOCK)
+                stage = "memory"
+                await self._remember(message, withheld.text)
+                yield ReplyEvent(ReplyKind.FINAL, withheld.text, action=Action.BLOCK,
+                                 code="moderated")
+                return
             reply = "".join(pieces).strip()
             if not reply:
                 self.metrics.errors.labels(self.name, "empty_reply").inc()
@@ -180,7 +197,13 @@ class Engine(ServiceBase):
                 return
             stage = "memory"
             await self._remember(message, reply)
-            yield ReplyEvent(ReplyKind.FINAL, reply, action=verdict.action)
+            shown = reply
+            if verdict.action is Action.WARN and verdict.reply:
+                # The warning goes to the user, not into the conversation's memory.
+                notice = f"\n\n{verdict.reply}"
+                shown += notice
+                yield ReplyEvent(ReplyKind.DELTA, notice, action=verdict.action)
+            yield ReplyEvent(ReplyKind.FINAL, shown, action=verdict.action)
         except MemoryUnavailable as exc:
             yield self._failure(message, stage, exc, self.apologies.memory, "memory_unavailable")
         except GeneratorBusy as exc:

@@ -24,6 +24,7 @@ from typing import Any
 from core.config import BotSettings, GenerationSection
 from core.errors import GenerationError, GeneratorBusy
 from core.generation.base import FinishReason, GenerationRequest, TokenDelta
+from core.generation.batching import BatchingScheduler, BatchLimits
 from core.generation.decoding import IncrementalDecoder, StopMatcher
 from core.generation.models import LoadedModel, cache_dir, load_model
 from core.generation.prompt import build_prompt, context_window, prompt_budget, transcript_stops
@@ -44,6 +45,8 @@ class Job:
         self.output: asyncio.Queue[TokenDelta | GenerationError] = asyncio.Queue()
         self._loop = loop
         self._cancelled = threading.Event()
+        self._cancel_callbacks: list[Callable[[], None]] = []
+        self.prepared: TokenSink | None = None  # set by schedulers that prepare ahead
 
     @property
     def cancelled(self) -> bool:
@@ -51,8 +54,16 @@ class Job:
         return self._cancelled.is_set()
 
     def cancel(self) -> None:
-        """Stop work on this job (called from any thread)."""
+        """Stop work on this job (called from any thread); runs the cancel callbacks once."""
+        if self._cancelled.is_set():
+            return
         self._cancelled.set()
+        for callback in self._cancel_callbacks:
+            callback()
+
+    def on_cancel(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the cancelling thread) when the job is cancelled."""
+        self._cancel_callbacks.append(callback)
 
     def emit(self, delta: TokenDelta) -> None:
         """Hand a delta to the consumer (called from the model thread)."""
@@ -87,6 +98,7 @@ class TokenSink:
         max_new_tokens: int,
     ) -> None:
         self.job = job
+        self.prompt_ids = prompt_ids
         self.count = 0
         self.finish_reason: FinishReason | None = None
         self._decoder = IncrementalDecoder(tokenizer, prompt_ids)
@@ -154,6 +166,11 @@ class HFRunner:
     def prepare(self, job: Job) -> tuple[list[int], TokenSink]:
         """The prompt ids of ``job`` and the sink its tokens go to (any scheduler's first step)."""
         loaded, sampling = self.loaded, job.request.sampling
+        if not (0.0 < sampling.top_p <= 1.0) or sampling.temperature < 0:
+            raise ValueError(
+                f"invalid sampling: temperature {sampling.temperature}, top_p {sampling.top_p} "
+                "(need temperature >= 0 and 0 < top_p <= 1)"
+            )
         budget = prompt_budget(self.context, sampling.max_new_tokens)
         prompt = build_prompt(loaded.tokenizer, job.request.messages, loaded.prompt_format, budget)
         if prompt.dropped or prompt.truncated:
@@ -279,7 +296,7 @@ class LocalGenerator(ServiceBase):
 
     def __init__(self, settings: BotSettings) -> None:
         self.settings: GenerationSection = settings.generation
-        self._scheduler: SequentialScheduler | None = None
+        self._scheduler: SequentialScheduler | BatchingScheduler | None = None
 
     @property
     def tokens_generated(self) -> int:
@@ -296,7 +313,14 @@ class LocalGenerator(ServiceBase):
         return HFRunner(loaded, context)
 
     async def _start(self) -> None:
-        self._scheduler = SequentialScheduler(self._load)
+        settings = self.settings
+        if settings.batching:
+            self._scheduler = BatchingScheduler(self._load, BatchLimits(
+                max_batch=settings.max_batch, max_waiting=settings.max_waiting,
+                max_per_user=settings.max_per_user, kv_cache_tokens=settings.kv_cache_tokens,
+            ))
+        else:
+            self._scheduler = SequentialScheduler(self._load)
         await self._scheduler.start()
 
     async def _stop(self) -> None:

@@ -8,6 +8,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from core.config import BotSettings
+from core.errors import ParleyError
 from core.registry import Registry
 from core.types import IncomingMessage
 
@@ -38,6 +39,19 @@ class Verdict:
     reason: str | None = None
 
 
+class ReplyWithheld(ParleyError):
+    """Raised by :meth:`Moderator.guard` when the reply must not be shown.
+
+    What was already passed on was checked and is safe, but the answer as a whole is
+    replaced: the engine tells the channel to drop what it showed and shows ``text``.
+    """
+
+    def __init__(self, text: str, reason: str) -> None:
+        super().__init__(reason)
+        self.text = text
+        self.reason = reason
+
+
 class Moderator(Protocol):
     """Checks what users say before the bot acts, and what the bot says before users see it."""
 
@@ -46,7 +60,10 @@ class Moderator(Protocol):
         ...
 
     def guard(self, message: IncomingMessage, stream: AsyncIterator[str]) -> AsyncIterator[str]:
-        """Pass on the reply's text pieces, holding back or replacing anything unsafe."""
+        """Pass on the reply's text pieces, holding back or replacing anything unsafe.
+
+        Raises :class:`ReplyWithheld` when the reply is flagged part-way.
+        """
         ...
 
 
@@ -66,7 +83,15 @@ ModeratorFactory = Callable[[BotSettings], Moderator]
 
 
 def moderators() -> Registry[ModeratorFactory]:
-    """A registry of moderators; ``passthrough`` is built in."""
+    """A registry of moderators; ``passthrough`` and ``filters`` are built in."""
     registry: Registry[ModeratorFactory] = Registry("moderator", "parley.moderators")
     registry.register("passthrough", lambda settings: PassThroughModerator())
+    registry.register("filters", _filters)
     return registry
+
+
+def _filters(settings: BotSettings) -> Moderator:
+    # Imported on use: the filters load a classifier, the seam should not.
+    from core.moderation.moderator import FilterModerator
+
+    return FilterModerator(settings)

@@ -1,0 +1,149 @@
+"""The shared worker against one-request-at-a-time ``generate``, same model, same prompts.
+
+    python bench/generation.py                                  # smollm2-135m, CPU
+    python bench/generation.py --model gemma3-270m --concurrency 1,8,32 --requests 32
+    python bench/generation.py --device cuda --concurrency 1,8,32,64 --requests 128
+
+Prompts are multi-turn chats from the chitchat dataset (``pip install chitchat-dataset``).
+Both sides decode greedily, so they produce the same tokens; what differs is how many
+requests share each forward pass. Prints, for each mode, output tokens/s, time to first
+token (TTFT) and time per output token (TPOT) p50/p99, and tokens/s as a ratio to
+sequential. ``--sequential-requests K`` times sequential on the first K prompts only
+(its rate is per token, so the ratio stays fair) to keep CPU runs short.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+
+from core.config import parse_settings
+from core.generation.base import ChatMessage, GenerationRequest, SamplingParams
+from core.generation.local import LocalGenerator
+
+
+@dataclass
+class Sample:
+    ttft: float
+    tpot: float | None
+
+
+def chats(count: int, turns: int) -> list[tuple[ChatMessage, ...]]:
+    """``count`` multi-turn chats ending with a user message, from chitchat-dataset."""
+    import chitchat_dataset
+
+    result: list[tuple[ChatMessage, ...]] = []
+    for convo in chitchat_dataset.Dataset().values():
+        groups = [" ".join(m["text"] for m in group) for group in convo["messages"]][:turns]
+        if len(groups) < 2:
+            continue
+        if len(groups) % 2 == 0:
+            groups = groups[:-1]
+        messages = [ChatMessage("system", "You are a friendly person chatting online.")]
+        for i, text in enumerate(groups):
+            messages.append(ChatMessage("user" if i % 2 == 0 else "assistant", text[:600]))
+        result.append(tuple(messages))
+        if len(result) == count:
+            break
+    return result
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def run(
+    generator: LocalGenerator, prompts: list[tuple[ChatMessage, ...]], concurrency: int,
+    max_new_tokens: int,
+) -> tuple[float, int, list[Sample]]:
+    """Serve ``prompts`` with ``concurrency`` in flight; (seconds, tokens, samples)."""
+    queue = list(reversed(prompts))
+    samples: list[Sample] = []
+
+    async def client() -> None:
+        while queue:
+            messages = queue.pop()
+            request = GenerationRequest(
+                messages, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0),
+                tenant="bench", user=f"user{len(queue)}",
+            )
+            start = time.perf_counter()
+            first = last = None
+            pieces = 0
+            async for delta in generator.stream(request):
+                if delta.text:
+                    pieces += 1
+                    last = time.perf_counter()
+                    first = first or last
+            if first is not None and last is not None:
+                samples.append(Sample(first - start,
+                                      (last - first) / (pieces - 1) if pieces > 1 else None))
+
+    before = generator.tokens_generated
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - start
+    return elapsed, generator.tokens_generated - before, samples
+
+
+def report(name: str, elapsed: float, tokens: int, samples: list[Sample],
+           baseline: float | None) -> dict[str, float | str]:
+    rate = tokens / elapsed
+    ttft = [s.ttft for s in samples]
+    tpot = [s.tpot for s in samples if s.tpot is not None]
+    row: dict[str, float | str] = {
+        "mode": name, "tokens": tokens, "seconds": round(elapsed, 2),
+        "tok_s": round(rate, 2), "ratio": round(rate / baseline, 2) if baseline else 1.0,
+        "ttft_p50": round(pct(ttft, 0.5), 3), "ttft_p99": round(pct(ttft, 0.99), 3),
+        "tpot_p50": round(pct(tpot, 0.5), 4), "tpot_p99": round(pct(tpot, 0.99), 4),
+    }
+    print(f"{name:<14} {tokens:>6} tok {elapsed:>8.1f} s {rate:>9.1f} tok/s  "
+          f"x{row['ratio']:<6} TTFT p50 {row['ttft_p50']:.3f}s p99 {row['ttft_p99']:.3f}s  "
+          f"TPOT p50 {row['tpot_p50']:.4f}s p99 {row['tpot_p99']:.4f}s", flush=True)
+    return row
+
+
+async def main(args: argparse.Namespace) -> None:
+    prompts = chats(args.requests, args.turns)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    common = {"model": args.model, "device": args.device, "temperature": 0.0,
+              "max_new_tokens": args.max_new_tokens, "timeout": 3600.0}
+    sequential = parse_settings({"bot": {"name": "bench"},
+                                 "generation": {**common, "batching": False}})
+    batched = parse_settings({"bot": {"name": "bench"}, "generation": {
+        **common, "max_batch": max(levels), "max_per_user": max(levels),
+        "max_waiting": 4 * args.requests}})
+    print(f"model={args.model} device={args.device} requests={len(prompts)} "
+          f"max_new_tokens={args.max_new_tokens} (greedy)", flush=True)
+    rows = []
+    async with LocalGenerator(sequential) as gen:
+        count = args.sequential_requests or len(prompts)
+        await run(gen, prompts[:1], 1, 4)  # warm-up
+        elapsed, tokens, samples = await run(gen, prompts[:count], 1, args.max_new_tokens)
+        rows.append(report("sequential", elapsed, tokens, samples, None))
+    baseline = float(rows[0]["tok_s"])
+    async with LocalGenerator(batched) as gen:
+        await run(gen, prompts[:2], 2, 4)  # warm-up
+        for level in levels:
+            elapsed, tokens, samples = await run(gen, prompts, level, args.max_new_tokens)
+            rows.append(report(f"worker c={level}", elapsed, tokens, samples, baseline))
+    print("JSON " + json.dumps({"args": vars(args), "rows": rows}))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--sequential-requests", type=int, default=0)
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--turns", type=int, default=5)
+    asyncio.run(main(parser.parse_args()))

@@ -1,0 +1,327 @@
+"""Continuous batching for the local backend, on transformers' own batching manager.
+
+transformers' ``ContinuousBatchingManager`` runs the model: requests join and leave the
+running batch at every decode step, each with its own KV-cache pages. This module is what
+Parley builds around it:
+
+- :class:`FairQueue` decides who gets the next free batch slot: the waiting tenant (bot)
+  with the fewest requests running, round-robin among equals, and never a user already
+  at their concurrency cap. The queue is bounded; a full queue answers "busy" at once.
+- :class:`BatchingScheduler` admits jobs into the manager, turns its cumulative token
+  lists into deltas through each job's :class:`~core.generation.local.TokenSink` (stop
+  strings, end-of-turn, length), and frees a slot as soon as a job ends or its consumer
+  goes away. The manager's own ``cancel_request`` sends no final event and leaves the
+  result handler registered; the scheduler drops the handler and ignores late events.
+
+Everything here runs on the event loop except the manager's model thread; the manager
+delivers results onto the loop with ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from core.errors import GenerationError, GeneratorBusy
+
+if TYPE_CHECKING:
+    from core.generation.local import HFRunner, Job, TokenSink
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    """How much the scheduler takes on."""
+
+    max_batch: int = 32  # requests decoding together
+    max_waiting: int = 256  # requests waiting for a slot; beyond that, "busy"
+    max_per_user: int = 4  # requests one user may have running
+    kv_cache_tokens: int | None = None  # KV cache size; default: max_batch * 1024 tokens
+    page_size: int = 64  # tokens per KV-cache page
+    max_batch_tokens: int = 512  # tokens per forward pass (bounds prefill chunks)
+
+
+class FairQueue:
+    """Waiting jobs by tenant; see the module docstring for the order they leave in."""
+
+    def __init__(self, max_waiting: int, max_per_user: int) -> None:
+        self.max_waiting = max_waiting
+        self.max_per_user = max_per_user
+        self._by_tenant: dict[str, deque[Job]] = {}
+        self._turn: deque[str] = deque()  # round-robin order of tenants
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def push(self, job: Job) -> bool:
+        """Queue ``job``; False (and nothing queued) when the queue is full."""
+        if self._size >= self.max_waiting:
+            return False
+        tenant = job.request.tenant
+        if tenant not in self._by_tenant:
+            self._by_tenant[tenant] = deque()
+            self._turn.append(tenant)
+        self._by_tenant[tenant].append(job)
+        self._size += 1
+        return True
+
+    def discard(self, job: Job) -> bool:
+        """Remove a waiting job (its consumer left); False if it was not waiting."""
+        jobs = self._by_tenant.get(job.request.tenant)
+        if jobs is None or job not in jobs:
+            return False
+        jobs.remove(job)
+        self._size -= 1
+        self._drop_if_empty(job.request.tenant)
+        return True
+
+    def pop(self, running_by_tenant: Counter[str], running_by_user: Counter[str]) -> Job | None:
+        """The next job to admit, or None if every waiting job's user is at their cap."""
+        candidates = sorted(
+            range(len(self._turn)), key=lambda i: (running_by_tenant[self._turn[i]], i)
+        )
+        for index in candidates:
+            tenant = self._turn[index]
+            jobs = self._by_tenant[tenant]
+            for job in jobs:
+                if running_by_user[_user_key(job)] < self.max_per_user:
+                    jobs.remove(job)
+                    self._size -= 1
+                    # The served tenant goes to the back of the round-robin order.
+                    del self._turn[index]
+                    self._turn.append(tenant)
+                    self._drop_if_empty(tenant)
+                    return job
+        return None
+
+    def drain(self) -> list[Job]:
+        """Remove and return every waiting job."""
+        jobs = [job for queue in self._by_tenant.values() for job in queue]
+        self._by_tenant.clear()
+        self._turn.clear()
+        self._size = 0
+        return jobs
+
+    def _drop_if_empty(self, tenant: str) -> None:
+        if not self._by_tenant[tenant]:
+            del self._by_tenant[tenant]
+            self._turn.remove(tenant)
+
+
+def _user_key(job: Job) -> str:
+    return f"{job.request.tenant}\x00{job.request.user}"
+
+
+@dataclass(slots=True)
+class _Running:
+    job: Job
+    sink: TokenSink
+    rid: str
+    sent: int = 0
+
+
+class BatchingScheduler:
+    """Serves jobs through one ``ContinuousBatchingManager``; same surface as the
+    sequential scheduler (``start``, ``submit``, ``stop``, ``runner``)."""
+
+    def __init__(self, load: Callable[[], HFRunner], limits: BatchLimits) -> None:
+        self._load = load
+        self.limits = limits
+        self.runner: HFRunner | None = None
+        self._manager: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue = FairQueue(limits.max_waiting, limits.max_per_user)
+        self._running: dict[Job, _Running] = {}
+        self._by_tenant: Counter[str] = Counter()
+        self._by_user: Counter[str] = Counter()
+        self._preparing: set[asyncio.Task[None]] = set()
+        self._stopping = False
+
+    @property
+    def waiting(self) -> int:
+        """Jobs waiting for a batch slot."""
+        return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        """Jobs in the running batch."""
+        return len(self._running)
+
+    async def start(self) -> None:
+        """Load the model and start the batching manager, off the event loop."""
+        self._loop = asyncio.get_running_loop()
+        self.runner = await asyncio.to_thread(self._load)
+        self._manager = await asyncio.to_thread(self._start_manager, self.runner)
+
+    def _start_manager(self, runner: HFRunner) -> Any:
+        from transformers import GenerationConfig
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        loaded, limits = runner.loaded, self.limits
+        vocab = int(loaded.model.config.get_text_config().vocab_size)
+        # Sampling settings are per request only where the global config switches the
+        # processor on with a non-neutral value; do_sample itself is global, so greedy is
+        # asked for per request as top_k=1 (a single candidate: the argmax).
+        config = GenerationConfig(  # type: ignore[no-untyped-call]
+            do_sample=True, temperature=0.9999, top_p=0.9999, top_k=vocab,
+            max_new_tokens=256, eos_token_id=list(loaded.end_token_ids) or None,
+            pad_token_id=loaded.tokenizer.pad_token_id or 0,
+        )
+        cache_tokens = limits.kv_cache_tokens or limits.max_batch * min(runner.context, 1024)
+        batching = ContinuousBatchingConfig(
+            num_blocks=math.ceil(cache_tokens / limits.page_size),
+            page_size=limits.page_size,
+            max_batch_tokens=limits.max_batch_tokens,
+            max_requests_per_batch=limits.max_batch,
+            max_memory_percent=0.9,
+            per_request_processors=True,
+            allow_block_sharing=True,  # a bot's shared system prompt is cached once
+        )
+        manager = loaded.model.init_continuous_batching(
+            generation_config=config, continuous_batching_config=batching
+        )
+        manager.start()
+        # start() does not raise: the cache is allocated on the manager's thread, and a
+        # failure there only shows as a dead thread.
+        deadline = time.monotonic() + 120
+        while manager.batch_processor is None:
+            error = manager.background_thread_status.fatal_error
+            if error is not None or not manager.is_running():
+                raise GenerationError(f"continuous batching failed to start: {error}")
+            if time.monotonic() > deadline:
+                raise GenerationError("continuous batching did not start within 120 s")
+            time.sleep(0.01)
+        log.info("continuous batching: %d slots, KV cache %d tokens in pages of %d",
+                 limits.max_batch, cache_tokens, limits.page_size)
+        return manager
+
+    def submit(self, job: Job) -> None:
+        """Prepare ``job``'s prompt off the loop, then queue it for a slot."""
+        if self._stopping or self.runner is None:
+            job.fail(GenerationError("the generator is not running"))
+            return
+        if len(self._queue) + len(self._preparing) >= self.limits.max_waiting:
+            job.fail(GeneratorBusy(f"{self.limits.max_waiting} requests are already waiting"))
+            return
+        task = asyncio.get_running_loop().create_task(self._prepare(job))
+        self._preparing.add(task)
+        task.add_done_callback(self._preparing.discard)
+
+    async def _prepare(self, job: Job) -> None:
+        runner = self.runner
+        assert runner is not None
+        try:
+            _, sink = await asyncio.to_thread(runner.prepare, job)
+        except Exception as exc:
+            log.exception("preparing request %s failed", job.request.request_id)
+            job.fail(GenerationError(f"could not build the prompt: {exc}"))
+            return
+        if job.cancelled or self._stopping:
+            return
+        job.prepared = sink
+        self._queue.push(job)
+        job.on_cancel(lambda: self._call_soon(self._cancel, job))
+        self._pump()
+
+    def _call_soon(self, callback: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(callback, *args)
+
+    def _pump(self) -> None:
+        """Admit waiting jobs while there are free slots."""
+        while len(self._running) < self.limits.max_batch:
+            job = self._queue.pop(self._by_tenant, self._by_user)
+            if job is None:
+                return
+            if not job.cancelled:
+                self._admit(job)
+
+    def _admit(self, job: Job) -> None:
+        sink: TokenSink | None = job.prepared
+        assert sink is not None and self.runner is not None
+        sampling = job.request.sampling
+        rid = f"{job.request.request_id}-{uuid.uuid4().hex[:8]}"  # a duplicate id kills the manager
+        run = _Running(job, sink, rid)
+        self._running[job] = run
+        self._by_tenant[job.request.tenant] += 1
+        self._by_user[_user_key(job)] += 1
+        extra: dict[str, Any] = (
+            {"top_k": 1} if sampling.temperature <= 0
+            else {"temperature": sampling.temperature, "top_p": min(sampling.top_p, 0.9999)}
+        )
+        self._manager.register_result_handler(rid, lambda out: self._on_output(run, out))
+        added = self._manager.add_request(
+            list(sink.prompt_ids), request_id=rid, max_new_tokens=sink.max_new_tokens,
+            streaming=True, eos_token_id=list(self.runner.loaded.end_token_ids) or None, **extra,
+        )
+        if added is None:
+            self._release(run, cancel=False)
+            job.fail(GenerationError("the batching manager is not running"))
+
+    def _on_output(self, run: _Running, output: Any) -> None:
+        if self._running.get(run.job) is not run:
+            return  # a late event for a job that already ended
+        tokens = output.generated_tokens
+        done = False
+        for token in tokens[run.sent:]:
+            self.runner.tokens_generated += 1  # type: ignore[union-attr]
+            if run.sink.push(int(token)):
+                done = True
+                break
+        run.sent = len(tokens)
+        if output.is_finished():
+            if getattr(output, "error", None):
+                self._release(run, cancel=False)
+                run.job.fail(GenerationError(f"generation failed: {output.error}"))
+                return
+            run.sink.finish("length")  # no-op if the sink already finished
+            done = True
+        if done:
+            self._release(run, cancel=not output.is_finished())
+
+    def _cancel(self, job: Job) -> None:
+        if self._queue.discard(job):
+            return
+        run = self._running.get(job)
+        if run is not None:
+            self._release(run, cancel=True)
+
+    def _release(self, run: _Running, *, cancel: bool) -> None:
+        if self._running.pop(run.job, None) is None:
+            return
+        self._by_tenant[run.job.request.tenant] -= 1
+        self._by_user[_user_key(run.job)] -= 1
+        if cancel:
+            self._manager.cancel_request(run.rid)
+        # The manager keeps handlers of cancelled requests registered; drop ours.
+        router = self._manager.output_router
+        with router._lock:
+            router.result_handlers.pop(run.rid, None)
+        if not self._stopping:
+            self._pump()
+
+    async def stop(self) -> None:
+        """Fail waiting and running jobs and stop the manager."""
+        self._stopping = True
+        for task in list(self._preparing):
+            task.cancel()
+        error = GenerationError("the generator was stopped")
+        for job in self._queue.drain():
+            job.fail(error)
+        for run in list(self._running.values()):
+            self._release(run, cancel=True)
+            run.job.fail(error)
+        manager, self._manager = self._manager, None
+        if manager is not None:
+            await asyncio.to_thread(manager.stop, True, 30)
+        self.runner = None

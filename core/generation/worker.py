@@ -1,0 +1,666 @@
+"""``parley worker``: serves generation jobs from a Redis Stream on an inner generator.
+
+Each worker is one consumer of the group ``workers`` on ``{queue}:jobs`` (layout and
+wire format in :mod:`core.generation.jobs`). It runs up to ``worker.concurrency`` jobs at
+once on its inner generator (``worker.backend``: ``local`` or ``echo``), which batches
+them, and writes each job's text to the job's reply stream:
+
+- **Coalesced writes.** One flusher writes every job's new text at most once per
+  ``FLUSH_INTERVAL``, all jobs in one pipeline, so a reply costs one entry per flush,
+  not per token. Each write is a script that first checks that this worker still owns
+  the job at this attempt (a worker that stalled and lost its job writes nothing more)
+  and answers whether the front end cancelled it.
+- **Heartbeats and reclaims.** Every ``worker.heartbeat`` seconds a worker resets the
+  idle time of the jobs it runs (``XCLAIM ... JUSTID``), so long generations are not
+  stolen; every worker also runs ``XAUTOCLAIM`` for jobs idle longer than
+  ``worker.claim_idle`` (their worker died) and runs them again, the delivery count
+  being the attempt number.
+- **Poison.** A job delivered more than ``worker.max_attempts`` times, or failing on its
+  last attempt, is dead-lettered to ``{queue}:dead`` and its front end told; a
+  malformed entry is dead-lettered at once. The worker keeps serving.
+- **Stop.** The worker takes no new jobs, lets running ones finish for ``stop_grace``
+  seconds, then hands the rest back (marks them idle, so another worker takes them at
+  once).
+
+With ``worker.http_port`` set, the worker also serves ``/metrics`` and, when
+:mod:`core.generation.openai_server` is installed, the OpenAI-compatible API on the
+same inner generator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError, ResponseError
+
+from core.config import BotSettings
+from core.errors import ConfigError, GenerationError
+from core.generation.base import FinishReason, Generator, generator_backends
+from core.generation.jobs import (
+    DEAD_CAP,
+    GROUP,
+    REPLY_TTL,
+    Job,
+    MalformedJob,
+    QueueKeys,
+    Reply,
+    decode_job,
+    encode_reply,
+)
+from core.lifecycle import ServiceBase
+from core.memory.redis import _redact
+from core.streams import closing
+
+log = logging.getLogger(__name__)
+
+FLUSH_INTERVAL = 0.015  # seconds between two writes of a job's text, at least
+READ_BLOCK = 0.5  # seconds one XREADGROUP waits; a stopping worker notices within it
+SOCKET_TIMEOUT = READ_BLOCK + 5.0
+ERROR_PAUSE = 1.0  # seconds a loop waits after a Redis failure before trying again
+
+StopReason = Literal["cancelled", "lost", "stopping", "redis"]
+
+# KEYS: jobs. ARGV: group, consumer, min idle (ms), cursor, count.
+# -> {next cursor, {{id, {field, value, ...}, delivery count}, ...}}
+_RECLAIM = """
+local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
+                     'COUNT', ARGV[5])
+local out = {}
+for _, e in ipairs(r[2]) do
+  if type(e) == 'table' then
+    local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)[1]
+    out[#out + 1] = {e[1], e[2], p and p[4] or 0}
+  end
+end
+return {r[1], out}
+"""
+
+# KEYS: jobs, cancel mark of each job. ARGV: group, consumer, idle (ms), then for each
+# job: id, attempt. Sets the idle time of each job this consumer still owns at that
+# attempt. -> per job: 0 ok, 1 lost (another worker has it), 2 cancelled.
+_TOUCH = """
+local out = {}
+for i = 4, #ARGV, 2 do
+  local id, n = ARGV[i], (i - 2) / 2
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)[1]
+  if not p or p[2] ~= ARGV[2] or p[4] ~= tonumber(ARGV[i + 1]) then
+    out[#out + 1] = 1
+  else
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'IDLE', ARGV[3], 'JUSTID')
+    out[#out + 1] = redis.call('EXISTS', KEYS[1 + n]) == 1 and 2 or 0
+  end
+end
+return out
+"""
+
+# KEYS: jobs, reply, cancel. ARGV: group, consumer, id, attempt, final (0/1), reply TTL,
+# field, value, ... Appends to the reply if this consumer still owns the job at this
+# attempt; a final entry acks and deletes the job. -> 0 ok, 1 lost, 2 cancelled.
+_WRITE = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)[1]
+if not p or p[2] ~= ARGV[2] or p[4] ~= tonumber(ARGV[4]) then return 1 end
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 7))
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+if ARGV[5] == '1' then
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+  redis.call('XDEL', KEYS[1], ARGV[3])
+  return 0
+end
+return redis.call('EXISTS', KEYS[3]) == 1 and 2 or 0
+"""
+
+
+class WorkerMetrics:
+    """The counters of one worker process, on a registry of its own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.jobs = Counter(
+            "parley_worker_jobs_total",
+            "Jobs that ended here, by outcome "
+            "(done, cancelled, expired, failed, handed_back, lost, dead_lettered).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.reclaimed = Counter(
+            "parley_worker_reclaimed_total",
+            "Jobs taken over from a worker that went silent.",
+            registry=self.registry,
+        )
+        self.dead_letters = Counter(
+            "parley_worker_dead_letters_total",
+            "Jobs moved to the dead-letter stream, by reason (malformed, attempts).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.running = Gauge(
+            "parley_worker_running_jobs", "Jobs running now.", registry=self.registry
+        )
+
+    def render(self) -> bytes:
+        """The metrics in Prometheus' text format."""
+        return generate_latest(self.registry)
+
+
+@dataclass(eq=False)
+class _Running:
+    """One job this worker runs, and what of its reply is still to be written."""
+
+    entry_id: str
+    job: Job
+    attempt: int
+    raw: bytes
+    pending: list[str] = field(default_factory=list)
+    introduced: bool = False  # whether an entry of this attempt was written
+    finish_reason: FinishReason | None = None
+    written: asyncio.Event = field(default_factory=asyncio.Event)
+    outcome: str = "done"  # of the final write: done, lost or failed
+    stop_reason: StopReason | None = None
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.job.request.request_id
+
+
+class Worker(ServiceBase):
+    """A consumer of the generation queue; see the module docstring.
+
+    ``inner`` replaces the generator ``worker.backend`` names (tests pass their own).
+    """
+
+    def __init__(
+        self,
+        settings: BotSettings,
+        *,
+        inner: Generator | None = None,
+        metrics: WorkerMetrics | None = None,
+        stop_grace: float = 10.0,
+    ) -> None:
+        self.settings = settings
+        self.section = settings.worker
+        if inner is None:
+            name = self.section.backend
+            if name == "redis":
+                raise ConfigError(f"{settings.source}: worker.backend: a worker cannot "
+                                  "serve its jobs on the redis backend itself")
+            factory = generator_backends().get(name, where=f"{settings.source}: worker.backend")
+            inner = factory(settings)
+        self.inner = inner
+        self.metrics = metrics or WorkerMetrics()
+        self.stop_grace = stop_grace
+        self.name = self.section.name or f"{socket.gethostname()}-{os.getpid()}"
+        self.keys = QueueKeys(settings.generation.queue)
+        self.where = _redact(self.section.url)
+        self.http_address: tuple[str, int] | None = None
+        self._client: Redis | None = None
+        self._scripts: dict[str, AsyncScript] = {}
+        self._running: dict[str, _Running] = {}
+        self._dirty: dict[str, _Running] = {}
+        self._dirty_event = asyncio.Event()
+        self._slot_free = asyncio.Event()
+        self._reclaim_now = asyncio.Event()
+        self._stopping = False
+        self._intake: list[asyncio.Task[None]] = []
+        self._upkeep: list[asyncio.Task[None]] = []
+        self._http: web.AppRunner | None = None
+        self._inner_started = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        self._stopping = False
+        try:
+            client = Redis.from_url(
+                self.section.url,
+                socket_timeout=SOCKET_TIMEOUT,
+                socket_connect_timeout=SOCKET_TIMEOUT,
+                retry=Retry(NoBackoff(), 0),
+                decode_responses=False,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"{self.settings.source}: worker.url: not a Redis URL "
+                              f"({self.where}): {exc}") from None
+        self._client = client
+        sources = {"reclaim": _RECLAIM, "touch": _TOUCH, "write": _WRITE}
+        self._scripts = {name: client.register_script(src) for name, src in sources.items()}
+        try:
+            await client.ping()
+            await self._ensure_group()
+            for script in self._scripts.values():
+                await client.script_load(script.script)
+        except (RedisError, OSError) as exc:
+            raise GenerationError(f"worker: redis at {self.where}: {exc}") from exc
+        await self.inner.start()
+        self._inner_started = True
+        if self.section.http_port is not None:
+            await self._start_http()
+        self._upkeep = [
+            asyncio.create_task(self._flush_loop(), name="parley-worker-flush"),
+            asyncio.create_task(self._heartbeat_loop(), name="parley-worker-heartbeat"),
+        ]
+        self._intake = [
+            asyncio.create_task(self._read_loop(), name="parley-worker-read"),
+            asyncio.create_task(self._reclaim_loop(), name="parley-worker-reclaim"),
+        ]
+        log.info("worker %s: serving %s at %s (concurrency %d)", self.name, self.keys.jobs,
+                 self.where, self.section.concurrency)
+
+    async def _stop(self) -> None:
+        self._stopping = True
+        self._slot_free.set()
+        self._reclaim_now.set()
+        await _finish(self._intake)
+        self._intake = []
+        running = [r.task for r in self._running.values() if r.task is not None]
+        if running:
+            log.info("worker %s: waiting up to %g s for %d running jobs",
+                     self.name, self.stop_grace, len(running))
+            await asyncio.wait(running, timeout=self.stop_grace)
+        for r in list(self._running.values()):
+            self._halt(r, "stopping")
+        await asyncio.gather(
+            *(r.task for r in list(self._running.values()) if r.task is not None),
+            return_exceptions=True,
+        )
+        for task in self._upkeep:
+            task.cancel()
+        await _finish(self._upkeep)
+        self._upkeep = []
+        if self._http is not None:
+            await self._http.cleanup()
+            self._http = None
+            self.http_address = None
+        if self._inner_started:
+            self._inner_started = False
+            await self.inner.stop()
+        client, self._client = self._client, None
+        self._scripts = {}
+        if client is not None:
+            await client.aclose()
+
+    async def _start_http(self) -> None:
+        try:
+            from core.generation.openai_server import openai_app
+        except ImportError:
+            log.warning("worker %s: core.generation.openai_server is not available; "
+                        "serving /metrics only", self.name)
+            app = web.Application()
+
+            async def metrics(request: web.Request) -> web.Response:
+                return web.Response(body=self.metrics.render(),
+                                    content_type="text/plain", charset="utf-8")
+
+            app.router.add_get("/metrics", metrics)
+        else:
+            app = openai_app(self.inner, self.settings.generation.model,
+                             metrics_render=self.metrics.render)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        self._http = runner
+        site = web.TCPSite(runner, self.section.http_host, self.section.http_port)
+        await site.start()
+        address = runner.addresses[0]
+        self.http_address = (str(address[0]), int(address[1]))
+        log.info("worker %s: HTTP on %s:%d", self.name, *self.http_address)
+
+    # -- taking jobs ---------------------------------------------------------------------
+
+    async def _ensure_group(self) -> None:
+        assert self._client is not None
+        try:
+            await self._client.xgroup_create(self.keys.jobs, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        # Listed in XINFO CONSUMERS from now on, not only once it has read a job.
+        await self._client.xgroup_createconsumer(self.keys.jobs, GROUP, self.name)
+
+    def _free(self) -> int:
+        return self.section.concurrency - len(self._running)
+
+    async def _read_loop(self) -> None:
+        client = self._client
+        assert client is not None
+        while not self._stopping:
+            free = self._free()
+            if free <= 0:
+                self._slot_free.clear()
+                await self._slot_free.wait()
+                continue
+            try:
+                answer: Any = await client.xreadgroup(
+                    GROUP, self.name, {self.keys.jobs: ">"}, count=free,
+                    block=int(READ_BLOCK * 1000),
+                )
+                entries = [(_text(i), f, 1) for _k, batch in answer or () for i, f in batch]
+                if entries:
+                    await self._admit(entries)
+            except (RedisError, OSError) as exc:
+                await self._redis_trouble("read", exc)
+
+    async def _reclaim_loop(self) -> None:
+        client = self._client
+        assert client is not None
+        interval = min(self.section.claim_idle / 2, self.section.heartbeat)
+        cursor = "0-0"
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._reclaim_now.wait()
+            self._reclaim_now.clear()
+            free = self._free()
+            if self._stopping or free <= 0:
+                continue
+            try:
+                cursor_raw, claimed = await self._scripts["reclaim"](
+                    keys=[self.keys.jobs],
+                    args=[GROUP, self.name, int(self.section.claim_idle * 1000), cursor, free],
+                )
+                cursor = _text(cursor_raw)
+                entries = [(_text(i), _pairs(f), int(n)) for i, f, n in claimed]
+                if entries:
+                    self.metrics.reclaimed.inc(len(entries))
+                    log.info("worker %s: reclaimed %d jobs", self.name, len(entries))
+                    await self._admit(entries)
+            except (RedisError, OSError) as exc:
+                await self._redis_trouble("reclaim", exc)
+
+    async def _redis_trouble(self, what: str, exc: Exception) -> None:
+        log.warning("worker %s: %s at %s failed: %s", self.name, what, self.where, exc)
+        if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+            with contextlib.suppress(RedisError, OSError):
+                # Redis lost its data (a restart): the group and the scripts are gone.
+                await self._ensure_group()
+                assert self._client is not None
+                for script in self._scripts.values():
+                    await self._client.script_load(script.script)
+                return
+        await asyncio.sleep(ERROR_PAUSE)
+
+    async def _admit(self, entries: Sequence[tuple[str, dict[bytes, bytes], int]]) -> None:
+        """Start the jobs of ``entries`` (id, fields, attempt) that are still wanted."""
+        client = self._client
+        assert client is not None
+        max_attempts = self.section.max_attempts
+        jobs: list[tuple[str, Job, int, bytes]] = []
+        for entry_id, fields, attempt in entries:
+            raw = fields.get(b"job", b"")
+            try:
+                job = decode_job(fields)
+            except MalformedJob as exc:
+                log.warning("worker %s: job %s is malformed: %s", self.name, entry_id, exc)
+                await self._dead_letter(entry_id, raw, exc.request_id, attempt,
+                                        f"malformed: {exc.reason}", "malformed")
+                continue
+            if attempt > max_attempts:
+                await self._dead_letter(entry_id, raw, job.request.request_id, attempt,
+                                        f"gave up after {attempt - 1} attempts", "attempts")
+                continue
+            jobs.append((entry_id, job, attempt, raw))
+        if not jobs:
+            return
+        pipe = client.pipeline(transaction=False)
+        for _, job, _, _ in jobs:
+            pipe.exists(self.keys.cancel(job.request.request_id))
+        cancelled = await pipe.execute()
+        now = time.time()
+        for (entry_id, job, attempt, raw), gone in zip(jobs, cancelled, strict=True):
+            expired = attempt == 1 and job.deadline < now
+            if gone or expired:
+                outcome = "cancelled" if gone else "expired"
+                log.info("worker %s: skipping %s job %s", self.name, outcome,
+                         job.request.request_id)
+                pipe = client.pipeline(transaction=False)
+                pipe.xack(self.keys.jobs, GROUP, entry_id)
+                pipe.xdel(self.keys.jobs, entry_id)
+                await pipe.execute()
+                self.metrics.jobs.labels(outcome).inc()
+                continue
+            r = _Running(entry_id, job, attempt, raw)
+            self._running[entry_id] = r
+            self.metrics.running.inc()
+            r.task = asyncio.create_task(self._serve(r), name=f"parley-job-{entry_id}")
+
+    async def _dead_letter(
+        self, entry_id: str, raw: bytes, request_id: str | None, attempts: int,
+        reason: str, kind: str,
+    ) -> None:
+        """Move a job to the dead-letter stream and tell its front end, if it has one."""
+        client = self._client
+        assert client is not None
+        pipe = client.pipeline(transaction=True)
+        pipe.xadd(self.keys.dead, {
+            "id": entry_id, "reason": reason, "attempts": attempts, "worker": self.name,
+            "job": raw[:65536],
+        }, maxlen=DEAD_CAP, approximate=True)
+        if request_id is not None:
+            reply = self.keys.reply(request_id)
+            fields: dict[Any, Any] = encode_reply(Reply(attempts, error=reason, worker=self.name))
+            pipe.xadd(reply, fields)
+            pipe.expire(reply, REPLY_TTL)
+        pipe.xack(self.keys.jobs, GROUP, entry_id)
+        pipe.xdel(self.keys.jobs, entry_id)
+        await pipe.execute()
+        log.warning("worker %s: dead-lettered job %s (%s): %s", self.name, entry_id,
+                    request_id or "no id", reason)
+        self.metrics.dead_letters.labels(kind).inc()
+        self.metrics.jobs.labels("dead_lettered").inc()
+
+    # -- running jobs --------------------------------------------------------------------
+
+    async def _serve(self, r: _Running) -> None:
+        try:
+            self._mark(r)  # an entry at once: the front end knows the job started
+            async with closing(self.inner.stream(r.job.request)) as deltas:
+                async for delta in deltas:
+                    if delta.text:
+                        r.pending.append(delta.text)
+                    if delta.finish_reason is not None:
+                        r.finish_reason = delta.finish_reason
+                        break
+                    self._mark(r)
+            if r.finish_reason is None:
+                r.finish_reason = "stop"
+            self._mark(r)
+            await r.written.wait()
+            self.metrics.jobs.labels(r.outcome).inc()
+        except asyncio.CancelledError:
+            if r.stop_reason is None:
+                raise
+            await self._halted(r)
+        except Exception as exc:
+            await self._failed(r, exc)
+        finally:
+            self._dirty.pop(r.entry_id, None)
+            if self._running.pop(r.entry_id, None) is not None:
+                self.metrics.running.dec()
+            self._slot_free.set()
+
+    async def _halted(self, r: _Running) -> None:
+        reason = r.stop_reason
+        log.info("worker %s: job %s stopped: %s", self.name, r.request_id, reason)
+        try:
+            if reason == "cancelled":
+                await self._ack(r)
+            elif reason == "stopping":
+                await self._hand_back(r)
+        except (RedisError, OSError) as exc:
+            log.warning("worker %s: job %s: %s at %s failed: %s", self.name, r.request_id,
+                        reason, self.where, exc)
+        outcome = {"stopping": "handed_back", "redis": "failed"}.get(reason or "", reason)
+        self.metrics.jobs.labels(outcome or "failed").inc()
+
+    async def _failed(self, r: _Running, exc: Exception) -> None:
+        if not isinstance(exc, GenerationError):
+            log.exception("worker %s: job %s failed", self.name, r.request_id)
+        detail = str(exc) or type(exc).__name__
+        try:
+            if r.attempt >= self.section.max_attempts:
+                await self._dead_letter(r.entry_id, r.raw, r.request_id, r.attempt,
+                                        f"attempt {r.attempt} failed: {detail}", "attempts")
+                return
+            log.warning("worker %s: job %s attempt %d failed, handing it back: %s",
+                        self.name, r.request_id, r.attempt, detail)
+            await self._hand_back(r)
+        except (RedisError, OSError) as err:
+            log.warning("worker %s: job %s: hand-back at %s failed: %s", self.name,
+                        r.request_id, self.where, err)
+        self.metrics.jobs.labels("failed").inc()
+
+    async def _ack(self, r: _Running) -> None:
+        assert self._client is not None
+        pipe = self._client.pipeline(transaction=False)
+        pipe.xack(self.keys.jobs, GROUP, r.entry_id)
+        pipe.xdel(self.keys.jobs, r.entry_id)
+        await pipe.execute()
+
+    async def _hand_back(self, r: _Running) -> None:
+        """Make the job idle for ``claim_idle``, so the next reclaim (anyone's) takes it."""
+        idle = int(self.section.claim_idle * 1000) + 1
+        await self._scripts["touch"](
+            keys=[self.keys.jobs, self.keys.cancel(r.request_id)],
+            args=[GROUP, self.name, idle, r.entry_id, r.attempt],
+        )
+        self._reclaim_now.set()
+
+    def _halt(self, r: _Running, reason: StopReason) -> None:
+        if r.stop_reason is None:
+            r.stop_reason = reason
+        if r.task is not None and not r.task.done():
+            r.task.cancel()
+
+    def _mark(self, r: _Running) -> None:
+        self._dirty[r.entry_id] = r
+        self._dirty_event.set()
+
+    # -- writing replies and heartbeats -------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        last = 0.0
+        while True:
+            await self._dirty_event.wait()
+            wait = last + FLUSH_INTERVAL - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._dirty_event.clear()
+            batch, self._dirty = list(self._dirty.values()), {}
+            last = loop.time()
+            try:
+                await self._flush(batch)
+            except (RedisError, OSError) as exc:
+                log.warning("worker %s: writing %d replies to %s failed: %s", self.name,
+                            len(batch), self.where, exc)
+                for r in batch:
+                    self._halt(r, "redis")
+
+    async def _flush(self, batch: list[_Running]) -> None:
+        """One pipeline: each job's new text (and end, if it ended), owner-checked."""
+        client = self._client
+        assert client is not None
+        # EVALSHA without the pipeline's script registration, which would cost a SCRIPT
+        # EXISTS round trip per flush; the scripts are loaded at start and after a
+        # Redis restart (see _redis_trouble).
+        sha = self._scripts["write"].sha
+        pipe = client.pipeline(transaction=False)
+        finals = []
+        for r in batch:
+            final = r.finish_reason is not None
+            finals.append(final)
+            reply = Reply(r.attempt, "".join(r.pending), r.finish_reason,
+                          worker=None if r.introduced else self.name)
+            r.pending.clear()
+            r.introduced = True
+            fields = [x for pair in encode_reply(reply).items() for x in pair]
+            rid = r.request_id
+            pipe.evalsha(
+                sha, 3, self.keys.jobs, self.keys.reply(rid), self.keys.cancel(rid),
+                GROUP, self.name, r.entry_id, r.attempt, int(final), REPLY_TTL, *fields,
+            )
+        results = await pipe.execute()
+        # A job may have ended while this flush was on its way: only what was final
+        # when the pipeline was built has been written as final.
+        for r, final, status in zip(batch, finals, results, strict=True):
+            if final:
+                r.outcome = "lost" if status == 1 else "done"
+                r.written.set()
+            elif status == 1:
+                self._halt(r, "lost")
+            elif status == 2:
+                self._halt(r, "cancelled")
+
+    async def _heartbeat_loop(self) -> None:
+        client = self._client
+        assert client is not None
+        while True:
+            await asyncio.sleep(self.section.heartbeat)
+            running = [r for r in self._running.values() if r.stop_reason is None]
+            if not running:
+                continue
+            args: list[Any] = [GROUP, self.name, 0]
+            for r in running:
+                args += [r.entry_id, r.attempt]
+            keys = [self.keys.jobs, *(self.keys.cancel(r.request_id) for r in running)]
+            try:
+                statuses = await self._scripts["touch"](keys=keys, args=args)
+            except (RedisError, OSError) as exc:
+                log.warning("worker %s: heartbeat at %s failed: %s", self.name, self.where, exc)
+                continue
+            for r, status in zip(running, statuses, strict=True):
+                if status == 1:
+                    log.warning("worker %s: job %s was taken over by another worker",
+                                self.name, r.request_id)
+                    self._halt(r, "lost")
+                elif status == 2:
+                    self._halt(r, "cancelled")
+
+
+async def _finish(tasks: Sequence[asyncio.Task[None]]) -> None:
+    """Wait for ``tasks`` to end, logging any that failed."""
+    for task in tasks:
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("worker task %s failed", task.get_name())
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+
+
+def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
+    return {flat[i]: flat[i + 1] for i in range(0, len(flat) - 1, 2)}
+
+
+async def run_worker(settings: BotSettings) -> None:
+    """Serve jobs until SIGINT or SIGTERM (``parley worker CONFIG``)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        async with Worker(settings):
+            await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)

@@ -1,0 +1,140 @@
+"""Toxicity classifiers: a score in [0, 1] for a piece of text.
+
+The default, ``profanity-check``, is the linear model alt-profanity-check ships (TF-IDF
+words into calibrated linear SVMs), loaded once at start and evaluated here in plain
+Python: the package's own ``predict_prob`` goes through scipy sparse matrices and costs
+milliseconds a call; a dictionary walk over a message's words costs microseconds and
+gives the same numbers. Other classifiers (a guard model on the GPU worker) register
+under their own name in :func:`classifiers`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from core.config import BotSettings
+from core.lifecycle import ServiceBase
+from core.registry import Registry
+
+
+class Classifier(Protocol):
+    """Scores text for toxicity; started before use, stopped after."""
+
+    async def start(self) -> None:
+        """Load the model (idempotent)."""
+
+    async def stop(self) -> None:
+        """Release the model (idempotent)."""
+
+    async def score(self, text: str) -> float:
+        """How likely ``text`` is abusive, in [0, 1]."""
+        ...
+
+
+class NullClassifier(ServiceBase):
+    """Scores everything 0: for bots that rely on terms alone."""
+
+    async def score(self, text: str) -> float:
+        """Always 0."""
+        return 0.0
+
+
+# sklearn's default token pattern: words of two or more word characters.
+_WORD = re.compile(r"(?u)\b\w\w+\b")
+
+
+class LinearProfanityClassifier(ServiceBase):
+    """alt-profanity-check's model, evaluated without numpy; see the module docstring."""
+
+    def __init__(self) -> None:
+        # word -> (idf, weight of the word in each calibrated SVM)
+        self._table: dict[str, tuple[float, tuple[float, ...]]] = {}
+        self._intercepts: tuple[float, ...] = ()
+        self._sigmoids: tuple[tuple[float, float], ...] = ()  # (a, b) of each calibrator
+
+    async def _start(self) -> None:
+        # Unpickling the model imports scikit-learn: a second or two, off the loop.
+        self._table, self._intercepts, self._sigmoids = await asyncio.to_thread(_load_tables)
+
+    async def _stop(self) -> None:
+        self._table = {}
+
+    def score_now(self, text: str) -> float:
+        """The score of ``text``, computed on the calling thread (tens of microseconds)."""
+        if not self._sigmoids:
+            raise RuntimeError("LinearProfanityClassifier is used before start()")
+        counts = Counter(_WORD.findall(text.lower()))
+        table = self._table
+        folds = len(self._intercepts)
+        sums = [0.0] * folds
+        norm = 0.0
+        for word, count in counts.items():
+            entry = table.get(word)
+            if entry is None:
+                continue
+            idf, weights = entry
+            value = count * idf
+            norm += value * value
+            for i in range(folds):
+                sums[i] += value * weights[i]
+        norm = math.sqrt(norm) or 1.0
+        total = 0.0
+        for i, (a, b) in enumerate(self._sigmoids):
+            decision = sums[i] / norm + self._intercepts[i]
+            total += _sigmoid(a * decision + b)
+        return total / folds
+
+    async def score(self, text: str) -> float:
+        """See :meth:`score_now`."""
+        return self.score_now(text)
+
+
+def _sigmoid(x: float) -> float:
+    # sklearn's sigmoid calibration: P = 1 / (1 + exp(a * f + b)).
+    if x >= 0:
+        return math.exp(-x) / (1.0 + math.exp(-x))
+    return 1.0 / (1.0 + math.exp(x))
+
+
+def _load_tables() -> tuple[
+    dict[str, tuple[float, tuple[float, ...]]], tuple[float, ...], tuple[tuple[float, float], ...]
+]:
+    try:
+        with warnings.catch_warnings():
+            # The pickles come from an older scikit-learn; the linear parts are unchanged.
+            warnings.simplefilter("ignore")
+            from profanity_check import profanity_check as package
+    except ImportError as exc:
+        raise RuntimeError(
+            "the profanity-check classifier needs alt-profanity-check "
+            "(pip install 'parley[moderation]')"
+        ) from exc
+    vectorizer: Any = package.vectorizer
+    model: Any = package.model
+    calibrated = model.calibrated_classifiers_
+    idf = vectorizer.idf_
+    coefs = [c.estimator.coef_[0] for c in calibrated]
+    table = {
+        word: (float(idf[i]), tuple(float(coef[i]) for coef in coefs))
+        for word, i in vectorizer.vocabulary_.items()
+    }
+    intercepts = tuple(float(c.estimator.intercept_[0]) for c in calibrated)
+    sigmoids = tuple((float(c.calibrators[0].a_), float(c.calibrators[0].b_)) for c in calibrated)
+    return table, intercepts, sigmoids
+
+
+ClassifierFactory = Callable[[BotSettings], Classifier]
+
+
+def classifiers() -> Registry[ClassifierFactory]:
+    """Classifiers by name: ``profanity-check`` and ``none`` built in, more by entry point."""
+    registry: Registry[ClassifierFactory] = Registry("classifier", "parley.classifiers")
+    registry.register("profanity-check", lambda settings: LinearProfanityClassifier())
+    registry.register("none", lambda settings: NullClassifier())
+    return registry

@@ -1,0 +1,293 @@
+"""The filtering moderator: the input pipeline, the output guard, actions and audit.
+
+Input filters run in the order the channel's policy names them (by default
+size -> terms -> classifier -> pii -> injection -> flood) on the normalised message;
+each objection is a :class:`~core.moderation.policy.Finding`, and the policy turns the
+findings and the user's violation score into one action. Every decision other than a
+plain allow, and every degraded one, goes to the audit log.
+
+Fail modes: a filter that raises or runs past ``filter_timeout`` is logged and counted;
+on input, ``fail_input = "open"`` carries on without it (the blocklist, which cannot
+fail, still applies) and ``"closed"`` refuses the message; on output,
+``fail_output = "closed"`` withholds the reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.config import BotSettings, ModerationPolicy
+from core.lifecycle import ServiceBase
+from core.moderation.audit import Auditor
+from core.moderation.base import Action, Verdict
+from core.moderation.classifier import Classifier, classifiers
+from core.moderation.guard import GuardConfig, guard_stream
+from core.moderation.injection import check_injection
+from core.moderation.normalise import Normalised, normalise
+from core.moderation.pii import PiiDetector
+from core.moderation.policy import Decision, Finding, apply_score, base_action, reply_for
+from core.moderation.state import Limits, MemoryState, ModerationState
+from core.moderation.terms import TermFilter
+from core.types import IncomingMessage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Run:
+    """One message's trip through the input filters."""
+
+    message: IncomingMessage
+    policy: ModerationPolicy
+    text: Normalised
+    out_text: str
+    findings: list[Finding] = field(default_factory=list)
+    degraded: list[str] = field(default_factory=list)
+    scores: dict[str, float] = field(default_factory=dict)
+    muted_for: float = 0.0
+
+
+@dataclass(slots=True)
+class _Channel:
+    """A channel's policy with its filters built."""
+
+    policy: ModerationPolicy
+    terms: TermFilter
+    pii: PiiDetector
+    limits: Limits
+
+
+class FilterModerator(ServiceBase):
+    """A :class:`~core.moderation.base.Moderator` of configurable filters; see module doc."""
+
+    def __init__(
+        self, settings: BotSettings, *, state: ModerationState | None = None,
+        classifier: Classifier | None = None,
+    ) -> None:
+        self.settings = settings
+        self.section = settings.moderation
+        self.state = state if state is not None else make_state(settings)
+        names = {self.section.classifier} | {p.classifier for p in self.section.channels.values()}
+        registry = classifiers()
+        where = f"{settings.source}: moderation.classifier"
+        self.classifiers: dict[str, Classifier] = {
+            name: registry.get(name, where=where)(settings) for name in sorted(names)
+        }
+        if classifier is not None:
+            self.classifiers = dict.fromkeys(self.classifiers, classifier)
+        self.auditor = Auditor(settings.bot.name, self.section.audit_key)
+        self.counts: Counter[str] = Counter()  # "action:block", "failure:classifier", ...
+        self._base = Path(settings.source).parent if settings.source != "<memory>" else None
+        self._channels: dict[str, _Channel] = {}
+        self._filters: dict[str, Callable[[_Run, _Channel], Awaitable[None]]] = {
+            "size": self._size, "terms": self._terms, "classifier": self._classifier,
+            "pii": self._pii, "injection": self._injection, "flood": self._flood,
+        }
+        for channel in ("", *self.section.channels):
+            policy = self._channel(channel).policy
+            for name in policy.input_filters:
+                if name not in self._filters:
+                    raise_unknown(settings.source, "input_filters", name, self._filters)
+            for name in policy.output_filters:
+                if name not in ("terms", "classifier", "pii"):
+                    raise_unknown(settings.source, "output_filters", name,
+                                  {"terms": 0, "classifier": 0, "pii": 0})
+
+    async def _start(self) -> None:
+        await self.state.start()
+        for classifier in set(self.classifiers.values()):
+            await classifier.start()
+
+    async def _stop(self) -> None:
+        for classifier in set(self.classifiers.values()):
+            try:
+                await classifier.stop()
+            except Exception:
+                log.exception("moderation: stopping a classifier failed")
+        await self.state.stop()
+
+    def _channel(self, channel: str) -> _Channel:
+        built = self._channels.get(channel)
+        if built is None:
+            policy = self.section.for_channel(channel)
+            built = self._channels[channel] = _Channel(
+                policy,
+                TermFilter.from_policy(
+                    policy.blocklist, policy.allowlist, policy.blocklist_files,
+                    policy.allowlist_files, builtin=policy.builtin_terms, base=self._base,
+                ),
+                PiiDetector(policy.pii),
+                Limits(policy.user_rate, policy.user_window, policy.conversation_rate,
+                       policy.conversation_window),
+            )
+        return built
+
+    # -- input ---------------------------------------------------------------------------
+
+    async def check_input(self, message: IncomingMessage) -> Verdict:
+        """Run the channel's input filters and decide; see the module docstring."""
+        channel = self._channel(message.channel)
+        text = normalise(message.text)
+        run = _Run(message, channel.policy, text, text.clean)
+        for name in channel.policy.input_filters:
+            try:
+                async with asyncio.timeout(channel.policy.filter_timeout):
+                    await self._filters[name](run, channel)
+            except Exception as exc:
+                self._failed(run, name, exc)
+                if channel.policy.fail_input == "closed":
+                    run.findings.append(Finding("failure", name))
+                    break
+        return await self._decide(run, channel.policy)
+
+    def _failed(self, run: _Run, name: str, exc: Exception) -> None:
+        log.warning("moderation: bot %s: filter %s failed (%s mode): %s: %s",
+                    self.settings.bot.name, name, run.policy.fail_input,
+                    type(exc).__name__, str(exc)[:200])
+        self.counts[f"failure:{name}"] += 1
+        run.degraded.append(name)
+
+    async def _size(self, run: _Run, channel: _Channel) -> None:
+        if len(run.text.clean) > run.policy.max_chars:
+            run.findings.append(Finding("size", score=len(run.text.clean)))
+
+    async def _terms(self, run: _Run, channel: _Channel) -> None:
+        hit = channel.terms.find(run.text)
+        if hit is not None:
+            run.findings.append(Finding("terms", hit))
+
+    async def _classifier(self, run: _Run, channel: _Channel) -> None:
+        classifier = self.classifiers[run.policy.classifier]
+        # The classifier reads the folded words, so "y0u 4r3 4n 1d10t" is read as words.
+        score = await classifier.score(channel.terms.strip_allowed(run.text.key))
+        run.scores["classifier"] = score
+        if score >= run.policy.classifier_threshold:
+            run.findings.append(Finding("classifier", score=score))
+
+    async def _pii(self, run: _Run, channel: _Channel) -> None:
+        spans = channel.pii.find(run.out_text)
+        if spans:
+            kinds = sorted({s.kind for s in spans})
+            run.findings.append(Finding("pii", "+".join(kinds), float(len(spans))))
+            if Action(run.policy.actions.get("pii", "mask")) is not Action.ALLOW:
+                run.out_text = PiiDetector.mask(run.out_text, spans)
+
+    async def _injection(self, run: _Run, channel: _Channel) -> None:
+        report = check_injection(run.message.text, run.text)
+        if report.score:
+            run.scores["injection"] = report.score
+        if report.score >= run.policy.injection_threshold:
+            run.findings.append(Finding("injection", "+".join(report.signals), report.score))
+
+    async def _flood(self, run: _Run, channel: _Channel) -> None:
+        msg = run.message
+        admission = await self.state.admit(
+            f"{msg.channel}:{msg.user_id}", f"{msg.channel}:{msg.conversation_id}",
+            channel.limits,
+        )
+        run.muted_for = admission.muted_for
+        if (admission.user_count > channel.limits.user_rate
+                or admission.conversation_count > channel.limits.conversation_rate):
+            run.findings.append(Finding("flood", score=float(admission.user_count)))
+
+    async def _decide(self, run: _Run, policy: ModerationPolicy) -> Verdict:
+        msg = run.message
+        user = f"{msg.channel}:{msg.user_id}"
+        if run.muted_for > 0:
+            decision = Decision(Action.MUTE, [Finding("muted", score=run.muted_for)])
+        else:
+            decision = base_action(policy, run.findings)
+            if decision.points > 0:
+                try:
+                    async with asyncio.timeout(policy.filter_timeout):
+                        score = await self.state.add_points(user, decision.points,
+                                                            policy.half_life)
+                except Exception as exc:
+                    self._failed(run, "score", exc)
+                else:
+                    decision = apply_score(policy, decision, score)
+        self.counts[f"action:{decision.action}"] += 1
+        if decision.action is not Action.ALLOW or run.degraded:
+            entry = self.auditor.entry(msg, "input", decision, run.text.clean,
+                                       degraded=tuple(run.degraded), scores=run.scores)
+            await self._record(entry, user, decision)
+        text = run.out_text if decision.action.answers else ""
+        reason = ",".join(f.label() for f in decision.findings) or None
+        return Verdict(decision.action, text, reply_for(policy, decision, run.muted_for), reason)
+
+    async def _record(self, entry: dict[str, str], user: str, decision: Decision) -> None:
+        try:
+            await self.state.record(entry, mute_user=user, mute_seconds=decision.mute_seconds,
+                                    escalate=decision.escalate)
+        except Exception as exc:
+            # The decision stands; the log line carries what the audit entry would have.
+            self.counts["failure:audit"] += 1
+            log.warning("moderation: audit write failed (%s); entry: %s",
+                        type(exc).__name__, entry)
+
+    # -- output --------------------------------------------------------------------------
+
+    def guard(self, message: IncomingMessage, stream: AsyncIterator[str]) -> AsyncIterator[str]:
+        """The reply stream, checked before release; see :mod:`core.moderation.guard`."""
+        channel = self._channel(message.channel)
+        policy = channel.policy
+        filters = set(policy.output_filters)
+        if not filters:
+            return stream
+        classifier = self.classifiers[policy.classifier]
+        config = GuardConfig(
+            terms=channel.terms if "terms" in filters else None,
+            pii=channel.pii if "pii" in filters else None,
+            classify=classifier.score if "classifier" in filters else None,
+            threshold=policy.output_threshold,
+            hold_chars=policy.hold_chars,
+            replacement=policy.output_replacement,
+            fail_closed=policy.fail_output == "closed",
+            timeout=policy.filter_timeout,
+        )
+
+        async def report(
+            findings: list[Finding], action: str, degraded: tuple[str, ...], content: str
+        ) -> None:
+            decision = Decision(Action(action), findings)
+            self.counts[f"output:{action}"] += 1
+            for name in degraded:
+                self.counts[f"failure:output:{name}"] += 1
+            entry = self.auditor.entry(message, "output", decision, content, degraded=degraded)
+            await self._record(entry, f"{message.channel}:{message.user_id}", decision)
+
+        return guard_stream(stream, config, report)
+
+
+def raise_unknown(source: str, key: str, name: str, known: Mapping[str, object]) -> None:
+    """A configuration error for an unknown filter name."""
+    from core.errors import ConfigError
+
+    choices = ", ".join(sorted(known))
+    raise ConfigError(f"{source}: moderation.{key}: unknown filter {name!r} (known: {choices})")
+
+
+def make_state(settings: BotSettings) -> ModerationState:
+    """The state backend the settings call for (see ``ModerationSection``)."""
+    section = settings.moderation
+    use_redis = section.state == "redis" or (
+        section.state == "auto" and settings.memory.backend == "redis"
+    )
+    if not use_redis:
+        return MemoryState(audit_max_entries=section.audit_max_entries,
+                           audit_retention=section.audit_retention)
+    from core.moderation.state_redis import RedisState
+
+    return RedisState(
+        section.url or settings.memory.url,
+        prefix=section.key_prefix or settings.memory.key_prefix,
+        bot=settings.bot.name,
+        timeout=settings.memory.timeout,
+        audit_max_entries=section.audit_max_entries,
+        audit_retention=section.audit_retention,
+    )

@@ -1,0 +1,165 @@
+"""What moderation remembers between messages: rates, violation scores, mutes, audit log.
+
+Front ends serving one bot must share it, so :class:`ModerationState` has a Redis
+backend (``state_redis.py``) and this in-process one, for a single process with no
+services (the demo). Users are referred to as ``channel:user_id``; both backends take
+care of encoding.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A message counted against the rate limits: counts in their windows, mute left."""
+
+    user_count: int
+    conversation_count: int
+    muted_for: float  # seconds of mute left; 0 if not muted
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Flood limits: at most ``*_rate`` messages per ``*_window`` seconds."""
+
+    user_rate: int
+    user_window: float
+    conversation_rate: int
+    conversation_window: float
+
+
+class ModerationState(Protocol):
+    """Shared moderation state; every method is one round trip to wherever it lives."""
+
+    async def start(self) -> None:
+        """Connect (idempotent)."""
+
+    async def stop(self) -> None:
+        """Disconnect (idempotent)."""
+
+    async def admit(self, user: str, conversation: str, limits: Limits) -> Admission:
+        """Count a message of ``user`` in ``conversation`` and report rates and mute."""
+        ...
+
+    async def add_points(self, user: str, points: float, half_life: float) -> float:
+        """Add violation points to the user's decaying score and return the new score."""
+        ...
+
+    async def record(
+        self, entry: Mapping[str, str], *, mute_user: str | None = None,
+        mute_seconds: float = 0.0, escalate: bool = False,
+    ) -> None:
+        """Append ``entry`` to the audit log; mute a user and/or hand the case to people."""
+        ...
+
+    async def read_audit(self, count: int) -> list[dict[str, str]]:
+        """The newest ``count`` audit entries, newest first."""
+        ...
+
+    async def read_escalations(self, count: int) -> list[dict[str, str]]:
+        """The newest ``count`` escalated cases, newest first."""
+        ...
+
+
+class MemoryState:
+    """:class:`ModerationState` in this process, bounded; ``clock`` is injectable."""
+
+    def __init__(
+        self, *, audit_max_entries: int = 100_000, audit_retention: float = 30 * 86400.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.clock = clock
+        self.retention = audit_retention
+        self._hits: dict[str, deque[float]] = {}
+        self._scores: dict[str, tuple[float, float]] = {}  # user -> (score, at)
+        self._mutes: dict[str, float] = {}  # user -> until
+        self._audit: deque[dict[str, str]] = deque(maxlen=audit_max_entries)
+        self._escalations: deque[dict[str, str]] = deque(maxlen=audit_max_entries)
+        self._seq = itertools.count()
+
+    async def start(self) -> None:
+        """Nothing to connect to."""
+
+    async def stop(self) -> None:
+        """Nothing to release."""
+
+    def _count(self, key: str, window: float, now: float) -> int:
+        hits = self._hits.setdefault(key, deque())
+        while hits and hits[0] <= now - window:
+            hits.popleft()
+        hits.append(now)
+        return len(hits)
+
+    async def admit(self, user: str, conversation: str, limits: Limits) -> Admission:
+        """See :class:`ModerationState`."""
+        now = self.clock()
+        if len(self._hits) > 100_000:
+            self._sweep(now, max(limits.user_window, limits.conversation_window))
+        until = self._mutes.get(user, 0.0)
+        return Admission(
+            self._count(f"u:{user}", limits.user_window, now),
+            self._count(f"c:{conversation}", limits.conversation_window, now),
+            max(0.0, until - now),
+        )
+
+    def _sweep(self, now: float, window: float) -> None:
+        for key in [k for k, hits in self._hits.items() if not hits or hits[-1] <= now - window]:
+            del self._hits[key]
+        for user in [u for u, until in self._mutes.items() if until <= now]:
+            del self._mutes[user]
+
+    async def add_points(self, user: str, points: float, half_life: float) -> float:
+        """See :class:`ModerationState`."""
+        now = self.clock()
+        score, at = self._scores.get(user, (0.0, now))
+        score = decayed(score, now - at, half_life) + points
+        self._scores[user] = (score, now)
+        return score
+
+    async def record(
+        self, entry: Mapping[str, str], *, mute_user: str | None = None,
+        mute_seconds: float = 0.0, escalate: bool = False,
+    ) -> None:
+        """See :class:`ModerationState`."""
+        now = self.clock()
+        stamped = {"id": f"{int(now * 1000)}-{next(self._seq)}", **entry}
+        while self._audit and float(self._audit[0]["id"].split("-")[0]) / 1000 < (
+            now - self.retention
+        ):
+            self._audit.popleft()
+        self._audit.append(stamped)
+        if mute_user is not None and mute_seconds > 0:
+            self._mutes[mute_user] = max(self._mutes.get(mute_user, 0.0), now + mute_seconds)
+        if escalate:
+            self._escalations.append(stamped)
+
+    async def read_audit(self, count: int) -> list[dict[str, str]]:
+        """See :class:`ModerationState`."""
+        return list(reversed(self._audit))[:count]
+
+    async def read_escalations(self, count: int) -> list[dict[str, str]]:
+        """See :class:`ModerationState`."""
+        return list(reversed(self._escalations))[:count]
+
+    def dump(self) -> str:
+        """Everything held, as text (for tests that look for leaks)."""
+        return json.dumps(
+            [list(self._audit), list(self._escalations), list(self._hits), list(self._scores)],
+            ensure_ascii=False,
+        )
+
+
+def decayed(score: float, elapsed: float, half_life: float) -> float:
+    """``score`` after ``elapsed`` seconds of halving every ``half_life`` seconds."""
+    if elapsed <= 0:
+        return score
+    return score * math.pow(0.5, elapsed / half_life)

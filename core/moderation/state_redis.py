@@ -1,0 +1,185 @@
+"""Moderation state in Redis, shared by every front end of a bot.
+
+Key layout (``{p}`` is the key prefix, the bot name and ids percent-encoded)::
+
+    {p}:{bot}:mod:rate:u:{user}      zset  message stamps in the user's window
+    {p}:{bot}:mod:rate:c:{conv}      zset  message stamps in the conversation's window
+    {p}:{bot}:mod:score:{user}       hash  score, at (ms): the decaying violation score
+    {p}:{bot}:mod:mute:{user}        string, expiring when the mute ends
+    {p}:{bot}:mod:audit              stream  decisions; capped by count and by age
+    {p}:{bot}:mod:escalations        stream  cases handed to people; capped by count
+
+Every key but the streams expires on its own. Each call is one round trip (a Lua script
+or a pipeline). Times come from the Redis server, so front ends with skewed clocks agree.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import quote
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from core.errors import ConfigError, ParleyError
+from core.lifecycle import ServiceBase
+from core.moderation.state import Admission, Limits
+
+
+class ModerationStateUnavailable(ParleyError):
+    """The shared moderation state could not be read or written."""
+
+
+# KEYS: user rate, conversation rate, mute. ARGV: member, user window ms, conv window ms.
+_ADMIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local counts = {}
+for i = 1, 2 do
+  local window = tonumber(ARGV[i + 1])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window)
+  redis.call('ZADD', KEYS[i], now, ARGV[1])
+  redis.call('PEXPIRE', KEYS[i], window)
+  counts[i] = redis.call('ZCARD', KEYS[i])
+end
+local mute = redis.call('PTTL', KEYS[3])
+if mute < 0 then mute = 0 end
+return {counts[1], counts[2], mute}
+"""
+
+# KEYS: score. ARGV: points, half life ms. Returns the new score as a string.
+_ADD_POINTS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local half = tonumber(ARGV[2])
+local old = redis.call('HMGET', KEYS[1], 'score', 'at')
+local score = tonumber(old[1]) or 0
+local at = tonumber(old[2]) or now
+if now > at then score = score * math.pow(0.5, (now - at) / half) end
+score = score + tonumber(ARGV[1])
+redis.call('HSET', KEYS[1], 'score', tostring(score), 'at', now)
+-- Gone once it has decayed below a hundredth of a point.
+local life = math.ceil(half * math.max(1, math.log(math.max(score, 1) * 100) / math.log(2)))
+redis.call('PEXPIRE', KEYS[1], life)
+return tostring(score)
+"""
+
+
+def _part(value: str) -> str:
+    return quote(value, safe="")
+
+
+class RedisState(ServiceBase):
+    """:class:`~core.moderation.state.ModerationState` on Redis; see the module docstring."""
+
+    def __init__(
+        self, url: str, *, prefix: str, bot: str, timeout: float = 2.0,
+        audit_max_entries: int = 100_000, audit_retention: float = 30 * 86400.0,
+    ) -> None:
+        self.url = url
+        self.base = f"{prefix}:{_part(bot)}:mod:"
+        self.timeout = timeout
+        self.audit_max_entries = audit_max_entries
+        self.audit_retention = audit_retention
+        self._client: Redis | None = None
+        self._scripts: dict[str, AsyncScript] = {}
+
+    async def _start(self) -> None:
+        try:
+            client = Redis.from_url(
+                self.url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
+                retry=Retry(NoBackoff(), 0), decode_responses=True,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"moderation.url: not a Redis URL: {exc}") from None
+        self._client = client
+        self._scripts = {
+            "admit": client.register_script(_ADMIT),
+            "add_points": client.register_script(_ADD_POINTS),
+        }
+        async with self._failures("start"):
+            await client.ping()
+            for script in self._scripts.values():
+                await client.script_load(script.script)
+
+    async def _stop(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    @property
+    def client(self) -> Redis:
+        """The connection; only between start and stop."""
+        if self._client is None:
+            raise RuntimeError("RedisState is used before start() or after stop()")
+        return self._client
+
+    @asynccontextmanager
+    async def _failures(self, what: str) -> AsyncIterator[None]:
+        try:
+            yield
+        except (RedisError, OSError) as exc:
+            detail = str(exc) or type(exc).__name__
+            raise ModerationStateUnavailable(f"moderation state: {what} failed: {detail}") from exc
+
+    async def admit(self, user: str, conversation: str, limits: Limits) -> Admission:
+        """See :class:`~core.moderation.state.ModerationState`."""
+        self.client  # noqa: B018 -- raises if not started
+        keys = [f"{self.base}rate:u:{_part(user)}", f"{self.base}rate:c:{_part(conversation)}",
+                f"{self.base}mute:{_part(user)}"]
+        args: list[str | int] = [uuid.uuid4().hex, int(limits.user_window * 1000),
+                                 int(limits.conversation_window * 1000)]
+        async with self._failures("admit"):
+            users, convs, mute_ms = await self._scripts["admit"](keys=keys, args=args)
+        return Admission(int(users), int(convs), int(mute_ms) / 1000)
+
+    async def add_points(self, user: str, points: float, half_life: float) -> float:
+        """See :class:`~core.moderation.state.ModerationState`."""
+        self.client  # noqa: B018
+        async with self._failures("add_points"):
+            score = await self._scripts["add_points"](
+                keys=[f"{self.base}score:{_part(user)}"], args=[points, int(half_life * 1000)]
+            )
+        return float(score)
+
+    async def record(
+        self, entry: Mapping[str, str], *, mute_user: str | None = None,
+        mute_seconds: float = 0.0, escalate: bool = False,
+    ) -> None:
+        """See :class:`~core.moderation.state.ModerationState`."""
+        fields: dict[Any, Any] = dict(entry)
+        async with self._failures("record"):
+            async with self.client.pipeline(transaction=True) as pipe:
+                if mute_user is not None and mute_seconds > 0:
+                    pipe.set(f"{self.base}mute:{_part(mute_user)}", "1",
+                             px=max(1, int(mute_seconds * 1000)))
+                # Bounded twice: by count, and by age (MINID) on the next write.
+                pipe.xadd(f"{self.base}audit", fields, maxlen=self.audit_max_entries,
+                          approximate=True)
+                pipe.time()
+                if escalate:
+                    pipe.xadd(f"{self.base}escalations", fields,
+                              maxlen=self.audit_max_entries, approximate=True)
+                results = await pipe.execute()
+            seconds, micros = results[2 if mute_user and mute_seconds > 0 else 1]
+            oldest = int(seconds * 1000 + micros // 1000 - self.audit_retention * 1000)
+            await self.client.xtrim(f"{self.base}audit", minid=max(oldest, 0), approximate=True)
+
+    async def _read(self, stream: str, count: int) -> list[dict[str, str]]:
+        async with self._failures("read"):
+            rows: Any = await self.client.xrevrange(f"{self.base}{stream}", count=count)
+        return [{"id": entry_id, **fields} for entry_id, fields in rows or ()]
+
+    async def read_audit(self, count: int) -> list[dict[str, str]]:
+        """See :class:`~core.moderation.state.ModerationState`."""
+        return await self._read("audit", count)
+
+    async def read_escalations(self, count: int) -> list[dict[str, str]]:
+        """See :class:`~core.moderation.state.ModerationState`."""
+        return await self._read("escalations", count)
