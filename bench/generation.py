@@ -9,7 +9,8 @@ Both sides decode greedily, so they produce the same tokens; what differs is how
 requests share each forward pass. Prints, for each mode, output tokens/s, time to first
 token (TTFT) and time per output token (TPOT) p50/p99, and tokens/s as a ratio to
 sequential. ``--sequential-requests K`` times sequential on the first K prompts only
-(its rate is per token, so the ratio stays fair) to keep CPU runs short.
+(its rate is per token, so the ratio stays fair) to keep CPU runs short; worker levels
+below K use K prompts as well.
 """
 
 from __future__ import annotations
@@ -131,7 +132,10 @@ async def main(args: argparse.Namespace) -> None:
     async with LocalGenerator(batched) as gen:
         await run(gen, prompts[:2], 2, 4)  # warm-up
         for level in levels:
-            elapsed, tokens, samples = await run(gen, prompts, level, args.max_new_tokens)
+            # Low concurrency levels need fewer requests for a steady figure.
+            count = min(len(prompts), max(level, args.sequential_requests or len(prompts)))
+            elapsed, tokens, samples = await run(gen, prompts[:count], level,
+                                                 args.max_new_tokens)
             rows.append(report(f"worker c={level}", elapsed, tokens, samples, baseline))
     print("JSON " + json.dumps({"args": vars(args), "rows": rows}))
 

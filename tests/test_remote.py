@@ -377,9 +377,9 @@ async def test_a_killed_worker_s_jobs_are_answered_once_by_the_other(
             # Kill a worker while both hold jobs and one of its replies is half-way.
             victim = None
             while victim is None:
-                assert time.monotonic() < deadline, "no jobs in flight"
-                await asyncio.sleep(0.02)
                 summary = await client.xpending(keys.jobs, GROUP)
+                assert time.monotonic() < deadline, ("no jobs in flight", summary, results)
+                await asyncio.sleep(0.02)
                 held = {c["name"].decode() for c in summary["consumers"] or ()}
                 if len(held) < 2:
                     continue

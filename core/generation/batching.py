@@ -161,12 +161,37 @@ class BatchingScheduler:
         self._loop = asyncio.get_running_loop()
         self.runner = await asyncio.to_thread(self._load)
         self._manager = await asyncio.to_thread(self._start_manager, self.runner)
+        await self._warm_up()
+
+    async def _warm_up(self) -> None:
+        """One short request through the whole path, so the first user does not pay for
+        lazy initialisation (kernels, allocator, CUDA graphs)."""
+        from core.generation.base import ChatMessage, GenerationRequest, SamplingParams
+        from core.generation.local import Job
+
+        job = Job(GenerationRequest((ChatMessage("user", "Hello"),),
+                                    SamplingParams(max_new_tokens=2, temperature=0.0),
+                                    tenant="parley-warm-up"), asyncio.get_running_loop())
+        self.submit(job)
+        while True:
+            item = await job.output.get()
+            if isinstance(item, GenerationError):
+                raise item
+            if item.finish_reason is not None:
+                break
+        assert self.runner is not None
+        self.runner.tokens_generated = 0
 
     def _start_manager(self, runner: HFRunner) -> Any:
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
         loaded, limits = runner.loaded, self.limits
+        # transformers gives this logger a console handler of its own; keep it to warnings
+        # unless Parley itself is debugging.
+        logging.getLogger("ContinuousBatchingLogger").setLevel(
+            logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.WARNING
+        )
         vocab = int(loaded.model.config.get_text_config().vocab_size)
         # Sampling settings are per request only where the global config switches the
         # processor on with a non-neutral value; do_sample itself is global, so greedy is

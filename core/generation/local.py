@@ -4,8 +4,10 @@ Three parts, so that each can be replaced alone:
 
 - :class:`Job` carries one request from the event loop to the model thread and its
   deltas back, with a cancel flag the consumer sets when it stops listening;
-- :class:`SequentialScheduler` owns the model thread and runs queued jobs one at a time
-  (continuous batching replaces this part);
+- a scheduler decides what runs: :class:`SequentialScheduler` owns a model thread and
+  runs queued jobs one at a time (``generation.batching = false``);
+  :class:`~core.generation.batching.BatchingScheduler` (the default) serves them through
+  transformers' continuous batching;
 - :class:`HFRunner` executes one job on a transformers model, turning each new token
   into text through a :class:`TokenSink`.
 """

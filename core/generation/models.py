@@ -137,7 +137,9 @@ def load_model(spec: str, *, device: str = "auto", cache: Path | None = None) ->
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer: Any = AutoTokenizer.from_pretrained(target)
-        model: Any = AutoModelForCausalLM.from_pretrained(target, dtype=dtype_for(resolved))
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            target, dtype=dtype_for(resolved), attn_implementation=attention_for(resolved)
+        )
         model = model.to(resolved).eval()
     except Exception as exc:
         presets = ", ".join(sorted(PRESETS))
@@ -158,6 +160,16 @@ def load_model(spec: str, *, device: str = "auto", cache: Path | None = None) ->
         end_token_ids=end_token_ids(tokenizer, model),
         max_positions=int(getattr(model.config, "max_position_embeddings", 2048) or 2048),
     )
+
+
+def attention_for(device: str) -> str:
+    """FlashAttention 2 on CUDA when the ``flash_attn`` package is installed, else SDPA.
+
+    Continuous batching turns either into its paged variant.
+    """
+    if device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
 
 
 def end_token_ids(tokenizer: Any, model: Any = None) -> tuple[int, ...]:
