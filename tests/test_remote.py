@@ -171,9 +171,7 @@ async def test_closing_the_stream_stops_the_worker(redis_url: str, queue: str,
         async with closing(front.stream(ask(words, max_new_tokens=500))) as stream:
             first = await anext(aiter(stream))
         assert first.text
-        deadline = time.monotonic() + 2.0
-        while slow.closed_early == 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)  # a flush (15 ms) and a worker reaction, with room
         assert slow.closed_early == 1
         made = slow.words_made
         await asyncio.sleep(0.2)
@@ -259,8 +257,8 @@ async def test_a_job_whose_worker_died_too_often_is_dead_lettered(
     async with RedisGenerator(settings.generation) as front:
         stream = front.stream(ask("a ghost takes this"))
         waiting = asyncio.ensure_future(drain(stream))
-        while not await client.xlen(keys.jobs):
-            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        assert await client.xlen(keys.jobs) == 1
         # A worker takes the job and dies before writing anything.
         await client.xreadgroup(GROUP, "ghost", {keys.jobs: ">"}, count=1)
         slow = SlowEcho()
@@ -299,6 +297,16 @@ PROMPTS = [
 ]
 
 
+def _start_worker(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "core.cli", "worker", str(config)],
+            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+        )
+
+
 def _worker_file(tmp: Path, name: str, redis_url: str, queue: str, model: Path) -> Path:
     path = tmp / f"{name}.toml"
     path.write_text(
@@ -316,8 +324,6 @@ async def test_a_killed_worker_s_jobs_are_answered_once_by_the_other(
     redis_url: str, queue: str, client: Redis, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     keys = QueueKeys(queue)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
     procs: dict[str, subprocess.Popen[bytes]] = {}
     logs: dict[str, Path] = {}
     passed = False
@@ -325,11 +331,7 @@ async def test_a_killed_worker_s_jobs_are_answered_once_by_the_other(
         for name in ("w1", "w2"):
             config = _worker_file(tmp_path, name, redis_url, queue, tiny_model_dir)
             logs[name] = tmp_path / f"{name}.log"
-            with open(logs[name], "wb") as log:
-                procs[name] = subprocess.Popen(
-                    [sys.executable, "-m", "core.cli", "worker", str(config)],
-                    cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                )
+            procs[name] = _start_worker(config, logs[name])
         # What a lone run says, in this process, while the workers load.
         settings = make_settings(redis_url, queue, generation={
             "model": str(tiny_model_dir), "max_new_tokens": 48, "timeout": 60.0})
@@ -408,12 +410,11 @@ async def test_a_killed_worker_s_jobs_are_answered_once_by_the_other(
         for rid, record in results.items():
             assert record["finals"] == 1, (rid, record)
             assert record["text"] == expected[record["prompt"]], (rid, record)
-            if record["restarts"]:
-                assert rid in orphans, (rid, record)
-            entries = await client.xrange(keys.reply(rid))
-            attempts = {decode_reply(fields).attempt for _, fields in entries}
-            assert max(attempts) == (2 if rid in orphans else 1), (rid, attempts)
-        assert any(record["restarts"] for record in results.values())
+            replies = [decode_reply(fields) for _, fields in await client.xrange(keys.reply(rid))]
+            assert max(r.attempt for r in replies) == (2 if rid in orphans else 1), (rid, replies)
+            # What the dead worker's attempt had written was dropped; nothing else was.
+            dropped = any(r.attempt == 1 and r.text for r in replies) and rid in orphans
+            assert bool(record["restarts"]) == dropped, (rid, record, replies)
         passed = True
     finally:
         if not passed:  # pytest shows this with the failure
