@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from core.app import adapter_registry, build_adapters, build_engine, serve
 from core.config import BotSettings, load_settings
-from core.errors import ConfigError
+from core.errors import ConfigError, ParleyError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,6 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"parley: configuration error:\n{exc}", file=sys.stderr)
         return 2
+    except ParleyError as exc:  # a failed start: Redis unreachable, model missing, ...
+        print(f"parley: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -99,3 +99,15 @@ def test_chat_with_each_preset_gives_a_real_reply(tmp_path: Path, preset: str) -
         assert reply["kind"] == "final", reply
         assert reply["action"] == "allow"
         assert isinstance(reply["text"], str) and reply["text"].strip()
+
+
+def test_a_failed_start_is_one_clear_line(tmp_path: Path) -> None:
+    path = tmp_path / "unreachable.toml"
+    path.write_text('[bot]\nname = "x"\n[generation]\nbackend = "echo"\n'
+                    '[memory]\nbackend = "redis"\nurl = "redis://127.0.0.1:1/0"\n'
+                    '[adapters.console]\n', encoding="utf-8")
+    result = parley("chat", str(path), stdin=b"hello\n", timeout=60)
+    assert result.returncode == 1
+    err = result.stderr.decode()
+    assert "redis at redis://127.0.0.1:1/0" in err
+    assert "Traceback" not in err

@@ -42,7 +42,7 @@ from core.generation.jobs import (
     valid_request_id,
 )
 from core.lifecycle import ServiceBase
-from core.memory.redis import _redact
+from core.urls import redact
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class RedisGenerator(ServiceBase):
         self.section = section
         self.source = source
         self.keys = QueueKeys(section.queue)
-        self.where = _redact(section.url)
+        self.where = redact(section.url)
         self._url = section.url
         self._client: Redis | None = None
         self._submit: AsyncScript | None = None

@@ -63,8 +63,8 @@ from core.generation.jobs import (
     encode_reply,
 )
 from core.lifecycle import ServiceBase
-from core.memory.redis import _redact
 from core.streams import closing
+from core.urls import redact
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ class Worker(ServiceBase):
         self.stop_grace = stop_grace
         self.name = self.section.name or f"{socket.gethostname()}-{os.getpid()}"
         self.keys = QueueKeys(settings.generation.queue)
-        self.where = _redact(self.section.url)
+        self.where = redact(self.section.url)
         self.http_address: tuple[str, int] | None = None
         self._client: Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
@@ -310,7 +310,8 @@ class Worker(ServiceBase):
         else:
             app = openai_app(self.inner, self.settings.generation.model,
                              metrics_render=self.metrics.render)
-        runner = web.AppRunner(app)
+        # Cancelling the handler of a client that hung up is what stops its generation.
+        runner = web.AppRunner(app, handler_cancellation=True)
         await runner.setup()
         self._http = runner
         site = web.TCPSite(runner, self.section.http_host, self.section.http_port)

@@ -28,7 +28,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -41,6 +41,7 @@ from core.errors import ConfigError, MemoryUnavailable
 from core.lifecycle import ServiceBase
 from core.memory.base import MemorySnapshot
 from core.types import ConversationKey, Turn
+from core.urls import redact
 
 log = logging.getLogger(__name__)
 
@@ -140,21 +141,6 @@ def _part(value: str) -> str:
     return quote(value, safe="")
 
 
-def _redact(url: str) -> str:
-    """``url`` without its password, fit for logs and error messages."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        host = parts.hostname or ""
-        if parts.port is not None:
-            host = f"{host}:{parts.port}"
-        user = f"{parts.username}:***@" if parts.username else "***@"
-        return urlunsplit(parts._replace(netloc=user + host))
-    except ValueError:
-        return "<unparsable url>"
-
-
 class RedisMemory(ServiceBase):
     """A :class:`~core.memory.base.MemoryStore` on Redis (``redis://`` or ``unix://``).
 
@@ -166,7 +152,7 @@ class RedisMemory(ServiceBase):
     def __init__(self, section: MemorySection, *, source: str = "<memory>") -> None:
         self.section = section
         self.source = source
-        self.where = _redact(section.url)
+        self.where = redact(section.url)
         self._client: Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
 
