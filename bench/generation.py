@@ -5,8 +5,9 @@
     python bench/generation.py --device cuda --concurrency 1,8,32,64 --requests 128
 
 Prompts are multi-turn chats from the chitchat dataset (``pip install chitchat-dataset``).
-Both sides decode greedily, so they produce the same tokens; what differs is how many
-requests share each forward pass. Prints, for each mode, output tokens/s, time to first
+Both sides decode greedily and exactly ``--max-new-tokens`` tokens (``ignore_eos``), so
+they produce the same tokens; what differs is how many requests share each forward pass.
+Prints, for each mode, output tokens/s, time to first
 token (TTFT) and time per output token (TPOT) p50/p99, and tokens/s as a ratio to
 sequential. ``--sequential-requests K`` times sequential on the first K prompts only
 (its rate is per token, so the ratio stays fair) to keep CPU runs short; worker levels
@@ -71,7 +72,8 @@ async def run(
         while queue:
             messages = queue.pop()
             request = GenerationRequest(
-                messages, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0),
+                messages, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
+                                         ignore_eos=True),
                 tenant="bench", user=f"user{len(queue)}",
             )
             start = time.perf_counter()

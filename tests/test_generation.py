@@ -347,3 +347,10 @@ async def test_echo_streams_the_last_user_message_word_by_word() -> None:
     assert capped[-1].finish_reason == "length"
     empty = await collect(echo.stream(GenerationRequest((ChatMessage("user", " "),))))
     assert empty == [TokenDelta("", "stop")]
+
+
+async def test_ignore_eos_generates_exactly_max_new_tokens(generator: LocalGenerator) -> None:
+    before = generator.tokens_generated
+    deltas = await collect(generator.stream(request(ENDS, 37, ignore_eos=True)))
+    assert deltas[-1].finish_reason == "length"
+    assert generator.tokens_generated - before == 37  # past the end-of-turn it would stop at

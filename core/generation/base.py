@@ -31,6 +31,9 @@ class SamplingParams:
     top_p: float = 0.9
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # Generate exactly max_new_tokens, past end-of-turn and stop strings: for benchmarks,
+    # which must compare like with like (vLLM's option of the same name).
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True, slots=True)

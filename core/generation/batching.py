@@ -198,7 +198,8 @@ class BatchingScheduler:
         # asked for per request as top_k=1 (a single candidate: the argmax).
         config = GenerationConfig(  # type: ignore[no-untyped-call]
             do_sample=True, temperature=0.9999, top_p=0.9999, top_k=vocab,
-            max_new_tokens=256, eos_token_id=list(loaded.end_token_ids) or None,
+            # No global end token: each request names its own (none with ignore_eos).
+            max_new_tokens=256, eos_token_id=None,
             pad_token_id=loaded.tokenizer.pad_token_id or 0,
         )
         cache_tokens = limits.kv_cache_tokens or limits.max_batch * min(runner.context, 1024)
@@ -280,6 +281,7 @@ class BatchingScheduler:
         self._running[job] = run
         self._by_tenant[job.request.tenant] += 1
         self._by_user[_user_key(job)] += 1
+        end_ids = () if sampling.ignore_eos else self.runner.loaded.end_token_ids
         extra: dict[str, Any] = (
             {"top_k": 1} if sampling.temperature <= 0
             else {"temperature": sampling.temperature, "top_p": min(sampling.top_p, 0.9999)}
@@ -287,7 +289,9 @@ class BatchingScheduler:
         self._manager.register_result_handler(rid, lambda out: self._on_output(run, out))
         added = self._manager.add_request(
             list(sink.prompt_ids), request_id=rid, max_new_tokens=sink.max_new_tokens,
-            streaming=True, eos_token_id=list(self.runner.loaded.end_token_ids) or None, **extra,
+            streaming=True,
+            eos_token_id=list(end_ids) or None,
+            **extra,
         )
         if added is None:
             self._release(run, cancel=False)

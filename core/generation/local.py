@@ -182,7 +182,10 @@ class HFRunner:
         stops = sampling.stop
         if loaded.prompt_format == "transcript":
             stops += transcript_stops()
-        sink = TokenSink(job, loaded.tokenizer, prompt.ids, loaded.end_token_ids, stops, max_new)
+        end_ids = loaded.end_token_ids
+        if sampling.ignore_eos:
+            stops, end_ids = (), ()
+        sink = TokenSink(job, loaded.tokenizer, prompt.ids, end_ids, stops, max_new)
         return prompt.ids, sink
 
     def run(self, job: Job) -> None:
@@ -200,7 +203,7 @@ class HFRunner:
 
         config = copy.deepcopy(loaded.model.generation_config)
         config.max_new_tokens = sink.max_new_tokens
-        config.eos_token_id = list(loaded.end_token_ids) or None
+        config.eos_token_id = None if sampling.ignore_eos else list(loaded.end_token_ids) or None
         config.pad_token_id = loaded.tokenizer.pad_token_id
         if config.pad_token_id is None and loaded.end_token_ids:
             config.pad_token_id = loaded.end_token_ids[0]

@@ -19,12 +19,10 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
@@ -42,7 +40,7 @@ from core.generation.jobs import (
     valid_request_id,
 )
 from core.lifecycle import ServiceBase
-from core.urls import redact
+from core.redis_client import connect, failures_as, redact
 
 log = logging.getLogger(__name__)
 
@@ -75,18 +73,8 @@ class RedisGenerator(ServiceBase):
         self._submit: AsyncScript | None = None
 
     async def _start(self) -> None:
-        try:
-            client = Redis.from_url(
-                self._url,
-                socket_timeout=SOCKET_TIMEOUT,
-                socket_connect_timeout=SOCKET_TIMEOUT,
-                retry=Retry(NoBackoff(), 0),
-                decode_responses=False,
-            )
-        except ValueError as exc:
-            raise ConfigError(
-                f"{self.source}: generation.url: not a Redis URL ({self.where}): {exc}"
-            ) from None
+        client = connect(self._url, timeout=SOCKET_TIMEOUT,
+                         where=f"{self.source}: generation.url")
         self._client = client
         self._submit = client.register_script(_SUBMIT)
         await self._call("start", client.ping())
@@ -101,13 +89,8 @@ class RedisGenerator(ServiceBase):
         async with self._failures(what):
             return await call
 
-    @asynccontextmanager
-    async def _failures(self, what: str) -> AsyncIterator[None]:
-        try:
-            yield
-        except (RedisError, OSError) as exc:
-            detail = str(exc) or type(exc).__name__
-            raise GenerationError(f"redis at {self.where}: {what} failed: {detail}") from exc
+    def _failures(self, what: str) -> AbstractAsyncContextManager[None]:
+        return failures_as(GenerationError, f"redis at {self.where}", what)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
         """The reply of whichever worker runs ``request``; closing the iterator cancels it."""

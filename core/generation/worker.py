@@ -43,8 +43,6 @@ from typing import Any, Literal
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
@@ -63,8 +61,8 @@ from core.generation.jobs import (
     encode_reply,
 )
 from core.lifecycle import ServiceBase
+from core.redis_client import connect, redact
 from core.streams import closing
-from core.urls import redact
 
 log = logging.getLogger(__name__)
 
@@ -225,17 +223,8 @@ class Worker(ServiceBase):
 
     async def _start(self) -> None:
         self._stopping = False
-        try:
-            client = Redis.from_url(
-                self.section.url,
-                socket_timeout=SOCKET_TIMEOUT,
-                socket_connect_timeout=SOCKET_TIMEOUT,
-                retry=Retry(NoBackoff(), 0),
-                decode_responses=False,
-            )
-        except ValueError as exc:
-            raise ConfigError(f"{self.settings.source}: worker.url: not a Redis URL "
-                              f"({self.where}): {exc}") from None
+        client = connect(self.section.url, timeout=SOCKET_TIMEOUT,
+                         where=f"{self.settings.source}: worker.url")
         self._client = client
         sources = {"reclaim": _RECLAIM, "touch": _TOUCH, "write": _WRITE}
         self._scripts = {name: client.register_script(src) for name, src in sources.items()}

@@ -25,23 +25,20 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 from urllib.parse import quote
 
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
 
 from core.config import BotSettings, MemorySection
-from core.errors import ConfigError, MemoryUnavailable
+from core.errors import MemoryUnavailable
 from core.lifecycle import ServiceBase
 from core.memory.base import MemorySnapshot
+from core.redis_client import connect, failures_as, redact
 from core.types import ConversationKey, Turn
-from core.urls import redact
 
 log = logging.getLogger(__name__)
 
@@ -157,19 +154,8 @@ class RedisMemory(ServiceBase):
         self._scripts: dict[str, AsyncScript] = {}
 
     async def _start(self) -> None:
-        timeout = self.section.timeout
-        try:
-            client = Redis.from_url(
-                self.section.url,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                retry=Retry(NoBackoff(), 0),
-                decode_responses=False,
-            )
-        except ValueError as exc:
-            raise ConfigError(
-                f"{self.source}: memory.url: not a Redis URL ({self.where}): {exc}"
-            ) from None
+        client = connect(self.section.url, timeout=self.section.timeout,
+                         where=f"{self.source}: memory.url")
         self._client = client
         sources = {
             "load": _LOAD,
@@ -191,14 +177,8 @@ class RedisMemory(ServiceBase):
         if client is not None:
             await client.aclose()
 
-    @asynccontextmanager
-    async def _failures(self, what: str) -> AsyncIterator[None]:
-        try:
-            yield
-        except (RedisError, OSError) as exc:
-            # builtin ConnectionError and TimeoutError are OSErrors too.
-            detail = str(exc) or type(exc).__name__
-            raise MemoryUnavailable(f"redis at {self.where}: {what} failed: {detail}") from exc
+    def _failures(self, what: str) -> AbstractAsyncContextManager[None]:
+        return failures_as(MemoryUnavailable, f"redis at {self.where}", what)
 
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         if self._client is None:

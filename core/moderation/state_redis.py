@@ -16,20 +16,18 @@ or a pipeline). Times come from the Redis server, so front ends with skewed cloc
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 from urllib.parse import quote
 
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
 
-from core.errors import ConfigError, ParleyError
+from core.errors import ParleyError
 from core.lifecycle import ServiceBase
 from core.moderation.state import Admission, Limits
+from core.redis_client import connect, failures_as
 
 
 class ModerationStateUnavailable(ParleyError):
@@ -91,13 +89,8 @@ class RedisState(ServiceBase):
         self._scripts: dict[str, AsyncScript] = {}
 
     async def _start(self) -> None:
-        try:
-            client = Redis.from_url(
-                self.url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
-                retry=Retry(NoBackoff(), 0), decode_responses=True,
-            )
-        except ValueError as exc:
-            raise ConfigError(f"moderation.url: not a Redis URL: {exc}") from None
+        client = connect(self.url, timeout=self.timeout, where="moderation.url",
+                         decode_responses=True)
         self._client = client
         self._scripts = {
             "admit": client.register_script(_ADMIT),
@@ -120,13 +113,8 @@ class RedisState(ServiceBase):
             raise RuntimeError("RedisState is used before start() or after stop()")
         return self._client
 
-    @asynccontextmanager
-    async def _failures(self, what: str) -> AsyncIterator[None]:
-        try:
-            yield
-        except (RedisError, OSError) as exc:
-            detail = str(exc) or type(exc).__name__
-            raise ModerationStateUnavailable(f"moderation state: {what} failed: {detail}") from exc
+    def _failures(self, what: str) -> AbstractAsyncContextManager[None]:
+        return failures_as(ModerationStateUnavailable, "moderation state", what)
 
     async def admit(self, user: str, conversation: str, limits: Limits) -> Admission:
         """See :class:`~core.moderation.state.ModerationState`."""
