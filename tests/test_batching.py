@@ -184,3 +184,46 @@ def test_fair_queue_is_bounded_and_respects_the_user_cap() -> None:
     assert not queue.discard(first)
     assert queue.pop(Counter(), Counter()) is second
     assert len(queue) == 0
+
+
+def build_tiny_sliding_model(path: Path, tokenizer_dir: Path) -> Path:
+    """A tiny Gemma 3 whose sliding window (8) is far shorter than its prompts."""
+    import torch
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2,
+        max_position_embeddings=512, initializer_range=0.2, bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    Gemma3ForCausalLM(config).eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+async def test_per_request_attention_keeps_sliding_windows_exact(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from core.generation.prompt import render
+
+    model_dir = build_tiny_sliding_model(tmp_path / "sliding", tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    prompts = [f"{'the quick brown fox ' * (i + 2)}number {i}" for i in range(6)]
+    expected = []
+    for prompt in prompts:
+        ids = render(tokenizer, [ChatMessage("user", prompt)], "chat")
+        assert len(ids) > 16  # well past the window
+        out = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
+        expected.append(tokenizer.decode(out[0][len(ids):], skip_special_tokens=True).strip())
+    async with LocalGenerator(settings(model_dir, max_batch=6)) as gen:
+        replies = await asyncio.gather(*(collect(gen.stream(request(p, 24, user=p)))
+                                         for p in prompts))
+    assert ["".join(d.text for d in r) for r in replies] == expected

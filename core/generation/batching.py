@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from core.errors import GenerationError, GeneratorBusy
+from core.generation.varlen import ATTENTION_NAME, use_varlen_attention
 
 if TYPE_CHECKING:
     from core.generation.local import HFRunner, Job, TokenSink
@@ -215,6 +216,12 @@ class BatchingScheduler:
         manager = loaded.model.init_continuous_batching(
             generation_config=config, continuous_batching_config=batching
         )
+        attention = str(loaded.model.config._attn_implementation)
+        if "flash" not in attention:
+            # Without flash kernels the manager attends over the whole packed batch;
+            # attend per request instead (see core/generation/varlen.py).
+            use_varlen_attention(loaded.model)
+            attention = ATTENTION_NAME
         manager.start()
         # start() does not raise: the cache is allocated on the manager's thread, and a
         # failure there only shows as a dead thread.
@@ -226,8 +233,8 @@ class BatchingScheduler:
             if time.monotonic() > deadline:
                 raise GenerationError("continuous batching did not start within 120 s")
             time.sleep(0.01)
-        log.info("continuous batching: %d slots, KV cache %d tokens in pages of %d",
-                 limits.max_batch, cache_tokens, limits.page_size)
+        log.info("continuous batching: %d slots, KV cache %d tokens in pages of %d, %s attention",
+                 limits.max_batch, cache_tokens, limits.page_size, attention)
         return manager
 
     def submit(self, job: Job) -> None:
