@@ -227,3 +227,19 @@ async def test_per_request_attention_keeps_sliding_windows_exact(
         replies = await asyncio.gather(*(collect(gen.stream(request(p, 24, user=p)))
                                          for p in prompts))
     assert ["".join(d.text for d in r) for r in replies] == expected
+
+
+def test_nucleus_sampler_keeps_exactly_the_nucleus() -> None:
+    import torch
+
+    from core.generation.sampling import NucleusSampler
+
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3], [0.05, 0.5, 0.15, 0.3], [0.25] * 4])
+    scores = probs.log()
+    top_p = torch.tensor([0.7, 0.0, 1.0]).view(torch.int32)
+    out = NucleusSampler(candidates=3)(scores, top_p)
+    kept = [set(torch.nonzero(row > float("-inf")).flatten().tolist()) for row in out]
+    assert kept[0] == {1, 3}  # 0.5 + 0.3 reaches 0.7; 0.15 and 0.05 are outside
+    assert kept[1] == {1}  # top_p = 0 is greedy
+    assert len(kept[2]) == 3  # top_p = 1 keeps every candidate, and only the candidates
+    assert torch.equal(out[0][[1, 3]], scores[0][[1, 3]])  # kept scores are untouched

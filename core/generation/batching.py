@@ -187,18 +187,19 @@ class BatchingScheduler:
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
+        from core.generation.sampling import batch_processors
+
         loaded, limits = runner.loaded, self.limits
         # transformers gives this logger a console handler of its own; keep it to warnings
         # unless Parley itself is debugging.
         logging.getLogger("ContinuousBatchingLogger").setLevel(
             logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.WARNING
         )
-        vocab = int(loaded.model.config.get_text_config().vocab_size)
-        # Sampling settings are per request only where the global config switches the
-        # processor on with a non-neutral value; do_sample itself is global, so greedy is
-        # asked for per request as top_k=1 (a single candidate: the argmax).
+        # do_sample is global, so every request samples; greedy is asked for per request
+        # as top_p = 0, which leaves only the argmax. The temperature must be non-neutral
+        # for the manager to plan for logits processing at all.
         config = GenerationConfig(  # type: ignore[no-untyped-call]
-            do_sample=True, temperature=0.9999, top_p=0.9999, top_k=vocab,
+            do_sample=True, temperature=0.9999,
             # No global end token: each request names its own (none with ignore_eos).
             max_new_tokens=256, eos_token_id=None,
             pad_token_id=loaded.tokenizer.pad_token_id or 0,
@@ -216,6 +217,10 @@ class BatchingScheduler:
         manager = loaded.model.init_continuous_batching(
             generation_config=config, continuous_batching_config=batching
         )
+        # The manager's own top-k/top-p sort the whole vocabulary for every row at every
+        # step; swap in a sampler that does not (see core/generation/sampling.py). The
+        # batch processor that uses this list is only built by start().
+        manager.logit_processor = batch_processors(default_temperature=0.9999)
         attention = str(loaded.model.config._attn_implementation)
         if "flash" not in attention:
             # Without flash kernels the manager attends over the whole packed batch;
@@ -290,8 +295,8 @@ class BatchingScheduler:
         self._by_user[_user_key(job)] += 1
         end_ids = () if sampling.ignore_eos else self.runner.loaded.end_token_ids
         extra: dict[str, Any] = (
-            {"top_k": 1} if sampling.temperature <= 0
-            else {"temperature": sampling.temperature, "top_p": min(sampling.top_p, 0.9999)}
+            {"top_p": 0.0} if sampling.temperature <= 0  # greedy: only the argmax survives
+            else {"temperature": sampling.temperature, "top_p": sampling.top_p}
         )
         self._manager.register_result_handler(rid, lambda out: self._on_output(run, out))
         added = self._manager.add_request(

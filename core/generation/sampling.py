@@ -1,0 +1,67 @@
+"""Per-request sampling for continuous batching that costs O(vocab) per row, not a sort.
+
+transformers' per-request top-k and top-p processors for continuous batching each sort
+the whole ``[batch, vocab]`` logits every step. With a 262k-token vocabulary (Gemma 3)
+that is ~0.8 s per step at 32 requests on a 2-core CPU — more than the model's forward.
+:class:`NucleusSampler` does top-p on the :data:`CANDIDATES` most likely tokens of each
+row (a partial selection), with probabilities normalised over the whole vocabulary, so
+the nucleus is exact whenever it lies within those candidates (it does for any usual
+top-p) and truncated to them otherwise. Greedy is ``top_p = 0``: only the argmax is kept.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import LogitsProcessorList, TemperatureLogitsWarper
+from transformers.generation.continuous_batching.cb_logits_processors import (
+    ContinuousBatchingLogitsProcessor,
+    ContinuousBatchingLogitsProcessorList,
+)
+
+CANDIDATES = 256
+
+
+class NucleusSampler(ContinuousBatchingLogitsProcessor):
+    """Top-p with a per-request ``top_p`` (default 1.0: keep every candidate)."""
+
+    supported_kwargs: dict[str, type] = {"top_p": float}
+    ignored_kwargs: tuple[str, ...] = ()
+
+    def __init__(self, candidates: int = CANDIDATES) -> None:
+        self.candidates = candidates
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        """Rows without a request default to keeping every candidate."""
+        int32_tensor.copy_(torch.ones_like(int32_tensor, dtype=torch.float32).view(torch.int32))
+
+    def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
+        """Each request's ``top_p``, stored as float32 bits in the int32 argument row."""
+        top_ps = [float(r.state.logit_processor_kwargs.get("top_p", 1.0))
+                  for r in requests_with_new_token]
+        return torch.tensor(top_ps, dtype=torch.float32).view(dtype=torch.int32)
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        """Scores with everything outside each row's nucleus set to -inf."""
+        top_p = tensor_arg[: scores.size(0)].view(dtype=torch.float32).unsqueeze(-1)
+        values, indices = scores.topk(min(self.candidates, scores.size(-1)), dim=-1)
+        probs = (values - scores.logsumexp(dim=-1, keepdim=True)).exp()
+        before = probs.cumsum(dim=-1) - probs  # probability mass ranked above each candidate
+        keep = before < top_p
+        keep[:, 0] = True  # the most likely token always stays (greedy: top_p = 0)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(-1, indices, values.masked_fill(~keep, float("-inf")))
+
+
+def batch_processors(default_temperature: float) -> ContinuousBatchingLogitsProcessorList:
+    """Per-request temperature (transformers' own, a division) then :class:`NucleusSampler`."""
+    processors = ContinuousBatchingLogitsProcessorList(
+        LogitsProcessorList([TemperatureLogitsWarper(default_temperature)]),
+        per_request_processors=True,
+    )
+    processors.logits_processor.append(NucleusSampler())
+    processors.tensors_required += 1  # one argument row per per-request processor
+    processors._retrieve_processors_kwargs()
+    processors.do_processing = True
+    return processors
