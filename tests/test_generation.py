@@ -350,7 +350,9 @@ async def test_echo_streams_the_last_user_message_word_by_word() -> None:
 
 
 async def test_ignore_eos_generates_exactly_max_new_tokens(generator: LocalGenerator) -> None:
+    normal = await collect(generator.stream(request(ENDS, 80)))
+    assert normal[-1].finish_reason == "stop"  # this reply ends by itself ...
     before = generator.tokens_generated
-    deltas = await collect(generator.stream(request(ENDS, 37, ignore_eos=True)))
+    deltas = await collect(generator.stream(request(ENDS, 80, ignore_eos=True)))
     assert deltas[-1].finish_reason == "length"
-    assert generator.tokens_generated - before == 37  # past the end-of-turn it would stop at
+    assert generator.tokens_generated - before == 80  # ... and goes on past its end here

@@ -203,7 +203,8 @@ class HFRunner:
 
         config = copy.deepcopy(loaded.model.generation_config)
         config.max_new_tokens = sink.max_new_tokens
-        config.eos_token_id = None if sampling.ignore_eos else list(loaded.end_token_ids) or None
+        # None would fall back to the model's own end token; -1 is no token at all.
+        config.eos_token_id = -1 if sampling.ignore_eos else list(loaded.end_token_ids) or None
         config.pad_token_id = loaded.tokenizer.pad_token_id
         if config.pad_token_id is None and loaded.end_token_ids:
             config.pad_token_id = loaded.end_token_ids[0]
