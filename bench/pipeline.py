@@ -6,6 +6,7 @@ seam, commands, memory load + append, request building, streaming and metrics.
     python bench/pipeline.py                       # embedded memory
     python bench/pipeline.py --memory redis        # a private redis-server on a unix socket
     python bench/pipeline.py --messages 20000 --concurrency 100
+    python bench/pipeline.py --moderation filters    # with the input and output filters
 
 Prints messages/s for each memory backend asked for. The mark to beat: opsdroid's echo
 pipeline, about 8,000 messages/s on this kind of 2-core machine.
@@ -61,10 +62,14 @@ async def drive(engine: Engine, messages: int, concurrency: int, conversations: 
     return messages / elapsed
 
 
-def settings(memory: dict[str, Any]) -> Any:
+def settings(memory: dict[str, Any], moderation: str = "passthrough") -> Any:
     return parse_settings({
         "bot": {"name": "bench"},
         "generation": {"backend": "echo"},
+        # Flood control would (rightly) stop a benchmark that sends thousands a second.
+        "moderation": {"backend": moderation, "input_filters": [
+            "size", "terms", "classifier", "pii", "injection"]}
+        if moderation == "filters" else {"backend": moderation},
         "memory": {"window": 20, "key_prefix": f"bench-{uuid.uuid4().hex[:8]}", **memory},
     })
 
@@ -94,7 +99,7 @@ def private_redis() -> Iterator[str]:
 
 async def run_backend(memory: dict[str, Any], args: argparse.Namespace) -> float:
     """Warm up, then measure one memory backend."""
-    engine = build_engine(settings(memory))
+    engine = build_engine(settings(memory, args.moderation))
     async with engine:
         await drive(engine, min(1000, args.messages), args.concurrency, args.conversations)
         return await drive(engine, args.messages, args.concurrency, args.conversations)
@@ -105,6 +110,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--memory", action="append", choices=["embedded", "redis"])
     parser.add_argument("--messages", type=int, default=10000)
+    parser.add_argument("--moderation", choices=["passthrough", "filters"], default="passthrough")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--conversations", type=int, default=500)
     args = parser.parse_args()
@@ -114,7 +120,8 @@ def main() -> None:
                 rate = asyncio.run(run_backend({"backend": "redis", "url": url}, args))
         else:
             rate = asyncio.run(run_backend({"backend": "embedded"}, args))
-        print(f"pipeline  memory={backend:<9} messages={args.messages} "
+        print(f"pipeline  memory={backend:<9} moderation={args.moderation:<11} "
+              f"messages={args.messages} "
               f"concurrency={args.concurrency}  {rate:,.0f} messages/s")
 
 
