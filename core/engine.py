@@ -144,6 +144,9 @@ class Engine(ServiceBase):
                 return
             stage = "moderation"
             verdict = await self.moderator.check_input(message)
+            if verdict.action is not Action.ALLOW:
+                self.metrics.moderation.labels(
+                    self.name, message.channel, "input", verdict.action.value).inc()
             if not verdict.action.answers:
                 yield ReplyEvent(ReplyKind.NOTICE, verdict.reply or "", action=verdict.action,
                                  code="moderated")
@@ -180,6 +183,8 @@ class Engine(ServiceBase):
                         pieces.append(piece)
                         yield ReplyEvent(ReplyKind.DELTA, piece, action=verdict.action)
             except ReplyWithheld as withheld:
+                self.metrics.moderation.labels(
+                    self.name, message.channel, "output", Action.BLOCK.value).inc()
                 # The output guard flagged the reply part-way: what was shown was safe,
                 # but the answer is replaced as a whole.
                 if pieces:

@@ -22,6 +22,12 @@ class Metrics:
             ["bot", "stage"],
             registry=self.registry,
         )
+        self.moderation = Counter(
+            "parley_moderation_actions_total",
+            "Moderation decisions other than allow, on input and on output.",
+            ["bot", "channel", "direction", "action"],
+            registry=self.registry,
+        )
         self.reply_seconds = Histogram(
             "parley_reply_seconds",
             "Time from a message's arrival to the end of its reply.",

@@ -192,6 +192,9 @@ async def test_policy_matrix(channel: str, text: str, kind: ReplyKind, action: s
             assert [c["channel"] for c in cases] == [channel]
         audit = await moderator.state.read_audit(10)
         assert bool(audit) == (action != "allow")
+        counted = engine.metrics.moderation.labels("mbot", channel, "input", action)._value.get()
+        # A muted user's next message is refused (and counted) too.
+        assert counted == {"allow": 0, "mute": 2}.get(action, 1)
 
 
 async def test_normal_chat_passes_with_allow_on_the_demo_config() -> None:
@@ -330,6 +333,7 @@ async def test_reply_flagged_mid_stream_is_replaced_and_not_stored() -> None:
         assert events[-1].action == "block"
         snap = await engine.memory.load(ConversationKey("mbot", "web", "c1"), "u1")
         assert "shithead" not in " ".join(t.text for t in snap.turns)
+        assert engine.metrics.moderation.labels("mbot", "web", "output", "block")._value.get() == 1
 
 
 @pytest.mark.parametrize(("mode", "action"), [("closed", "block"), ("open", "allow")])
