@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
 class Metrics:
@@ -41,6 +41,38 @@ class Metrics:
             ["bot"],
             registry=self.registry,
             buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+        )
+
+    def render(self) -> bytes:
+        """The metrics in Prometheus' text format."""
+        return generate_latest(self.registry)
+
+
+class WorkerMetrics:
+    """The counters of one worker process, on a registry of its own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.jobs = Counter(
+            "parley_worker_jobs_total",
+            "Jobs that ended here, by outcome "
+            "(done, cancelled, expired, failed, handed_back, lost, dead_lettered).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.reclaimed = Counter(
+            "parley_worker_reclaimed_total",
+            "Jobs taken over from a worker that went silent.",
+            registry=self.registry,
+        )
+        self.dead_letters = Counter(
+            "parley_worker_dead_letters_total",
+            "Jobs moved to the dead-letter stream, by reason (malformed, attempts).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.running = Gauge(
+            "parley_worker_running_jobs", "Jobs running now.", registry=self.registry
         )
 
     def render(self) -> bytes:

@@ -41,13 +41,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
 from core.config import BotSettings
 from core.errors import ConfigError, GenerationError
+from core.generation import worker_scripts as scripts
 from core.generation.base import FinishReason, Generator, generator_backends
 from core.generation.jobs import (
     DEAD_CAP,
@@ -61,6 +61,7 @@ from core.generation.jobs import (
     encode_reply,
 )
 from core.lifecycle import ServiceBase
+from core.metrics import WorkerMetrics
 from core.redis_client import connect, redact
 from core.streams import closing
 
@@ -72,88 +73,6 @@ SOCKET_TIMEOUT = READ_BLOCK + 5.0
 ERROR_PAUSE = 1.0  # seconds a loop waits after a Redis failure before trying again
 
 StopReason = Literal["cancelled", "lost", "stopping", "redis"]
-
-# KEYS: jobs. ARGV: group, consumer, min idle (ms), cursor, count.
-# -> {next cursor, {{id, {field, value, ...}, delivery count}, ...}}
-_RECLAIM = """
-local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
-                     'COUNT', ARGV[5])
-local out = {}
-for _, e in ipairs(r[2]) do
-  if type(e) == 'table' then
-    local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)[1]
-    out[#out + 1] = {e[1], e[2], p and p[4] or 0}
-  end
-end
-return {r[1], out}
-"""
-
-# KEYS: jobs, cancel mark of each job. ARGV: group, consumer, idle (ms), then for each
-# job: id, attempt. Sets the idle time of each job this consumer still owns at that
-# attempt. -> per job: 0 ok, 1 lost (another worker has it), 2 cancelled.
-_TOUCH = """
-local out = {}
-for i = 4, #ARGV, 2 do
-  local id, n = ARGV[i], (i - 2) / 2
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)[1]
-  if not p or p[2] ~= ARGV[2] or p[4] ~= tonumber(ARGV[i + 1]) then
-    out[#out + 1] = 1
-  else
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'IDLE', ARGV[3], 'JUSTID')
-    out[#out + 1] = redis.call('EXISTS', KEYS[1 + n]) == 1 and 2 or 0
-  end
-end
-return out
-"""
-
-# KEYS: jobs, reply, cancel. ARGV: group, consumer, id, attempt, final (0/1), reply TTL,
-# field, value, ... Appends to the reply if this consumer still owns the job at this
-# attempt; a final entry acks and deletes the job. -> 0 ok, 1 lost, 2 cancelled.
-_WRITE = """
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)[1]
-if not p or p[2] ~= ARGV[2] or p[4] ~= tonumber(ARGV[4]) then return 1 end
-redis.call('XADD', KEYS[2], '*', unpack(ARGV, 7))
-redis.call('EXPIRE', KEYS[2], ARGV[6])
-if ARGV[5] == '1' then
-  redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-  redis.call('XDEL', KEYS[1], ARGV[3])
-  return 0
-end
-return redis.call('EXISTS', KEYS[3]) == 1 and 2 or 0
-"""
-
-
-class WorkerMetrics:
-    """The counters of one worker process, on a registry of its own."""
-
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry(auto_describe=True)
-        self.jobs = Counter(
-            "parley_worker_jobs_total",
-            "Jobs that ended here, by outcome "
-            "(done, cancelled, expired, failed, handed_back, lost, dead_lettered).",
-            ["outcome"],
-            registry=self.registry,
-        )
-        self.reclaimed = Counter(
-            "parley_worker_reclaimed_total",
-            "Jobs taken over from a worker that went silent.",
-            registry=self.registry,
-        )
-        self.dead_letters = Counter(
-            "parley_worker_dead_letters_total",
-            "Jobs moved to the dead-letter stream, by reason (malformed, attempts).",
-            ["reason"],
-            registry=self.registry,
-        )
-        self.running = Gauge(
-            "parley_worker_running_jobs", "Jobs running now.", registry=self.registry
-        )
-
-    def render(self) -> bytes:
-        """The metrics in Prometheus' text format."""
-        return generate_latest(self.registry)
-
 
 @dataclass(eq=False)
 class _Running:
@@ -226,7 +145,7 @@ class Worker(ServiceBase):
         client = connect(self.section.url, timeout=SOCKET_TIMEOUT,
                          where=f"{self.settings.source}: worker.url")
         self._client = client
-        sources = {"reclaim": _RECLAIM, "touch": _TOUCH, "write": _WRITE}
+        sources = {"reclaim": scripts.RECLAIM, "touch": scripts.TOUCH, "write": scripts.WRITE}
         self._scripts = {name: client.register_script(src) for name, src in sources.items()}
         try:
             await client.ping()
