@@ -121,6 +121,7 @@ async def main(args: argparse.Namespace) -> None:
                                  "generation": {**common, "batching": False}})
     batched = parse_settings({"bot": {"name": "bench"}, "generation": {
         **common, "max_batch": max(levels), "max_per_user": max(levels),
+        "batch_tokens": args.batch_tokens,
         "max_waiting": 4 * args.requests}})
     print(f"model={args.model} device={args.device} requests={len(prompts)} "
           f"max_new_tokens={args.max_new_tokens} (greedy)", flush=True)
@@ -152,4 +153,6 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--batch-tokens", type=int, default=512,
+                        help="tokens per forward pass of the worker (prefill chunk)")
     asyncio.run(main(parser.parse_args()))

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -14,6 +12,7 @@ from core.config import BotSettings
 from core.engine import Engine
 from core.errors import ConfigError
 from core.generation.base import generator_backends
+from core.lifecycle import stop_signals
 from core.memory.base import memory_backends
 from core.metrics import Metrics
 from core.moderation.base import moderators
@@ -90,32 +89,22 @@ async def serve(engine: Engine, adapters: Sequence[Adapter]) -> None:
     Starts the engine, then the adapters in order; stops them in reverse order, engine
     last, whatever happened (a failed start undoes the starts before it).
     """
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
     started: list[Adapter] = []
-    try:
-        async with engine:
+    async with stop_signals() as stop, engine:
+        try:
+            for adapter in adapters:
+                await adapter.start(engine)
+                started.append(adapter)
+            waiters = [asyncio.ensure_future(a.wait()) for a in started]
+            stopper = asyncio.ensure_future(stop.wait())
             try:
-                for adapter in adapters:
-                    await adapter.start(engine)
-                    started.append(adapter)
-                waiters = [asyncio.ensure_future(a.wait()) for a in started]
-                stopper = asyncio.ensure_future(stop.wait())
-                try:
-                    await asyncio.wait([stopper, *waiters], return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    for task in (stopper, *waiters):
-                        task.cancel()
+                await asyncio.wait([stopper, *waiters], return_when=asyncio.FIRST_COMPLETED)
             finally:
-                for adapter in reversed(started):
-                    try:
-                        await adapter.stop()
-                    except Exception:
-                        log.exception("stopping adapter %r failed", adapter)
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.remove_signal_handler(sig)
+                for task in (stopper, *waiters):
+                    task.cancel()
+        finally:
+            for adapter in reversed(started):
+                try:
+                    await adapter.stop()
+                except Exception:
+                    log.exception("stopping adapter %r failed", adapter)

@@ -56,6 +56,7 @@ class GenerationSection(Section):
     max_waiting: int = Field(default=256, ge=0)
     max_per_user: int = Field(default=4, ge=1)
     kv_cache_tokens: int | None = Field(default=None, ge=256)
+    batch_tokens: int = Field(default=512, ge=64, le=65536)  # tokens per forward pass
     # Remote backends: ``redis`` (a fleet of ``parley worker``s) and ``openai`` (any
     # OpenAI-compatible server). ``url`` is the Redis URL or the server's base URL.
     url: str | None = None

@@ -324,6 +324,7 @@ class LocalGenerator(ServiceBase):
             self._scheduler = BatchingScheduler(self._load, BatchLimits(
                 max_batch=settings.max_batch, max_waiting=settings.max_waiting,
                 max_per_user=settings.max_per_user, kv_cache_tokens=settings.kv_cache_tokens,
+                max_batch_tokens=settings.batch_tokens,
             ))
         else:
             self._scheduler = SequentialScheduler(self._load)

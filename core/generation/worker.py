@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
 import time
 from collections.abc import Sequence
@@ -60,7 +59,7 @@ from core.generation.jobs import (
     decode_job,
     encode_reply,
 )
-from core.lifecycle import ServiceBase
+from core.lifecycle import ServiceBase, stop_signals
 from core.metrics import WorkerMetrics
 from core.redis_client import connect, redact
 from core.streams import closing
@@ -203,21 +202,10 @@ class Worker(ServiceBase):
             await client.aclose()
 
     async def _start_http(self) -> None:
-        try:
-            from core.generation.openai_server import openai_app
-        except ImportError:
-            log.warning("worker %s: core.generation.openai_server is not available; "
-                        "serving /metrics only", self.name)
-            app = web.Application()
+        from core.generation.openai_server import openai_app
 
-            async def metrics(request: web.Request) -> web.Response:
-                return web.Response(body=self.metrics.render(),
-                                    content_type="text/plain", charset="utf-8")
-
-            app.router.add_get("/metrics", metrics)
-        else:
-            app = openai_app(self.inner, self.settings.generation.model,
-                             metrics_render=self.metrics.render)
+        app = openai_app(self.inner, self.settings.generation.model,
+                         metrics_render=self.metrics.render)
         # Cancelling the handler of a client that hung up is what stops its generation.
         runner = web.AppRunner(app, handler_cancellation=True)
         await runner.setup()
@@ -561,15 +549,5 @@ def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
 
 async def run_worker(settings: BotSettings) -> None:
     """Serve jobs until SIGINT or SIGTERM (``parley worker CONFIG``)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    try:
-        async with Worker(settings):
-            await stop.wait()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.remove_signal_handler(sig)
+    async with stop_signals() as stop, Worker(settings):
+        await stop.wait()
