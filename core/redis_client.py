@@ -8,13 +8,14 @@ socket timeouts, and every Redis or socket error turned into the caller's own
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from core.errors import ConfigError, ParleyError
@@ -62,3 +63,15 @@ async def failures_as(error: type[ParleyError], prefix: str, what: str) -> Async
         # builtin ConnectionError and TimeoutError are OSErrors too.
         detail = str(exc) or type(exc).__name__
         raise error(f"{prefix}: {what} failed: {detail}") from exc
+
+
+async def load_scripts(client: Redis, sources: Mapping[str, str]) -> dict[str, AsyncScript]:
+    """Check the server answers, then register and pre-load each Lua script by name.
+
+    Pre-loading keeps the first real calls to one round trip each (EVALSHA hits).
+    """
+    await client.ping()
+    scripts = {name: client.register_script(source) for name, source in sources.items()}
+    for script in scripts.values():
+        await client.script_load(script.script)
+    return scripts

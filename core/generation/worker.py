@@ -61,7 +61,7 @@ from core.generation.jobs import (
 )
 from core.lifecycle import ServiceBase, stop_signals
 from core.metrics import WorkerMetrics
-from core.redis_client import connect, redact
+from core.redis_client import connect, load_scripts, redact
 from core.streams import closing
 
 log = logging.getLogger(__name__)
@@ -145,12 +145,9 @@ class Worker(ServiceBase):
                          where=f"{self.settings.source}: worker.url")
         self._client = client
         sources = {"reclaim": scripts.RECLAIM, "touch": scripts.TOUCH, "write": scripts.WRITE}
-        self._scripts = {name: client.register_script(src) for name, src in sources.items()}
         try:
-            await client.ping()
+            self._scripts = await load_scripts(client, sources)
             await self._ensure_group()
-            for script in self._scripts.values():
-                await client.script_load(script.script)
         except (RedisError, OSError) as exc:
             raise GenerationError(f"worker: redis at {self.where}: {exc}") from exc
         await self.inner.start()

@@ -37,7 +37,7 @@ from core.config import BotSettings, MemorySection
 from core.errors import MemoryUnavailable
 from core.lifecycle import ServiceBase
 from core.memory.base import MemorySnapshot
-from core.redis_client import connect, failures_as, redact
+from core.redis_client import connect, failures_as, load_scripts, redact
 from core.types import ConversationKey, Turn
 
 log = logging.getLogger(__name__)
@@ -164,12 +164,8 @@ class RedisMemory(ServiceBase):
             "mark_seen": _MARK_SEEN,
             "forget_user": _FORGET_USER,
         }
-        self._scripts = {name: client.register_script(src) for name, src in sources.items()}
         async with self._failures("start"):
-            await client.ping()
-            # Loading now keeps the first real calls to one round trip each.
-            for script in self._scripts.values():
-                await client.script_load(script.script)
+            self._scripts = await load_scripts(client, sources)
 
     async def _stop(self) -> None:
         client, self._client = self._client, None

@@ -27,7 +27,7 @@ from redis.commands.core import AsyncScript
 from core.errors import ParleyError
 from core.lifecycle import ServiceBase
 from core.moderation.state import Admission, Limits
-from core.redis_client import connect, failures_as
+from core.redis_client import connect, failures_as, load_scripts
 
 
 class ModerationStateUnavailable(ParleyError):
@@ -92,14 +92,10 @@ class RedisState(ServiceBase):
         client = connect(self.url, timeout=self.timeout, where="moderation.url",
                          decode_responses=True)
         self._client = client
-        self._scripts = {
-            "admit": client.register_script(_ADMIT),
-            "add_points": client.register_script(_ADD_POINTS),
-        }
         async with self._failures("start"):
-            await client.ping()
-            for script in self._scripts.values():
-                await client.script_load(script.script)
+            self._scripts = await load_scripts(
+                client, {"admit": _ADMIT, "add_points": _ADD_POINTS}
+            )
 
     async def _stop(self) -> None:
         client, self._client = self._client, None
