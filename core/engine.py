@@ -137,12 +137,10 @@ class Engine(ServiceBase):
                 self.metrics.reply_seconds.labels(self.name).observe(time.monotonic() - started)
 
     async def _pipeline(self, message: IncomingMessage) -> AsyncIterator[ReplyEvent]:
-        stage = "memory"
         try:
             if not await self.memory.mark_seen(message.key, message.message_id):
                 yield ReplyEvent(ReplyKind.NOTICE, code="duplicate")
                 return
-            stage = "moderation"
             verdict = await self.moderator.check_input(message)
             if verdict.action is not Action.ALLOW:
                 self.metrics.moderation.labels(
@@ -152,69 +150,71 @@ class Engine(ServiceBase):
                                  code="moderated")
                 return
             message = replace(message, text=verdict.text)
-            stage = "plugins"
             direct = await self._dispatch_plugins(message, verdict)
             if direct is not None:
                 yield direct
                 return
             yield ReplyEvent(ReplyKind.TYPING, action=verdict.action)
-            stage = "memory"
             snapshot = await self.memory.load(message.key, message.user_id)
-            stage = "plugins"
             request = await self.build_request(message, snapshot)
-            stage = "generation"
-            pieces: list[str] = []
-            first = True
-            try:
-                async with closing(self._generate(message, request)) as stream:
-                    async for piece in stream:
-                        if piece is None:
-                            # A remote worker died mid-reply and another started over: the
-                            # user is told to drop what they saw, so they see one answer.
-                            if pieces:
-                                pieces.clear()
-                                yield ReplyEvent(ReplyKind.RESET, action=verdict.action)
-                            continue
-                        if first:
-                            first = False
-                            self.metrics.first_token_seconds.labels(self.name).observe(
-                                time.time() - message.received_at
-                            )
-                        pieces.append(piece)
-                        yield ReplyEvent(ReplyKind.DELTA, piece, action=verdict.action)
-            except ReplyWithheld as withheld:
-                self.metrics.moderation.labels(
-                    self.name, message.channel, "output", Action.BLOCK.value).inc()
-                # The output guard flagged the reply part-way: what was shown was safe,
-                # but the answer is replaced as a whole.
-                if pieces:
-                    yield ReplyEvent(ReplyKind.RESET, action=Action.BLOCK)
-                stage = "memory"
-                await self._remember(message, withheld.text)
-                yield ReplyEvent(ReplyKind.FINAL, withheld.text, action=Action.BLOCK,
-                                 code="moderated")
-                return
-            reply = "".join(pieces).strip()
-            if not reply:
-                self.metrics.errors.labels(self.name, "empty_reply").inc()
-                yield ReplyEvent(ReplyKind.ERROR, self.apologies.empty, action=verdict.action,
-                                 code="empty_reply")
-                return
-            stage = "memory"
-            await self._remember(message, reply)
-            shown = reply
-            if verdict.action is Action.WARN and verdict.reply:
-                # The warning goes to the user, not into the conversation's memory.
-                notice = f"\n\n{verdict.reply}"
-                shown += notice
-                yield ReplyEvent(ReplyKind.DELTA, notice, action=verdict.action)
-            yield ReplyEvent(ReplyKind.FINAL, shown, action=verdict.action)
+            async with closing(self._reply(message, verdict, request)) as events:
+                async for event in events:
+                    yield event
         except MemoryUnavailable as exc:
-            yield self._failure(message, stage, exc, self.apologies.memory, "memory_unavailable")
+            yield self._failure(message, "memory", exc, self.apologies.memory,
+                                "memory_unavailable")
         except GeneratorBusy as exc:
-            yield self._failure(message, stage, exc, self.apologies.busy, "busy")
+            yield self._failure(message, "generation", exc, self.apologies.busy, "busy")
         except GenerationError as exc:
-            yield self._failure(message, stage, exc, self.apologies.generation, "generation_failed")
+            yield self._failure(message, "generation", exc, self.apologies.generation,
+                                "generation_failed")
+
+    async def _reply(
+        self, message: IncomingMessage, verdict: Verdict, request: GenerationRequest
+    ) -> AsyncIterator[ReplyEvent]:
+        """Stream the generated reply, then remember it; raises what memory or model raise."""
+        pieces: list[str] = []
+        try:
+            async with closing(self._generate(message, request)) as stream:
+                async for piece in stream:
+                    if piece is None:
+                        # A remote worker died mid-reply and another started over: the
+                        # user is told to drop what they saw, so they see one answer.
+                        if pieces:
+                            pieces.clear()
+                            yield ReplyEvent(ReplyKind.RESET, action=verdict.action)
+                        continue
+                    if not pieces:
+                        self.metrics.first_token_seconds.labels(self.name).observe(
+                            time.time() - message.received_at
+                        )
+                    pieces.append(piece)
+                    yield ReplyEvent(ReplyKind.DELTA, piece, action=verdict.action)
+        except ReplyWithheld as withheld:
+            self.metrics.moderation.labels(
+                self.name, message.channel, "output", Action.BLOCK.value).inc()
+            # The output guard flagged the reply part-way: what was shown was safe, but
+            # the answer is replaced as a whole.
+            if pieces:
+                yield ReplyEvent(ReplyKind.RESET, action=Action.BLOCK)
+            await self._remember(message, withheld.text)
+            yield ReplyEvent(ReplyKind.FINAL, withheld.text, action=Action.BLOCK,
+                             code="moderated")
+            return
+        reply = "".join(pieces).strip()
+        if not reply:
+            self.metrics.errors.labels(self.name, "empty_reply").inc()
+            yield ReplyEvent(ReplyKind.ERROR, self.apologies.empty, action=verdict.action,
+                             code="empty_reply")
+            return
+        await self._remember(message, reply)
+        shown = reply
+        if verdict.action is Action.WARN and verdict.reply:
+            # The warning goes to the user, not into the conversation's memory.
+            notice = f"\n\n{verdict.reply}"
+            shown += notice
+            yield ReplyEvent(ReplyKind.DELTA, notice, action=verdict.action)
+        yield ReplyEvent(ReplyKind.FINAL, shown, action=verdict.action)
 
     async def _dispatch_plugins(
         self, message: IncomingMessage, verdict: Verdict
