@@ -31,6 +31,7 @@ from core.generation.local import LocalGenerator
 class Sample:
     ttft: float
     tpot: float | None
+    order: int  # the how-many-th request to start
 
 
 def chats(count: int, turns: int) -> list[tuple[ChatMessage, ...]]:
@@ -62,15 +63,23 @@ def pct(values: list[float], q: float) -> float:
 
 async def run(
     generator: LocalGenerator, prompts: list[tuple[ChatMessage, ...]], concurrency: int,
-    max_new_tokens: int,
+    max_new_tokens: int, stagger: float = 0.0,
 ) -> tuple[float, int, list[Sample]]:
-    """Serve ``prompts`` with ``concurrency`` in flight; (seconds, tokens, samples)."""
+    """Serve ``prompts`` with ``concurrency`` in flight; (seconds, tokens, samples).
+
+    With ``stagger``, client i starts i * stagger seconds late, so requests keep arriving
+    one by one into a running batch instead of all at once.
+    """
     queue = list(reversed(prompts))
     samples: list[Sample] = []
+    started = 0
 
-    async def client() -> None:
+    async def client(index: int) -> None:
+        nonlocal started
+        await asyncio.sleep(index * stagger)
         while queue:
             messages = queue.pop()
+            order, started = started, started + 1
             request = GenerationRequest(
                 messages, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
                                          ignore_eos=True),
@@ -86,11 +95,12 @@ async def run(
                     first = first or last
             if first is not None and last is not None:
                 samples.append(Sample(first - start,
-                                      (last - first) / (pieces - 1) if pieces > 1 else None))
+                                      (last - first) / (pieces - 1) if pieces > 1 else None,
+                                      order))
 
     before = generator.tokens_generated
     start = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(concurrency)))
+    await asyncio.gather(*(client(i) for i in range(concurrency)))
     elapsed = time.perf_counter() - start
     return elapsed, generator.tokens_generated - before, samples
 
@@ -140,6 +150,18 @@ async def main(args: argparse.Namespace) -> None:
             elapsed, tokens, samples = await run(gen, prompts[:count], level,
                                                  args.max_new_tokens)
             rows.append(report(f"worker c={level}", elapsed, tokens, samples, baseline))
+        if args.staggered:
+            # Arrivals spread over one request's duration at the lone rate, so that each
+            # newcomer joins a batch already running; first-token latency is counted
+            # once the batch is full (every request after the first wave).
+            level = args.staggered
+            lone = args.max_new_tokens / baseline
+            elapsed, tokens, samples = await run(
+                gen, prompts[: min(len(prompts), 3 * level)], level, args.max_new_tokens,
+                stagger=lone / level,
+            )
+            steady = [s for s in samples if s.order >= level]
+            rows.append(report(f"staggered c={level}", elapsed, tokens, steady, baseline))
     print("JSON " + json.dumps({"args": vars(args), "rows": rows}))
 
 
@@ -153,6 +175,9 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--staggered", type=int, default=0, metavar="C",
+                        help="also run C clients whose requests arrive one by one "
+                             "(first-token latency in a running batch)")
     parser.add_argument("--batch-tokens", type=int, default=512,
                         help="tokens per forward pass of the worker (prefill chunk)")
     asyncio.run(main(parser.parse_args()))
