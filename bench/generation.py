@@ -125,12 +125,13 @@ def report(name: str, elapsed: float, tokens: int, samples: list[Sample],
 async def main(args: argparse.Namespace) -> None:
     prompts = chats(args.requests, args.turns)
     levels = [int(c) for c in args.concurrency.split(",")]
+    widest = max([*levels, args.staggered])
     common = {"model": args.model, "device": args.device, "temperature": 0.0,
               "max_new_tokens": args.max_new_tokens, "timeout": 3600.0}
     sequential = parse_settings({"bot": {"name": "bench"},
                                  "generation": {**common, "batching": False}})
     batched = parse_settings({"bot": {"name": "bench"}, "generation": {
-        **common, "max_batch": max(levels), "max_per_user": max(levels),
+        **common, "max_batch": widest, "max_per_user": widest,
         "batch_tokens": args.batch_tokens,
         "max_waiting": 4 * args.requests}})
     print(f"model={args.model} device={args.device} requests={len(prompts)} "
