@@ -5,11 +5,11 @@ wire format in :mod:`core.generation.jobs`). It runs up to ``worker.concurrency`
 once on its inner generator (``worker.backend``: ``local`` or ``echo``), which batches
 them, and writes each job's text to the job's reply stream:
 
-- **Coalesced writes.** One flusher writes every job's new text at most once per
-  ``FLUSH_INTERVAL``, all jobs in one pipeline, so a reply costs one entry per flush,
-  not per token. Each write is a script that first checks that this worker still owns
-  the job at this attempt (a worker that stalled and lost its job writes nothing more)
-  and answers whether the front end cancelled it.
+- **Coalesced writes** (:mod:`core.generation.replies`). One flusher writes every job's
+  new text at most once per ``FLUSH_INTERVAL``, all jobs in one pipeline, so a reply
+  costs one entry per flush, not per token. Each write is a script that first checks
+  that this worker still owns the job at this attempt (a worker that stalled and lost
+  its job writes nothing more) and answers whether the front end cancelled it.
 - **Heartbeats and reclaims.** Every ``worker.heartbeat`` seconds a worker resets the
   idle time of the jobs it runs (``XCLAIM ... JUSTID``), so long generations are not
   stolen; every worker also runs ``XAUTOCLAIM`` for jobs idle longer than
@@ -22,9 +22,8 @@ them, and writes each job's text to the job's reply stream:
   seconds, then hands the rest back (marks them idle, so another worker takes them at
   once).
 
-With ``worker.http_port`` set, the worker also serves ``/metrics`` and, when
-:mod:`core.generation.openai_server` is installed, the OpenAI-compatible API on the
-same inner generator.
+With ``worker.http_port`` set, the worker also serves the OpenAI-compatible API
+(:mod:`core.generation.openai_server`) on the same inner generator, and ``/metrics``.
 """
 
 from __future__ import annotations
@@ -36,8 +35,7 @@ import os
 import socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from aiohttp import web
 from redis.asyncio import Redis
@@ -47,7 +45,7 @@ from redis.exceptions import RedisError, ResponseError
 from core.config import BotSettings
 from core.errors import ConfigError, GenerationError
 from core.generation import worker_scripts as scripts
-from core.generation.base import FinishReason, Generator, generator_backends
+from core.generation.base import Generator, generator_backends
 from core.generation.jobs import (
     DEAD_CAP,
     GROUP,
@@ -59,6 +57,7 @@ from core.generation.jobs import (
     decode_job,
     encode_reply,
 )
+from core.generation.replies import ReplyWriter, RunningJob
 from core.lifecycle import ServiceBase, stop_signals
 from core.metrics import WorkerMetrics
 from core.redis_client import connect, load_scripts, redact
@@ -66,32 +65,9 @@ from core.streams import closing
 
 log = logging.getLogger(__name__)
 
-FLUSH_INTERVAL = 0.015  # seconds between two writes of a job's text, at least
 READ_BLOCK = 0.5  # seconds one XREADGROUP waits; a stopping worker notices within it
 SOCKET_TIMEOUT = READ_BLOCK + 5.0
 ERROR_PAUSE = 1.0  # seconds a loop waits after a Redis failure before trying again
-
-StopReason = Literal["cancelled", "lost", "stopping", "redis"]
-
-@dataclass(eq=False)
-class _Running:
-    """One job this worker runs, and what of its reply is still to be written."""
-
-    entry_id: str
-    job: Job
-    attempt: int
-    raw: bytes
-    pending: list[str] = field(default_factory=list)
-    introduced: bool = False  # whether an entry of this attempt was written
-    finish_reason: FinishReason | None = None
-    written: asyncio.Event = field(default_factory=asyncio.Event)
-    outcome: str = "done"  # of the final write: done, lost or failed
-    stop_reason: StopReason | None = None
-    task: asyncio.Task[None] | None = None
-
-    @property
-    def request_id(self) -> str:
-        return self.job.request.request_id
 
 
 class Worker(ServiceBase):
@@ -126,9 +102,8 @@ class Worker(ServiceBase):
         self.http_address: tuple[str, int] | None = None
         self._client: Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
-        self._running: dict[str, _Running] = {}
-        self._dirty: dict[str, _Running] = {}
-        self._dirty_event = asyncio.Event()
+        self._running: dict[str, RunningJob] = {}
+        self._writer: ReplyWriter | None = None
         self._slot_free = asyncio.Event()
         self._reclaim_now = asyncio.Event()
         self._stopping = False
@@ -136,6 +111,13 @@ class Worker(ServiceBase):
         self._upkeep: list[asyncio.Task[None]] = []
         self._http: web.AppRunner | None = None
         self._inner_started = False
+
+    @property
+    def writer(self) -> ReplyWriter:
+        """Writes the running jobs' replies; exists between start and stop."""
+        if self._writer is None:
+            raise RuntimeError("the worker is not started")
+        return self._writer
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -147,6 +129,8 @@ class Worker(ServiceBase):
         sources = {"reclaim": scripts.RECLAIM, "touch": scripts.TOUCH, "write": scripts.WRITE}
         try:
             self._scripts = await load_scripts(client, sources)
+            self._writer = ReplyWriter(client, self.keys, self.name, self.where,
+                                       self._scripts["write"].sha)
             await self._ensure_group()
         except (RedisError, OSError) as exc:
             raise GenerationError(f"worker: redis at {self.where}: {exc}") from exc
@@ -155,7 +139,7 @@ class Worker(ServiceBase):
         if self.section.http_port is not None:
             await self._start_http()
         self._upkeep = [
-            asyncio.create_task(self._flush_loop(), name="parley-worker-flush"),
+            asyncio.create_task(self.writer.run(), name="parley-worker-flush"),
             asyncio.create_task(self._heartbeat_loop(), name="parley-worker-heartbeat"),
         ]
         self._intake = [
@@ -177,7 +161,7 @@ class Worker(ServiceBase):
                      self.name, self.stop_grace, len(running))
             await asyncio.wait(running, timeout=self.stop_grace)
         for r in list(self._running.values()):
-            self._halt(r, "stopping")
+            r.halt("stopping")
         await asyncio.gather(
             *(r.task for r in list(self._running.values()) if r.task is not None),
             return_exceptions=True,
@@ -326,7 +310,7 @@ class Worker(ServiceBase):
                 await pipe.execute()
                 self.metrics.jobs.labels(outcome).inc()
                 continue
-            r = _Running(entry_id, job, attempt, raw)
+            r = RunningJob(entry_id, job, attempt, raw)
             self._running[entry_id] = r
             self.metrics.running.inc()
             r.task = asyncio.create_task(self._serve(r), name=f"parley-job-{entry_id}")
@@ -358,9 +342,9 @@ class Worker(ServiceBase):
 
     # -- running jobs --------------------------------------------------------------------
 
-    async def _serve(self, r: _Running) -> None:
+    async def _serve(self, r: RunningJob) -> None:
         try:
-            self._mark(r)  # an entry at once: the front end knows the job started
+            self.writer.mark(r)  # an entry at once: the front end knows the job started
             async with closing(self.inner.stream(r.job.request)) as deltas:
                 async for delta in deltas:
                     if delta.text:
@@ -368,10 +352,10 @@ class Worker(ServiceBase):
                     if delta.finish_reason is not None:
                         r.finish_reason = delta.finish_reason
                         break
-                    self._mark(r)
+                    self.writer.mark(r)
             if r.finish_reason is None:
                 r.finish_reason = "stop"
-            self._mark(r)
+            self.writer.mark(r)
             await r.written.wait()
             self.metrics.jobs.labels(r.outcome).inc()
         except asyncio.CancelledError:
@@ -381,12 +365,12 @@ class Worker(ServiceBase):
         except Exception as exc:
             await self._failed(r, exc)
         finally:
-            self._dirty.pop(r.entry_id, None)
+            self.writer.discard(r)
             if self._running.pop(r.entry_id, None) is not None:
                 self.metrics.running.dec()
             self._slot_free.set()
 
-    async def _halted(self, r: _Running) -> None:
+    async def _halted(self, r: RunningJob) -> None:
         reason = r.stop_reason
         log.info("worker %s: job %s stopped: %s", self.name, r.request_id, reason)
         try:
@@ -400,7 +384,7 @@ class Worker(ServiceBase):
         outcome = {"stopping": "handed_back", "redis": "failed"}.get(reason or "", reason)
         self.metrics.jobs.labels(outcome or "failed").inc()
 
-    async def _failed(self, r: _Running, exc: Exception) -> None:
+    async def _failed(self, r: RunningJob, exc: Exception) -> None:
         if not isinstance(exc, GenerationError):
             log.exception("worker %s: job %s failed", self.name, r.request_id)
         detail = str(exc) or type(exc).__name__
@@ -417,14 +401,14 @@ class Worker(ServiceBase):
                         r.request_id, self.where, err)
         self.metrics.jobs.labels("failed").inc()
 
-    async def _ack(self, r: _Running) -> None:
+    async def _ack(self, r: RunningJob) -> None:
         assert self._client is not None
         pipe = self._client.pipeline(transaction=False)
         pipe.xack(self.keys.jobs, GROUP, r.entry_id)
         pipe.xdel(self.keys.jobs, r.entry_id)
         await pipe.execute()
 
-    async def _hand_back(self, r: _Running) -> None:
+    async def _hand_back(self, r: RunningJob) -> None:
         """Make the job idle for ``claim_idle``, so the next reclaim (anyone's) takes it."""
         idle = int(self.section.claim_idle * 1000) + 1
         await self._scripts["touch"](
@@ -433,71 +417,7 @@ class Worker(ServiceBase):
         )
         self._reclaim_now.set()
 
-    def _halt(self, r: _Running, reason: StopReason) -> None:
-        if r.stop_reason is None:
-            r.stop_reason = reason
-        if r.task is not None and not r.task.done():
-            r.task.cancel()
-
-    def _mark(self, r: _Running) -> None:
-        self._dirty[r.entry_id] = r
-        self._dirty_event.set()
-
-    # -- writing replies and heartbeats -------------------------------------------------
-
-    async def _flush_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        last = 0.0
-        while True:
-            await self._dirty_event.wait()
-            wait = last + FLUSH_INTERVAL - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            self._dirty_event.clear()
-            batch, self._dirty = list(self._dirty.values()), {}
-            last = loop.time()
-            try:
-                await self._flush(batch)
-            except (RedisError, OSError) as exc:
-                log.warning("worker %s: writing %d replies to %s failed: %s", self.name,
-                            len(batch), self.where, exc)
-                for r in batch:
-                    self._halt(r, "redis")
-
-    async def _flush(self, batch: list[_Running]) -> None:
-        """One pipeline: each job's new text (and end, if it ended), owner-checked."""
-        client = self._client
-        assert client is not None
-        # EVALSHA without the pipeline's script registration, which would cost a SCRIPT
-        # EXISTS round trip per flush; the scripts are loaded at start and after a
-        # Redis restart (see _redis_trouble).
-        sha = self._scripts["write"].sha
-        pipe = client.pipeline(transaction=False)
-        finals = []
-        for r in batch:
-            final = r.finish_reason is not None
-            finals.append(final)
-            reply = Reply(r.attempt, "".join(r.pending), r.finish_reason,
-                          worker=None if r.introduced else self.name)
-            r.pending.clear()
-            r.introduced = True
-            fields = [x for pair in encode_reply(reply).items() for x in pair]
-            rid = r.request_id
-            pipe.evalsha(
-                sha, 3, self.keys.jobs, self.keys.reply(rid), self.keys.cancel(rid),
-                GROUP, self.name, r.entry_id, r.attempt, int(final), REPLY_TTL, *fields,
-            )
-        results = await pipe.execute()
-        # A job may have ended while this flush was on its way: only what was final
-        # when the pipeline was built has been written as final.
-        for r, final, status in zip(batch, finals, results, strict=True):
-            if final:
-                r.outcome = "lost" if status == 1 else "done"
-                r.written.set()
-            elif status == 1:
-                self._halt(r, "lost")
-            elif status == 2:
-                self._halt(r, "cancelled")
+    # -- heartbeats ---------------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
         client = self._client
@@ -520,9 +440,9 @@ class Worker(ServiceBase):
                 if status == 1:
                     log.warning("worker %s: job %s was taken over by another worker",
                                 self.name, r.request_id)
-                    self._halt(r, "lost")
+                    r.halt("lost")
                 elif status == 2:
-                    self._halt(r, "cancelled")
+                    r.halt("cancelled")
 
 
 async def _finish(tasks: Sequence[asyncio.Task[None]]) -> None:
