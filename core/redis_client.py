@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -19,6 +19,11 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from core.errors import ConfigError, ParleyError
+
+
+def key_part(value: str) -> str:
+    """One component of a key (a bot name, an id), percent-encoded so it holds no ':'."""
+    return quote(value, safe="")
 
 
 def redact(url: str) -> str:

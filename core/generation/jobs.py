@@ -29,7 +29,6 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, get_args
-from urllib.parse import quote
 
 from core.generation.base import (
     ChatMessage,
@@ -37,6 +36,7 @@ from core.generation.base import (
     GenerationRequest,
     SamplingParams,
 )
+from core.redis_client import key_part
 
 GROUP = "workers"  # the consumer group every worker of a queue joins
 VERSION = 1
@@ -82,11 +82,11 @@ class QueueKeys:
 
     def reply(self, request_id: str) -> str:
         """The reply stream of ``request_id``."""
-        return f"{self.queue}:out:{quote(request_id, safe='')}"
+        return f"{self.queue}:out:{key_part(request_id)}"
 
     def cancel(self, request_id: str) -> str:
         """The cancel mark of ``request_id``."""
-        return f"{self.queue}:cancel:{quote(request_id, safe='')}"
+        return f"{self.queue}:cancel:{key_part(request_id)}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,6 @@ import logging
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
-from urllib.parse import quote
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
@@ -37,7 +36,7 @@ from core.config import BotSettings, MemorySection
 from core.errors import MemoryUnavailable
 from core.lifecycle import ServiceBase
 from core.memory.base import MemorySnapshot
-from core.redis_client import connect, failures_as, load_scripts, redact
+from core.redis_client import connect, failures_as, key_part, load_scripts, redact
 from core.types import ConversationKey, Turn
 
 log = logging.getLogger(__name__)
@@ -133,10 +132,6 @@ return count
 """
 
 
-def _part(value: str) -> str:
-    """One key component, percent-encoded so that it holds no ':'."""
-    return quote(value, safe="")
-
 
 class RedisMemory(ServiceBase):
     """A :class:`~core.memory.base.MemoryStore` on Redis (``redis://`` or ``unix://``).
@@ -183,17 +178,17 @@ class RedisMemory(ServiceBase):
             return await self._scripts[name](keys=list(keys), args=list(args))
 
     def _base(self, bot: str) -> str:
-        return f"{self.section.key_prefix}:{_part(bot)}:"
+        return f"{self.section.key_prefix}:{key_part(bot)}:"
 
     @staticmethod
     def _ref(key: ConversationKey) -> str:
-        return f"{_part(key.channel)}:{_part(key.conversation_id)}"
+        return f"{key_part(key.channel)}:{key_part(key.conversation_id)}"
 
     def _index(self, bot: str, user_id: str) -> str:
-        return f"{self._base(bot)}user:{_part(user_id)}:convs"
+        return f"{self._base(bot)}user:{key_part(user_id)}:convs"
 
     def _facts(self, bot: str, user_id: str) -> str:
-        return f"{self._base(bot)}facts:{_part(user_id)}"
+        return f"{self._base(bot)}facts:{key_part(user_id)}"
 
     async def mark_seen(self, key: ConversationKey, message_id: str) -> bool:
         """Record ``message_id``; False if it was recorded within the dedupe TTL."""

@@ -1,4 +1,4 @@
-"""The contract of a moderator, and the pass-through one used until filters land."""
+"""The contract of a moderator, the pass-through one, and the registry of moderators."""
 
 from __future__ import annotations
 

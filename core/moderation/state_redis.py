@@ -19,7 +19,6 @@ import uuid
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any
-from urllib.parse import quote
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
@@ -27,7 +26,7 @@ from redis.commands.core import AsyncScript
 from core.errors import ParleyError
 from core.lifecycle import ServiceBase
 from core.moderation.state import Admission, Limits
-from core.redis_client import connect, failures_as, load_scripts
+from core.redis_client import connect, failures_as, key_part, load_scripts
 
 
 class ModerationStateUnavailable(ParleyError):
@@ -69,9 +68,6 @@ return tostring(score)
 """
 
 
-def _part(value: str) -> str:
-    return quote(value, safe="")
-
 
 class RedisState(ServiceBase):
     """:class:`~core.moderation.state.ModerationState` on Redis; see the module docstring."""
@@ -81,7 +77,7 @@ class RedisState(ServiceBase):
         audit_max_entries: int = 100_000, audit_retention: float = 30 * 86400.0,
     ) -> None:
         self.url = url
-        self.base = f"{prefix}:{_part(bot)}:mod:"
+        self.base = f"{prefix}:{key_part(bot)}:mod:"
         self.timeout = timeout
         self.audit_max_entries = audit_max_entries
         self.audit_retention = audit_retention
@@ -115,8 +111,9 @@ class RedisState(ServiceBase):
     async def admit(self, user: str, conversation: str, limits: Limits) -> Admission:
         """See :class:`~core.moderation.state.ModerationState`."""
         self.client  # noqa: B018 -- raises if not started
-        keys = [f"{self.base}rate:u:{_part(user)}", f"{self.base}rate:c:{_part(conversation)}",
-                f"{self.base}mute:{_part(user)}"]
+        keys = [f"{self.base}rate:u:{key_part(user)}",
+                f"{self.base}rate:c:{key_part(conversation)}",
+                f"{self.base}mute:{key_part(user)}"]
         args: list[str | int] = [uuid.uuid4().hex, int(limits.user_window * 1000),
                                  int(limits.conversation_window * 1000)]
         async with self._failures("admit"):
@@ -128,7 +125,7 @@ class RedisState(ServiceBase):
         self.client  # noqa: B018
         async with self._failures("add_points"):
             score = await self._scripts["add_points"](
-                keys=[f"{self.base}score:{_part(user)}"], args=[points, int(half_life * 1000)]
+                keys=[f"{self.base}score:{key_part(user)}"], args=[points, int(half_life * 1000)]
             )
         return float(score)
 
@@ -141,7 +138,7 @@ class RedisState(ServiceBase):
         async with self._failures("record"):
             async with self.client.pipeline(transaction=True) as pipe:
                 if mute_user is not None and mute_seconds > 0:
-                    pipe.set(f"{self.base}mute:{_part(mute_user)}", "1",
+                    pipe.set(f"{self.base}mute:{key_part(mute_user)}", "1",
                              px=max(1, int(mute_seconds * 1000)))
                 # Bounded twice: by count, and by age (MINID) on the next write.
                 pipe.xadd(f"{self.base}audit", fields, maxlen=self.audit_max_entries,
