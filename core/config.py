@@ -46,6 +46,9 @@ class GenerationSection(Section):
     temperature: float = Field(default=0.7, ge=0.0, le=2.0)
     top_p: float = Field(default=0.9, gt=0.0, le=1.0)
     device: str = "auto"
+    # "auto": bfloat16 on CUDA and on CPUs with bfloat16 matrix units (AMX, AVX512-BF16),
+    # float32 elsewhere.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     context_tokens: int | None = Field(default=None, ge=64)
     cache_dir: str | None = None
     timeout: float = Field(default=120.0, gt=0.0)

@@ -24,7 +24,7 @@ ENDS = "Hello there"  # ... and stops by itself after this
 
 def settings(model_dir: Path, **generation: Any) -> BotSettings:
     return parse_settings({"bot": {"name": "tbot"}, "generation": {
-        "model": str(model_dir), "device": "cpu", "batching": True, **generation}})
+        "model": str(model_dir), "device": "cpu", "dtype": "float32", "batching": True, **generation}})
 
 
 def request(text: str, max_new_tokens: int = 60, *, tenant: str = "bot",
@@ -229,17 +229,25 @@ async def test_per_request_attention_keeps_sliding_windows_exact(
     assert ["".join(d.text for d in r) for r in replies] == expected
 
 
-def test_nucleus_sampler_keeps_exactly_the_nucleus() -> None:
+def test_nucleus_sampler_draws_from_exactly_the_nucleus() -> None:
     import torch
 
     from core.generation.sampling import NucleusSampler
 
     probs = torch.tensor([[0.05, 0.5, 0.15, 0.3], [0.05, 0.5, 0.15, 0.3], [0.25] * 4])
-    scores = probs.log()
-    top_p = torch.tensor([0.7, 0.0, 1.0]).view(torch.int32)
-    out = NucleusSampler(candidates=3)(scores, top_p)
-    kept = [set(torch.nonzero(row > float("-inf")).flatten().tolist()) for row in out]
-    assert kept[0] == {1, 3}  # 0.5 + 0.3 reaches 0.7; 0.15 and 0.05 are outside
-    assert kept[1] == {1}  # top_p = 0 is greedy
-    assert len(kept[2]) == 3  # top_p = 1 keeps every candidate, and only the candidates
-    assert torch.equal(out[0][[1, 3]], scores[0][[1, 3]])  # kept scores are untouched
+    draws = 4000
+    scores = probs.log().repeat_interleave(draws, dim=0)
+    top_p = torch.tensor([0.7, 0.0, 1.0]).repeat_interleave(draws).view(torch.int32)
+    torch.manual_seed(0)
+    out = NucleusSampler(candidates=3)(scores.clone(), top_p)
+    # Exactly one token per row is marked; the manager's runner takes it by argmax.
+    assert torch.equal(torch.isinf(out).sum(dim=1), torch.ones(3 * draws, dtype=torch.long))
+    drawn = out.argmax(dim=1).view(3, draws)
+    counts = [torch.bincount(row, minlength=4).tolist() for row in drawn]
+    # 0.5 + 0.3 reaches 0.7: only tokens 1 and 3, in proportion 0.5 : 0.3.
+    assert counts[0][0] == counts[0][2] == 0
+    assert abs(counts[0][1] / draws - 0.5 / 0.8) < 0.03
+    assert counts[1] == [0, draws, 0, 0]  # top_p = 0 is greedy
+    # top_p = 1 keeps every candidate, and only the 3 candidates, about evenly.
+    assert sum(1 for c in counts[2] if c) == 3
+    assert all(abs(c / draws - 1 / 3) < 0.03 for c in counts[2] if c)

@@ -36,6 +36,7 @@ def settings(model_dir: Path, **generation: Any) -> BotSettings:
     """Bot settings that load ``model_dir`` on the CPU (sequential unless told otherwise)."""
     return parse_settings(
         {"bot": {"name": "tbot"}, "generation": {"model": str(model_dir), "device": "cpu",
+                                                 "dtype": "float32",
                                                  "batching": False, **generation}}
     )
 
@@ -304,6 +305,34 @@ def test_cache_dir_and_device_resolution(tmp_path: Path) -> None:
     assert models.cache_dir(None, {}) == Path.home() / ".cache" / "parley" / "models"
     assert models.resolve_device("cpu") == "cpu"
     assert models.resolve_device("auto") in ("cpu", "cuda")
+
+
+def test_dtype_resolution() -> None:
+    import torch
+
+    assert models.dtype_for("cpu", "float32") is torch.float32
+    assert models.dtype_for("cpu", "bfloat16") is torch.bfloat16
+    assert models.dtype_for("cuda", "auto") is torch.bfloat16
+    # auto on CPU: bfloat16 exactly when the CPU multiplies it in hardware
+    fast = torch.bfloat16 if models.cpu_has_bf16_matmul() else torch.float32
+    assert models.dtype_for("cpu", "auto") is fast
+
+
+def test_a_converted_preset_sheds_its_gguf_quantization_entry(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import json
+    import shutil
+
+    converted = tmp_path / "converted"
+    shutil.copytree(tiny_model_dir, converted)
+    config = json.loads((converted / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gguf", "gguf_file": "x.gguf",
+                                     "dequantize": False}
+    (converted / "config.json").write_text(json.dumps(config))
+    loaded = models.dequantized_config(str(converted))
+    assert getattr(loaded, "quantization_config", None) is None
+    assert loaded.hidden_size == config["hidden_size"]
 
 
 def test_importing_the_generators_loads_no_torch() -> None:

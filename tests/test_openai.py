@@ -248,7 +248,8 @@ async def test_tenant_and_user_reach_the_generator(http: aiohttp.ClientSession) 
 
 async def test_tiny_model_over_http_matches_local(tiny_model_dir: Path) -> None:
     settings = parse_settings({"bot": {"name": "tbot"}, "generation": {
-        "model": str(tiny_model_dir), "device": "cpu", "temperature": 0.0}})
+        "model": str(tiny_model_dir), "device": "cpu", "dtype": "float32",
+        "temperature": 0.0}})
     async with LocalGenerator(settings) as local, api(local) as url, client(url) as remote:
         for text, max_new in (("Hello there", 100), ("hi", 12)):
             direct = await collect(local.stream(request(text, max_new)))

@@ -139,7 +139,7 @@ async def test_tiny_model_writes_fewer_entries_than_tokens(
     redis_url: str, queue: str, client: Redis, tiny_model_dir: Path
 ) -> None:
     settings = make_settings(redis_url, queue,
-                             generation={"model": str(tiny_model_dir)},
+                             generation={"model": str(tiny_model_dir), "dtype": "float32"},
                              worker={"backend": "local"})
     async with Worker(settings) as worker, RedisGenerator(settings.generation) as front:
         request = ask("hello who are you", max_new_tokens=60)
@@ -311,7 +311,7 @@ def _worker_file(tmp: Path, name: str, redis_url: str, queue: str, model: Path) 
     path = tmp / f"{name}.toml"
     path.write_text(
         f'[bot]\nname = "fault"\n\n'
-        f'[generation]\nmodel = "{model}"\nqueue = "{queue}"\n'
+        f'[generation]\nmodel = "{model}"\ndtype = "float32"\nqueue = "{queue}"\n'
         f"temperature = 0.0\nmax_new_tokens = 48\n\n"
         f'[worker]\nurl = "{redis_url}"\nname = "{name}"\nbackend = "local"\n'
         f"concurrency = 10\nclaim_idle = 1.0\nheartbeat = 0.3\nmax_attempts = 3\n",
@@ -334,7 +334,7 @@ async def test_a_killed_worker_s_jobs_are_answered_once_by_the_other(
             procs[name] = _start_worker(config, logs[name])
         # What a lone run says, in this process, while the workers load.
         settings = make_settings(redis_url, queue, generation={
-            "model": str(tiny_model_dir), "max_new_tokens": 48, "timeout": 60.0})
+            "model": str(tiny_model_dir), "dtype": "float32", "max_new_tokens": 48, "timeout": 60.0})
         from core.generation.local import LocalGenerator
 
         expected: dict[str, str] = {}

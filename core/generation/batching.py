@@ -187,7 +187,7 @@ class BatchingScheduler:
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-        from core.generation.sampling import batch_processors
+        from core.generation.sampling import batch_processors, sample_in_processor
 
         loaded, limits = runner.loaded, self.limits
         # transformers gives this logger a console handler of its own; keep it to warnings
@@ -238,6 +238,7 @@ class BatchingScheduler:
             if time.monotonic() > deadline:
                 raise GenerationError("continuous batching did not start within 120 s")
             time.sleep(0.01)
+        sample_in_processor(manager.batch_processor)
         log.info("continuous batching: %d slots, KV cache %d tokens in pages of %d, %s attention",
                  limits.max_batch, cache_tokens, limits.page_size, attention)
         return manager

@@ -313,7 +313,8 @@ class LocalGenerator(ServiceBase):
     def _load(self) -> HFRunner:
         settings = self.settings
         loaded = load_model(
-            settings.model, device=settings.device, cache=cache_dir(settings.cache_dir)
+            settings.model, device=settings.device, dtype=settings.dtype,
+            cache=cache_dir(settings.cache_dir),
         )
         context = context_window(settings.context_tokens, loaded.max_positions, loaded.device)
         return HFRunner(loaded, context)
