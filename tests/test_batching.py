@@ -24,7 +24,8 @@ ENDS = "Hello there"  # ... and stops by itself after this
 
 def settings(model_dir: Path, **generation: Any) -> BotSettings:
     return parse_settings({"bot": {"name": "tbot"}, "generation": {
-        "model": str(model_dir), "device": "cpu", "dtype": "float32", "batching": True, **generation}})
+        "model": str(model_dir), "device": "cpu", "dtype": "float32", "batching": True,
+        **generation}})
 
 
 def request(text: str, max_new_tokens: int = 60, *, tenant: str = "bot",

@@ -334,7 +334,8 @@ async def test_a_killed_worker_s_jobs_are_answered_once_by_the_other(
             procs[name] = _start_worker(config, logs[name])
         # What a lone run says, in this process, while the workers load.
         settings = make_settings(redis_url, queue, generation={
-            "model": str(tiny_model_dir), "dtype": "float32", "max_new_tokens": 48, "timeout": 60.0})
+            "model": str(tiny_model_dir), "dtype": "float32", "max_new_tokens": 48,
+            "timeout": 60.0})
         from core.generation.local import LocalGenerator
 
         expected: dict[str, str] = {}
