@@ -114,6 +114,36 @@ async def test_a_request_that_cannot_start_in_time_is_busy_and_dropped(
         await running.aclose()
 
 
+async def test_a_newcomer_is_prefilled_in_a_step_of_its_own(tiny_model_dir: Path) -> None:
+    async with LocalGenerator(settings(tiny_model_dir, max_batch=4)) as gen:
+        manager_scheduler = scheduler(gen)._manager.batch_processor.scheduler
+        batches: list[list[tuple[str, int]]] = []
+        plan = manager_scheduler.schedule_batch
+
+        def recording(token_budget: int, cache_budget: int) -> Any:
+            planned = plan(token_budget, cache_budget)
+            if planned[0]:
+                batches.append([(f.state.request_id, f.query_length) for f in planned[0]])
+            return planned
+
+        manager_scheduler.schedule_batch = recording
+        running = [gen.stream(request(LONG, 400, user=f"u{i}")) for i in range(3)]
+        for stream in running:
+            await anext(stream)
+        await anext(stream)  # the three are decoding together now
+        newcomer = gen.stream(request("a newcomer with a prompt of several tokens", 5))
+        await anext(newcomer)
+        decoding = {rid for batch in batches for rid, length in batch if length == 1}
+        prompt_steps = [batch for batch in batches
+                        if any(length > 1 for _, length in batch)
+                        and any(rid in decoding for rid, _ in batch)]
+        # Every step that carried a prompt while others were decoding carried only prompts.
+        assert prompt_steps
+        assert all(length > 1 for batch in prompt_steps for _, length in batch)
+        for stream in [*running, newcomer]:
+            await stream.aclose()
+
+
 async def test_a_flooding_tenant_does_not_starve_another(tiny_model_dir: Path) -> None:
     async with LocalGenerator(settings(tiny_model_dir, max_batch=4, max_per_user=64)) as gen:
         finished: list[str] = []

@@ -48,6 +48,7 @@ class BatchLimits:
     kv_cache_tokens: int | None = None  # KV cache size; default: max_batch * 1024 tokens
     page_size: int = 64  # tokens per KV-cache page
     max_batch_tokens: int = 512  # tokens per forward pass (bounds prefill chunks)
+    newcomers_first: bool = True  # prompts get a step of their own (see prefill_first.py)
 
 
 class FairQueue:
@@ -187,6 +188,7 @@ class BatchingScheduler:
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
+        from core.generation import prefill_first
         from core.generation.sampling import batch_processors, sample_in_processor
 
         loaded, limits = runner.loaded, self.limits
@@ -213,6 +215,7 @@ class BatchingScheduler:
             max_memory_percent=0.9,
             per_request_processors=True,
             allow_block_sharing=True,  # a bot's shared system prompt is cached once
+            scheduler_type=prefill_first.register() if limits.newcomers_first else "fifo",
         )
         manager = loaded.model.init_continuous_batching(
             generation_config=config, continuous_batching_config=batching

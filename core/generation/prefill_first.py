@@ -1,0 +1,51 @@
+"""A batch schedule for transformers' batching manager that gives newcomers their first
+token without waiting behind a decode step.
+
+The manager's FIFO scheduler puts every running request's next token in a step first and
+fills the rest of the token budget with prompts; a request that arrives while 15 others
+decode waits for the running step, then shares its own prefill step with 15 decodes. The
+manager's ``prefill_first`` scheduler only favours prompts already split across steps.
+
+:class:`NewcomersFirst` runs a step of prompts alone whenever prompts are waiting (new
+ones, or the rest of one split by the token budget), and decodes otherwise. The running
+requests lose one step per newcomer, a small share while the batch is full (a newcomer
+only gets a slot when a request ends), and the newcomer's first token comes one decode
+step sooner. When no prompt fits the KV cache, the step decodes as FIFO would.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers.generation.continuous_batching.requests import RequestStatus
+from transformers.generation.continuous_batching.scheduler import (
+    SCHEDULER_MAPPING,
+    FIFOScheduler,
+)
+
+NAME = "parley_newcomers_first"
+
+
+class NewcomersFirst(FIFOScheduler):
+    """FIFO, except that waiting prompts get a step of their own (see the module doc)."""
+
+    def schedule_batch(self, token_budget: int, cache_budget: int) -> tuple[Any, bool, int, int]:
+        prompts = [state for state in self.active_requests.values()
+                   if state.status == RequestStatus.PREFILLING]
+        if not self.block_new_requests:
+            prompts.extend(self._get_waiting_candidates())
+        if prompts:
+            left_waiting: set[str] = set()
+            scheduled, _, fast_path, q_tokens, kv_read = self._process_candidates(
+                prompts, token_budget, cache_budget, left_waiting
+            )
+            self._cleanup_waiting_queue(left_waiting)
+            if scheduled:
+                return scheduled, fast_path, q_tokens, kv_read
+        return super().schedule_batch(token_budget, cache_budget)
+
+
+def register() -> str:
+    """Make :class:`NewcomersFirst` available to the manager; returns its scheduler name."""
+    SCHEDULER_MAPPING[NAME] = NewcomersFirst
+    return NAME
