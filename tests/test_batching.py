@@ -272,7 +272,7 @@ def test_nucleus_sampler_draws_from_exactly_the_nucleus() -> None:
     torch.manual_seed(0)
     out = NucleusSampler(candidates=3)(scores.clone(), top_p)
     # Exactly one token per row is marked; the manager's runner takes it by argmax.
-    assert torch.equal(torch.isinf(out).sum(dim=1), torch.ones(3 * draws, dtype=torch.long))
+    assert torch.equal(torch.isfinite(out).sum(dim=1), torch.ones(3 * draws, dtype=torch.long))
     drawn = out.argmax(dim=1).view(3, draws)
     counts = [torch.bincount(row, minlength=4).tolist() for row in drawn]
     # 0.5 + 0.3 reaches 0.7: only tokens 1 and 3, in proportion 0.5 : 0.3.

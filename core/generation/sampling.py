@@ -10,7 +10,7 @@ top-p) and truncated to them otherwise. Greedy is ``top_p = 0``: only the argmax
 
 It also draws the token itself, from those candidates: the manager's own sampling step
 runs ``softmax`` and ``multinomial`` over the whole vocabulary (~35% of a Gemma 3 decode
-step on CPU). Its output marks the drawn token with ``+inf``, so the manager's model
+step on CPU). Its output leaves only the drawn token finite, and the manager's model
 runner is switched to taking the argmax (see :func:`sample_in_processor`).
 """
 
@@ -48,7 +48,7 @@ class NucleusSampler(ContinuousBatchingLogitsProcessor):
         return torch.tensor(top_ps, dtype=torch.float32).view(dtype=torch.int32)
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-        """``scores`` with each row's token, drawn from its nucleus, set to +inf."""
+        """Per row, 0 for the token drawn from the nucleus and -inf everywhere else."""
         top_p = tensor_arg[: scores.size(0)].view(dtype=torch.float32).unsqueeze(-1)
         values, indices = scores.topk(min(self.candidates, scores.size(-1)), dim=-1)
         probs = (values - scores.logsumexp(dim=-1, keepdim=True)).exp()
@@ -56,7 +56,10 @@ class NucleusSampler(ContinuousBatchingLogitsProcessor):
         keep = before < top_p
         keep[:, 0] = True  # the most likely token always stays (greedy: top_p = 0)
         drawn = torch.multinomial(probs.masked_fill_(~keep, 0.0), num_samples=1)
-        return scores.scatter_(-1, indices.gather(-1, drawn), float("inf"))
+        # Only the drawn token is finite: the argmax and a draw from the softmax (should
+        # the runner still sample, e.g. in a captured CUDA graph) both give it.
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(-1, indices.gather(-1, drawn), 0.0)
 
 
 def sample_in_processor(batch_processor: Any) -> None:
