@@ -156,9 +156,12 @@ async def test_a_flooding_tenant_does_not_starve_another(tiny_model_dir: Path) -
             finished.append(label)
             return (first or time.monotonic()) - start
 
-        flood = [asyncio.create_task(ask(request(LONG, 120, tenant="flood", user=f"f{i}"),
+        flood = [asyncio.create_task(ask(request(LONG, 400, tenant="flood", user=f"f{i}"),
                                          "flood")) for i in range(16)]
-        await asyncio.sleep(0.3)  # the flood fills every slot and the queue
+        sched = scheduler(gen)
+        # Every slot taken, the rest queued (polled: the scheduler has no event for it).
+        while sched.running < 4 or sched.waiting < 12:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
         calm_ttft = await ask(request(ENDS, 20, tenant="calm", user="c"), "calm")
         flood_ttfts = await asyncio.gather(*flood)
         # The calm tenant got the first free slot: it finished before most of the flood,

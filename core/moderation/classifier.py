@@ -36,6 +36,16 @@ class Classifier(Protocol):
         """How likely ``text`` is abusive, in [0, 1]."""
         ...
 
+    # A classifier that computes in-process, without I/O, may also offer
+    # ``score_now(text) -> float``; Parley then calls it inline instead of awaiting
+    # ``score`` under a timeout (which could not interrupt it anyway).
+
+
+def scorer_now(classifier: Classifier) -> Callable[[str], float] | None:
+    """``classifier``'s synchronous ``score_now``, if it has one."""
+    scorer = getattr(classifier, "score_now", None)
+    return scorer if callable(scorer) else None
+
 
 class NullClassifier(ServiceBase):
     """Scores everything 0: for bots that rely on terms alone."""

@@ -44,6 +44,8 @@ class GuardConfig:
     replacement: str
     fail_closed: bool
     timeout: float
+    # The classifier's in-process scorer, if it has one: called inline, not timed.
+    classify_now: Callable[[str], float] | None = None
 
 
 # Called with the findings of a withheld or masked reply, the action, the filters that
@@ -110,8 +112,11 @@ async def _check(
         return "", 0
     if config.classify is not None and segment.strip():
         try:
-            async with asyncio.timeout(config.timeout):
-                score = await config.classify(segment)
+            if config.classify_now is not None:
+                score = config.classify_now(segment)
+            else:
+                async with asyncio.timeout(config.timeout):
+                    score = await config.classify(segment)
         except Exception as exc:
             log.warning("moderation: output classifier failed: %s", type(exc).__name__)
             if config.fail_closed:

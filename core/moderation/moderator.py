@@ -25,7 +25,7 @@ from core.config import BotSettings, ModerationPolicy
 from core.lifecycle import ServiceBase
 from core.moderation.audit import Auditor
 from core.moderation.base import Action, Verdict
-from core.moderation.classifier import Classifier, classifiers
+from core.moderation.classifier import Classifier, classifiers, scorer_now
 from core.moderation.guard import GuardConfig, guard_stream
 from core.moderation.injection import check_injection
 from core.moderation.normalise import Normalised, normalise
@@ -84,10 +84,17 @@ class FilterModerator(ServiceBase):
         self.counts: Counter[str] = Counter()  # "action:block", "failure:classifier", ...
         self._base = Path(settings.source).parent if settings.source != "<memory>" else None
         self._channels: dict[str, _Channel] = {}
-        self._filters: dict[str, Callable[[_Run, _Channel], Awaitable[None]]] = {
-            "size": self._size, "terms": self._terms, "classifier": self._classifier,
-            "pii": self._pii, "injection": self._injection, "flood": self._flood,
+        # Filters that only compute run inline: a timeout cannot interrupt them anyway.
+        # Those that wait (a pluggable classifier, the shared flood counters) are timed.
+        self._pure_filters: dict[str, Callable[[_Run, _Channel], None]] = {
+            "size": self._size, "terms": self._terms, "pii": self._pii,
+            "injection": self._injection,
         }
+        self._waiting_filters: dict[str, Callable[[_Run, _Channel], Awaitable[None]]] = {
+            "classifier": self._classifier, "flood": self._flood,
+        }
+        self._filters = {**self._pure_filters, **self._waiting_filters}
+        self._scorers_now = {name: scorer_now(c) for name, c in self.classifiers.items()}
         for channel in ("", *self.section.channels):
             policy = self._channel(channel).policy
             for name in policy.input_filters:
@@ -136,14 +143,27 @@ class FilterModerator(ServiceBase):
         run = _Run(message, channel.policy, text, text.clean)
         for name in channel.policy.input_filters:
             try:
-                async with asyncio.timeout(channel.policy.filter_timeout):
-                    await self._filters[name](run, channel)
+                await self._apply(name, run, channel)
             except Exception as exc:
                 self._failed(run, name, exc)
                 if channel.policy.fail_input == "closed":
                     run.findings.append(Finding("failure", name))
                     break
         return await self._decide(run, channel.policy)
+
+    async def _apply(self, name: str, run: _Run, channel: _Channel) -> None:
+        """Run one input filter; only what waits on something else runs under a timeout
+        (a timeout cannot interrupt computation, and costs a timer per call)."""
+        pure = self._pure_filters.get(name)
+        if name == "classifier" and self._scorers_now[run.policy.classifier]:
+            pure = self._classifier_now
+        if pure is not None:
+            pure(run, channel)
+        elif name == "flood" and getattr(self.state, "in_process", False):
+            await self._flood(run, channel)
+        else:
+            async with asyncio.timeout(channel.policy.filter_timeout):
+                await self._waiting_filters[name](run, channel)
 
     def _failed(self, run: _Run, name: str, exc: Exception) -> None:
         log.warning("moderation: bot %s: filter %s failed (%s mode): %s: %s",
@@ -152,11 +172,11 @@ class FilterModerator(ServiceBase):
         self.counts[f"failure:{name}"] += 1
         run.degraded.append(name)
 
-    async def _size(self, run: _Run, channel: _Channel) -> None:
+    def _size(self, run: _Run, channel: _Channel) -> None:
         if len(run.text.clean) > run.policy.max_chars:
             run.findings.append(Finding("size", score=len(run.text.clean)))
 
-    async def _terms(self, run: _Run, channel: _Channel) -> None:
+    def _terms(self, run: _Run, channel: _Channel) -> None:
         hit = channel.terms.find(run.text)
         if hit is not None:
             run.findings.append(Finding("terms", hit))
@@ -164,12 +184,19 @@ class FilterModerator(ServiceBase):
     async def _classifier(self, run: _Run, channel: _Channel) -> None:
         classifier = self.classifiers[run.policy.classifier]
         # The classifier reads the folded words, so "y0u 4r3 4n 1d10t" is read as words.
-        score = await classifier.score(channel.terms.strip_allowed(run.text.key))
+        self._classified(run, await classifier.score(channel.terms.strip_allowed(run.text.key)))
+
+    def _classifier_now(self, run: _Run, channel: _Channel) -> None:
+        scorer = self._scorers_now[run.policy.classifier]
+        assert scorer is not None
+        self._classified(run, scorer(channel.terms.strip_allowed(run.text.key)))
+
+    def _classified(self, run: _Run, score: float) -> None:
         run.scores["classifier"] = score
         if score >= run.policy.classifier_threshold:
             run.findings.append(Finding("classifier", score=score))
 
-    async def _pii(self, run: _Run, channel: _Channel) -> None:
+    def _pii(self, run: _Run, channel: _Channel) -> None:
         spans = channel.pii.find(run.out_text)
         if spans:
             kinds = sorted({s.kind for s in spans})
@@ -177,7 +204,7 @@ class FilterModerator(ServiceBase):
             if Action(run.policy.actions.get("pii", "mask")) is not Action.ALLOW:
                 run.out_text = PiiDetector.mask(run.out_text, spans)
 
-    async def _injection(self, run: _Run, channel: _Channel) -> None:
+    def _injection(self, run: _Run, channel: _Channel) -> None:
         report = check_injection(run.message.text, run.text)
         if report.score:
             run.scores["injection"] = report.score
@@ -244,6 +271,8 @@ class FilterModerator(ServiceBase):
             terms=channel.terms if "terms" in filters else None,
             pii=channel.pii if "pii" in filters else None,
             classify=classifier.score if "classifier" in filters else None,
+            classify_now=self._scorers_now[policy.classifier] if "classifier" in filters
+            else None,
             threshold=policy.output_threshold,
             hold_chars=policy.hold_chars,
             replacement=policy.output_replacement,

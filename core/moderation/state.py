@@ -38,7 +38,11 @@ class Limits:
 
 
 class ModerationState(Protocol):
-    """Shared moderation state; every method is one round trip to wherever it lives."""
+    """Shared moderation state; every method is one round trip to wherever it lives.
+
+    A state that lives in this process may set ``in_process = True``: its calls then run
+    without a timeout around them.
+    """
 
     async def start(self) -> None:
         """Connect (idempotent)."""
@@ -72,6 +76,8 @@ class ModerationState(Protocol):
 
 class MemoryState:
     """:class:`ModerationState` in this process, bounded; ``clock`` is injectable."""
+
+    in_process = True  # never waits on I/O, so callers need no timeout around it
 
     def __init__(
         self, *, audit_max_entries: int = 100_000, audit_retention: float = 30 * 86400.0,
