@@ -23,6 +23,7 @@ Redis Cluster does not.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Sequence
@@ -150,7 +151,7 @@ class RedisMemory(ServiceBase):
 
     async def _start(self) -> None:
         client = connect(self.section.url, timeout=self.section.timeout,
-                         where=f"{self.source}: memory.url")
+                         where=f"{self.source}: memory.url", socket_timeout=False)
         self._client = client
         sources = {
             "load": _LOAD,
@@ -159,7 +160,7 @@ class RedisMemory(ServiceBase):
             "mark_seen": _MARK_SEEN,
             "forget_user": _FORGET_USER,
         }
-        async with self._failures("start"):
+        async with self._failures("start"), asyncio.timeout(self.section.timeout):
             self._scripts = await load_scripts(client, sources)
 
     async def _stop(self) -> None:
@@ -174,7 +175,7 @@ class RedisMemory(ServiceBase):
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         if self._client is None:
             raise RuntimeError("RedisMemory is used before start() or after stop()")
-        async with self._failures(name):
+        async with self._failures(name), asyncio.timeout(self.section.timeout):
             return await self._scripts[name](keys=list(keys), args=list(args))
 
     def _base(self, bot: str) -> str:
@@ -237,7 +238,7 @@ class RedisMemory(ServiceBase):
         """Store ``name = value`` in the user's facts."""
         if self._client is None:
             raise RuntimeError("RedisMemory is used before start() or after stop()")
-        async with self._failures("set_fact"):
+        async with self._failures("set_fact"), asyncio.timeout(self.section.timeout):
             await self._client.hset(self._facts(bot, user_id), name, value)
 
     async def forget_user(self, bot: str, user_id: str) -> int:
