@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from core.config import parse_settings
 from core.generation.base import ChatMessage, GenerationRequest, SamplingParams
 from core.generation.local import LocalGenerator
+from core.generation.models import dtype_for, resolve_device
 
 
 @dataclass
@@ -126,7 +127,8 @@ async def main(args: argparse.Namespace) -> None:
     prompts = chats(args.requests, args.turns)
     levels = [int(c) for c in args.concurrency.split(",")]
     widest = max([*levels, args.staggered])
-    common = {"model": args.model, "device": args.device, "temperature": 0.0,
+    common = {"model": args.model, "device": args.device, "dtype": args.dtype,
+              "temperature": 0.0,
               "max_new_tokens": args.max_new_tokens, "timeout": 3600.0}
     sequential = parse_settings({"bot": {"name": "bench"},
                                  "generation": {**common, "batching": False}})
@@ -134,7 +136,8 @@ async def main(args: argparse.Namespace) -> None:
         **common, "max_batch": widest, "max_per_user": widest,
         "batch_tokens": args.batch_tokens,
         "max_waiting": 4 * args.requests}})
-    print(f"model={args.model} device={args.device} requests={len(prompts)} "
+    dtype = str(dtype_for(resolve_device(args.device), args.dtype)).removeprefix("torch.")
+    print(f"model={args.model} device={args.device} dtype={dtype} requests={len(prompts)} "
           f"max_new_tokens={args.max_new_tokens} (greedy)", flush=True)
     rows = []
     async with LocalGenerator(sequential) as gen:
@@ -171,6 +174,9 @@ if __name__ == "__main__":
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto",
+                        help="weights for both sides: auto (bfloat16 on CUDA and AMX CPUs), "
+                             "float32, bfloat16, float16")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--sequential-requests", type=int, default=0)
     parser.add_argument("--concurrency", default="1,8,32")
