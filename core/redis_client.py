@@ -8,15 +8,18 @@ socket timeouts, and every Redis or socket error turned into the caller's own
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import asyncio
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from core.errors import ConfigError, ParleyError
 
@@ -85,3 +88,94 @@ async def load_scripts(client: Redis, sources: Mapping[str, str]) -> dict[str, A
     for script in scripts.values():
         await client.script_load(script.script)
     return scripts
+
+
+class ScriptPipeline:
+    """Runs registered Lua scripts, sending the calls made in one event-loop turn as one
+    pipeline: one write and one read for all of them instead of a round trip each.
+
+    Many conversations are in flight at once, so their memory reads and writes arrive
+    together; this is what ioredis calls auto-pipelining. Each call still gets its own
+    result or error; nothing is retried except a call the server answered NOSCRIPT
+    (after a restart), which did not run.
+    """
+
+    def __init__(
+        self, client: Redis, scripts: Mapping[str, AsyncScript], *, timeout: float
+    ) -> None:
+        self._client = client
+        self._scripts = dict(scripts)
+        self._timeout = timeout  # for a whole batch: one timer, not one per call
+        self._pending: list[_Call] = []
+        self._sending: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run script ``name`` with ``keys`` and ``args``; its result, or the error (a
+        :class:`TimeoutError` when Redis does not answer within ``timeout``)."""
+        loop = asyncio.get_running_loop()
+        call = _Call(self._scripts[name], keys, args, loop.create_future())
+        self._pending.append(call)
+        if len(self._pending) == 1:
+            loop.call_soon(self._flush)
+        return await call.result
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.get_running_loop().create_task(self._send(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[_Call]) -> None:
+        calls = [call for call in batch if not call.result.done()]  # callers that left
+        if not calls:
+            return
+        try:
+            async with asyncio.timeout(self._timeout), self._client.pipeline(
+                transaction=False
+            ) as pipe:
+                for call in calls:
+                    pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+                replies = await pipe.execute(raise_on_error=False)
+        except BaseException as exc:
+            for call in calls:
+                if not call.result.done():
+                    call.result.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        again = []
+        for call, reply in zip(calls, replies, strict=True):
+            if call.result.done():
+                continue
+            if isinstance(reply, NoScriptError):
+                again.append(call)
+            elif isinstance(reply, BaseException):
+                call.result.set_exception(reply)
+            else:
+                call.result.set_result(reply)
+        if again:
+            task = asyncio.get_running_loop().create_task(self._run_again(again))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _run_again(self, calls: list[_Call]) -> None:
+        """Calls that did not run (NOSCRIPT), one by one in their order; the script
+        object loads its script again first."""
+        for call in calls:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    reply = await call.script(keys=list(call.keys), args=list(call.args))
+            except Exception as exc:
+                if not call.result.done():
+                    call.result.set_exception(exc)
+            else:
+                if not call.result.done():
+                    call.result.set_result(reply)
+
+
+@dataclass(slots=True)
+class _Call:
+    script: AsyncScript
+    keys: Sequence[str]
+    args: Sequence[Any]
+    result: asyncio.Future[Any]

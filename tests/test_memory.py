@@ -352,6 +352,45 @@ async def test_each_call_is_one_round_trip_whatever_the_history(
         assert round_trips.count - before == 1, name
 
 
+async def test_concurrent_calls_share_one_round_trip(
+    redis_backend: Backend, round_trips: RoundTrips
+) -> None:
+    store = await redis_backend.open()
+    keys = [ConversationKey("bot", "web", f"c{i}") for i in range(40)]
+    await asyncio.gather(*(store.append(k, turns(f"hello {i}")) for i, k in enumerate(keys)))
+    before = round_trips.count
+    snapshots = await asyncio.gather(*(store.load(k, "alice") for k in keys))
+    # 40 conversations read at once: one pipeline, and each gets its own history.
+    assert round_trips.count - before == 1
+    assert [texts(s) for s in snapshots] == [[f"hello {i}"] for i in range(40)]
+
+
+async def test_one_failing_call_in_a_batch_fails_alone(
+    redis_backend: Backend, raw: Redis
+) -> None:
+    store = await redis_backend.open()
+    good, bad = ConversationKey("bot", "web", "good"), ConversationKey("bot", "web", "bad")
+    await store.append(good, turns("fine"))
+    await raw.set(f"{redis_backend.prefix}:bot:conv:web:bad", "not a list")  # WRONGTYPE
+    results = await asyncio.gather(store.load(good, "alice"), store.load(bad, "alice"),
+                                   return_exceptions=True)
+    assert texts(results[0]) == ["fine"]
+    assert isinstance(results[1], MemoryUnavailable) and "load failed" in str(results[1])
+
+
+async def test_scripts_flushed_from_redis_are_loaded_again(
+    redis_backend: Backend, raw: Redis
+) -> None:
+    store = await redis_backend.open()
+    await store.append(KEY, turns("a"))
+    await raw.script_flush()
+    # Every call of the batch is answered NOSCRIPT, runs again alone, and succeeds.
+    results = await asyncio.gather(store.load(KEY, "alice"), store.mark_seen(KEY, "m-1"),
+                                   store.append(KEY, turns("b")))
+    assert texts(results[0]) == ["a"] and results[1] is True
+    assert texts(await store.load(KEY, "alice")) == ["a", "b"]
+
+
 async def test_keys_live_under_prefix_and_bot_and_expire(
     redis_backend: Backend, raw: Redis
 ) -> None:

@@ -31,13 +31,19 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
 
 from core.config import BotSettings, MemorySection
 from core.errors import MemoryUnavailable
 from core.lifecycle import ServiceBase
 from core.memory.base import MemorySnapshot
-from core.redis_client import connect, failures_as, key_part, load_scripts, redact
+from core.redis_client import (
+    ScriptPipeline,
+    connect,
+    failures_as,
+    key_part,
+    load_scripts,
+    redact,
+)
 from core.types import ConversationKey, Turn
 
 log = logging.getLogger(__name__)
@@ -147,7 +153,7 @@ class RedisMemory(ServiceBase):
         self.source = source
         self.where = redact(section.url)
         self._client: Redis | None = None
-        self._scripts: dict[str, AsyncScript] = {}
+        self._pipeline: ScriptPipeline | None = None
 
     async def _start(self) -> None:
         client = connect(self.section.url, timeout=self.section.timeout,
@@ -161,11 +167,12 @@ class RedisMemory(ServiceBase):
             "forget_user": _FORGET_USER,
         }
         async with self._failures("start"), asyncio.timeout(self.section.timeout):
-            self._scripts = await load_scripts(client, sources)
+            scripts = await load_scripts(client, sources)
+        self._pipeline = ScriptPipeline(client, scripts, timeout=self.section.timeout)
 
     async def _stop(self) -> None:
         client, self._client = self._client, None
-        self._scripts = {}
+        self._pipeline = None
         if client is not None:
             await client.aclose()
 
@@ -173,10 +180,10 @@ class RedisMemory(ServiceBase):
         return failures_as(MemoryUnavailable, f"redis at {self.where}", what)
 
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        if self._client is None:
+        if self._client is None or self._pipeline is None:
             raise RuntimeError("RedisMemory is used before start() or after stop()")
-        async with self._failures(name), asyncio.timeout(self.section.timeout):
-            return await self._scripts[name](keys=list(keys), args=list(args))
+        async with self._failures(name):
+            return await self._pipeline(name, keys, args)
 
     def _base(self, bot: str) -> str:
         return f"{self.section.key_prefix}:{key_part(bot)}:"

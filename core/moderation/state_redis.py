@@ -15,18 +15,17 @@ or a pipeline). Times come from the Redis server, so front ends with skewed cloc
 
 from __future__ import annotations
 
-import uuid
+import os
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
 
 from core.errors import ParleyError
 from core.lifecycle import ServiceBase
 from core.moderation.state import Admission, Limits
-from core.redis_client import connect, failures_as, key_part, load_scripts
+from core.redis_client import ScriptPipeline, connect, failures_as, key_part, load_scripts
 
 
 class ModerationStateUnavailable(ParleyError):
@@ -82,19 +81,20 @@ class RedisState(ServiceBase):
         self.audit_max_entries = audit_max_entries
         self.audit_retention = audit_retention
         self._client: Redis | None = None
-        self._scripts: dict[str, AsyncScript] = {}
+        self._scripts: ScriptPipeline | None = None
 
     async def _start(self) -> None:
         client = connect(self.url, timeout=self.timeout, where="moderation.url",
                          decode_responses=True)
         self._client = client
         async with self._failures("start"):
-            self._scripts = await load_scripts(
-                client, {"admit": _ADMIT, "add_points": _ADD_POINTS}
-            )
+            scripts = await load_scripts(client, {"admit": _ADMIT, "add_points": _ADD_POINTS})
+        # Every message's flood check is a script call: concurrent ones share a pipeline.
+        self._scripts = ScriptPipeline(client, scripts, timeout=self.timeout)
 
     async def _stop(self) -> None:
         client, self._client = self._client, None
+        self._scripts = None
         if client is not None:
             await client.aclose()
 
@@ -108,24 +108,30 @@ class RedisState(ServiceBase):
     def _failures(self, what: str) -> AbstractAsyncContextManager[None]:
         return failures_as(ModerationStateUnavailable, "moderation state", what)
 
+    @property
+    def scripts(self) -> ScriptPipeline:
+        """The state's Lua scripts; only between start and stop."""
+        if self._scripts is None:
+            raise RuntimeError("RedisState is used before start() or after stop()")
+        return self._scripts
+
     async def admit(self, user: str, conversation: str, limits: Limits) -> Admission:
         """See :class:`~core.moderation.state.ModerationState`."""
-        self.client  # noqa: B018 -- raises if not started
         keys = [f"{self.base}rate:u:{key_part(user)}",
                 f"{self.base}rate:c:{key_part(conversation)}",
                 f"{self.base}mute:{key_part(user)}"]
-        args: list[str | int] = [uuid.uuid4().hex, int(limits.user_window * 1000),
+        args: list[str | int] = [os.urandom(16).hex(), int(limits.user_window * 1000),
                                  int(limits.conversation_window * 1000)]
         async with self._failures("admit"):
-            users, convs, mute_ms = await self._scripts["admit"](keys=keys, args=args)
+            users, convs, mute_ms = await self.scripts("admit", keys, args)
         return Admission(int(users), int(convs), int(mute_ms) / 1000)
 
     async def add_points(self, user: str, points: float, half_life: float) -> float:
         """See :class:`~core.moderation.state.ModerationState`."""
-        self.client  # noqa: B018
         async with self._failures("add_points"):
-            score = await self._scripts["add_points"](
-                keys=[f"{self.base}score:{key_part(user)}"], args=[points, int(half_life * 1000)]
+            score = await self.scripts(
+                "add_points", [f"{self.base}score:{key_part(user)}"],
+                [points, int(half_life * 1000)],
             )
         return float(score)
 
