@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import time
 from dataclasses import dataclass
 
@@ -62,6 +63,27 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+async def serve(generator: LocalGenerator, messages: tuple[ChatMessage, ...],
+                max_new_tokens: int, order: int, user: str) -> Sample | None:
+    """One request, timed from submission: its TTFT and TPOT."""
+    request = GenerationRequest(
+        messages, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
+                                 ignore_eos=True),
+        tenant="bench", user=user,
+    )
+    start = time.perf_counter()
+    first = last = None
+    pieces = 0
+    async for delta in generator.stream(request):
+        if delta.text:
+            pieces += 1
+            last = time.perf_counter()
+            first = first or last
+    if first is None or last is None:
+        return None
+    return Sample(first - start, (last - first) / (pieces - 1) if pieces > 1 else None, order)
+
+
 async def run(
     generator: LocalGenerator, prompts: list[tuple[ChatMessage, ...]], concurrency: int,
     max_new_tokens: int, stagger: float = 0.0,
@@ -81,29 +103,50 @@ async def run(
         while queue:
             messages = queue.pop()
             order, started = started, started + 1
-            request = GenerationRequest(
-                messages, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
-                                         ignore_eos=True),
-                tenant="bench", user=f"user{len(queue)}",
-            )
-            start = time.perf_counter()
-            first = last = None
-            pieces = 0
-            async for delta in generator.stream(request):
-                if delta.text:
-                    pieces += 1
-                    last = time.perf_counter()
-                    first = first or last
-            if first is not None and last is not None:
-                samples.append(Sample(first - start,
-                                      (last - first) / (pieces - 1) if pieces > 1 else None,
-                                      order))
+            sample = await serve(generator, messages, max_new_tokens, order,
+                                 f"user{len(queue)}")
+            if sample is not None:
+                samples.append(sample)
 
     before = generator.tokens_generated
     start = time.perf_counter()
     await asyncio.gather(*(client(i) for i in range(concurrency)))
     elapsed = time.perf_counter() - start
     return elapsed, generator.tokens_generated - before, samples
+
+
+async def run_poisson(
+    generator: LocalGenerator, prompts: list[tuple[ChatMessage, ...]], rate: float,
+    max_new_tokens: int,
+) -> tuple[float, int, list[Sample], float]:
+    """Requests arriving at random (Poisson, ``rate`` per second, fixed seed), each on its
+    own, as independent users do; (seconds, tokens, samples, mean requests in flight)."""
+    rng = random.Random(0)
+    samples: list[Sample] = []
+    in_flight, area = 0, 0.0
+    start = last = time.perf_counter()
+
+    def count(change: int) -> None:
+        nonlocal in_flight, area, last
+        now = time.perf_counter()
+        area += in_flight * (now - last)
+        in_flight, last = in_flight + change, now
+
+    async def one(order: int, messages: tuple[ChatMessage, ...]) -> None:
+        count(+1)
+        sample = await serve(generator, messages, max_new_tokens, order, f"user{order}")
+        count(-1)
+        if sample is not None:
+            samples.append(sample)
+
+    before = generator.tokens_generated
+    tasks = []
+    for order, messages in enumerate(prompts):
+        tasks.append(asyncio.create_task(one(order, messages)))
+        await asyncio.sleep(rng.expovariate(rate))
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - start
+    return elapsed, generator.tokens_generated - before, samples, area / elapsed
 
 
 def report(name: str, elapsed: float, tokens: int, samples: list[Sample],
@@ -126,7 +169,8 @@ def report(name: str, elapsed: float, tokens: int, samples: list[Sample],
 async def main(args: argparse.Namespace) -> None:
     prompts = chats(args.requests, args.turns)
     levels = [int(c) for c in args.concurrency.split(",")]
-    widest = max([*levels, args.staggered])
+    # Random arrivals can bunch up past C: leave them room rather than queue them.
+    widest = max([*levels, args.staggered, 2 * args.poisson])
     common = {"model": args.model, "device": args.device, "dtype": args.dtype,
               "temperature": 0.0,
               "max_new_tokens": args.max_new_tokens, "timeout": 3600.0}
@@ -166,6 +210,20 @@ async def main(args: argparse.Namespace) -> None:
             )
             steady = [s for s in samples if s.order >= level]
             rows.append(report(f"staggered c={level}", elapsed, tokens, steady, baseline))
+        if args.poisson:
+            # Arrivals at random at the rate that keeps about C requests in flight, given
+            # the throughput measured at concurrency C (or the staggered run).
+            level = args.poisson
+            measured = next((float(r["tok_s"]) for r in rows
+                             if r["mode"] in (f"worker c={level}", f"staggered c={level}")),
+                            None)
+            if measured is None:
+                raise SystemExit(f"--poisson {level} needs --concurrency or --staggered {level}")
+            rate = measured / args.max_new_tokens  # requests/s served with C in flight
+            elapsed, tokens, samples, mean = await run_poisson(
+                gen, prompts[: min(len(prompts), 4 * level)], rate, args.max_new_tokens)
+            steady = [s for s in samples if s.order >= level]
+            rows.append(report(f"poisson ~{mean:.1f}", elapsed, tokens, steady, baseline))
     print("JSON " + json.dumps({"args": vars(args), "rows": rows}))
 
 
@@ -185,6 +243,9 @@ if __name__ == "__main__":
     parser.add_argument("--staggered", type=int, default=0, metavar="C",
                         help="also run C clients whose requests arrive one by one "
                              "(first-token latency in a running batch)")
+    parser.add_argument("--poisson", type=int, default=0, metavar="C",
+                        help="also send requests at random (Poisson) times, at the rate that "
+                             "keeps about C in flight (needs C in --concurrency or --staggered)")
     parser.add_argument("--batch-tokens", type=int, default=512,
                         help="tokens per forward pass of the worker (prefill chunk)")
     asyncio.run(main(parser.parse_args()))
