@@ -263,6 +263,16 @@ async def test_per_request_attention_keeps_sliding_windows_exact(
     assert ["".join(d.text for d in r) for r in replies] == expected
 
 
+def test_nucleus_sampler_leaves_an_all_greedy_batch_to_the_argmax() -> None:
+    import torch
+
+    from core.generation.sampling import NucleusSampler
+
+    scores = torch.randn(5, 1000)
+    out = NucleusSampler()(scores.clone(), torch.zeros(5).view(torch.int32))
+    assert torch.equal(out.argmax(dim=1), scores.argmax(dim=1))
+
+
 def test_nucleus_sampler_draws_from_exactly_the_nucleus() -> None:
     import torch
 

@@ -50,6 +50,10 @@ class NucleusSampler(ContinuousBatchingLogitsProcessor):
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         """Per row, 0 for the token drawn from the nucleus and -inf everywhere else."""
         top_p = tensor_arg[: scores.size(0)].view(dtype=torch.float32).unsqueeze(-1)
+        if scores.device.type == "cpu" and not bool((top_p > 0).any()):
+            # Every row greedy: the runner's argmax is the answer. Only on CPU, where no
+            # step is captured into a graph that would keep this branch for good.
+            return scores
         values, indices = scores.topk(min(self.candidates, scores.size(-1)), dim=-1)
         probs = (values - scores.logsumexp(dim=-1, keepdim=True)).exp()
         before = probs.cumsum(dim=-1) - probs  # probability mass ranked above each candidate
@@ -65,7 +69,10 @@ class NucleusSampler(ContinuousBatchingLogitsProcessor):
 def sample_in_processor(batch_processor: Any) -> None:
     """Make the manager's model runner take the argmax of :class:`NucleusSampler`'s output
     instead of sampling the whole vocabulary again."""
-    batch_processor.model_runner.do_sample = False
+    runner = batch_processor.model_runner
+    if not hasattr(runner, "do_sample"):  # a transformers that samples differently
+        raise RuntimeError("the batching manager's model runner has no do_sample switch")
+    runner.do_sample = False
 
 
 def batch_processors(default_temperature: float) -> ContinuousBatchingLogitsProcessorList:
