@@ -120,6 +120,9 @@ def test_pii_kinds_and_checks() -> None:
                    "4111 1111 1111 1112 is not a card"):
         assert [s.kind for s in pii.find(benign) if s.kind != "phone"] == []
     assert pii.find("order 12345 on 2024-05-01") == []
+    # Digits in other scripts count too (the pre-test counts Unicode digits, as \d does).
+    assert [s.kind for s in pii.find("call me at \u0660\u0666\u0661\u0662\u0663\u0664"
+                                     "\u0665\u0666\u0667\u0668 please")] == ["phone"]
 
 
 @pytest.mark.parametrize(("text", "signal"), [

@@ -70,8 +70,13 @@ def _phone_ok(text: str) -> bool:
     return 7 <= digits <= 15 and not _DATE.fullmatch(text.strip())
 
 
-def _has_digits(text: str) -> bool:
-    return any(c.isdigit() for c in text)
+_DIGIT = re.compile(r"\d")  # any Unicode digit, as the patterns' \d
+
+
+def _digits_at_least(count: int) -> Callable[[str], bool]:
+    """A pre-test: ``text`` holds at least ``count`` digits (a card has 13, a phone 7),
+    so the patterns are not run over the many messages that cannot hold one."""
+    return lambda text: len(_DIGIT.findall(text)) >= count
 
 
 DETECTORS: Mapping[str, Detector] = {
@@ -82,20 +87,20 @@ DETECTORS: Mapping[str, Detector] = {
         hint=lambda text: "@" in text or "(at)" in text or "[at]" in text,
     ),
     "card": Detector(
-        "card", re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)"), luhn_ok, _has_digits
+        "card", re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)"), luhn_ok, _digits_at_least(13)
     ),
     "iban": Detector(
         "iban",
         re.compile(r"\b[A-Za-z]{2}\d{2}(?:[ -]?[A-Za-z0-9]{4}){2,7}(?:[ -]?[A-Za-z0-9]{1,4})?\b"),
         iban_ok,
-        _has_digits,
+        _digits_at_least(2),
     ),
     "phone": Detector(
         "phone",
         re.compile(r"(?<![\w+])(?:\+|00)?\d{1,4}(?:[ .-]?\(?\d{1,5}\)?){1,5}[ .-]?\d{2,5}(?!\w)"
                    r"|(?<![\w+])\(\d{2,5}\)[ .-]?\d{2,5}(?:[ .-]?\d{2,5}){1,3}(?!\w)"),
         _phone_ok,
-        _has_digits,
+        _digits_at_least(7),
     ),
 }
 
