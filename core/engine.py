@@ -2,7 +2,7 @@
 
 The pipeline of DESIGN.md, each stage a method and each collaborator passed in:
 
-    validate -> dedupe -> moderate input -> commands / pre-hooks -> load memory
+    validate -> dedupe + load memory (one call) -> moderate input -> commands / pre-hooks
     -> build request -> generate -> guard output -> append memory
 
 Messages of one conversation are answered in arrival order (a FIFO lock per
@@ -138,7 +138,11 @@ class Engine(ServiceBase):
 
     async def _pipeline(self, message: IncomingMessage) -> AsyncIterator[ReplyEvent]:
         try:
-            if not await self.memory.mark_seen(message.key, message.message_id):
+            # Dedupe and the conversation's memory in one round trip; a message that is
+            # then refused or answered by a command just leaves the snapshot unused.
+            snapshot = await self.memory.load_unseen(message.key, message.message_id,
+                                                     message.user_id)
+            if snapshot is None:
                 yield ReplyEvent(ReplyKind.NOTICE, code="duplicate")
                 return
             verdict = await self.moderator.check_input(message)
@@ -155,7 +159,6 @@ class Engine(ServiceBase):
                 yield direct
                 return
             yield ReplyEvent(ReplyKind.TYPING, action=verdict.action)
-            snapshot = await self.memory.load(message.key, message.user_id)
             request = await self.build_request(message, snapshot)
             async with closing(self._reply(message, verdict, request)) as events:
                 async for event in events:

@@ -221,6 +221,22 @@ async def test_a_message_is_seen_once_until_dedupe_expires(backend: Backend) -> 
     assert await store.mark_seen(KEY, "m1")
 
 
+async def test_load_unseen_is_dedupe_and_load_in_one(
+    backend: Backend, round_trips: RoundTrips
+) -> None:
+    store = await backend.open(window=2)
+    await store.append(KEY, turns("a", "b", "c"))
+    await store.set_fact("bot", "alice", "name", "Alice")
+    before = round_trips.count
+    snapshot = await store.load_unseen(KEY, "m1", "alice")
+    assert snapshot is not None and texts(snapshot) == ["b", "c"]
+    assert snapshot.facts == {"name": "Alice"}
+    assert await store.load_unseen(KEY, "m1", "alice") is None  # a redelivery
+    assert not await store.mark_seen(KEY, "m1")  # the same record as mark_seen's
+    if backend.kind == "redis":
+        assert round_trips.count - before == 3
+
+
 async def test_facts_belong_to_a_user_of_a_bot(backend: Backend) -> None:
     store = await backend.open()
     await store.set_fact("bot", "alice", "name", "Alice")

@@ -333,6 +333,11 @@ class ForgetfulMemory:
     async def load(self, key: ConversationKey, user_id: str) -> MemorySnapshot:
         raise MemoryUnavailable("the store is down")
 
+    async def load_unseen(
+        self, key: ConversationKey, message_id: str, user_id: str
+    ) -> MemorySnapshot | None:
+        raise MemoryUnavailable("the store is down")
+
 
 @pytest.mark.parametrize(
     ("make_engine", "code"),

@@ -42,6 +42,12 @@ class MemoryStore(Protocol):
         Refreshes the conversation's time to live.
         """
 
+    async def load_unseen(
+        self, key: ConversationKey, message_id: str, user_id: str
+    ) -> MemorySnapshot | None:
+        """:meth:`mark_seen` then :meth:`load`, in one round trip; None (nothing loaded)
+        if the message was seen before. What the engine calls for each message."""
+
     async def append(self, key: ConversationKey, turns: Sequence[Turn]) -> None:
         """Add ``turns`` atomically, trimming the conversation to its window."""
 

@@ -119,6 +119,14 @@ class EmbeddedMemory(ServiceBase):
         facts = dict(self._facts.get((key.bot, user_id), {}))
         return MemorySnapshot(turns, facts)
 
+    async def load_unseen(
+        self, key: ConversationKey, message_id: str, user_id: str
+    ) -> MemorySnapshot | None:
+        """:meth:`mark_seen`, then :meth:`load`; None for a duplicate."""
+        if not await self.mark_seen(key, message_id):
+            return None
+        return await self.load(key, user_id)
+
     async def append(self, key: ConversationKey, turns: Sequence[Turn]) -> None:
         """Add ``turns`` and trim to the window."""
         if not turns:

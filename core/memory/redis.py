@@ -51,17 +51,18 @@ log = logging.getLogger(__name__)
 SEEN_TTL_CAP = 24 * 3600  # seconds a message id is remembered for dedupe, at most
 SEEN_PER_CONVERSATION = 10_000  # message ids kept per conversation, at most
 
-# KEYS: conv, members, facts. ARGV: window, ttl.
-_LOAD = """
-local turns = redis.call('LRANGE', KEYS[1], -tonumber(ARGV[1]), -1)
-if redis.call('EXPIRE', KEYS[1], ARGV[2]) == 1 then
-  redis.call('EXPIRE', KEYS[2], ARGV[2])
-  for _, idx in ipairs(redis.call('HVALS', KEYS[2])) do
-    redis.call('EXPIRE', idx, ARGV[2])
+_LOAD_FN = """
+local function load(conv, members, facts, window, ttl)
+  local turns = redis.call('LRANGE', conv, -tonumber(window), -1)
+  if redis.call('EXPIRE', conv, ttl) == 1 then
+    redis.call('EXPIRE', members, ttl)
+    for _, idx in ipairs(redis.call('HVALS', members)) do redis.call('EXPIRE', idx, ttl) end
   end
+  return {turns, redis.call('HGETALL', facts)}
 end
-return {turns, redis.call('HGETALL', KEYS[3])}
 """
+# KEYS: conv, members, facts. ARGV: window, ttl.
+_LOAD = _LOAD_FN + "return load(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])"
 
 # KEYS: conv, members. ARGV: window, ttl, ref, n, n x (user id, index key), turns (JSON).
 _APPEND = """
@@ -110,18 +111,29 @@ for _, idx in ipairs(redis.call('HVALS', KEYS[2])) do redis.call('SREM', idx, AR
 return redis.call('DEL', KEYS[1], KEYS[2])
 """
 
-# KEYS: seen. ARGV: message id, ttl (ms), cap.
-_MARK_SEEN = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local added = redis.call('ZADD', KEYS[1], 'NX', now + tonumber(ARGV[2]), ARGV[1])
-if added == 1 then
-  local extra = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[3])
-  if extra > 0 then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, extra - 1) end
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+_SEEN_FN = """
+local function mark_seen(seen, id, ttl_ms, cap)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('ZREMRANGEBYSCORE', seen, '-inf', now)
+  local added = redis.call('ZADD', seen, 'NX', now + tonumber(ttl_ms), id)
+  if added == 1 then
+    local extra = redis.call('ZCARD', seen) - tonumber(cap)
+    if extra > 0 then redis.call('ZREMRANGEBYRANK', seen, 0, extra - 1) end
+    redis.call('PEXPIRE', seen, ttl_ms)
+  end
+  return added
 end
-return added
+"""
+# KEYS: seen. ARGV: message id, ttl (ms), cap.
+_MARK_SEEN = _SEEN_FN + "return mark_seen(KEYS[1], ARGV[1], ARGV[2], ARGV[3])"
+
+# KEYS: seen, conv, members, facts. ARGV: message id, seen ttl (ms), cap, window, ttl.
+# {0} for a message seen before (nothing loaded), else {1, turns, facts}.
+_LOAD_UNSEEN = _SEEN_FN + _LOAD_FN + """
+if mark_seen(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) == 0 then return {0} end
+local loaded = load(KEYS[2], KEYS[3], KEYS[4], ARGV[4], ARGV[5])
+return {1, loaded[1], loaded[2]}
 """
 
 # KEYS: user index, facts. ARGV: '{p}:{bot}:'. Returns conversations + facts deleted.
@@ -164,6 +176,7 @@ class RedisMemory(ServiceBase):
             "append": _APPEND,
             "reset": _RESET,
             "mark_seen": _MARK_SEEN,
+            "load_unseen": _LOAD_UNSEEN,
             "forget_user": _FORGET_USER,
         }
         async with self._failures("start"), asyncio.timeout(self.section.timeout):
@@ -200,19 +213,40 @@ class RedisMemory(ServiceBase):
 
     async def mark_seen(self, key: ConversationKey, message_id: str) -> bool:
         """Record ``message_id``; False if it was recorded within the dedupe TTL."""
-        ttl_ms = min(self.section.ttl, SEEN_TTL_CAP) * 1000
-        seen = f"{self._base(key.bot)}seen:{self._ref(key)}"
-        added = await self._run("mark_seen", [seen], [message_id, ttl_ms, SEEN_PER_CONVERSATION])
+        added = await self._run("mark_seen", [self._seen(key)], [message_id, *self._seen_args()])
         return bool(added)
 
     async def load(self, key: ConversationKey, user_id: str) -> MemorySnapshot:
         """The last ``window`` turns and the user's facts; refreshes the TTL."""
-        base, ref = self._base(key.bot), self._ref(key)
         raw_turns, raw_facts = await self._run(
-            "load",
-            [f"{base}conv:{ref}", f"{base}members:{ref}", self._facts(key.bot, user_id)],
-            [self.section.window, self.section.ttl],
+            "load", self._load_keys(key, user_id), [self.section.window, self.section.ttl]
         )
+        return self._snapshot(key, raw_turns, raw_facts)
+
+    async def load_unseen(
+        self, key: ConversationKey, message_id: str, user_id: str
+    ) -> MemorySnapshot | None:
+        """:meth:`mark_seen` and :meth:`load` in one round trip; None for a duplicate."""
+        reply = await self._run(
+            "load_unseen", [self._seen(key), *self._load_keys(key, user_id)],
+            [message_id, *self._seen_args(), self.section.window, self.section.ttl],
+        )
+        if not reply[0]:
+            return None
+        return self._snapshot(key, reply[1], reply[2])
+
+    def _seen(self, key: ConversationKey) -> str:
+        return f"{self._base(key.bot)}seen:{self._ref(key)}"
+
+    def _seen_args(self) -> list[int]:
+        return [min(self.section.ttl, SEEN_TTL_CAP) * 1000, SEEN_PER_CONVERSATION]
+
+    def _load_keys(self, key: ConversationKey, user_id: str) -> list[str]:
+        base, ref = self._base(key.bot), self._ref(key)
+        return [f"{base}conv:{ref}", f"{base}members:{ref}", self._facts(key.bot, user_id)]
+
+    @staticmethod
+    def _snapshot(key: ConversationKey, raw_turns: Any, raw_facts: Any) -> MemorySnapshot:
         turns = []
         for raw in raw_turns:
             try:
