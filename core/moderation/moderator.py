@@ -19,6 +19,7 @@ import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from core.config import BotSettings, ModerationPolicy
@@ -52,6 +53,21 @@ class _Run:
     muted_for: float = 0.0
 
 
+# A filter either computes and returns None, or returns what to await (see _Step).
+_Filter = Callable[[_Run, "_Channel"], Awaitable[None] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    """One input filter as a channel runs it. Filters that only compute run inline (a
+    timeout could not interrupt them anyway); what they return to await (a pluggable
+    classifier, flood counters in Redis) runs under ``timeout``, if one is set."""
+
+    name: str
+    run: _Filter
+    timeout: float | None
+
+
 @dataclass(slots=True)
 class _Channel:
     """A channel's policy with its filters built."""
@@ -60,6 +76,8 @@ class _Channel:
     terms: TermFilter
     pii: PiiDetector
     limits: Limits
+    steps: tuple[_Step, ...]
+    score_now: Callable[[str], float] | None  # the classifier's inline scorer, if any
 
 
 class FilterModerator(ServiceBase):
@@ -84,22 +102,8 @@ class FilterModerator(ServiceBase):
         self.counts: Counter[str] = Counter()  # "action:block", "failure:classifier", ...
         self._base = Path(settings.source).parent if settings.source != "<memory>" else None
         self._channels: dict[str, _Channel] = {}
-        # Filters that only compute run inline: a timeout cannot interrupt them anyway.
-        # Those that wait (a pluggable classifier, the shared flood counters) are timed.
-        self._pure_filters: dict[str, Callable[[_Run, _Channel], None]] = {
-            "size": self._size, "terms": self._terms, "pii": self._pii,
-            "injection": self._injection,
-        }
-        self._waiting_filters: dict[str, Callable[[_Run, _Channel], Awaitable[None]]] = {
-            "classifier": self._classifier, "flood": self._flood,
-        }
-        self._filters = {**self._pure_filters, **self._waiting_filters}
-        self._scorers_now = {name: scorer_now(c) for name, c in self.classifiers.items()}
         for channel in ("", *self.section.channels):
-            policy = self._channel(channel).policy
-            for name in policy.input_filters:
-                if name not in self._filters:
-                    raise_unknown(settings.source, "input_filters", name, self._filters)
+            policy = self._channel(channel).policy  # checks the input filters' names
             for name in policy.output_filters:
                 if name not in ("terms", "classifier", "pii"):
                     raise_unknown(settings.source, "output_filters", name,
@@ -122,6 +126,7 @@ class FilterModerator(ServiceBase):
         built = self._channels.get(channel)
         if built is None:
             policy = self.section.for_channel(channel)
+            score_now = scorer_now(self.classifiers[policy.classifier])
             built = self._channels[channel] = _Channel(
                 policy,
                 TermFilter.from_policy(
@@ -131,8 +136,31 @@ class FilterModerator(ServiceBase):
                 PiiDetector(policy.pii),
                 Limits(policy.user_rate, policy.user_window, policy.conversation_rate,
                        policy.conversation_window),
+                self._steps(policy, score_now),
+                score_now,
             )
         return built
+
+    def _steps(
+        self, policy: ModerationPolicy, score_now: Callable[[str], float] | None
+    ) -> tuple[_Step, ...]:
+        filters: dict[str, _Filter] = {
+            "size": self._size, "terms": self._terms, "pii": self._pii,
+            "injection": self._injection, "flood": self._flood,
+            "classifier": self._classifier if score_now is None
+            else partial(self._classifier_now, score_now),
+        }
+        # Timed: what waits on something else (in-process flood state never does).
+        timed = {"classifier"} if score_now is None else set()
+        if not getattr(self.state, "in_process", False):
+            timed.add("flood")
+        steps = []
+        for name in policy.input_filters:
+            if name not in filters:
+                raise_unknown(self.settings.source, "input_filters", name, filters)
+            steps.append(_Step(name, filters[name],
+                               policy.filter_timeout if name in timed else None))
+        return tuple(steps)
 
     # -- input ---------------------------------------------------------------------------
 
@@ -141,29 +169,18 @@ class FilterModerator(ServiceBase):
         channel = self._channel(message.channel)
         text = normalise(message.text)
         run = _Run(message, channel.policy, text, text.clean)
-        for name in channel.policy.input_filters:
+        for step in channel.steps:
             try:
-                await self._apply(name, run, channel)
+                waiting = step.run(run, channel)
+                if waiting is not None:
+                    async with asyncio.timeout(step.timeout):  # None: no timer at all
+                        await waiting
             except Exception as exc:
-                self._failed(run, name, exc)
+                self._failed(run, step.name, exc)
                 if channel.policy.fail_input == "closed":
-                    run.findings.append(Finding("failure", name))
+                    run.findings.append(Finding("failure", step.name))
                     break
         return await self._decide(run, channel.policy)
-
-    async def _apply(self, name: str, run: _Run, channel: _Channel) -> None:
-        """Run one input filter; only what waits on something else runs under a timeout
-        (a timeout cannot interrupt computation, and costs a timer per call)."""
-        pure = self._pure_filters.get(name)
-        if name == "classifier" and self._scorers_now[run.policy.classifier]:
-            pure = self._classifier_now
-        if pure is not None:
-            pure(run, channel)
-        elif name == "flood" and getattr(self.state, "in_process", False):
-            await self._flood(run, channel)
-        else:
-            async with asyncio.timeout(channel.policy.filter_timeout):
-                await self._waiting_filters[name](run, channel)
 
     def _failed(self, run: _Run, name: str, exc: Exception) -> None:
         log.warning("moderation: bot %s: filter %s failed (%s mode): %s: %s",
@@ -186,10 +203,10 @@ class FilterModerator(ServiceBase):
         # The classifier reads the folded words, so "y0u 4r3 4n 1d10t" is read as words.
         self._classified(run, await classifier.score(channel.terms.strip_allowed(run.text.key)))
 
-    def _classifier_now(self, run: _Run, channel: _Channel) -> None:
-        scorer = self._scorers_now[run.policy.classifier]
-        assert scorer is not None
-        self._classified(run, scorer(channel.terms.strip_allowed(run.text.key)))
+    def _classifier_now(
+        self, score_now: Callable[[str], float], run: _Run, channel: _Channel
+    ) -> None:
+        self._classified(run, score_now(channel.terms.strip_allowed(run.text.key)))
 
     def _classified(self, run: _Run, score: float) -> None:
         run.scores["classifier"] = score
@@ -271,8 +288,7 @@ class FilterModerator(ServiceBase):
             terms=channel.terms if "terms" in filters else None,
             pii=channel.pii if "pii" in filters else None,
             classify=classifier.score if "classifier" in filters else None,
-            classify_now=self._scorers_now[policy.classifier] if "classifier" in filters
-            else None,
+            classify_now=channel.score_now if "classifier" in filters else None,
             threshold=policy.output_threshold,
             hold_chars=policy.hold_chars,
             replacement=policy.output_replacement,
