@@ -138,39 +138,24 @@ class ScriptPipeline:
                 replies = await pipe.execute(raise_on_error=False)
         except BaseException as exc:
             for call in calls:
-                if not call.result.done():
-                    call.result.set_exception(exc)
+                call.settle(exc)
             if not isinstance(exc, Exception):
                 raise
             return
         again = []
         for call, reply in zip(calls, replies, strict=True):
-            if call.result.done():
-                continue
             if isinstance(reply, NoScriptError):
                 again.append(call)
-            elif isinstance(reply, BaseException):
-                call.result.set_exception(reply)
             else:
-                call.result.set_result(reply)
-        if again:
-            task = asyncio.get_running_loop().create_task(self._run_again(again))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
-
-    async def _run_again(self, calls: list[_Call]) -> None:
-        """Calls that did not run (NOSCRIPT), one by one in their order; the script
-        object loads its script again first."""
-        for call in calls:
+                call.settle(reply)
+        # Calls that did not run (NOSCRIPT, after a restart): one by one, in their order;
+        # the script object loads its script again first.
+        for call in again:
             try:
                 async with asyncio.timeout(self._timeout):
-                    reply = await call.script(keys=list(call.keys), args=list(call.args))
+                    call.settle(await call.script(keys=list(call.keys), args=list(call.args)))
             except Exception as exc:
-                if not call.result.done():
-                    call.result.set_exception(exc)
-            else:
-                if not call.result.done():
-                    call.result.set_result(reply)
+                call.settle(exc)
 
 
 @dataclass(slots=True)
@@ -179,3 +164,12 @@ class _Call:
     keys: Sequence[str]
     args: Sequence[Any]
     result: asyncio.Future[Any]
+
+    def settle(self, outcome: Any) -> None:
+        """Give the caller ``outcome`` (an exception is raised to it), unless it left."""
+        if self.result.done():
+            return
+        if isinstance(outcome, BaseException):
+            self.result.set_exception(outcome)
+        else:
+            self.result.set_result(outcome)

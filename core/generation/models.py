@@ -193,7 +193,10 @@ def dequantized_config(path: str) -> Any:
     """
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path)
+    return _without_quantization(AutoConfig.from_pretrained(path))
+
+
+def _without_quantization(config: Any) -> Any:
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config
     return config
@@ -306,8 +309,7 @@ def _convert(preset: Preset, source_dir: Path, scratch: Path) -> None:
         # The weights are dequantized now: neither the quantizer (it would refuse to
         # serialise them) nor its config entry (it would pin the dtype) belongs with them.
         model.hf_quantizer = None
-        if getattr(model.config, "quantization_config", None) is not None:
-            del model.config.quantization_config
+        _without_quantization(model.config)
         out = scratch / "model"
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)

@@ -193,7 +193,7 @@ class RedisMemory(ServiceBase):
         return failures_as(MemoryUnavailable, f"redis at {self.where}", what)
 
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        if self._client is None or self._pipeline is None:
+        if self._pipeline is None:
             raise RuntimeError("RedisMemory is used before start() or after stop()")
         async with self._failures(name):
             return await self._pipeline(name, keys, args)
