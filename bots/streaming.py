@@ -101,6 +101,7 @@ class StreamingReply(Generic[H]):
         self.limits = limits
         self.streaming = streaming
         self.shown: list[Shown[H]] = []
+        self.text: str | None = None  # the whole reply, once the final event came
         self._clock = clock
         self._target = ""
         self._dirty = asyncio.Event()
@@ -139,6 +140,7 @@ class StreamingReply(Generic[H]):
             final = self._target  # a stream cut short keeps what it showed, completed
         if final is None:
             return None
+        self.text = final
         await self.finish(final)
         return final
 

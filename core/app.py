@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
+
+from aiohttp import web
 
 from core import commands
 from core.config import BotSettings
@@ -43,6 +45,22 @@ class Adapter(Protocol):
 AdapterFactory = Callable[[BotSettings, Mapping[str, Any]], Adapter]
 
 
+@runtime_checkable
+class RouteProvider(Protocol):
+    """An adapter with HTTP routes for the bot's web server to serve (e.g. a webhook)."""
+
+    def http_routes(self) -> Sequence[web.RouteDef]:
+        """The routes; empty if the adapter needs none as configured."""
+
+
+@runtime_checkable
+class RouteHost(Protocol):
+    """An adapter that runs the bot's HTTP server and serves other adapters' routes."""
+
+    def mount(self, routes: Sequence[web.RouteDef]) -> None:
+        """Serve ``routes`` too, from the next start on."""
+
+
 def adapter_registry() -> Registry[AdapterFactory]:
     """Adapters by name, from the ``parley.adapters`` entry points (bots/ registers them)."""
     return Registry("adapter", "parley.adapters")
@@ -75,12 +93,34 @@ def build_adapters(settings: BotSettings, names: Sequence[str] | None = None) ->
     chosen = list(names) if names is not None else list(settings.adapters)
     if not chosen:
         raise ConfigError(f"{settings.source}: adapters: no adapter configured")
-    return [
-        registry.get(name, where=f"{settings.source}: adapters.{name}")(
+    adapters = {
+        name: registry.get(name, where=f"{settings.source}: adapters.{name}")(
             settings, settings.adapters.get(name, {})
         )
         for name in chosen
-    ]
+    }
+    _mount_routes(settings, adapters)
+    return list(adapters.values())
+
+
+def _mount_routes(settings: BotSettings, adapters: Mapping[str, Adapter]) -> None:
+    """Give the routes adapters offer (webhooks) to the adapter serving HTTP."""
+    offered = {
+        name: routes
+        for name, adapter in adapters.items()
+        if isinstance(adapter, RouteProvider) and (routes := adapter.http_routes())
+    }
+    if not offered:
+        return
+    hosts = [adapter for adapter in adapters.values() if isinstance(adapter, RouteHost)]
+    if not hosts:
+        name = next(iter(offered))
+        raise ConfigError(
+            f"{settings.source}: adapters.{name}: needs an HTTP server for its routes: "
+            "configure [adapters.web] too"
+        )
+    for routes in offered.values():
+        hosts[0].mount(routes)
 
 
 async def serve(engine: Engine, adapters: Sequence[Adapter]) -> None:

@@ -20,7 +20,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib.resources import files
 from typing import Annotated, Any
 
@@ -117,6 +117,7 @@ class WebAdapter:
         )
         self._runner: web.AppRunner | None = None
         self._stopped = asyncio.Event()
+        self._mounted: list[web.RouteDef] = []
 
     @property
     def port(self) -> int:
@@ -125,6 +126,10 @@ class WebAdapter:
             raise RuntimeError("the web adapter is not started")
         return int(self._runner.addresses[0][1])
 
+    def mount(self, routes: Sequence[web.RouteDef]) -> None:
+        """Serve other adapters' ``routes`` (a Telegram webhook) too, from the next start."""
+        self._mounted.extend(routes)
+
     async def start(self, engine: Engine) -> None:
         """Listen on the configured host and port; returns once serving."""
         if self._runner is not None:
@@ -132,7 +137,7 @@ class WebAdapter:
         self._stopped.clear()
         page = await asyncio.to_thread(files("bots.web").joinpath("static/index.html").read_bytes)
         runner = web.AppRunner(
-            build_app(engine, self.config, page),
+            build_app(engine, self.config, page, self._mounted),
             # Cancel a request's handler when its client goes, so its generation stops.
             handler_cancellation=True,
             shutdown_timeout=SHUTDOWN_TIMEOUT,
@@ -165,8 +170,11 @@ class WebAdapter:
         await self._stopped.wait()
 
 
-def build_app(engine: Engine, config: WebSettings, page: bytes) -> web.Application:
-    """The aiohttp application serving ``engine``, with ``page`` as the demo page."""
+def build_app(
+    engine: Engine, config: WebSettings, page: bytes, mounted: Sequence[web.RouteDef] = ()
+) -> web.Application:
+    """The aiohttp application serving ``engine``, with ``page`` as the demo page and
+    the ``mounted`` routes of other adapters."""
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_json_errors])
     app[ENGINE] = engine
     app[CONFIG] = config
@@ -178,6 +186,7 @@ def build_app(engine: Engine, config: WebSettings, page: bytes) -> web.Applicati
     for path, handler in (("/api/v1/chat", _chat), ("/api/v1/chat/stream", _chat_stream)):
         app.router.add_post(path, handler)
         app.router.add_route("OPTIONS", path, _preflight)
+    app.router.add_routes(mounted)
     return app
 
 
