@@ -249,6 +249,10 @@ class FakeTelegram:
                 and (chat_id is None or c.params.get("chat_id") == chat_id)
                 and (not ok or c.status == 200)]
 
+    def delivered(self, update: Mapping[str, Any]) -> list[int]:
+        """The bot's answers (HTTP statuses) to each webhook delivery of ``update``."""
+        return [d.status for d in self.deliveries if d.update_id == update["update_id"]]
+
     @property
     def pending(self) -> int:
         """Updates not yet confirmed by the bot."""
