@@ -1,0 +1,120 @@
+"""``parley run`` with Telegram enabled, as a real process, against the loopback fake.
+
+The token and the webhook secret come from the environment, as in production; the fake
+Bot API runs in the test and the process talks to it over HTTP on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from bots.testing.telegram import FakeTelegram
+from tests.test_telegram_webhook import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+SECRET = "e2e-webhook-secret"
+LIMITS = """
+[adapters.telegram.limits]
+chat_interval = 0.05
+group_interval = 0.1
+edit_interval = 0.05
+group_edit_interval = 0.1
+"""
+
+
+def bot_file(tmp_path: Path, adapters: str) -> Path:
+    path = tmp_path / "tgbot.toml"
+    path.write_text(
+        '[bot]\nname = "tge2e"\n[generation]\nbackend = "echo"\n'
+        '[memory]\nbackend = "embedded"\n' + adapters + LIMITS,
+        encoding="utf-8",
+    )
+    return path
+
+
+@asynccontextmanager
+async def parley_run(config: Path, telegram: FakeTelegram) -> AsyncIterator[None]:
+    """``parley run CONFIG`` in the background; SIGTERM at the end, which must exit 0."""
+    env = {**os.environ, "TELEGRAM_TOKEN": telegram.token, "TELEGRAM_SECRET": SECRET,
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "core.cli", "run", str(config), cwd=REPO, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        yield
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        log = (out + err).decode(errors="replace")
+        assert process.returncode == 0, log
+        assert telegram.token not in log and SECRET not in log  # secrets stay out of logs
+
+
+async def test_parley_run_answers_on_telegram_by_polling(tmp_path: Path) -> None:
+    async with FakeTelegram() as telegram:
+        config = bot_file(tmp_path, f"""
+[adapters.telegram]
+token = "${{TELEGRAM_TOKEN}}"
+api_base_url = "{telegram.base_url}"
+poll_timeout = 1
+""")
+        async with parley_run(config, telegram):
+            telegram.message("hello from a real process", chat_id=501)
+            await telegram.wait_for(
+                lambda: telegram.texts(501) == ["hello from a real process"], within=90)
+            telegram.message("/help", chat_id=501)
+            await telegram.wait_for(lambda: len(telegram.texts(501)) == 2, within=30)
+        assert telegram.calls_to("getUpdates")
+        assert [c["command"] for c in telegram.commands][:1] == ["start"]
+
+
+async def test_parley_run_answers_on_telegram_by_webhook(tmp_path: Path) -> None:
+    port = free_port()
+    async with FakeTelegram() as telegram:
+        config = bot_file(tmp_path, f"""
+[adapters.web]
+host = "127.0.0.1"
+port = {port}
+
+[adapters.telegram]
+token = "${{TELEGRAM_TOKEN}}"
+api_base_url = "{telegram.base_url}"
+mode = "webhook"
+webhook_url = "http://127.0.0.1:{port}/telegram/webhook"
+secret_token = "${{TELEGRAM_SECRET}}"
+""")
+        async with parley_run(config, telegram):
+            await telegram.wait_for(lambda: telegram.webhook is not None, within=90)
+            body = telegram.message("hello through the webhook", chat_id=502)
+            await telegram.wait_for(lambda: 200 in telegram.delivered(body), within=30)
+            assert telegram.texts(502) == ["hello through the webhook"]
+            # The same server still serves the web channel.
+            refused = await telegram.post(f"http://127.0.0.1:{port}/telegram/webhook", body,
+                                          secret="wrong")
+            assert refused == 403
+        assert telegram.calls_to("getUpdates") == []
+
+
+def test_the_example_telegram_bot_passes_check() -> None:
+    env = {**os.environ, "TELEGRAM_TOKEN": "123:EXAMPLE"}
+    result = subprocess.run(
+        [sys.executable, "-m", "core.cli", "check", "config/telegram.toml"],
+        cwd=REPO, env=env, capture_output=True, check=False, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    unset = {k: v for k, v in env.items() if k != "TELEGRAM_TOKEN"}
+    result = subprocess.run(
+        [sys.executable, "-m", "core.cli", "check", "config/telegram.toml"],
+        cwd=REPO, env=unset, capture_output=True, check=False, timeout=120,
+    )
+    assert result.returncode == 2
+    assert b"TELEGRAM_TOKEN is not set" in result.stderr
