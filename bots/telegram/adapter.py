@@ -44,6 +44,7 @@ SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 ALLOWED_UPDATES = ("message",)
 # Replies that could not be delivered, kept for the redelivery of their update.
 OUTBOX_SIZE = 1000
+APOLOGY = "Sorry, something went wrong while answering. Please try again."
 # How long stop() lets replies in progress finish.
 SHUTDOWN_TIMEOUT = 10.0
 
@@ -232,12 +233,16 @@ class TelegramAdapter:
         reply = StreamingReply(chat, self._limits(target), streaming=self.config.streaming)
         try:
             await reply.render(engine.handle(message))
-        except Exception:
+        except TelegramError:
             if reply.text is not None:
                 self._undelivered(message, reply, reply.text)
-            else:
-                log.exception("telegram: answering %s failed", message.message_id)
             raise
+        except Exception:
+            # Not Telegram's doing: the same update again would fail again. The user
+            # hears so at once, the log and the metric say what happened.
+            log.exception("telegram: answering %s failed", message.message_id)
+            engine.metrics.errors.labels(engine.name, "telegram").inc()
+            await reply.finish(APOLOGY)
 
     def _incoming(self, engine: Engine, target: Addressed) -> IncomingMessage:
         return IncomingMessage(

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _GLOBAL = "global"
+_PRUNE_AT = 10_000  # chats with a slot kept, before the quiet ones are forgotten
 
 
 class Pacer:
@@ -49,6 +50,9 @@ class Pacer:
         if chat_id is not None:
             intervals[chat_id] = (self.limits.group_interval if group
                                   else self.limits.chat_interval)
+        if len(self._next) > _PRUNE_AT:
+            # Chats long quiet need no slot kept: their next call is free anyway.
+            self._next = {k: v for k, v in self._next.items() if v > now}
         at = max(now, *(self._next.get(key, now) for key in intervals))
         for key, interval in intervals.items():
             self._next[key] = at + interval
