@@ -183,8 +183,12 @@ async def test_healthz_metrics_and_page(site: Site) -> None:
         assert response.status == 200
         assert response.content_type == "text/html"
         page = await response.text()
-    assert "/api/v1/chat/stream" in page
-    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # nothing external
+        csp = response.headers["Content-Security-Policy"]
+    assert '<script src="/widget.js"' in page
+    assert "unsafe-inline" not in csp and "script-src 'self'" in csp
+    assert "<style" not in page and not re.search(r"<script(?![^>]*\ssrc=)", page)  # no inline
+    # Nothing external is loaded (the snippet shown on the page is text, not a tag).
+    assert not re.search(r"""<[a-z]+[^>]*\s(src|href)\s*=\s*["']?(https?:)?//""", page)
 
 
 async def test_api_errors_are_json(site: Site) -> None:

@@ -8,6 +8,8 @@ Routes:
   (``event: delta | final | notice | error``, each ``data`` a JSON object). A failure
   before the reply begins is answered as on ``/api/v1/chat``, with a JSON error status.
 - ``GET /healthz``, ``GET /metrics`` (Prometheus), and ``GET /`` (a demo page).
+- The embeddable widget: ``/widget.js``, sessions, the WebSocket API and feedback
+  (:mod:`bots.web.routes`).
 
 A request the adapter refuses (wrong content type, too big, not UTF-8, not JSON, bad
 fields) never reaches the engine. Errors of the API are JSON: ``{"error", "code"}``.
@@ -36,7 +38,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from core.config import BotSettings, Section, validate_section
+from bots.web import routes
+from bots.web.settings import WidgetFields
+from core.config import BotSettings, validate_section
 from core.engine import Engine, collect
 from core.errors import ConfigError
 from core.streams import closing
@@ -59,14 +63,16 @@ _ERROR_STATUS = {
     "empty_reply": 502,
 }
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# No inline script or style anywhere: the page and the widget load theirs from files.
 _PAGE_CSP = (
-    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 
 
-class WebSettings(Section):
-    """``[adapters.web]``: where to listen and what to accept."""
+class WebSettings(WidgetFields):
+    """``[adapters.web]``: where to listen and what to accept (and the widget's keys,
+    :class:`~bots.web.settings.WidgetFields`)."""
 
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)  # 0: any free port
@@ -180,6 +186,7 @@ def build_app(
     app[CONFIG] = config
     app[PAGE] = page
     app.on_response_prepare.append(_add_headers)
+    routes.install(app, engine, config)
     app.router.add_get("/", _index)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/metrics", _metrics)

@@ -1,0 +1,190 @@
+"""The widget's server side, apart from HTTP: sessions, replies that outlive sockets,
+history, feedback and rate limits.
+
+A message from a widget starts a reply task that runs the engine and appends every
+event to the conversation's reply log (:mod:`bots.web.resume`); sockets only read the
+log. So a reload, a network blip or a socket reaped by the heartbeat loses nothing:
+the reply goes on, and the widget reads on from the last number it saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from bots.web.feedback import FeedbackStore, Rating, RedisFeedbackStore, new_feedback
+from bots.web.limits import RateLimiter
+from bots.web.resume import Entry, MemoryReplyLog, RedisReplyLog, ReplyLog, StoreUnavailable
+from bots.web.sessions import Session, SessionSigner
+from bots.web.settings import WidgetFields
+from core.engine import Engine
+from core.lifecycle import ServiceBase
+from core.redis_client import key_part
+from core.streams import closing
+from core.types import ConversationKey, IncomingMessage, ReplyEvent, Turn
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "web"
+TERMINAL = frozenset({"final", "notice", "error"})
+STOP_TIMEOUT = 10.0  # seconds replies in progress get to finish when the hub stops
+SORRY = "Sorry, something went wrong. Please try again."
+
+
+def event_entry(event: ReplyEvent, message_id: str) -> Entry:
+    """A reply event as the log keeps it (without its number)."""
+    entry: Entry = {"kind": event.kind.value, "message_id": message_id, "text": event.text,
+                    "action": str(event.action)}
+    if event.code is not None:
+        entry["code"] = event.code
+    return entry
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What a widget opening a conversation gets: stored turns, then the entries of
+    replies still in flight; live entries follow from ``last``."""
+
+    turns: list[dict[str, Any]]
+    in_flight: list[Entry]
+    last: int
+
+
+class ChatHub(ServiceBase):
+    """Sessions, reply tasks, resume log and feedback of one bot's web widget."""
+
+    def __init__(self, engine: Engine, config: WidgetFields) -> None:
+        self.engine = engine
+        self.config = config
+        settings = engine.settings
+        secret = config.secret
+        if secret is None:
+            log.warning("bot %s: adapters.web.secret is not set: session tokens die with this "
+                        "process and do not work across front ends", engine.name)
+            secret = secrets.token_urlsafe(32)
+        self.signer = SessionSigner(engine.name, secret, ttl=config.session_ttl,
+                                    identity_secret=config.identity_secret)
+        self.log: ReplyLog
+        self.feedback: FeedbackStore
+        if settings.memory.backend == "redis":
+            self.log = RedisReplyLog(settings.memory, engine.name, ttl=config.resume_ttl,
+                                     cap=config.resume_events, source=settings.source)
+            self.feedback = RedisFeedbackStore(settings.memory, engine.name,
+                                               source=settings.source)
+        else:
+            self.log = MemoryReplyLog(ttl=config.resume_ttl, cap=config.resume_events)
+            self.feedback = FeedbackStore()
+        self.session_rate = RateLimiter(config.session_rate, config.rate_window)
+        self.ip_rate = RateLimiter(config.ip_rate, config.rate_window)
+        self.sockets: Counter[str] = Counter()  # open sockets per client address
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def _start(self) -> None:
+        await self.log.start()
+        await self.feedback.start()
+
+    async def _stop(self) -> None:
+        tasks = set(self._tasks)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        try:
+            await self.feedback.stop()
+        finally:
+            await self.log.stop()
+
+    @staticmethod
+    def ref(session: Session) -> str:
+        """The conversation's reference in keys, as memory spells it."""
+        return f"{CHANNEL}:{key_part(session.conversation_id)}"
+
+    def key(self, session: Session) -> ConversationKey:
+        """The engine's key of the session's conversation."""
+        return ConversationKey(self.engine.name, CHANNEL, session.conversation_id)
+
+    async def submit(self, session: Session, message_id: str, text: str) -> None:
+        """Log the user's message and start its reply; returns once the message is logged.
+
+        The reply runs on its own task, whatever becomes of the socket that sent it.
+        """
+        ref = self.ref(session)
+        await self.log.append(ref, {"kind": "user", "message_id": message_id, "text": text})
+        message = IncomingMessage(
+            bot=self.engine.name, channel=CHANNEL, conversation_id=session.conversation_id,
+            user_id=session.user_id, message_id=message_id, text=text,
+        )
+        task = asyncio.create_task(self._reply(ref, message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reply(self, ref: str, message: IncomingMessage) -> None:
+        mid = message.message_id
+        try:
+            async with closing(self.engine.handle(message)) as events:
+                async for event in events:
+                    await self.log.append(ref, event_entry(event, mid))
+        except StoreUnavailable as exc:
+            # The reply cannot be kept, so it stops here (leaving the block cancels the
+            # generation); the sockets open on the conversation are told directly.
+            self._failed(ref, mid, "web_store", f"reply log failed: {exc}")
+        except Exception:
+            log.exception("web: reply to %s/%s failed", ref, mid)
+            try:
+                await self.log.append(ref, {"kind": "error", "message_id": mid, "text": SORRY,
+                                            "action": "allow", "code": "internal"})
+            except StoreUnavailable as exc:
+                self._failed(ref, mid, "web_store", f"reply log failed: {exc}")
+            else:
+                self.engine.metrics.errors.labels(self.engine.name, "web_reply").inc()
+
+    def _failed(self, ref: str, message_id: str, stage: str, reason: str) -> None:
+        log.warning("web: %s/%s: %s", ref, message_id, reason)
+        self.engine.metrics.errors.labels(self.engine.name, stage).inc()
+        self.log.tell(ref, {"kind": "error", "message_id": message_id, "text": SORRY,
+                            "action": "allow", "code": "unavailable"})
+
+    async def snapshot(self, session: Session) -> Snapshot:
+        """The conversation for a widget that has nothing yet (a page load).
+
+        The log is read before memory: a reply that finishes in between is then in both,
+        and the widget, which keys bubbles by message id, shows it once.
+        """
+        backlog = await self.log.since(self.ref(session), 0)
+        memory = await self.engine.memory.load(self.key(session), session.user_id)
+        done = {e["message_id"] for e in backlog.entries if e["kind"] in TERMINAL}
+        in_flight = [e for e in backlog.entries if e["message_id"] not in done]
+        return Snapshot(_history(memory.turns), in_flight, backlog.last)
+
+    async def rate(self, session: Session, message_id: str, rating: Rating,
+                   comment: str) -> bool:
+        """Store feedback on the reply to ``message_id``; False if there is no such reply."""
+        memory = await self.engine.memory.load(self.key(session), session.user_id)
+        for turn in _history(memory.turns):
+            if turn["role"] == "assistant" and turn["message_id"] == message_id:
+                record = new_feedback(message_id, rating, comment, turn["prompt"], turn["text"],
+                                      session.user_id)
+                await self.feedback.put(self.ref(session), record)
+                return True
+        return False
+
+
+def _history(turns: tuple[Turn, ...]) -> list[dict[str, Any]]:
+    """Stored turns for the widget: each reply carries the id (and text) of the user
+    message it answered, which is how the widget and feedback name it."""
+    shown: list[dict[str, Any]] = []
+    last_user: Turn | None = None
+    for turn in turns:
+        if turn.role == "user":
+            last_user = turn
+            shown.append({"role": "user", "text": turn.text, "message_id": turn.message_id})
+        elif turn.role == "assistant" and last_user is not None:
+            shown.append({"role": "assistant", "text": turn.text,
+                          "message_id": last_user.message_id, "prompt": last_user.text})
+            last_user = None
+    return shown

@@ -1,0 +1,288 @@
+"""Reply events kept for a while, numbered per conversation, so a widget can resume.
+
+Every event of a web conversation (the user's message, typing, deltas, reset, final,
+notice, error) is appended to the conversation's log and gets the next sequence
+number. A socket forwards what is appended while it is open; a widget that reconnects
+asks for everything after the last number it saw, and gets exactly that.
+
+Two backends, chosen like memory: in Redis when ``[memory] backend = "redis"`` (so any
+front end can resume any conversation, with a pub/sub poke telling the others that a
+log grew), in this process otherwise. Key layout (``{p}`` is ``memory.key_prefix``,
+``{ref}`` is ``{channel}:{conversation_id}``, every part percent-encoded)::
+
+    {p}:{bot}:web:seq:{ref}     string  the last sequence number given out
+    {p}:{bot}:web:log:{ref}     list    "{seq}\\n{json}", oldest first, capped
+    {p}:{bot}:web:events        channel "{origin}\\n{ref}\\n{seq}" on every append
+
+Numbers start at the current time in microseconds when a log is new (or expired), so
+they keep growing even across an expiry: a widget's old number is then a gap, never a
+number that means something else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+
+from core.config import MemorySection
+from core.errors import ParleyError
+from core.lifecycle import ServiceBase
+from core.redis_client import ScriptPipeline, connect, failures_as, key_part, load_scripts, redact
+
+log = logging.getLogger(__name__)
+
+Entry = dict[str, Any]  # one event as the widget gets it, with its "seq"
+
+
+class StoreUnavailable(ParleyError):
+    """The widget's store (reply-event log, feedback) could not be read or written."""
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """Entries after a sequence number; ``gap`` if some of them are no longer kept."""
+
+    entries: list[Entry]
+    gap: bool
+    last: int  # the newest number given out in the conversation (0: none)
+
+
+class Subscription:
+    """Events appended to one conversation while the subscription is open.
+
+    ``get`` returns an entry appended in this process, or ``None`` when another
+    process appended something (read it with :meth:`ReplyLog.since`).
+    """
+
+    def __init__(self, ref: str) -> None:
+        self.ref = ref
+        self._queue: asyncio.Queue[Entry | None] = asyncio.Queue()
+
+    def put(self, entry: Entry | None) -> None:
+        """Hand an entry (or a poke) to the subscriber."""
+        self._queue.put_nowait(entry)
+
+    async def get(self) -> Entry | None:
+        """The next entry or poke; waits for one."""
+        return await self._queue.get()
+
+
+class ReplyLog(ServiceBase):
+    """The shared part of both backends: local subscribers and fan-out."""
+
+    def __init__(self, *, ttl: int, cap: int) -> None:
+        self.ttl = ttl
+        self.cap = cap
+        self._subscribers: dict[str, set[Subscription]] = {}
+
+    @contextmanager
+    def subscribe(self, ref: str) -> Iterator[Subscription]:
+        """Receive what is appended to ``ref`` until the block ends."""
+        sub = Subscription(ref)
+        self._subscribers.setdefault(ref, set()).add(sub)
+        try:
+            yield sub
+        finally:
+            subs = self._subscribers.get(ref)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._subscribers[ref]
+
+    def _fan_out(self, ref: str, entry: Entry | None) -> None:
+        for sub in self._subscribers.get(ref, ()):
+            sub.put(entry)
+
+    def tell(self, ref: str, entry: Entry) -> None:
+        """Hand an unnumbered entry (a failure of the log itself) to this process's
+        subscribers of ``ref``; it is not kept."""
+        self._fan_out(ref, entry)
+
+    async def append(self, ref: str, event: Entry) -> Entry:
+        """Number ``event``, keep it, hand it to subscribers; the numbered entry."""
+        seq = await self._append(ref, json.dumps(event, ensure_ascii=False,
+                                                 separators=(",", ":")))
+        entry = {"seq": seq, **event}
+        self._fan_out(ref, entry)
+        return entry
+
+    async def _append(self, ref: str, encoded: str) -> int:
+        raise NotImplementedError
+
+    async def since(self, ref: str, after: int) -> Backlog:
+        """The kept entries numbered above ``after``, oldest first."""
+        raise NotImplementedError
+
+
+def _backlog(numbered: list[tuple[int, str]], after: int, last: int) -> Backlog:
+    entries = [{"seq": seq, **json.loads(raw)} for seq, raw in numbered if seq > after]
+    oldest = numbered[0][0] if numbered else last + 1
+    # A gap: the widget saw something before, and what came right after it is gone.
+    gap = after > 0 and (oldest > after + 1 or after > last)
+    return Backlog(entries, gap, last)
+
+
+@dataclass(slots=True)
+class _Kept:
+    entries: deque[tuple[int, str]]
+    last: int
+    expires_at: float = field(default=0.0)
+
+
+class MemoryReplyLog(ReplyLog):
+    """The log in this process's memory (with ``[memory] backend = "embedded"``)."""
+
+    def __init__(self, *, ttl: int, cap: int, sweep_interval: float = 60.0) -> None:
+        super().__init__(ttl=ttl, cap=cap)
+        self._logs: dict[str, _Kept] = {}
+        self._sweep_interval = sweep_interval
+        self._next_sweep = 0.0
+
+    def _live(self, ref: str, now: float) -> _Kept | None:
+        if now >= self._next_sweep:
+            self._next_sweep = now + self._sweep_interval
+            for key in [k for k, kept in self._logs.items() if kept.expires_at <= now]:
+                del self._logs[key]
+        kept = self._logs.get(ref)
+        if kept is not None and kept.expires_at <= now:
+            del self._logs[ref]
+            return None
+        return kept
+
+    async def _append(self, ref: str, encoded: str) -> int:
+        now = time.time()
+        kept = self._live(ref, now)
+        if kept is None:
+            kept = self._logs[ref] = _Kept(deque(maxlen=self.cap), int(now * 1_000_000))
+        kept.last += 1
+        kept.entries.append((kept.last, encoded))
+        kept.expires_at = now + self.ttl
+        return kept.last
+
+    async def since(self, ref: str, after: int) -> Backlog:
+        """The kept entries numbered above ``after``, oldest first."""
+        kept = self._live(ref, time.time())
+        if kept is None:
+            return _backlog([], after, 0)
+        return _backlog(list(kept.entries), after, kept.last)
+
+
+# KEYS: seq, log. ARGV: entry (JSON), cap, ttl, channel, origin, ref.
+_APPEND = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  local t = redis.call('TIME')
+  redis.call('SET', KEYS[1], t[1] .. string.format('%06d', tonumber(t[2])))
+end
+-- %d: a plain concatenation would write a number this big as 1.79e+15.
+local seq = string.format('%d', redis.call('INCR', KEYS[1]))
+redis.call('RPUSH', KEYS[2], seq .. '\\n' .. ARGV[1])
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[5] .. '\\n' .. ARGV[6] .. '\\n' .. seq)
+return seq
+"""
+# KEYS: seq, log.
+_SINCE = "return {redis.call('GET', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1)}"
+
+_RESUBSCRIBE_DELAY = 1.0
+
+
+class RedisReplyLog(ReplyLog):
+    """The log in Redis (with ``[memory] backend = "redis"``); see the module docstring."""
+
+    def __init__(self, section: MemorySection, bot: str, *, ttl: int, cap: int,
+                 source: str = "<memory>") -> None:
+        super().__init__(ttl=ttl, cap=cap)
+        self.section = section
+        self.source = source
+        self._base = f"{section.key_prefix}:{key_part(bot)}:web:"
+        self.channel = self._base + "events"
+        self._origin = secrets.token_hex(8)  # this process, to skip its own pokes
+        self._client: Redis | None = None
+        self._pipeline: ScriptPipeline | None = None
+        self._listener: asyncio.Task[None] | None = None
+
+    async def _start(self) -> None:
+        client = connect(self.section.url, timeout=self.section.timeout,
+                         where=f"{self.source}: memory.url", socket_timeout=False)
+        self._client = client
+        async with self._failures("start"), asyncio.timeout(self.section.timeout):
+            scripts = await load_scripts(client, {"append": _APPEND, "since": _SINCE})
+        self._pipeline = ScriptPipeline(client, scripts, timeout=self.section.timeout)
+        ready = asyncio.get_running_loop().create_future()
+        self._listener = asyncio.create_task(self._listen(client, ready))
+        await ready  # subscribed: no poke sent after start() returns is missed
+
+    async def _stop(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
+        client, self._client = self._client, None
+        self._pipeline = None
+        if client is not None:
+            await client.aclose()
+
+    async def _listen(self, client: Redis, ready: asyncio.Future[None]) -> None:
+        """Poke local subscribers when another front end appends to their conversation."""
+        while True:
+            try:
+                async with client.pubsub() as pubsub:
+                    await pubsub.subscribe(self.channel)
+                    if not ready.done():
+                        ready.set_result(None)
+                    async for message in pubsub.listen():
+                        if message.get("type") != "message":
+                            continue
+                        origin, ref, _ = _text(message["data"]).split("\n", 2)
+                        if origin != self._origin:
+                            self._fan_out(ref, None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Sockets then learn of other front ends' events only when they resume.
+                log.warning("web: resume pub/sub on %s failed: %s; retrying",
+                            redact(self.section.url), exc)
+                if not ready.done():
+                    ready.set_result(None)
+                await asyncio.sleep(_RESUBSCRIBE_DELAY)
+
+    def _failures(self, what: str) -> Any:
+        return failures_as(StoreUnavailable, f"redis at {redact(self.section.url)}", what)
+
+    async def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        if self._pipeline is None:
+            raise RuntimeError("RedisReplyLog is used before start() or after stop()")
+        async with self._failures(name):
+            return await self._pipeline(name, keys, args)
+
+    def _keys(self, ref: str) -> list[str]:
+        return [f"{self._base}seq:{ref}", f"{self._base}log:{ref}"]
+
+    async def _append(self, ref: str, encoded: str) -> int:
+        args = [encoded, self.cap, self.ttl, self.channel, self._origin, ref]
+        return int(await self._run("append", self._keys(ref), args))
+
+    async def since(self, ref: str, after: int) -> Backlog:
+        """The kept entries numbered above ``after``, oldest first."""
+        last, raw = await self._run("since", self._keys(ref), [])
+        numbered = []
+        for item in raw:
+            seq, _, encoded = _text(item).partition("\n")
+            numbered.append((int(seq), encoded))
+        return _backlog(numbered, after, int(last) if last is not None else 0)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value

@@ -1,0 +1,305 @@
+"""The widget's server side over real HTTP and WebSockets on loopback: sessions, origins,
+tokens, conversation ownership, frame limits, rates, resume and feedback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+import pytest
+
+from bots.web.sessions import SessionSigner, sign_identity
+from tests.support.widget import (
+    BOT,
+    SECRET,
+    GatedEcho,
+    final_of,
+    frames_until,
+    gated_engine,
+    serving,
+    widget_settings,
+)
+
+
+def events(frames: list[dict[str, Any]], message_id: str) -> list[dict[str, Any]]:
+    return [f for f in frames if f.get("type") == "event" and f.get("message_id") == message_id]
+
+
+async def opened(site: Any, token: str, after: int = 0,
+                 caught_up: list[dict[str, Any]] | None = None) -> Any:
+    """An open socket that has resumed after ``after``; the catch-up's frames go into
+    ``caught_up``."""
+    ws = await site.socket(token).__aenter__()
+    await ws.send_json({"type": "resume", "after": after})
+    frames = await frames_until(ws, lambda f: f["type"] == "resumed")
+    if caught_up is not None:
+        caught_up += frames
+    return ws
+
+
+async def test_message_streams_numbered_events_and_is_remembered() -> None:
+    async with serving(gated_engine(widget_settings(), GatedEcho())) as site:
+        session = await site.session()
+        assert session["status"] == 200 and session["theme"]["title"]
+        async with site.socket(session["token"]) as ws:
+            assert ws.protocol == "parley.v1"
+            await ws.send_json({"type": "resume", "after": 0})
+            start = await frames_until(ws, lambda f: f["type"] == "resumed")
+            assert [f["type"] for f in start] == ["ready", "history", "resumed"]
+            assert start[1]["turns"] == []
+            await ws.send_json({"type": "message", "id": "m1", "text": "hello **there** you"})
+            got = events(await frames_until(ws, final_of("m1")), "m1")
+        kinds = [e["kind"] for e in got]
+        assert kinds[:2] == ["user", "typing"] and kinds[-1] == "final"
+        assert "".join(e["text"] for e in got if e["kind"] == "delta") == "hello **there** you"
+        seqs = [e["seq"] for e in got]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # one each, in order
+        # A new socket (a page load) gets the conversation back from memory.
+        ws = await site.socket(session["token"]).__aenter__()
+        await ws.send_json({"type": "resume", "after": 0})
+        history = next(f for f in await frames_until(ws, lambda f: f["type"] == "resumed")
+                       if f["type"] == "history")
+        await ws.close()
+        assert history["turns"] == [
+            {"role": "user", "text": "hello **there** you", "message_id": "m1"},
+            {"role": "assistant", "text": "hello **there** you", "message_id": "m1"},
+        ]
+
+
+async def test_handshake_and_session_refuse_origins_not_allowed() -> None:
+    async with serving(gated_engine(widget_settings(), GatedEcho())) as site:
+        refused = await site.session(origin="http://evil.test")
+        assert refused["status"] == 403 and refused["code"] == "forbidden_origin"
+        token = (await site.session())["token"]
+        with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+            async with site.socket(token, origin="http://evil.test"):
+                pass
+        assert caught.value.status == 403
+        async with site.socket(token) as ws:  # the same token from the allowed origin
+            assert (await ws.receive_json())["type"] == "ready"
+
+
+async def test_missing_expired_and_forged_tokens_are_refused() -> None:
+    async with serving(gated_engine(widget_settings(), GatedEcho())) as site:
+        good = (await site.session())["token"]
+        body, mac = good.split(".")
+        past = SessionSigner(BOT, SECRET, ttl=60, clock=lambda: 1_000_000.0)
+        other_key = SessionSigner(BOT, "another-secret-0123456789", ttl=60)
+        other_bot = SessionSigner("otherbot", SECRET, ttl=60)
+        cases = {
+            None: "missing_token",
+            "": "missing_token",
+            past.sign(past.anonymous()): "expired_token",
+            other_key.sign(other_key.anonymous()): "bad_token",
+            other_bot.sign(other_bot.anonymous()): "bad_token",
+            # The claims of one token with the signature of another.
+            other_key.sign(other_key.anonymous()).split(".")[0] + "." + mac: "bad_token",
+            body + "." + mac[:-2] + ("AA" if not mac.endswith("AA") else "BB"): "bad_token",
+            "not-a-token": "bad_token",
+        }
+        for token, code in cases.items():
+            with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+                async with site.socket(token):
+                    pass
+            assert caught.value.status == 401, token
+            async with site.http.get(site.url + "/api/v1/feedback",
+                                     headers={"Authorization": f"Bearer {token or ''}"}) as r:
+                assert r.status == 401 and (await r.json())["code"] == code, token
+
+
+async def test_a_session_cannot_touch_another_sessions_conversation() -> None:
+    async with serving(gated_engine(widget_settings(), GatedEcho())) as site:
+        alice, bob = await site.session(), await site.session()
+        assert alice["conversation_id"] != bob["conversation_id"]
+        ws_bob = await opened(site, bob["token"])
+        await ws_bob.send_json({"type": "message", "id": "b1", "text": "bob's secret"})
+        await frames_until(ws_bob, final_of("b1"))
+        ws_alice = await opened(site, alice["token"])
+        theirs = bob["conversation_id"]
+        await ws_alice.send_json({"type": "message", "id": "a1", "text": "/reset",
+                                  "conversation_id": theirs})
+        refused = await frames_until(ws_alice, lambda f: f["type"] == "error")
+        assert refused[-1]["code"] == "forbidden" and refused[-1]["id"] == "a1"
+        # Alice's own page load shows nothing of Bob's.
+        ws = await site.socket(alice["token"]).__aenter__()
+        await ws.send_json({"type": "resume", "after": 0, "conversation_id": theirs})
+        assert (await frames_until(ws, lambda f: f["type"] == "error"))[-1]["code"] == "forbidden"
+        await ws.close()
+        ws = await opened(site, alice["token"])
+        await ws.send_json({"type": "ping"})
+        seen = await frames_until(ws, lambda f: f["type"] == "pong")
+        assert not any("secret" in json.dumps(f) for f in seen)
+        # Bob's conversation is untouched: no reset, nothing of Alice's reached his socket.
+        await ws_bob.send_json({"type": "ping"})
+        assert [f["type"] for f in await frames_until(ws_bob, lambda f: f["type"] == "pong")] \
+            == ["pong"]
+        for sock in (ws, ws_alice, ws_bob):
+            await sock.close()
+        ws = await site.socket(bob["token"]).__aenter__()
+        await ws.send_json({"type": "resume", "after": 0})
+        history = (await frames_until(ws, lambda f: f["type"] == "history"))[-1]
+        await ws.close()
+        assert [t["text"] for t in history["turns"]] == ["bob's secret", "bob's secret"]
+
+
+async def test_oversized_frame_closes_the_socket_with_1009() -> None:
+    async with serving(gated_engine(widget_settings(), GatedEcho()),
+                       {"max_frame_bytes": 2048}) as site:
+        token = (await site.session())["token"]
+        async with site.socket(token) as ws:
+            await ws.receive_json()  # ready
+            await ws.send_str(json.dumps({"type": "message", "id": "big", "text": "x" * 4000}))
+            async with asyncio.timeout(5):
+                while (message := await ws.receive()).type is not aiohttp.WSMsgType.CLOSE:
+                    pass
+            assert message.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+        assert site.engine.metrics.messages.labels(BOT, "web", "answered")._value.get() == 0
+        # A frame just under the cap is fine.
+        async with site.socket(token) as ws:
+            await ws.send_json({"type": "resume", "after": 0})
+            await ws.send_json({"type": "message", "id": "ok", "text": "y " * 500})
+            assert (await frames_until(ws, final_of("ok")))[-1]["kind"] == "final"
+
+
+async def test_a_flooding_session_is_limited_while_another_is_not() -> None:
+    section = {"session_rate": 3, "rate_window": 60, "ip_rate": 1000}
+    async with serving(gated_engine(widget_settings(), GatedEcho()), section) as site:
+        flood, calm = await site.session(), await site.session()
+        ws = await opened(site, flood["token"])
+        for i in range(10):
+            await ws.send_json({"type": "message", "id": f"f{i}", "text": f"spam {i}"})
+        await ws.send_json({"type": "ping"})
+        got = await frames_until(ws, lambda f: f["type"] == "pong")
+        limited = [f for f in got if f["type"] == "error"]
+        assert [f["id"] for f in limited] == [f"f{i}" for i in range(3, 10)]
+        assert all(f["code"] == "rate_limited" and f["retry_after"] > 0 for f in limited)
+        other = await opened(site, calm["token"])
+        await other.send_json({"type": "message", "id": "c1", "text": "hello"})
+        assert (await frames_until(other, final_of("c1")))[-1]["kind"] == "final"
+        await ws.close()
+        await other.close()
+
+
+async def test_the_heartbeat_reaps_a_socket_that_stopped_answering() -> None:
+    async with serving(gated_engine(widget_settings(), GatedEcho()), {"heartbeat": 1}) as site:
+        token = (await site.session())["token"]
+        hub = site.adapter._runner.app[__import__("bots.web.routes").web.routes.HUB]  # type: ignore[union-attr]
+        async with site.socket(token, autoping=False) as ws:  # never answers pings
+            await ws.receive_json()
+            assert sum(hub.sockets.values()) == 1
+            async with asyncio.timeout(6):
+                while (await ws.receive()).type not in (aiohttp.WSMsgType.CLOSE,
+                                                        aiohttp.WSMsgType.CLOSED):
+                    pass
+        for _ in range(50):
+            if not hub.sockets:
+                break
+            await asyncio.sleep(0.05)
+        assert not hub.sockets
+
+
+async def test_reconnect_continues_an_in_flight_reply_once() -> None:
+    generator = GatedEcho(before=3)
+    async with serving(gated_engine(widget_settings(), generator)) as site:
+        token = (await site.session())["token"]
+        ws = await opened(site, token)
+        text = "SLOW one two three four five six"
+        await ws.send_json({"type": "message", "id": "r1", "text": text})
+        await generator.holding.wait()
+        first = await frames_until(
+            ws, lambda f: f.get("kind") == "delta" and f["text"].strip() == "two")
+        await ws.close()  # the network blips
+        generator.gate.set()  # the reply goes on with nobody listening
+        await asyncio.sleep(0.1)
+        last = max(f["seq"] for f in first if "seq" in f)
+        rest: list[dict[str, Any]] = []
+        ws = await opened(site, token, after=last, caught_up=rest)
+        await ws.send_json({"type": "ping"})
+        rest += await frames_until(ws, lambda f: f["type"] == "pong")
+        await ws.close()
+        got = events(first, "r1") + events(rest, "r1")
+        seqs = [e["seq"] for e in got]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # nothing missing or twice
+        assert "".join(e["text"] for e in got if e["kind"] == "delta") == text
+        assert got[-1]["kind"] == "final" and got[-1]["text"] == text
+
+
+async def test_redis_resume_continues_on_another_front_end(redis_url: str,
+                                                           memory_prefix: str) -> None:
+    memory = {"backend": "redis", "url": redis_url, "key_prefix": memory_prefix}
+    generator = GatedEcho(before=2)
+    async with serving(gated_engine(widget_settings(memory), generator)) as one, \
+            serving(gated_engine(widget_settings(memory), GatedEcho())) as two:
+        token = (await one.session())["token"]
+        ws = await opened(one, token)
+        await ws.send_json({"type": "message", "id": "x1", "text": "SLOW alpha beta gamma"})
+        await generator.holding.wait()
+        first = await frames_until(ws, lambda f: f.get("kind") == "delta")
+        await ws.close()
+        # The page comes back through the other front end while the reply is held.
+        rest: list[dict[str, Any]] = []
+        ws = await opened(two, token, after=max(f["seq"] for f in first if "seq" in f),
+                          caught_up=rest)
+        generator.gate.set()  # the rest arrives live, through Redis pub/sub
+        rest += await frames_until(ws, final_of("x1"))
+        await ws.close()
+        got = events(first, "x1") + events(rest, "x1")
+        seqs = [e["seq"] for e in got]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+        assert "".join(e["text"] for e in got if e["kind"] == "delta") == "SLOW alpha beta gamma"
+
+
+async def test_feedback_is_stored_with_the_turn_and_listed(redis_url: str,
+                                                           memory_prefix: str) -> None:
+    memory = {"backend": "redis", "url": redis_url, "key_prefix": memory_prefix}
+    async with serving(gated_engine(widget_settings(memory), GatedEcho())) as site:
+        session = await site.session()
+        ws = await opened(site, session["token"])
+        await ws.send_json({"type": "message", "id": "q1", "text": "what is two plus two"})
+        await frames_until(ws, final_of("q1"))
+        await ws.send_json({"type": "feedback", "message_id": "q1", "rating": "down",
+                            "comment": "not an answer"})
+        assert (await frames_until(ws, lambda f: f["type"] != "event"))[-1] == {
+            "type": "feedback_saved", "message_id": "q1"}
+        await ws.send_json({"type": "feedback", "message_id": "nope", "rating": "up"})
+        assert (await frames_until(ws, lambda f: f["type"] != "event"))[-1]["code"] == \
+            "unknown_message"
+        await ws.close()
+        async with site.http.get(site.url + "/api/v1/feedback", headers={
+                "Authorization": f"Bearer {session['token']}"}) as response:
+            listed = await response.json()
+        other = await site.session()
+        async with site.http.get(site.url + "/api/v1/feedback", headers={
+                "Authorization": f"Bearer {other['token']}"}) as response:
+            assert (await response.json())["feedback"] == []
+    [record] = listed["feedback"]
+    assert record["message_id"] == "q1" and record["rating"] == "down"
+    assert record["comment"] == "not an answer"
+    assert record["prompt"] == record["reply"] == "what is two plus two"
+
+
+async def test_site_signed_identity_keeps_one_conversation_across_devices() -> None:
+    async with serving(gated_engine(widget_settings(), GatedEcho())) as site:
+        identity = {"user_id": "customer-42", "signature": sign_identity(SECRET, "customer-42")}
+        laptop = await site.session({"identity": identity})
+        phone = await site.session({"identity": identity})
+        assert laptop["verified"] and laptop["conversation_id"] == phone["conversation_id"]
+        ws = await opened(site, laptop["token"])
+        await ws.send_json({"type": "message", "id": "l1", "text": "from my laptop"})
+        await frames_until(ws, final_of("l1"))
+        await ws.close()
+        ws = await site.socket(phone["token"]).__aenter__()
+        await ws.send_json({"type": "resume", "after": 0})
+        history = (await frames_until(ws, lambda f: f["type"] == "history"))[-1]
+        await ws.close()
+        assert history["turns"][0]["text"] == "from my laptop"
+        forged = await site.session({"identity": {**identity, "user_id": "customer-43"}})
+        assert forged["status"] == 403 and forged["code"] == "bad_identity"
+        anonymous = await site.session()
+        assert not anonymous["verified"]
+        assert anonymous["conversation_id"] != laptop["conversation_id"]
+        # A renewed token keeps its conversation.
+        renewed = await site.session({"token": anonymous["token"]})
+        assert renewed["conversation_id"] == anonymous["conversation_id"]
