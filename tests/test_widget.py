@@ -213,7 +213,7 @@ async def test_xss_corpus_runs_no_script_and_leaves_no_handlers() -> None:
     assert sum(m["state"] == "final" for m in replies) == len(PAYLOADS) - len(controls)
 
 
-async def test_feedback_click_is_stored_and_markdown_is_rendered() -> None:
+async def test_feedback_click_is_stored_and_markdown_is_rendered(tmp_path: Path) -> None:
     async with embedded(GatedEcho()) as page:
         await page.open()
         reply = ("Here is **how**:\n\n1. open [the docs](https://example.com/docs)\n"
@@ -229,8 +229,11 @@ async def test_feedback_click_is_stored_and_markdown_is_rendered() -> None:
         await bot.locator("button.down").click()
         await bot.locator("input.comment").fill("too terse")
         await bot.locator("input.comment").press("Enter")
-        DOCS.mkdir(exist_ok=True)
-        await page.tab.screenshot(path=str(DOCS / "widget.png"))
+        # The README's picture: PARLEY_SCREENSHOT=1 rewrites docs/widget.png (left alone
+        # otherwise, so that running the tests does not change the checkout).
+        shot = DOCS / "widget.png" if os.environ.get("PARLEY_SCREENSHOT") else tmp_path / "w.png"
+        await page.tab.screenshot(path=str(shot))
+        assert shot.stat().st_size > 10_000
         token = json.loads(await page.tab.evaluate(
             "Object.entries(localStorage).find(([k]) => k.startsWith('parley:'))[1]"))["token"]
         async with asyncio.timeout(5):
