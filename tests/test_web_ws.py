@@ -10,7 +10,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from bots.web.adapter import WebAdapter
+from bots.web.routes import HUB
 from bots.web.sessions import SessionSigner, sign_identity
+from core.errors import ConfigError
 from tests.support.widget import (
     BOT,
     SECRET,
@@ -185,7 +188,8 @@ async def test_a_flooding_session_is_limited_while_another_is_not() -> None:
 async def test_the_heartbeat_reaps_a_socket_that_stopped_answering() -> None:
     async with serving(gated_engine(widget_settings(), GatedEcho()), {"heartbeat": 1}) as site:
         token = (await site.session())["token"]
-        hub = site.adapter._runner.app[__import__("bots.web.routes").web.routes.HUB]  # type: ignore[union-attr]
+        assert site.adapter._runner is not None
+        hub = site.adapter._runner.app[HUB]
         async with site.socket(token, autoping=False) as ws:  # never answers pings
             await ws.receive_json()
             assert sum(hub.sockets.values()) == 1
@@ -303,3 +307,37 @@ async def test_site_signed_identity_keeps_one_conversation_across_devices() -> N
         # A renewed token keeps its conversation.
         renewed = await site.session({"token": anonymous["token"]})
         assert renewed["conversation_id"] == anonymous["conversation_id"]
+
+
+async def test_sse_stream_sends_keep_alive_comments_while_the_reply_waits() -> None:
+    generator = GatedEcho(before=0)  # held before its first word, as in a long queue
+    async with serving(gated_engine(widget_settings(), generator), {"keepalive": 0.2}) as site:
+        body = {"conversation_id": "k1", "user_id": "u1", "text": "SLOW queued words"}
+        async with site.http.post(site.url + "/api/v1/chat/stream", json=body) as response:
+            await generator.holding.wait()
+            waited = b""
+            async with asyncio.timeout(5):
+                while waited.count(b": keep-alive\n\n") < 3:
+                    waited += await response.content.readany()
+            assert response.status == 200
+            assert b"event:" not in waited  # nothing but comments so far
+            generator.gate.set()
+            rest = (await response.content.read()).decode()
+        blocks = [b for b in rest.split("\n\n") if b.strip() and not b.startswith(":")]
+        assert blocks[-1].startswith("event: final")
+        assert json.loads(blocks[-1].split("data: ", 1)[1])["text"] == "SLOW queued words"
+        # A reply that starts at once has no comment in it.
+        body = {"conversation_id": "k2", "user_id": "u1", "text": "quick"}
+        async with site.http.post(site.url + "/api/v1/chat/stream", json=body) as response:
+            assert b"keep-alive" not in await response.read()
+
+
+@pytest.mark.parametrize(("section", "key"), [
+    ({"theme": {"accent": "red;background:url(x)"}}, "adapters.web.theme.accent"),
+    ({"allowed_origins": ["shop.example"]}, "adapters.web.allowed_origins"),
+    ({"secret": "short"}, "adapters.web.secret"),
+    ({"theme": {"mode": "purple"}}, "adapters.web.theme.mode"),
+])
+def test_widget_config_errors_name_the_file_and_key(section: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^config/widgettest.toml: {key}"):
+        WebAdapter(widget_settings(), section)

@@ -38,7 +38,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from bots.web import routes
+from bots.web import routes, sse
 from bots.web.settings import WidgetFields
 from core.config import BotSettings, validate_section
 from core.engine import Engine, collect
@@ -206,20 +206,14 @@ async def _chat_stream(request: web.Request) -> web.StreamResponse:
     message = await _read_message(request)
     async with closing(request.app[ENGINE].handle(message)) as events:
         # The open request is the typing indicator; holding the response until the reply
-        # begins lets a failure before it (busy, memory down) be a status, as on /chat.
-        first = await anext(events)
-        while first.kind is ReplyKind.TYPING:
-            first = await anext(events)
-        if first.kind is ReplyKind.ERROR:
+        # begins lets a failure before it (busy, memory down) be a status, as on /chat,
+        # unless the wait is long enough for keep-alive comments to have started it.
+        first, response = await sse.first_event(
+            request, events, request.app[CONFIG].keepalive)
+        if first.kind is ReplyKind.ERROR and response is None:
             return _json_reply(first, message)
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream; charset=utf-8",
-                "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no",  # proxies must not hold the deltas back
-            }
-        )
-        await response.prepare(request)
+        if response is None:
+            response = await sse.start_stream(request)
         await response.write(_sse(first, message))
         try:
             async for event in events:
