@@ -1,13 +1,16 @@
-"""Evaluate the moderation filters on a labelled set, and time them.
+"""Evaluate the moderation filters on the labelled sets, and time them.
 
-    python bench/moderation.py [--rounds 20] [--show-misses] [--redis-url unix:///...]
+    python bench/moderation.py [--rounds 5] [--show-misses] [--redis-url unix:///...]
 
-Prints recall on abusive messages (refused: block, mute or escalate), the false-positive
-rate on benign ones (anything but allow, benign-but-edgy included), PII recall (every
-expected kind masked), and the latency of ``check_input`` per message (p50/p99) with
-the default filters: size, terms, classifier, pii, injection, flood. Flood limits and
-the violation ladder are set out of the way so each sample is judged on its own.
-The set is bench/data/moderation/labelled.jsonl (hand-assembled; see docs/moderation.md).
+Two sets in bench/data/moderation: ``dev.jsonl`` (the classifier is trained and the
+rules are tuned on it) and ``heldout.jsonl`` (written first, never tuned on: only its
+totals are printed, never its misses). For each, recall per category -- a message of
+insult, threat, hate, sexual, selfharm, spam or injection counts as caught when it is
+refused (block, mute or escalate), one with PII when every expected kind is masked --
+and the false-positive rate on benign and on edgy-but-benign messages (anything but
+allow). Then the latency of ``check_input`` per message (p50/p99) over both sets with
+the default filters: size, terms, classifier, pii, injection, spam, flood. Flood limits
+and the violation ladder are set out of the way so each message is judged on its own.
 """
 
 from __future__ import annotations
@@ -19,23 +22,26 @@ import statistics
 import sys
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.config import parse_settings
-from core.moderation.base import Action
+from core.moderation.base import Action, Verdict
 from core.moderation.moderator import FilterModerator
 from core.types import IncomingMessage
 
-DATA = Path(__file__).resolve().parent / "data" / "moderation" / "labelled.jsonl"
+DATA = Path(__file__).resolve().parent / "data" / "moderation"
 REFUSED = {Action.BLOCK, Action.MUTE, Action.ESCALATE}
+CATEGORIES = ("insult", "threat", "hate", "sexual", "selfharm", "spam", "pii", "injection")
+GOALS = {"recall": 0.90, "benign": 0.02, "edgy": 0.05}
 
 
-def settings(redis_url: str | None) -> Any:
+def settings(redis_url: str | None, classifier: str) -> Any:
     moderation: dict[str, Any] = {
-        "backend": "filters",
+        "backend": "filters", "classifier": classifier,
         "user_rate": 1_000_000, "conversation_rate": 1_000_000,
         "warn_at": 1e9, "mute_at": 1e9, "escalate_at": 1e9,
     }
@@ -52,31 +58,66 @@ def message(text: str, i: int) -> IncomingMessage:
                            user_id=f"u{i}", message_id=uuid.uuid4().hex, text=text)
 
 
+def load(name: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (DATA / name).read_text(encoding="utf-8").splitlines()
+            if line]
+
+
+def correct(row: dict[str, Any], verdict: Verdict) -> bool:
+    """Whether the verdict is right for the labelled row."""
+    label = row["label"]
+    if label in ("benign", "edgy"):
+        return verdict.action is Action.ALLOW
+    if label == "pii":
+        return verdict.action is Action.MASK and all(
+            f"[{k}]" in verdict.text for k in row["tag"].split("+"))
+    return verdict.action in REFUSED
+
+
+async def evaluate(moderator: FilterModerator, name: str, rows: list[dict[str, Any]],
+                   show_misses: bool) -> dict[str, float]:
+    total: Counter[str] = Counter()
+    right: Counter[str] = Counter()
+    misses: list[str] = []
+    for i, row in enumerate(rows):
+        verdict = await moderator.check_input(message(row["text"], i))
+        ok = correct(row, verdict)
+        total[row["label"]] += 1
+        right[row["label"]] += ok
+        if not ok and show_misses:
+            misses.append(f"  {row['label']:9} {row['lang']:3} {verdict.action:8} "
+                          f"{verdict.reason or '-':32} {row['text']!r}")
+    langs = Counter(r["lang"] for r in rows)
+    print(f"\n{name}: {len(rows)} messages; languages: "
+          + ", ".join(f"{k} {v}" for k, v in langs.most_common()))
+    results: dict[str, float] = {}
+    for category in CATEGORIES:
+        recall = right[category] / total[category] if total[category] else float("nan")
+        results[category] = recall
+        mark = "ok" if recall >= GOALS["recall"] else "below goal"
+        print(f"  recall {category:10} {recall:.3f}  ({right[category]}/{total[category]})"
+              f"   goal >= {GOALS['recall']:.2f}  {mark}")
+    for label in ("benign", "edgy"):
+        fp = total[label] - right[label]
+        rate = fp / total[label] if total[label] else float("nan")
+        results[f"fp_{label}"] = rate
+        mark = "ok" if rate <= GOALS[label] else "above goal"
+        print(f"  FP rate {label:9} {rate:.3f}  ({fp}/{total[label]})"
+              f"   goal <= {GOALS[label]:.2f}  {mark}")
+    if misses:
+        print("  misses:")
+        print("\n".join(misses))
+    return results
+
+
 async def run(args: argparse.Namespace) -> None:
-    rows = [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines() if line]
-    moderator = FilterModerator(settings(args.redis_url))
+    dev, heldout = load("dev.jsonl"), load("heldout.jsonl")
+    moderator = FilterModerator(settings(args.redis_url, args.classifier))
     async with moderator:
-        abusive = benign = pii = 0
-        caught = false_pos = masked = 0
-        misses: list[str] = []
-        for i, row in enumerate(rows):
-            verdict = await moderator.check_input(message(row["text"], i))
-            if row["label"] == "abusive":
-                abusive += 1
-                ok = verdict.action in REFUSED
-                caught += ok
-            elif row["label"] == "benign":
-                benign += 1
-                ok = verdict.action is Action.ALLOW
-                false_pos += not ok
-            else:
-                pii += 1
-                kinds = row["tag"].split("+")
-                ok = verdict.action is Action.MASK and all(f"[{k}]" in verdict.text for k in kinds)
-                masked += ok
-            if not ok:
-                misses.append(f"  {row['label']:8} {row['tag']:12} {verdict.action:8} "
-                              f"{verdict.reason or '-':24} {row['text']!r}")
+        await evaluate(moderator, "development set (tuned on)", dev, args.show_misses)
+        # Held-out: totals only; its misses are never printed, so nothing is tuned on it.
+        await evaluate(moderator, "HELD-OUT set (never tuned on)", heldout, False)
+        rows = dev + heldout
         timings: list[float] = []
         for r in range(args.rounds):
             for i, row in enumerate(rows):
@@ -87,25 +128,20 @@ async def run(args: argparse.Namespace) -> None:
     timings.sort()
     p50 = statistics.median(timings) * 1000
     p99 = timings[int(len(timings) * 0.99) - 1] * 1000
-    print(f"labelled set: {len(rows)} samples ({abusive} abusive, {benign} benign incl. edgy, "
-          f"{pii} with PII)")
-    print(f"abusive recall      {caught / abusive:.3f}  ({caught}/{abusive})   goal >= 0.90")
-    print(f"benign FPR          {false_pos / benign:.3f}  ({false_pos}/{benign})   goal <= 0.05")
-    print(f"PII recall          {masked / pii:.3f}  ({masked}/{pii})   goal >= 0.95")
     state = "redis" if args.redis_url else "in-process"
-    print(f"check_input latency p50 {p50:.3f} ms  p99 {p99:.3f} ms  "
-          f"({len(timings)} calls, state {state})   goal p99 < 2 ms")
-    if args.show_misses and misses:
-        print("misses:")
-        print("\n".join(misses))
+    print(f"\ncheck_input latency p50 {p50:.3f} ms  p99 {p99:.3f} ms  ({len(timings)} calls, "
+          f"classifier {args.classifier}, state {state})   goal p99 <= 2 ms")
 
 
 def main() -> None:
     """Parse arguments and run the evaluation."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=20, help="timing passes over the set")
-    parser.add_argument("--show-misses", action="store_true")
+    parser.add_argument("--rounds", type=int, default=5, help="timing passes over the sets")
+    parser.add_argument("--show-misses", action="store_true",
+                        help="list the development set's misses (never the held-out set's)")
+    parser.add_argument("--classifier", default="ngram",
+                        help="ngram (default), profanity-check or none")
     parser.add_argument("--redis-url", help="keep the state in this Redis (e.g. unix:///...)")
     asyncio.run(run(parser.parse_args()))
 

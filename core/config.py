@@ -93,11 +93,36 @@ class MemorySection(Section):
 
 
 ModerationActionName = Literal["allow", "mask", "warn", "block", "mute", "escalate"]
+# What moderation detects, by category; each has its own action, points, classifier
+# threshold and reply. "size", "flood", "leak" (the reply repeats the bot's instructions)
+# and "failure" are kinds too. A filter's name ("terms", "classifier") may also be used as
+# a key of ``actions`` / ``points``: it then applies to whatever that filter finds.
+MODERATION_CATEGORIES = ("insult", "threat", "hate", "sexual", "selfharm", "spam", "pii",
+                         "injection")
 DEFAULT_ACTIONS: dict[str, ModerationActionName] = {
-    "size": "block", "terms": "block", "classifier": "block", "pii": "mask",
-    "injection": "block", "flood": "block",
+    "insult": "block", "threat": "block", "hate": "block", "sexual": "block",
+    "selfharm": "block", "spam": "block", "pii": "mask", "injection": "block",
+    "size": "block", "flood": "block", "leak": "block",
 }
-DEFAULT_POINTS = {"terms": 2.0, "classifier": 2.0, "injection": 2.0, "flood": 1.0}
+# Someone who speaks of hurting themselves is answered with care, never muted for it.
+DEFAULT_POINTS = {"insult": 2.0, "threat": 2.0, "hate": 2.0, "sexual": 2.0, "selfharm": 0.0,
+                  "spam": 1.0, "injection": 2.0, "flood": 1.0}
+DEFAULT_REPLIES = {
+    "insult": "Let's keep this respectful: I won't reply to insults.",
+    "threat": "I can't continue with threats of violence.",
+    "hate": "I won't respond to hateful messages about people or groups.",
+    "sexual": "I can't take part in sexual conversations.",
+    "selfharm": (
+        "I'm really sorry you're going through this. You don't have to face it alone: "
+        "please reach out to someone you trust, or to a local crisis line or emergency "
+        "number right now."
+    ),
+    "spam": "That looks like spam, so I'll skip it.",
+    "injection": (
+        "I can't change how I work or share my instructions, but I'm happy to help with "
+        "something else."
+    ),
+}
 
 
 class ModerationPolicy(Section):
@@ -109,23 +134,34 @@ class ModerationPolicy(Section):
     """
 
     input_filters: list[str] = [
-        "size", "terms", "classifier", "pii", "injection", "flood",
+        "size", "terms", "classifier", "pii", "injection", "spam", "flood",
     ]
-    output_filters: list[str] = ["terms", "classifier", "pii"]
-    max_chars: int = Field(default=2000, ge=1, le=100_000)
-    # Terms: matched on normalised text (NFKC, invisible characters gone, leetspeak
-    # folded); ``word*`` matches words starting with ``word``, ``*part*`` any word
-    # containing ``part``. Files hold one term a line (``#`` starts a comment).
+    output_filters: list[str] = ["terms", "classifier", "pii", "leak"]
+    # A lower limit than ``[bot] max_message_chars`` for this channel; by default the
+    # bot's one limit applies (the engine refuses longer messages with a clear error).
+    max_chars: int | None = Field(default=None, ge=1, le=100_000)
+    # Terms: matched on normalised text (NFKC, look-alike letters folded, invisible
+    # characters gone, leetspeak folded); ``word*`` matches words starting with ``word``,
+    # ``*part*`` any word containing ``part``. Files hold one term a line (``#`` starts
+    # a comment); bot terms count as insults.
     builtin_terms: bool = True
     blocklist: list[str] = []
     allowlist: list[str] = []
     blocklist_files: list[str] = []
     allowlist_files: list[str] = []
-    classifier: str = "profanity-check"
+    classifier: str = "ngram"
+    # A classifier that gives one score (not one per category) is judged against this.
     classifier_threshold: float = Field(default=0.90, ge=0.0, le=1.0)
+    # Per-category thresholds, over the classifier's own (the n-gram model ships
+    # thresholds chosen on the development set).
+    thresholds: dict[str, float] = {}
     output_threshold: float = Field(default=0.90, ge=0.0, le=1.0)
     pii: list[str] = ["email", "phone", "card", "iban"]
     injection_threshold: float = Field(default=1.0, gt=0.0)
+    # Output: a reply that repeats ``leak_chars`` characters of the system text (persona,
+    # plugin instructions) verbatim or nearly, or the canary, is withheld.
+    leak_chars: int = Field(default=40, ge=12, le=2000)
+    canary: str | None = None
     # Flood control: at most N messages per window (seconds), per user and per conversation.
     user_rate: int = Field(default=8, ge=1)
     user_window: float = Field(default=10.0, gt=0.0)
@@ -150,15 +186,14 @@ class ModerationPolicy(Section):
     fail_input: Literal["open", "closed"] = "open"
     fail_output: Literal["open", "closed"] = "closed"
     hold_chars: int = Field(default=160, ge=16, le=4000)
-    # What users are told.
+    # What users are told: ``replies`` by category (over DEFAULT_REPLIES), then these.
+    replies: dict[str, str] = {}
     block_reply: str = "Sorry, I can't help with that message."
-    warn_notice: str = (
-        "Please keep it civil: repeated violations will get you muted for a while."
-    )
+    warn_notice: str = "Repeated violations of the rules will get you muted for a while."
     mute_reply: str = "You are muted for {minutes} more minute(s)."
     escalate_reply: str = "I've passed this conversation to a human moderator."
     flood_reply: str = "You're sending messages too fast. Please slow down."
-    size_reply: str = "That message is too long for me."
+    size_reply: str = "That message is too long ({chars} characters, at most {limit})."
     output_replacement: str = "Sorry, I can't share that answer. Let's talk about something else."
     failure_reply: str = "Sorry, I can't check messages right now. Please try again shortly."
 
@@ -178,6 +213,9 @@ class ModerationSection(ModerationPolicy):
     audit_max_entries: int = Field(default=100_000, ge=10)
     audit_retention: float = Field(default=30 * 86400.0, gt=0.0)
     audit_key: str | None = None  # keys the content hash; set it from ${ENV}
+    # Each classifier's own options (``[moderation.classifier_options.NAME]``), which
+    # its factory validates (an external classifier's URL, model, timeout, ...).
+    classifier_options: dict[str, dict[str, Any]] = {}
     channels: dict[str, ModerationPolicy] = {}
 
     def for_channel(self, channel: str) -> ModerationPolicy:
@@ -191,6 +229,10 @@ class ModerationSection(ModerationPolicy):
                              **(override.actions if override else {})}
         fields["points"] = {**DEFAULT_POINTS, **self.points,
                             **(override.points if override else {})}
+        fields["replies"] = {**DEFAULT_REPLIES, **self.replies,
+                             **(override.replies if override else {})}
+        fields["thresholds"] = {**self.thresholds,
+                                **(override.thresholds if override else {})}
         return ModerationPolicy.model_validate(fields)
 
 

@@ -288,7 +288,9 @@ class Engine(ServiceBase):
                         if delta.text:
                             yield delta.text
 
-                async with closing(self.moderator.guard(message, attempt())) as guarded:
+                system = "\n\n".join(m.content for m in request.messages if m.role == "system")
+                async with closing(self.moderator.guard(message, attempt(),
+                                                        system=system)) as guarded:
                     async for piece in guarded:
                         if restarted:
                             break  # what the guard flushed of the abandoned attempt

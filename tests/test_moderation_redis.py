@@ -142,7 +142,7 @@ async def test_parley_audit_reads_the_stream(redis_url: str, memory_prefix: str)
     rows = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [(r["stage"], r["action"]) for r in rows] == [("input", "mask"), ("input", "block")]
     first = rows[-1]
-    assert first["policy"].startswith("terms:") and first["user"] == "u1"
+    assert first["policy"].startswith("insult:terms:") and first["user"] == "u1"
     assert len(first["hash"]) == 32 and "violation" in json.loads(first["scores"])
     assert "a.b@example.com" not in out.getvalue()
 

@@ -37,6 +37,7 @@ class Verdict:
     text: str
     reply: str | None = None
     reason: str | None = None
+    categories: tuple[str, ...] = ()  # what was found: insult, threat, pii, ...
 
 
 class ReplyWithheld(ParleyError):
@@ -46,10 +47,11 @@ class ReplyWithheld(ParleyError):
     replaced: the engine tells the channel to drop what it showed and shows ``text``.
     """
 
-    def __init__(self, text: str, reason: str) -> None:
+    def __init__(self, text: str, reason: str, categories: tuple[str, ...] = ()) -> None:
         super().__init__(reason)
         self.text = text
         self.reason = reason
+        self.categories = categories
 
 
 class Moderator(Protocol):
@@ -59,9 +61,12 @@ class Moderator(Protocol):
         """Decide what to do with an incoming message."""
         ...
 
-    def guard(self, message: IncomingMessage, stream: AsyncIterator[str]) -> AsyncIterator[str]:
+    def guard(
+        self, message: IncomingMessage, stream: AsyncIterator[str], *, system: str = ""
+    ) -> AsyncIterator[str]:
         """Pass on the reply's text pieces, holding back or replacing anything unsafe.
 
+        ``system`` is the request's system text, which the reply must not recite.
         Raises :class:`ReplyWithheld` when the reply is flagged part-way.
         """
         ...
@@ -74,7 +79,9 @@ class PassThroughModerator:
         """Allow the message unchanged."""
         return Verdict(Action.ALLOW, message.text)
 
-    def guard(self, message: IncomingMessage, stream: AsyncIterator[str]) -> AsyncIterator[str]:
+    def guard(
+        self, message: IncomingMessage, stream: AsyncIterator[str], *, system: str = ""
+    ) -> AsyncIterator[str]:
         """Return the stream unchanged."""
         return stream
 

@@ -1,11 +1,13 @@
-"""Toxicity classifiers: a score in [0, 1] for a piece of text.
+"""Classifiers: scores in [0, 1] for a piece of text, by category or as one number.
 
-The default, ``profanity-check``, is the linear model alt-profanity-check ships (TF-IDF
-words into calibrated linear SVMs), loaded once at start and evaluated here in plain
-Python: the package's own ``predict_prob`` goes through scipy sparse matrices and costs
-milliseconds a call; a dictionary walk over a message's words costs microseconds and
-gives the same numbers. Other classifiers (a guard model on the GPU worker) register
-under their own name in :func:`classifiers`.
+The default, ``ngram``, is Parley's own multilingual n-gram model
+(:mod:`core.moderation.ngram`), one score per category. ``profanity-check`` is the
+English linear model alt-profanity-check ships (TF-IDF words into calibrated linear
+SVMs), evaluated here in plain Python (microseconds instead of the package's
+milliseconds, same numbers); its one score counts as ``insult``. External classifiers
+(an OpenAI-compatible moderation endpoint, a guard model) are in
+:mod:`core.moderation.external`; more register under the ``parley.classifiers``
+entry-point group.
 """
 
 from __future__ import annotations
@@ -15,16 +17,31 @@ import math
 import re
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from core.config import BotSettings
 from core.lifecycle import ServiceBase
 from core.registry import Registry
 
+# A classifier's answer: one score per category, or one score (read as "insult").
+Scores = float | Mapping[str, float]
+Scorer = Callable[[str], Scores]
+
+
+def by_category(scores: Scores) -> Mapping[str, float]:
+    """``scores`` as a mapping of category to score."""
+    if isinstance(scores, Mapping):
+        return scores
+    return {"insult": float(scores)}
+
 
 class Classifier(Protocol):
-    """Scores text for toxicity; started before use, stopped after."""
+    """Scores text by category; started before use, stopped after.
+
+    It may also have ``thresholds`` (a mapping of category to its own threshold), used
+    where the policy's ``thresholds`` name none.
+    """
 
     async def start(self) -> None:
         """Load the model (idempotent)."""
@@ -32,16 +49,16 @@ class Classifier(Protocol):
     async def stop(self) -> None:
         """Release the model (idempotent)."""
 
-    async def score(self, text: str) -> float:
-        """How likely ``text`` is abusive, in [0, 1]."""
+    async def score(self, text: str) -> Scores:
+        """How likely ``text`` is of each category (or abusive at all), in [0, 1]."""
         ...
 
     # A classifier that computes in-process, without I/O, may also offer
-    # ``score_now(text) -> float``; Parley then calls it inline instead of awaiting
+    # ``score_now(text) -> Scores``; Parley then calls it inline instead of awaiting
     # ``score`` under a timeout (which could not interrupt it anyway).
 
 
-def scorer_now(classifier: Classifier) -> Callable[[str], float] | None:
+def scorer_now(classifier: Classifier) -> Scorer | None:
     """``classifier``'s synchronous ``score_now``, if it has one."""
     scorer = getattr(classifier, "score_now", None)
     return scorer if callable(scorer) else None
@@ -143,8 +160,15 @@ ClassifierFactory = Callable[[BotSettings], Classifier]
 
 
 def classifiers() -> Registry[ClassifierFactory]:
-    """Classifiers by name: ``profanity-check`` and ``none`` built in, more by entry point."""
+    """Classifiers by name: ``ngram`` (the default), ``profanity-check``, ``none``, the
+    external ``openai-moderation`` and ``guard-model``; more by entry point."""
+    from core.moderation.external import GuardModelClassifier, OpenAIModerationClassifier
+    from core.moderation.ngram import NgramClassifier
+
     registry: Registry[ClassifierFactory] = Registry("classifier", "parley.classifiers")
+    registry.register("ngram", lambda settings: NgramClassifier())
     registry.register("profanity-check", lambda settings: LinearProfanityClassifier())
     registry.register("none", lambda settings: NullClassifier())
+    registry.register("openai-moderation", OpenAIModerationClassifier.from_settings)
+    registry.register("guard-model", GuardModelClassifier.from_settings)
     return registry

@@ -1,15 +1,24 @@
 """The output guard: the model's reply is checked before any of it reaches a user.
 
-Text is held back until a sentence ends (or, in a long run-on, until ``hold_chars``
-have piled up, keeping the last :data:`TAIL` characters back). Before a piece is
-released the whole held text, plus the end of what was already shown, is checked:
+The reply is released a few words at a time, as soon as they are safe -- not a sentence
+at a time -- so it still looks like streaming. What could still turn out to be part of
+something flagged is held back (the lookahead):
 
-- a blocklisted term anywhere in it withholds the reply (:class:`ReplyWithheld`);
-- the classifier scores the sentence about to be released;
-- personal data is masked, and a release point never cuts through a masked span, so
-  a phone number arriving token by token is never shown in part.
+- the word still arriving (complete only once a space follows it) and the
+  :data:`LOOKAHEAD` words before it, or as many as the longest blocked phrase needs, so
+  a term never shows in part;
+- letters spelled out one by one (``f u c ...``), which may be joining into a word;
+- a trailing run of digits and their separators (with the letters of an IBAN), so a
+  phone number arriving digit by digit is never shown in part;
+- the trailing words that repeat the bot's instructions (system text), so a reply that
+  starts reciting its persona is cut before the recited part shows.
 
-Nothing is released that has not passed every check, so a flagged span is never shown.
+Before a piece is released the whole held text, plus the end of what was shown, is
+checked: a blocklisted term anywhere in it withholds the reply (:class:`ReplyWithheld`);
+so does a run of ``leak_chars`` characters of the system text, or the canary; the
+classifier scores the current sentence up to the release point; personal data is masked,
+and a release point never cuts through it. Nothing is released that has not passed
+every check, so a flagged span is never shown.
 """
 
 from __future__ import annotations
@@ -17,10 +26,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from core.moderation.base import ReplyWithheld
+from core.moderation.classifier import Scores, by_category
+from core.moderation.leak import LeakDetector
 from core.moderation.normalise import normalise
 from core.moderation.pii import PiiDetector, Span
 from core.moderation.policy import Finding
@@ -28,8 +39,20 @@ from core.moderation.terms import TermFilter
 
 log = logging.getLogger(__name__)
 
-TAIL = 48  # characters always held back in a run-on: longer than any masked datum
+LOOKAHEAD = 2  # whole words always held back (an e-mail's "name (at) host...")
+TAIL = 48  # characters held back in a run-on without any word boundary
+# Release units: a CJK character (Chinese has no spaces), or a run of other non-spaces,
+# each with the spaces after it.
+_UNIT = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af][ \t]*|[^\s\u2e80-\u9fff\uac00-\ud7af]+\s*"
+                   r"|\s+")
+_CJK_LOOKAHEAD = 6  # characters: the longest Chinese term
 _SENTENCE_END = re.compile(r"[.!?\u2026\u3002\uff01\uff1f][\"')\]\u201d\u2019]*\s+|\n+")
+# A unit that may belong to personal data still arriving: digits with separators, a
+# "+", "(", or a short group of capitals and digits (IBAN "NL91 ABNA 0417").
+_DATA_UNIT = re.compile(r"[+(]?[\dA-Z().\-]*\d[\dA-Z().\-/]*\s?|[+(]\s?|[A-Z]{2,4}\s?")
+# The categories the classifier may withhold a reply for: a bot that explains how to
+# get help, or quotes an injection it refused, is not flagged for it.
+OUTPUT_CATEGORIES = ("insult", "threat", "hate", "sexual")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,14 +61,17 @@ class GuardConfig:
 
     terms: TermFilter | None
     pii: PiiDetector | None
-    classify: Callable[[str], Awaitable[float]] | None
+    classify: Callable[[str], Awaitable[Scores]] | None
     threshold: float
     hold_chars: int
     replacement: str
     fail_closed: bool
     timeout: float
     # The classifier's in-process scorer, if it has one: called inline, not timed.
-    classify_now: Callable[[str], float] | None = None
+    classify_now: Callable[[str], Scores] | None = None
+    thresholds: Mapping[str, float] | None = None  # by category, over ``threshold``
+    leak: LeakDetector | None = None
+    phrase_words: int = LOOKAHEAD  # the most words a blocked phrase has
 
 
 # Called with the findings of a withheld or masked reply, the action, the filters that
@@ -53,26 +79,35 @@ class GuardConfig:
 Report = Callable[[list[Finding], str, tuple[str, ...], str], Awaitable[None]]
 
 
+@dataclass(slots=True)
+class _Shown:
+    """What was released so far: its end (for terms across the cut) and sentence."""
+
+    tail: str = ""
+    sentence: str = ""
+    text: str = ""
+
+
 async def guard_stream(
     stream: AsyncIterator[str], config: GuardConfig, report: Report
 ) -> AsyncIterator[str]:
     """``stream`` with nothing flagged ever passed on; see the module docstring."""
     pending = ""
-    shown_tail = ""
+    shown = _Shown()
     masked: list[Finding] = []
     degraded: list[str] = []
     async for piece in stream:
         pending += piece
-        cut = _release_point(pending, config.hold_chars)
+        cut = release_point(pending, shown.text, config)
         if cut:
-            segment, cut = await _check(pending, cut, shown_tail, config, masked, degraded,
+            segment, cut = await _check(pending, cut, shown, config, masked, degraded,
                                         report, final=False)
             if segment:
                 pending = pending[cut:]
-                shown_tail = (shown_tail + segment)[-TAIL:]
+                _advance(shown, segment)
                 yield segment
     if pending:
-        segment, _ = await _check(pending, len(pending), shown_tail, config, masked, degraded,
+        segment, _ = await _check(pending, len(pending), shown, config, masked, degraded,
                                   report, final=True)
         if segment:
             yield segment
@@ -80,26 +115,86 @@ async def guard_stream(
         await report(masked, "mask", tuple(degraded), "")
 
 
-def _release_point(pending: str, hold_chars: int) -> int:
-    ends = [m.end() for m in _SENTENCE_END.finditer(pending)]
-    if ends:
-        return ends[-1]
-    if len(pending) <= hold_chars:
+def _advance(shown: _Shown, segment: str) -> None:
+    shown.text += segment
+    shown.tail = (shown.tail + segment)[-TAIL:]
+    ends = [m.end() for m in _SENTENCE_END.finditer(segment)]
+    shown.sentence = segment[ends[-1]:] if ends else shown.sentence + segment
+
+
+def release_point(pending: str, shown: str, config: GuardConfig) -> int:
+    """How much of ``pending`` may be released now (0: nothing); see the module doc."""
+    units = _UNIT.findall(pending)
+    if not units:
         return 0
-    limit = len(pending) - TAIL
-    space = pending.rfind(" ", 0, limit)
-    return space + 1 if space > 0 else limit
+    # The last unit is incomplete until whitespace follows it; before it, enough whole
+    # words for the longest phrase to complete.
+    incomplete = 0 if units[-1][-1:].isspace() else 1
+    if _cjk(units[-1]):
+        keep = _CJK_LOOKAHEAD
+    else:
+        keep = max(LOOKAHEAD, config.phrase_words - 1) + incomplete
+    held = len(units) - _held_from(units, keep, config, shown)
+    if held >= len(units):
+        if len(pending) > config.hold_chars:  # one endless "word": release all but the tail
+            return len(pending) - TAIL
+        return 0
+    return sum(len(u) for u in units[:len(units) - held])
+
+
+def _held_from(units: list[str], keep: int, config: GuardConfig, shown: str) -> int:
+    """The index of the first unit held back."""
+    start = len(units)
+    count = 0
+    # ``keep`` trailing words (whitespace-only units don't count).
+    while start > 0 and count < keep:
+        start -= 1
+        if not units[start].isspace():
+            count += 1
+    # Spelled-out letters and personal data still arriving.
+    while start > 0 and (_single(units[start - 1]) or _DATA_UNIT.fullmatch(units[start - 1])):
+        start -= 1
+    if config.leak is not None:
+        text = "".join(units)
+        run = config.leak.trailing_run_start(shown, text)
+        if run is not None:
+            start = min(start, _unit_index(units, run))
+    return start
+
+
+def _single(unit: str) -> bool:
+    word = unit.strip()
+    return len(word) == 1 and word.isalpha()
+
+
+def _cjk(unit: str) -> bool:
+    return "\u2e80" <= unit[:1] < "\ua000" or "\uac00" <= unit[:1] < "\ud7b0"
+
+
+def _unit_index(units: list[str], offset: int) -> int:
+    at = 0
+    for i, unit in enumerate(units):
+        if at + len(unit) > offset:
+            return i
+        at += len(unit)
+    return len(units)
 
 
 async def _check(
-    pending: str, cut: int, shown_tail: str, config: GuardConfig, masked: list[Finding],
+    pending: str, cut: int, shown: _Shown, config: GuardConfig, masked: list[Finding],
     degraded: list[str], report: Report, *, final: bool,
 ) -> tuple[str, int]:
     """The masked text to release up to ``cut`` (maybe moved back), and the cut."""
     if config.terms is not None:
-        hit = config.terms.find(normalise(shown_tail + pending))
+        hit = config.terms.find(normalise(shown.tail + pending))
         if hit is not None:
-            await _withhold(config, report, [Finding("terms", hit)], degraded, pending)
+            await _withhold(config, report, [Finding(hit.category, f"terms:{hit.term}",
+                                                     source="terms")], degraded, pending)
+    if config.leak is not None:
+        leaked = config.leak.find(shown.text + pending)
+        if leaked is not None:
+            await _withhold(config, report, [Finding("leak", leaked, source="leak")],
+                            degraded, pending)
     spans: list[Span] = []
     if config.pii is not None:
         spans = config.pii.find(pending)
@@ -111,25 +206,33 @@ async def _check(
     if not segment:
         return "", 0
     if config.classify is not None and segment.strip():
-        try:
-            if config.classify_now is not None:
-                score = config.classify_now(segment)
-            else:
-                async with asyncio.timeout(config.timeout):
-                    score = await config.classify(segment)
-        except Exception as exc:
-            log.warning("moderation: output classifier failed: %s", type(exc).__name__)
-            if config.fail_closed:
-                await _withhold(config, report, [Finding("failure", "classifier")],
-                                ("classifier",), segment)
-            if "classifier" not in degraded:
-                degraded.append("classifier")
-        else:
-            if score >= config.threshold:
-                await _withhold(config, report, [Finding("classifier", score=score)], degraded,
-                                segment)
-    masked.extend(Finding("pii", span.kind) for span in spans)
+        await _classify(shown.sentence + segment, config, report, degraded)
+    masked.extend(Finding("pii", span.kind, source="pii") for span in spans)
     return PiiDetector.mask(segment, spans), cut
+
+
+async def _classify(text: str, config: GuardConfig, report: Report, degraded: list[str]) -> None:
+    assert config.classify is not None
+    try:
+        if config.classify_now is not None:
+            scores = config.classify_now(text)
+        else:
+            async with asyncio.timeout(config.timeout):
+                scores = await config.classify(text)
+    except Exception as exc:
+        log.warning("moderation: output classifier failed: %s", type(exc).__name__)
+        if config.fail_closed:
+            await _withhold(config, report, [Finding("failure", "classifier")],
+                            ("classifier",), text)
+        if "classifier" not in degraded:
+            degraded.append("classifier")
+        return
+    thresholds = config.thresholds or {}
+    for category, score in by_category(scores).items():
+        limit = max(config.threshold, thresholds.get(category, config.threshold))
+        if category in OUTPUT_CATEGORIES and score >= limit:
+            await _withhold(config, report, [Finding(category, "classifier", score,
+                                                     "classifier")], degraded, text)
 
 
 async def _withhold(
@@ -137,4 +240,5 @@ async def _withhold(
     degraded: tuple[str, ...] | list[str], content: str,
 ) -> None:
     await report(findings, "block", tuple(degraded), content)
-    raise ReplyWithheld(config.replacement, ",".join(f.label() for f in findings))
+    raise ReplyWithheld(config.replacement, ",".join(f.label() for f in findings),
+                        tuple(sorted({f.kind for f in findings})))

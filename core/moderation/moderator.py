@@ -1,8 +1,9 @@
 """The filtering moderator: the input pipeline, the output guard, actions and audit.
 
 Input filters run in the order the channel's policy names them (by default
-size -> terms -> classifier -> pii -> injection -> flood) on the normalised message;
-each objection is a :class:`~core.moderation.policy.Finding`, and the policy turns the
+size -> terms -> classifier -> pii -> injection -> spam -> flood) on the normalised
+message; each objection is a :class:`~core.moderation.policy.Finding` of a category
+(insult, threat, hate, sexual, selfharm, spam, pii, injection), and the policy turns the
 findings and the user's violation score into one action. Every decision other than a
 plain allow, and every degraded one, goes to the audit log.
 
@@ -26,12 +27,14 @@ from core.config import BotSettings, ModerationPolicy
 from core.lifecycle import ServiceBase
 from core.moderation.audit import Auditor
 from core.moderation.base import Action, Verdict
-from core.moderation.classifier import Classifier, classifiers, scorer_now
+from core.moderation.classifier import Classifier, Scorer, by_category, classifiers, scorer_now
 from core.moderation.guard import GuardConfig, guard_stream
 from core.moderation.injection import check_injection
-from core.moderation.normalise import Normalised, normalise
+from core.moderation.leak import LeakDetector
+from core.moderation.normalise import Normalised, confusables, normalise
 from core.moderation.pii import PiiDetector
 from core.moderation.policy import Decision, Finding, apply_score, base_action, reply_for
+from core.moderation.spam import check_spam
 from core.moderation.state import Limits, MemoryState, ModerationState
 from core.moderation.terms import TermFilter
 from core.types import IncomingMessage
@@ -77,7 +80,13 @@ class _Channel:
     pii: PiiDetector
     limits: Limits
     steps: tuple[_Step, ...]
-    score_now: Callable[[str], float] | None  # the classifier's inline scorer, if any
+    score_now: Scorer | None  # the classifier's inline scorer, if any
+    classifier: Classifier
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """By category: the policy's over the classifier's own (known once started)."""
+        return {**getattr(self.classifier, "thresholds", {}), **self.policy.thresholds}
 
 
 class FilterModerator(ServiceBase):
@@ -96,6 +105,7 @@ class FilterModerator(ServiceBase):
         self.classifiers: dict[str, Classifier] = {
             name: registry.get(name, where=where)(settings) for name in sorted(names)
         }
+        self.max_chars = settings.bot.max_message_chars
         if classifier is not None:
             self.classifiers = dict.fromkeys(self.classifiers, classifier)
         self.auditor = Auditor(settings.bot.name, self.section.audit_key)
@@ -105,11 +115,13 @@ class FilterModerator(ServiceBase):
         for channel in ("", *self.section.channels):
             policy = self._channel(channel).policy  # checks the input filters' names
             for name in policy.output_filters:
-                if name not in ("terms", "classifier", "pii"):
+                if name not in OUTPUT_FILTERS:
                     raise_unknown(settings.source, "output_filters", name,
-                                  {"terms": 0, "classifier": 0, "pii": 0})
+                                  dict.fromkeys(OUTPUT_FILTERS))
 
     async def _start(self) -> None:
+        # The confusables table is read once, here, not on the first message.
+        await asyncio.to_thread(confusables)
         await self.state.start()
         for classifier in set(self.classifiers.values()):
             await classifier.start()
@@ -126,7 +138,8 @@ class FilterModerator(ServiceBase):
         built = self._channels.get(channel)
         if built is None:
             policy = self.section.for_channel(channel)
-            score_now = scorer_now(self.classifiers[policy.classifier])
+            classifier = self.classifiers[policy.classifier]
+            score_now = scorer_now(classifier)
             built = self._channels[channel] = _Channel(
                 policy,
                 TermFilter.from_policy(
@@ -138,15 +151,14 @@ class FilterModerator(ServiceBase):
                        policy.conversation_window),
                 self._steps(policy, score_now),
                 score_now,
+                classifier,
             )
         return built
 
-    def _steps(
-        self, policy: ModerationPolicy, score_now: Callable[[str], float] | None
-    ) -> tuple[_Step, ...]:
+    def _steps(self, policy: ModerationPolicy, score_now: Scorer | None) -> tuple[_Step, ...]:
         filters: dict[str, _Filter] = {
             "size": self._size, "terms": self._terms, "pii": self._pii,
-            "injection": self._injection, "flood": self._flood,
+            "injection": self._injection, "spam": self._spam, "flood": self._flood,
             "classifier": self._classifier if score_now is None
             else partial(self._classifier_now, score_now),
         }
@@ -190,34 +202,40 @@ class FilterModerator(ServiceBase):
         run.degraded.append(name)
 
     def _size(self, run: _Run, channel: _Channel) -> None:
-        if len(run.text.clean) > run.policy.max_chars:
-            run.findings.append(Finding("size", score=len(run.text.clean)))
+        # One limit: the bot's (the engine refuses longer messages first), unless a
+        # channel sets a lower one.
+        limit = min(run.policy.max_chars or self.max_chars, self.max_chars)
+        if len(run.text.clean) > limit:
+            run.findings.append(Finding("size", str(limit), len(run.text.clean), "size"))
 
     def _terms(self, run: _Run, channel: _Channel) -> None:
         hit = channel.terms.find(run.text)
         if hit is not None:
-            run.findings.append(Finding("terms", hit))
+            run.findings.append(Finding(hit.category, f"terms:{hit.term}", source="terms"))
 
     async def _classifier(self, run: _Run, channel: _Channel) -> None:
         classifier = self.classifiers[run.policy.classifier]
-        # The classifier reads the folded words, so "y0u 4r3 4n 1d10t" is read as words.
-        self._classified(run, await classifier.score(channel.terms.strip_allowed(run.text.key)))
+        self._classified(run, channel, await classifier.score(
+            channel.terms.strip_allowed(run.text.clean)))
 
-    def _classifier_now(
-        self, score_now: Callable[[str], float], run: _Run, channel: _Channel
-    ) -> None:
-        self._classified(run, score_now(channel.terms.strip_allowed(run.text.key)))
+    def _classifier_now(self, score_now: Scorer, run: _Run, channel: _Channel) -> None:
+        self._classified(run, channel, score_now(channel.terms.strip_allowed(run.text.clean)))
 
-    def _classified(self, run: _Run, score: float) -> None:
-        run.scores["classifier"] = score
-        if score >= run.policy.classifier_threshold:
-            run.findings.append(Finding("classifier", score=score))
+    def _classified(self, run: _Run, channel: _Channel, scores: float | Mapping[str, float]
+                    ) -> None:
+        thresholds = channel.thresholds
+        for category, score in by_category(scores).items():
+            run.scores[f"classifier:{category}"] = round(score, 4)
+            threshold = thresholds.get(category, run.policy.classifier_threshold)
+            if score >= threshold:
+                run.findings.append(Finding(category, "classifier", score, "classifier"))
 
     def _pii(self, run: _Run, channel: _Channel) -> None:
         spans = channel.pii.find(run.out_text)
         if spans:
             kinds = sorted({s.kind for s in spans})
-            run.findings.append(Finding("pii", "+".join(kinds), float(len(spans))))
+            finding = Finding("pii", "+".join(kinds), float(len(spans)), "pii")
+            run.findings.append(finding)
             if Action(run.policy.actions.get("pii", "mask")) is not Action.ALLOW:
                 run.out_text = PiiDetector.mask(run.out_text, spans)
 
@@ -226,7 +244,13 @@ class FilterModerator(ServiceBase):
         if report.score:
             run.scores["injection"] = report.score
         if report.score >= run.policy.injection_threshold:
-            run.findings.append(Finding("injection", "+".join(report.signals), report.score))
+            run.findings.append(Finding("injection", "+".join(report.signals), report.score,
+                                        "injection"))
+
+    def _spam(self, run: _Run, channel: _Channel) -> None:
+        why = check_spam(run.text.clean)
+        if why is not None:
+            run.findings.append(Finding("spam", why, source="spam"))
 
     async def _flood(self, run: _Run, channel: _Channel) -> None:
         msg = run.message
@@ -237,7 +261,8 @@ class FilterModerator(ServiceBase):
         run.muted_for = admission.muted_for
         if (admission.user_count > channel.limits.user_rate
                 or admission.conversation_count > channel.limits.conversation_rate):
-            run.findings.append(Finding("flood", score=float(admission.user_count)))
+            run.findings.append(Finding("flood", score=float(admission.user_count),
+                                        source="flood"))
 
     async def _decide(self, run: _Run, policy: ModerationPolicy) -> Verdict:
         msg = run.message
@@ -260,9 +285,12 @@ class FilterModerator(ServiceBase):
             entry = self.auditor.entry(msg, "input", decision, run.text.clean,
                                        degraded=tuple(run.degraded), scores=run.scores)
             await self._record(entry, user, decision)
+        for category in {f.kind for f in decision.findings}:
+            self.counts[f"category:{category}"] += 1
         text = run.out_text if decision.action.answers else ""
         reason = ",".join(f.label() for f in decision.findings) or None
-        return Verdict(decision.action, text, reply_for(policy, decision, run.muted_for), reason)
+        return Verdict(decision.action, text, reply_for(policy, decision, run.muted_for), reason,
+                       tuple(sorted({f.kind for f in decision.findings})))
 
     async def _record(self, entry: dict[str, str], user: str, decision: Decision) -> None:
         try:
@@ -276,24 +304,37 @@ class FilterModerator(ServiceBase):
 
     # -- output --------------------------------------------------------------------------
 
-    def guard(self, message: IncomingMessage, stream: AsyncIterator[str]) -> AsyncIterator[str]:
-        """The reply stream, checked before release; see :mod:`core.moderation.guard`."""
+    def guard(
+        self, message: IncomingMessage, stream: AsyncIterator[str], *, system: str = ""
+    ) -> AsyncIterator[str]:
+        """The reply stream, checked before release; see :mod:`core.moderation.guard`.
+
+        ``system`` is the request's system text (persona, plugin instructions): a reply
+        that recites it is withheld (the ``leak`` output filter).
+        """
         channel = self._channel(message.channel)
         policy = channel.policy
         filters = set(policy.output_filters)
         if not filters:
             return stream
         classifier = self.classifiers[policy.classifier]
+        leak = None
+        if "leak" in filters:
+            leak = LeakDetector(system, policy.leak_chars, policy.canary) or None
+        terms = channel.terms if "terms" in filters else None
         config = GuardConfig(
-            terms=channel.terms if "terms" in filters else None,
+            terms=terms,
             pii=channel.pii if "pii" in filters else None,
             classify=classifier.score if "classifier" in filters else None,
             classify_now=channel.score_now if "classifier" in filters else None,
             threshold=policy.output_threshold,
+            thresholds=channel.thresholds,
             hold_chars=policy.hold_chars,
             replacement=policy.output_replacement,
             fail_closed=policy.fail_output == "closed",
             timeout=policy.filter_timeout,
+            leak=leak,
+            phrase_words=terms.phrase_words if terms is not None else 1,
         )
 
         async def report(
@@ -301,12 +342,17 @@ class FilterModerator(ServiceBase):
         ) -> None:
             decision = Decision(Action(action), findings)
             self.counts[f"output:{action}"] += 1
+            for category in {f.kind for f in findings}:
+                self.counts[f"output:category:{category}"] += 1
             for name in degraded:
                 self.counts[f"failure:output:{name}"] += 1
             entry = self.auditor.entry(message, "output", decision, content, degraded=degraded)
             await self._record(entry, f"{message.channel}:{message.user_id}", decision)
 
         return guard_stream(stream, config, report)
+
+
+OUTPUT_FILTERS = ("terms", "classifier", "pii", "leak")
 
 
 def raise_unknown(source: str, key: str, name: str, known: Mapping[str, object]) -> None:

@@ -2,16 +2,24 @@
 
 Two forms are made of a message. ``clean`` is what the pipeline continues with: NFKC,
 with zero-width and other invisible characters removed. ``words`` are the matching
-keys: casefolded, accents dropped, leetspeak folded (``5h1t`` -> ``shit``), and letters
-spelled out one by one joined again (``f u c k`` -> ``fuck``). ``squeezed`` repeats
-each word with runs of a letter collapsed (``fuuuck`` -> ``fuck``).
+keys: casefolded, accents dropped, look-alike letters from other scripts folded to the
+Latin letter they imitate (Cyrillic o, U+043E, -> ``o``, by the Unicode TR39 confusables
+table), leetspeak folded (``5h1t`` -> ``shit``), runs of three or more of one letter
+squeezed (``l0000ser`` -> ``loser``), and letters spelled out one by one joined again
+(``f u c k``, ``m_o_r_o_n``, ``k.i.l.l`` -> one word; a wider gap starts the next word,
+so ``y o u  a r e`` is two words).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib import resources
+from types import MappingProxyType
 
 # Format characters (Cf) are invisible: zero-width spaces and joiners, bidi controls,
 # the tag block used to smuggle ASCII past readers. Variation selectors too.
@@ -23,9 +31,41 @@ _LEET = str.maketrans({
     "0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "8": "b", "9": "g",
     "@": "a", "$": "s", "!": "i", "|": "i", "€": "e", "+": "t",
 })
-# A word, possibly disguised: letters, digits and the leet symbols inside it.
-_TOKEN = re.compile(r"[\w@$!|€+]+")
+# A word, possibly disguised: letters, digits and the leet symbols inside it. The
+# underscore is a separator ("m_o_r_o_n"), not part of a word.
+_TOKEN = re.compile(r"(?:[^\W_]|[@$!|€+])+")
+_LONG_RUNS = re.compile(r"(.)\1\1+")
 _RUNS = re.compile(r"(.)\1+")
+
+
+@functools.cache
+def confusables() -> Mapping[str, str]:
+    """Non-ASCII characters that look like an ASCII letter or digit -> that character.
+
+    Read once from the Unicode TR39 ``confusables.txt`` data that the
+    ``confusable-homoglyphs`` package maintains, so the table follows Unicode rather
+    than a hand list. CJK characters are left alone (U+3007 is a numeral, not an O).
+    """
+    raw = resources.files("confusable_homoglyphs").joinpath("confusables.json").read_text(
+        encoding="utf-8")
+    table: dict[str, str] = {}
+    for key, entries in json.loads(raw).items():
+        for entry in entries:
+            other = entry["c"]
+            if len(key) != 1 or len(other) != 1:
+                continue
+            if key.isascii() and key.isalnum() and not other.isascii():
+                source, target = other, key.lower()
+            elif other.isascii() and other.isalnum() and not key.isascii():
+                source, target = key, other.lower()
+            else:
+                continue
+            if 0x2E80 <= ord(source) < 0xA000 or 0xAC00 <= ord(source) < 0xD7B0:
+                continue
+            # A letter beats a digit: Cyrillic capital O (U+041E) is read as "o", not "0".
+            if source not in table or (table[source].isdigit() and target.isalpha()):
+                table[source] = target
+    return MappingProxyType(table)
 
 
 def is_invisible(char: str) -> bool:
@@ -52,10 +92,13 @@ def strip_invisible(text: str) -> tuple[str, int]:
 
 
 def fold(text: str) -> str:
-    """Casefolded, accents removed: the base every matching key starts from."""
+    """Casefolded, accents removed, look-alikes folded: the base of every matching key."""
     folded = text.casefold()
     if folded.isascii():
         return folded
+    table = confusables()
+    # Look-alikes first: NFKD would split some of them ("й" is not "и" plus a mark).
+    folded = "".join(table.get(c, c) for c in folded)
     decomposed = unicodedata.normalize("NFKD", folded)
     return "".join(c for c in decomposed if not unicodedata.combining(c))
 
@@ -92,25 +135,37 @@ def normalise(text: str) -> Normalised:
 
 def words_of(text: str) -> list[str]:
     """The matching keys of ``text``'s words, in order."""
+    folded = fold(text)
     words: list[str] = []
-    singles: list[str] = []
-    for raw in _TOKEN.findall(fold(text)):
-        raw = raw.strip("!|+_")
+    singles: list[str] = []  # letters of a word spelled out one by one
+    gap: str | None = None  # the one character between them ("f.u.c.k": ".")
+    end = 0
+    for match in _TOKEN.finditer(folded):
+        between = folded[end:match.start()]
+        end = match.end()
+        raw = match.group().strip("!|+")
         word = raw.translate(_LEET) if not raw.isdigit() else raw
         if not word:
             continue
+        word = _LONG_RUNS.sub(r"\1", word)
         if len(word) == 1 and word.isalpha():
-            singles.append(word)
-            continue
-        if singles:
+            if len(singles) == 1 and len(between) == 1 and gap is None:
+                gap = between
+                singles.append(word)
+                continue
+            if singles and between == gap:
+                singles.append(word)
+                continue
             words += _joined(singles)
-            singles = []
-        words.append(word)
-    if singles:
+            singles, gap = [word], None
+            continue
         words += _joined(singles)
+        singles, gap = [], None
+        words.append(word)
+    words += _joined(singles)
     return words
 
 
 def _joined(singles: list[str]) -> list[str]:
     # "f u c k" was one word spelled out; "a b" is more likely two words.
-    return ["".join(singles)] if len(singles) >= 3 else singles
+    return ["".join(singles)] if len(singles) >= 3 else list(singles)

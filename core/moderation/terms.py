@@ -1,83 +1,91 @@
 """Blocklist and allowlist terms, matched on normalised words.
 
 A term is a word (``idiot``), a phrase (``kill yourself``), a prefix (``fuck*``: any word
-starting so) or an infix (``*fucker*``: any word containing it). Every term is
-normalised as messages are, so ``5h1t`` and ``shiiit`` meet ``shit``. Allowlisted words
-are never matched, and allowlisted phrases are cut from the text first.
+starting so) or an infix (``*fucker*``: any word containing it), and belongs to a
+category (``insult``, ``threat``, ...; a bot's own terms to ``blocklist`` unless written
+``threat:i will find you``). Every term is normalised as messages are, so ``5h1t`` and
+``shiiit`` meet ``shit``. Allowlisted words are never matched, and allowlisted phrases --
+the innocent phrases a listed word appears in -- are cut from the text first.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.config import MODERATION_CATEGORIES
 from core.errors import ConfigError
 from core.moderation import builtin_terms
 from core.moderation.normalise import Normalised, squeeze, words_of
 
-# Elongation ("fuuuck") is three or more of a letter; two is often just spelling
-# ("coon" must not become "con").
-_ELONGATED = re.compile(r"(.)\1\1")
+# The category of terms from a bot's own lists, unless written ``category:term``.
+CUSTOM = "blocklist"
+
+
+@dataclass(frozen=True, slots=True)
+class TermHit:
+    """A blocked term found in a text: the term as listed, and its category."""
+
+    term: str
+    category: str
 
 
 @dataclass(slots=True)
 class _Compiled:
-    words: set[str] = field(default_factory=set)
-    squeezed: set[str] = field(default_factory=set)
-    prefixes: dict[int, set[str]] = field(default_factory=dict)
-    squeezed_prefixes: dict[int, set[str]] = field(default_factory=dict)
-    infixes: list[str] = field(default_factory=list)
-    phrases: list[str] = field(default_factory=list)
+    words: dict[str, str] = field(default_factory=dict)  # word -> category
+    prefixes: dict[int, dict[str, str]] = field(default_factory=dict)  # by length
+    infixes: list[tuple[str, str]] = field(default_factory=list)
+    phrases: list[tuple[str, str]] = field(default_factory=list)
 
-    def add(self, term: str) -> None:
+    def add(self, term: str, category: str) -> None:
         star_start, star_end = term.startswith("*"), term.endswith("*")
+        # Words are keyed as messages are: look-alikes folded, long runs squeezed.
         body = " ".join(words_of(term.strip("*")))
         if not body:
             return
         if " " in body:
-            self.phrases.append(body)
+            self.phrases.append((body, category))
         elif star_start and star_end:
-            self.infixes.append(body)
+            self.infixes.append((body, category))
         elif star_end:
-            self.prefixes.setdefault(len(body), set()).add(body)
-            short = squeeze(body)
-            self.squeezed_prefixes.setdefault(len(short), set()).add(short)
+            self.prefixes.setdefault(len(body), {})[body] = category
         else:
-            self.words.add(body)
-            self.squeezed.add(squeeze(body))
+            self.words[body] = category
+        # Messages have runs of three or more letters squeezed to one ("asssshole" ->
+        # "ashole"), so a term's double letters are keyed squeezed too -- for longer
+        # terms only: "coon" squeezed is the French "con".
+        short = squeeze(body)
+        if short != body and len(body) >= 5 and " " not in body:
+            self.add("*" * star_start + short + "*" * star_end, category)
 
-    def find(self, words: Sequence[str], allowed: set[str]) -> str | None:
+    def find(self, words: Sequence[str], allowed: set[str]) -> TermHit | None:
         for word in words:
             if word in allowed:
                 continue
-            hit = self._match(word, self.words, self.prefixes)
-            if hit is None and _ELONGATED.search(word):
-                hit = self._match(squeeze(word), self.squeezed, self.squeezed_prefixes)
-            if hit is not None:
-                return hit
-        return None
-
-    def _match(self, word: str, exact: set[str], prefixes: dict[int, set[str]]) -> str | None:
-        if word in exact:
-            return word
-        for size, starts in prefixes.items():
-            if word[:size] in starts:
-                return word[:size] + "*"
-        for part in self.infixes:
-            if part in word:
-                return f"*{part}*"
+            category = self.words.get(word)
+            if category is not None:
+                return TermHit(word, category)
+            for size, starts in self.prefixes.items():
+                category = starts.get(word[:size])
+                if category is not None:
+                    return TermHit(word[:size] + "*", category)
+            for part, category in self.infixes:
+                if part in word:
+                    return TermHit(f"*{part}*", category)
         return None
 
 
 class TermFilter:
     """Finds blocklisted terms in a message; see the module docstring."""
 
-    def __init__(self, blocked: Iterable[str], allowed: Iterable[str] = ()) -> None:
+    def __init__(
+        self, blocked: Iterable[str | tuple[str, str]], allowed: Iterable[str] = ()
+    ) -> None:
         self._blocked = _Compiled()
-        for term in blocked:
-            self._blocked.add(term)
+        for item in blocked:
+            term, category = item if isinstance(item, tuple) else _categorised(item)
+            self._blocked.add(term, category)
         self._allowed_words: set[str] = set()
         self._allowed_phrases: list[str] = []
         for term in allowed:
@@ -99,7 +107,9 @@ class TermFilter:
         base: Path | None = None,
     ) -> TermFilter:
         """A filter from a policy's lists and files (relative to ``base``)."""
-        blocked = list(builtin_terms.TERMS) if builtin else []
+        blocked: list[str | tuple[str, str]] = []
+        if builtin:
+            blocked += [(t, c) for c, terms in builtin_terms.TERMS.items() for t in terms]
         allowed = list(builtin_terms.ALLOWED) if builtin else []
         blocked += blocklist
         allowed += allowlist
@@ -109,7 +119,12 @@ class TermFilter:
             allowed += read_terms(name, base)
         return cls(blocked, allowed)
 
-    def find(self, text: Normalised) -> str | None:
+    @property
+    def phrase_words(self) -> int:
+        """The most words a blocked phrase has (1 if there are none)."""
+        return max((p.count(" ") + 1 for p, _ in self._blocked.phrases), default=1)
+
+    def find(self, text: Normalised) -> TermHit | None:
         """The first blocked term in ``text``, as written in the list; None if clean."""
         words = text.words
         key = ""
@@ -121,11 +136,9 @@ class TermFilter:
         hit = self._blocked.find(words, self._allowed_words)
         if hit is not None:
             return hit
-        if self._blocked.phrases:
-            squeezed = f" {' '.join(squeeze(w) if _ELONGATED.search(w) else w for w in words)} "
-            for phrase in self._blocked.phrases:
-                if f" {phrase} " in key or f" {phrase} " in squeezed:
-                    return phrase
+        for phrase, category in self._blocked.phrases:
+            if f" {phrase} " in key:
+                return TermHit(phrase, category)
         return None
 
     def strip_allowed(self, text: str) -> str:
@@ -133,9 +146,19 @@ class TermFilter:
         if not self._allowed_phrases:
             return text
         key = f" {' '.join(words_of(text))} "
+        stripped = key
         for phrase in self._allowed_phrases:
-            key = key.replace(f" {phrase} ", " ")
-        return key.strip()
+            stripped = stripped.replace(f" {phrase} ", " ")
+        # Unchanged, the text itself goes on: its case and links are signals too.
+        return text if stripped == key else stripped.strip()
+
+
+def _categorised(term: str) -> tuple[str, str]:
+    """``category:term`` -> (term, category); a plain term is in :data:`CUSTOM`."""
+    head, sep, rest = term.partition(":")
+    if sep and head.strip() in MODERATION_CATEGORIES and rest.strip():
+        return rest.strip(), head.strip()
+    return term, CUSTOM
 
 
 def read_terms(name: str, base: Path | None) -> list[str]:

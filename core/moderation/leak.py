@@ -1,0 +1,91 @@
+"""System-prompt leakage (OWASP LLM07): a reply that recites the bot's instructions.
+
+The system text of a request (persona, plugin instructions, what is known about the
+user) is split into words, casefolded, punctuation dropped. A reply leaks when it holds
+a run of those words, in order, at least ``min_chars`` characters long -- verbatim or
+nearly (case, punctuation, line breaks and markdown don't hide it) -- or the bot's
+canary. The guard also asks where the trailing run of such words starts, so it holds
+them back until the run breaks: the overlapping part is never shown mid-stream.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+_WORD = re.compile(r"\w+")
+
+
+class LeakDetector:
+    """Finds runs of a system text's words in a reply; see the module docstring."""
+
+    def __init__(self, system: str, min_chars: int, canary: str | None = None) -> None:
+        self._sequences: list[tuple[list[str], int]] = []  # (words, chars that count)
+        words = [w.casefold() for w in _WORD.findall(system)]
+        if words:
+            self._sequences.append((words, min_chars))
+        if canary:
+            canary_words = [w.casefold() for w in _WORD.findall(canary)]
+            if canary_words:
+                # All of the canary, however short.
+                self._sequences.append((canary_words, _chars(canary_words)))
+        self.margin = 2 * max([min_chars, *(n for _, n in self._sequences)])
+
+    def __bool__(self) -> bool:
+        return bool(self._sequences)
+
+    def find(self, text: str) -> str | None:
+        """``"system"`` or ``"canary"`` if ``text`` leaks, else None."""
+        words = [m.group().casefold() for m in _WORD.finditer(text)]
+        for index, (sequence, limit) in enumerate(self._sequences):
+            longest, _ = _runs(words, sequence)
+            if longest >= limit:
+                return "canary" if index else "system"
+        return None
+
+    def trailing_run_start(self, shown: str, pending: str) -> int | None:
+        """Where in ``pending`` the run of system words that ends it starts, if any.
+
+        A word still arriving (no space after it yet) counts as part of the run if a
+        system word that would continue the run starts with it.
+        """
+        before = shown[-self.margin:]
+        text = before + pending
+        matches = list(_WORD.finditer(text))
+        partial = matches[-1].group().casefold() if matches and text[-1:].isalnum() else None
+        words = [m.group().casefold() for m in (matches[:-1] if partial else matches)]
+        start: int | None = None
+        for sequence, _ in self._sequences:
+            _, ends = _runs(words, sequence)
+            if partial is not None:
+                ends = {j + 1: n + 1 for j, n in ends.items()
+                        if j + 1 < len(sequence) and sequence[j + 1].startswith(partial)}
+                ends.update({j: 1 for j, w in enumerate(sequence)
+                             if j not in ends and w.startswith(partial)})
+            trailing = max(ends.values(), default=0)
+            if trailing:
+                offset = max(0, matches[len(matches) - trailing].start() - len(before))
+                start = offset if start is None else min(start, offset)
+        return start
+
+
+def _chars(words: Sequence[str]) -> int:
+    return sum(len(w) for w in words) + max(0, len(words) - 1)
+
+
+def _runs(words: Sequence[str], sequence: Sequence[str]) -> tuple[int, dict[int, int]]:
+    """The longest run (in characters) of ``words`` found in order in ``sequence``, and
+    the runs the last word ends: position in ``sequence`` -> words in the run."""
+    positions: dict[str, list[int]] = {}
+    for j, word in enumerate(sequence):
+        positions.setdefault(word, []).append(j)
+    previous: dict[int, tuple[int, int]] = {}  # end position in sequence -> (words, chars)
+    longest = 0
+    for word in words:
+        current: dict[int, tuple[int, int]] = {}
+        for j in positions.get(word, ()):
+            count, chars = previous.get(j - 1, (0, -1))
+            current[j] = (count + 1, chars + 1 + len(word))
+            longest = max(longest, current[j][1])
+        previous = current
+    return longest, {j: count for j, (count, _) in previous.items()}
