@@ -1,0 +1,1 @@
+"""The Discord channel, on discord.py: see :mod:`bots.discord.adapter`."""

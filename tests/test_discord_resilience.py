@@ -1,0 +1,94 @@
+"""The Discord channel under rate limits, gateway reconnects, redelivery and bad frames."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from bots.testing.discord import FakeDiscord
+from core.app import build_engine
+from tests.discord_support import build_world, contents, make_settings, running
+
+
+async def test_a_429_storm_and_forced_reconnects_lose_and_duplicate_nothing() -> None:
+    async with FakeDiscord() as discord:
+        w = build_world(discord)
+        channels = [w.dm, w.general, w.thread]
+        expected: dict[int, list[str]] = {c: [] for c in channels}
+
+        def post_round(label: str) -> None:
+            for n in range(4):
+                for channel in channels:
+                    text = f"{label} message {n} to {channel}"
+                    discord.post(channel, w.alice, text)
+                    expected[channel].append(text)
+
+        def delivered() -> bool:
+            return all(len(discord.sent(c)) >= len(expected[c]) for c in channels)
+
+        async with running(discord, answer_in="always", edit_interval=0.05,
+                           reidentify_delay=0.1):
+            # More 429s in a row than discord.py retries by itself (5).
+            discord.rate_limit(30, retry_after=0.02)
+            post_round("storm")
+            await discord.wait_until(delivered, timeout=30)
+            assert discord._rate_limits == []  # every injected 429 was hit
+
+            # op 7: the bot resumes; what was posted while it was away is replayed.
+            discord.reconnect()
+            post_round("away")
+            await discord.wait_until(delivered, timeout=30)
+
+            # op 9: a new session; the bot identifies again and keeps answering.
+            discord.invalidate_session()
+            await asyncio.sleep(0.05)
+            await discord.wait_live()
+            discord.rate_limit(8, retry_after=0.02)
+            post_round("after")
+            await discord.wait_until(delivered, timeout=30)
+            assert discord.resumed >= 1 and discord.identified == 2
+        for channel in channels:
+            # Every message answered exactly once, in the order it was posted.
+            assert contents(discord.sent(channel)) == expected[channel]
+        assert sum(r.status == 429 for r in discord.requests) == 38
+
+
+async def test_a_message_delivered_again_after_a_resume_is_answered_once() -> None:
+    async with FakeDiscord() as discord:
+        w = build_world(discord)
+        settings = make_settings()
+        engine = build_engine(settings)
+        async with running(discord, engine, settings):
+            for n in range(3):
+                discord.post(w.dm, w.alice, f"message {n}")
+            await discord.wait_until(lambda: len(discord.sent(w.dm)) == 3)
+            discord.redeliver_on_resume(3)  # Discord replays the last 3 events again
+            discord.reconnect()
+            await asyncio.sleep(0.05)
+            await discord.wait_live()
+            discord.post(w.dm, w.alice, "message 3")
+            await discord.wait_until(lambda: len(discord.sent(w.dm)) >= 4)
+            await asyncio.sleep(0.3)  # time enough for a duplicate to show up
+            assert discord.resumed == 1 and discord.replayed == 3
+        assert contents(discord.sent(w.dm)) == [f"message {n}" for n in range(4)]
+        # The adapter knew them: the engine was not even asked again.
+        outcomes = {s.labels["outcome"]: s.value for m in engine.metrics.registry.collect()
+                    for s in m.samples if s.name == "parley_messages_total"}
+        assert outcomes == {"answered": 4.0}
+
+
+async def test_malformed_gateway_events_are_ignored() -> None:
+    async with FakeDiscord() as discord:
+        w = build_world(discord)
+        async with running(discord):
+            discord.send_raw("this is not json")
+            discord.send_raw("[1, 2, 3]")
+            discord.send_raw(json.dumps({"op": "zero"}))
+            discord.send_raw(json.dumps({"op": 0, "t": "MESSAGE_CREATE", "s": None, "d": "x"}))
+            discord.dispatch("MESSAGE_CREATE", {"id": "not-a-snowflake", "content": 3})
+            discord.dispatch("INTERACTION_CREATE", {"type": 2})
+            discord.dispatch("GUILD_CREATE", {"name": "no id"})
+            discord.dispatch("NO_SUCH_EVENT", {})
+            discord.post(w.dm, w.alice, "still there?")
+            await discord.wait_until(lambda: contents(discord.sent(w.dm)) == ["still there?"])
+        assert discord.connections == 1  # nothing made the bot reconnect
