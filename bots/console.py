@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
+import os
 import sys
-import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import IO, Any, Literal
 
 from core.config import BotSettings, Section, validate_section
 from core.engine import Engine
 from core.streams import closing
 from core.types import IncomingMessage, ReplyEvent, ReplyKind
-
-_EOF = None
 
 
 class ConsoleSettings(Section):
@@ -84,16 +83,16 @@ class ConsoleAdapter:
         exit_on_eof = self.config.exit_on_eof
         if exit_on_eof is None:
             exit_on_eof = interactive
-        lines = _read_lines(stdin)
         if interactive:
             out.write(f"{engine.name} is listening. /help for commands, Ctrl-D to quit.\n")
+        lines = read_lines(stdin)
         try:
             while True:
                 if interactive:
                     out.write(self.config.prompt)
                     out.flush()
-                raw = await lines.get()
-                if raw is _EOF:
+                raw = await anext(lines, None)
+                if raw is None:
                     break
                 # Invalid UTF-8 survives as lone surrogates, which the engine refuses
                 # with a clear message instead of this loop crashing.
@@ -114,6 +113,7 @@ class ConsoleAdapter:
                     else:
                         await _render_line(events, out, as_json=self.config.output == "json")
         finally:
+            await lines.aclose()
             if interactive:
                 out.write("\n")
                 out.flush()
@@ -157,24 +157,53 @@ async def _render_line(events: Any, out: IO[str], *, as_json: bool) -> None:
     out.flush()
 
 
-def _read_lines(stdin: IO[bytes]) -> asyncio.Queue[bytes | None]:
-    """Lines of ``stdin`` on a queue, read by a daemon thread so the loop never blocks.
+async def read_lines(stdin: IO[bytes]) -> AsyncGenerator[bytes, None]:
+    """The lines of ``stdin`` (each with its newline, the last maybe without), on the loop.
 
-    A daemon thread, not the default executor: a read blocked on a terminal must not
-    keep the process alive at exit.
+    A terminal or pipe is watched by the event loop (``add_reader``) and read only when
+    it has data, so no thread is ever blocked in a read: a thread blocked on the
+    terminal at exit makes the interpreter abort (``_enter_buffered_busy``) and keeps a
+    Ctrl-C from ending the program cleanly. Regular files (which the loop cannot
+    watch) and in-memory streams never block, so they are read directly.
     """
+    try:
+        fd = stdin.fileno()
+    except (OSError, ValueError, io.UnsupportedOperation):
+        for line in iter(stdin.readline, b""):
+            yield line
+        return
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+    chunks: asyncio.Queue[bytes] = asyncio.Queue()
 
-    def pump() -> None:
+    def readable() -> None:
         try:
-            for line in iter(stdin.readline, b""):
-                loop.call_soon_threadsafe(queue.put_nowait, line)
-        except (OSError, ValueError):
-            pass
-        finally:
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(queue.put_nowait, _EOF)
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(fd)
+        chunks.put_nowait(data)
 
-    threading.Thread(target=pump, name="console-stdin", daemon=True).start()
-    return queue
+    try:
+        loop.add_reader(fd, readable)
+    except (PermissionError, ValueError, OSError):  # a regular file: epoll refuses it
+        watched = False
+    else:
+        watched = True
+    try:
+        pending = b""
+        while True:
+            data = await chunks.get() if watched else os.read(fd, 65536)
+            if not data:
+                break
+            pending += data
+            *complete, pending = pending.split(b"\n")
+            for line in complete:
+                yield line + b"\n"
+        if pending:
+            yield pending
+    finally:
+        if watched:
+            loop.remove_reader(fd)

@@ -8,9 +8,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from core.app import adapter_registry, build_adapters, build_engine, serve
+from core.app import Adapter, adapter_registry, build_adapters, build_engine, serve
 from core.config import BotSettings, load_settings
 from core.errors import ConfigError, ParleyError
+from core.ports import ListenAddress, addresses_of, ensure_free
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,6 +41,14 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--escalations", action="store_true",
                        help="show the cases handed to people instead")
     audit.add_argument("--json", action="store_true", help="one JSON object per entry")
+    audit.add_argument("--user", help="only this user's entries")
+    audit.add_argument("--channel", help="only this channel's entries (web, console, ...)")
+    audit.add_argument("--category", help="only entries with this finding: a kind (terms, "
+                       "classifier, pii, injection, flood, size) or a label (pii:email)")
+    audit.add_argument("--since", metavar="WHEN",
+                       help="entries from then on: 30m, 2h, 7d ago, or 2026-11-29[T20:00]")
+    audit.add_argument("--until", metavar="WHEN", help="entries up to then (as --since)")
+    audit.add_argument("--utc", action="store_true", help="print times in UTC, not local time")
 
     check = sub.add_parser("check", help="validate the bot's file and exit")
     check.add_argument("config", help="the bot's TOML file")
@@ -59,10 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             return _check(settings)
         if args.command == "audit":
-            from core.moderation.audit_cli import print_audit
-
-            return asyncio.run(print_audit(settings, limit=args.limit,
-                                           escalations=args.escalations, as_json=args.json))
+            return _audit(settings, args)
         if args.command == "chat":
             console = adapter_registry().get("console")(
                 settings,
@@ -70,15 +76,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "user_id": args.user, "conversation_id": args.conversation,
                  "exit_on_eof": True},
             )
+            _keep_access_log_off_the_terminal(args.log_level)
             asyncio.run(serve(build_engine(settings), [console]))
             return 0
         if args.command == "worker":
             from core.generation.worker import run_worker
 
+            if settings.worker.http_port is not None:
+                ensure_free([ListenAddress(settings.worker.http_host, settings.worker.http_port,
+                                           "worker.http_port")], settings.source)
             asyncio.run(run_worker(settings))
             return 0
         adapters = build_adapters(settings, args.adapters)
-        asyncio.run(serve(build_engine(settings), adapters))
+        engine = build_engine(settings)
+        # Before the engine starts: loading a model takes seconds, a taken port none.
+        ensure_free(addresses_of(adapters), settings.source)
+        if "console" in (args.adapters or settings.adapters):
+            _keep_access_log_off_the_terminal(args.log_level)
+        asyncio.run(serve(engine, adapters))
         return 0
     except ConfigError as exc:
         print(f"parley: configuration error:\n{exc}", file=sys.stderr)
@@ -90,10 +105,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _audit(settings: BotSettings, args: argparse.Namespace) -> int:
+    from core.moderation.audit_cli import AuditFilter, parse_when, print_audit
+
+    try:
+        since = parse_when(args.since) if args.since else None
+        until = parse_when(args.until) if args.until else None
+    except ValueError as exc:
+        print(f"parley audit: {exc}", file=sys.stderr)
+        return 2
+    where = AuditFilter(user=args.user, channel=args.channel, category=args.category,
+                        since=since, until=until)
+    return asyncio.run(print_audit(settings, limit=args.limit, escalations=args.escalations,
+                                   as_json=args.json, where=where, utc=args.utc))
+
+
+def _keep_access_log_off_the_terminal(level: str) -> None:
+    """With the console channel on this terminal, one access-log line per web request
+    would print over the prompt; they stay off unless asked for with ``--log-level debug``.
+    """
+    if level != "debug":
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
 def _check(settings: BotSettings) -> int:
-    """Build everything the file names without starting it, so wrong names fail here."""
+    """Build everything the file names without starting it, so wrong names fail here;
+    the ports the adapters will listen on must be free.
+    """
     build_engine(settings)
-    build_adapters(settings)
+    adapters: list[Adapter] = build_adapters(settings)
+    ensure_free(addresses_of(adapters), settings.source)
     print(f"{settings.source}: ok (bot {settings.bot.name!r}, "
           f"adapters: {', '.join(settings.adapters) or 'none'})")
     return 0

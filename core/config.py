@@ -7,20 +7,24 @@ the key and what was expected.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+import types
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from core.errors import ConfigError
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 M = TypeVar("M", bound=BaseModel)
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 class Section(BaseModel):
@@ -68,9 +72,13 @@ class GenerationSection(Section):
 
 
 class WorkerSection(Section):
-    """``[worker]``: how ``parley worker`` serves generation jobs from Redis and HTTP."""
+    """``[worker]``: how ``parley worker`` serves generation jobs from Redis and HTTP.
 
-    url: str = "redis://127.0.0.1:6379/0"
+    ``url`` defaults to ``[generation] url`` when the generation backend is ``redis``
+    (see :class:`BotSettings`), so one file means one Redis unless told otherwise.
+    """
+
+    url: str = DEFAULT_REDIS_URL
     backend: str = "local"  # the generator the jobs run on: local or echo
     name: str | None = None  # consumer name; default: host name and process id
     concurrency: int = Field(default=32, ge=1, le=4096)
@@ -85,7 +93,7 @@ class MemorySection(Section):
     """``[memory]``: where conversations are kept."""
 
     backend: str = "embedded"
-    url: str = "redis://127.0.0.1:6379/0"
+    url: str = DEFAULT_REDIS_URL
     window: int = Field(default=20, ge=1, le=1000)
     ttl: int = Field(default=7 * 24 * 3600, ge=1)
     key_prefix: str = Field(default="parley", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -256,6 +264,23 @@ class BotSettings(Section):
     adapters: dict[str, dict[str, Any]] = {}
     source: str = "<memory>"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _worker_follows_generation(cls, data: Any) -> Any:
+        """``[worker] url`` unset: the Redis the front ends send jobs to (``[generation] url``).
+
+        Without this, a worker started on the front ends' own file would listen on the
+        default Redis while their jobs wait, unread, in another one.
+        """
+        if not isinstance(data, Mapping):
+            return data
+        generation, worker = data.get("generation"), data.get("worker", {})
+        if (isinstance(generation, Mapping) and isinstance(worker, Mapping)
+                and generation.get("backend") == "redis" and "url" not in worker
+                and isinstance(generation.get("url"), str)):
+            return {**data, "worker": {**worker, "url": generation["url"]}}
+        return data
+
 
 def load_settings(path: str | Path, env: Mapping[str, str] | None = None) -> BotSettings:
     """Read, interpolate and validate the bot file at ``path``."""
@@ -290,16 +315,49 @@ def validate_section(
         problems = []
         for err in exc.errors():
             key = ".".join(part for part in (prefix, *map(str, err["loc"])) if part)
-            problems.append(f"{source}: {key or '<top>'}: {_describe(err)}")
+            problems.append(f"{source}: {key or '<top>'}: {_describe(err, model)}")
         raise ConfigError("\n".join(problems)) from None
 
 
-def _describe(err: Mapping[str, Any]) -> str:
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the choice closest to a misspelt ``name``, else ``""``."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _keys_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys a table at ``loc`` inside ``model`` accepts (none known: empty)."""
+    current: Any = model
+    parts = list(loc)
+    while parts:
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(parts.pop(0)))
+            if field is None:
+                return []
+            current = field.annotation
+        elif get_origin(current) in (Union, types.UnionType):  # X | None
+            inner = [arg for arg in get_args(current) if arg is not type(None)]
+            if len(inner) != 1:
+                return []
+            current = inner[0]
+        elif get_origin(current) is dict:  # a table of tables: the next part is a name
+            parts.pop(0)
+            current = get_args(current)[1]
+        else:
+            return []
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _describe(err: Mapping[str, Any], model: type[BaseModel]) -> str:
     kind = err.get("type", "")
     if kind == "missing":
         return "required key is missing"
     if kind == "extra_forbidden":
-        return "unknown key"
+        loc = tuple(err.get("loc", ()))
+        hint = did_you_mean(str(loc[-1]), _keys_at(model, loc[:-1])) if loc else ""
+        return "unknown key" + hint
     value = err.get("input")
     shown = repr(value) if not isinstance(value, dict | list) else type(value).__name__
     return f"{err.get('msg', 'invalid value')} (got {shown})"

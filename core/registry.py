@@ -11,6 +11,7 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Generic, TypeVar
 
+from core.config import did_you_mean
 from core.errors import ConfigError
 
 F = TypeVar("F", bound=Callable[..., object])
@@ -44,8 +45,9 @@ class Registry(Generic[F]):
         except KeyError:
             prefix = f"{where}: " if where else ""
             choices = ", ".join(repr(n) for n in sorted(self._factories)) or "none"
+            hint = did_you_mean(name, self._factories)
             raise ConfigError(
-                f"{prefix}unknown {self.kind} {name!r} (known: {choices})"
+                f"{prefix}unknown {self.kind} {name!r}{hint} (known: {choices})"
             ) from None
 
     def _load_entry_points(self) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -111,3 +113,45 @@ def test_a_failed_start_is_one_clear_line(tmp_path: Path) -> None:
     err = result.stderr.decode()
     assert "redis at redis://127.0.0.1:1/0" in err
     assert "Traceback" not in err
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+def test_check_reports_a_port_in_use(tmp_path: Path, taken_port: int) -> None:
+    path = bot_file(tmp_path, 'backend = "echo"')
+    path.write_text(path.read_text() + f'[adapters.web]\nport = {taken_port}\n')
+    result = parley("check", str(path), timeout=120)
+    assert result.returncode == 2
+    err = result.stderr.decode()
+    assert f"{path}: adapters.web: cannot listen on 127.0.0.1:{taken_port}: " in err
+    assert "in use" in err and "Traceback" not in err
+
+
+def test_run_checks_ports_before_loading_the_model(tmp_path: Path, taken_port: int) -> None:
+    path = bot_file(tmp_path, 'model = "smollm2-135m"')
+    path.write_text(path.read_text() + f'[adapters.web]\nport = {taken_port}\n')
+    result = parley("run", str(path), "--adapter", "web", timeout=120)
+    assert result.returncode == 2
+    err = result.stderr.decode()
+    assert f"adapters.web: cannot listen on 127.0.0.1:{taken_port}" in err
+    assert "loaded model" not in err and "converting" not in err
+
+
+def test_the_suite_keeps_converted_models_out_of_the_users_cache() -> None:
+    from core.generation.models import cache_dir
+    from tests.support.model_cache import suite_cache_dir
+
+    ours = cache_dir(None)
+    assert ours == suite_cache_dir(os.environ)
+    assert os.environ.get("PARLEY_TEST_CACHE_DIR") or ours == REPO / ".parley-cache" / "models"
+    assert not ours.is_relative_to(Path.home() / ".cache")
+    show = "import os; print(os.environ['PARLEY_CACHE_DIR'])"
+    seen = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True,
+                          check=True)
+    assert seen.stdout.strip() == str(ours)  # every `parley` a test starts inherits it

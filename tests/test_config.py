@@ -78,3 +78,52 @@ def test_not_toml_and_missing_file(tmp_path: Path) -> None:
 def test_parse_settings_is_the_same_validation() -> None:
     with pytest.raises(ConfigError, match=r"<memory>: memory\.ttl"):
         parse_settings({"bot": {"name": "a"}, "memory": {"ttl": -1}})
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"generation": {"max_new_token": 9}},
+         "<memory>: generation.max_new_token: unknown key (did you mean 'max_new_tokens'?)"),
+        ({"generaton": {}}, "<memory>: generaton: unknown key (did you mean 'generation'?)"),
+        ({"moderation": {"channels": {"console": {"input_filter": []}}}},
+         "moderation.channels.console.input_filter: unknown key "
+         "(did you mean 'input_filters'?)"),
+        ({"generation": {"zzz": 1}}, "<memory>: generation.zzz: unknown key"),
+    ],
+)
+def test_unknown_key_suggests_the_closest(raw: dict[str, object], expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_settings({"bot": {"name": "a"}, **raw})
+    assert expected in str(err.value)
+    if "did you mean" not in expected:
+        assert "did you mean" not in str(err.value)
+
+
+def test_a_table_validated_on_its_own_suggests_too() -> None:
+    from bots.console import ConsoleSettings
+    from core.config import validate_section
+
+    with pytest.raises(ConfigError, match=r"x\.toml: adapters\.console\.promt: unknown key "
+                                          r"\(did you mean 'prompt'\?\)"):
+        validate_section(ConsoleSettings, {"promt": "> "}, source="x.toml",
+                         prefix="adapters.console")
+
+
+def test_unknown_backend_suggests_the_closest() -> None:
+    from core.memory.base import memory_backends
+
+    with pytest.raises(ConfigError, match=r"unknown memory backend 'reddis' "
+                                          r"\(did you mean 'redis'\?\) \(known: "):
+        memory_backends().get("reddis", where="x.toml: memory.backend")
+
+
+def test_worker_url_follows_the_generation_redis() -> None:
+    shared = parse_settings({"bot": {"name": "a"}, "generation": {
+        "backend": "redis", "url": "redis://10.0.0.7:6380/2"}})
+    assert shared.worker.url == "redis://10.0.0.7:6380/2"
+    told = parse_settings({"bot": {"name": "a"}, "worker": {"url": "redis://w:1/0"},
+                           "generation": {"backend": "redis", "url": "redis://g:1/0"}})
+    assert told.worker.url == "redis://w:1/0"
+    local = parse_settings({"bot": {"name": "a"}, "generation": {"url": "redis://g:1/0"}})
+    assert local.worker.url == "redis://127.0.0.1:6379/0"

@@ -43,6 +43,7 @@ from bots.web.settings import WidgetFields
 from core.config import BotSettings, validate_section
 from core.engine import Engine, collect
 from core.errors import ConfigError
+from core.ports import ListenAddress
 from core.streams import closing
 from core.types import IncomingMessage, ReplyEvent, ReplyKind
 
@@ -135,6 +136,10 @@ class WebAdapter:
     def mount(self, routes: Sequence[web.RouteDef]) -> None:
         """Serve other adapters' ``routes`` (a Telegram webhook) too, from the next start."""
         self._mounted.extend(routes)
+
+    def listen_addresses(self) -> list[ListenAddress]:
+        """Where :meth:`start` will listen (checked before the engine starts)."""
+        return [ListenAddress(self.config.host, self.config.port, "adapters.web")]
 
     async def start(self, engine: Engine) -> None:
         """Listen on the configured host and port; returns once serving."""
