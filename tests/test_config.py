@@ -18,7 +18,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_example_bots_validate() -> None:
     for path in sorted((REPO / "config").glob("*.toml")):
-        env = {"REDIS_URL": "redis://127.0.0.1:1/0"}
+        env = {"REDIS_URL": "redis://127.0.0.1:1/0", "TELEGRAM_TOKEN": "123:abc"}
         settings = load_settings(path, env=env)
         assert settings.bot.name
         assert settings.source == str(path)
