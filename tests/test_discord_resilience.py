@@ -31,13 +31,13 @@ async def test_a_429_storm_and_forced_reconnects_lose_and_duplicate_nothing() ->
             # More 429s in a row than discord.py retries by itself (5).
             discord.rate_limit(30, retry_after=0.02)
             post_round("storm")
-            await discord.wait_until(delivered, timeout=30)
-            assert discord._rate_limits == []  # every injected 429 was hit
+            await discord.wait_until(delivered, within=30)
+            assert discord.faults_left == 0  # every injected 429 was hit
 
             # op 7: the bot resumes; what was posted while it was away is replayed.
             discord.reconnect()
             post_round("away")
-            await discord.wait_until(delivered, timeout=30)
+            await discord.wait_until(delivered, within=30)
 
             # op 9: a new session; the bot identifies again and keeps answering.
             discord.invalidate_session()
@@ -45,7 +45,7 @@ async def test_a_429_storm_and_forced_reconnects_lose_and_duplicate_nothing() ->
             await discord.wait_live()
             discord.rate_limit(8, retry_after=0.02)
             post_round("after")
-            await discord.wait_until(delivered, timeout=30)
+            await discord.wait_until(delivered, within=30)
             assert discord.resumed >= 1 and discord.identified == 2
         for channel in channels:
             # Every message answered exactly once, in the order it was posted.
@@ -92,3 +92,29 @@ async def test_malformed_gateway_events_are_ignored() -> None:
             discord.post(w.dm, w.alice, "still there?")
             await discord.wait_until(lambda: contents(discord.sent(w.dm)) == ["still there?"])
         assert discord.connections == 1  # nothing made the bot reconnect
+
+
+async def test_a_reply_discord_refuses_is_logged_and_counted_and_the_bot_goes_on() -> None:
+    async with FakeDiscord() as discord:
+        w = build_world(discord)
+        settings = make_settings()
+        engine = build_engine(settings)
+        async with running(discord, engine, settings, answer_in="always", streaming=False):
+            discord.fail(2, path=f"/channels/{w.quiet}/messages", status=403)
+            discord.post(w.quiet, w.alice, "the bot may not write here")
+            discord.post(w.general, w.alice, "but here it may")
+            discord.post(w.general, w.alice, "")  # a picture without words: not answered
+            await discord.wait_until(lambda: discord.faults_left == 0
+                                     and bool(discord.sent(w.general)))
+            discord.post(w.quiet, w.alice, "and now it may here too")
+            await discord.wait_until(lambda: bool(discord.sent(w.quiet)))
+            await asyncio.sleep(0.2)  # time enough for anything else to show up
+        assert contents(discord.sent(w.general)) == ["but here it may"]
+        assert contents(discord.sent(w.quiet)) == ["and now it may here too"]
+        errors = {s.labels["stage"]: s.value for m in engine.metrics.registry.collect()
+                  for s in m.samples if s.name == "parley_errors_total"}
+        assert errors == {"discord_send": 1.0}
+        # The refused reply and its apology were both tried.
+        refused = [r for r in discord.requests if r.status == 403]
+        assert [r.body["content"] for r in refused] == [
+            "the bot may not write here", "Sorry, I couldn't deliver my answer. Please try again."]

@@ -39,8 +39,11 @@ def address(message: discord.Message, me: int, config: DiscordSettings) -> Addre
     prefixed = config.prefix is not None and text.startswith(config.prefix)
     if prefixed and config.prefix is not None:
         text = text[len(config.prefix) :]
-    if mentioned or replied or prefixed or _answer_in(message, config) == "always":
+    if mentioned or replied or prefixed:
         return Addressed(_strip_mention(text, me), conversation, prefixed)
+    # Answering everything does not mean answering a picture without words.
+    if _answer_in(message, config) == "always" and text.strip():
+        return Addressed(_strip_mention(text, me), conversation)
     return None
 
 

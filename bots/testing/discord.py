@@ -70,6 +70,31 @@ class Message:
         return self.versions[1:]
 
 
+@dataclass(frozen=True)
+class _Fault:
+    """An injected error: a 429 (with Discord's headers) or another status."""
+
+    path: str
+    status: int
+    retry_after: float = 0.0
+    is_global: bool = False
+
+    def response(self) -> web.Response:
+        if self.status != 429:
+            return _json({"message": f"injected {self.status}", "code": 50013}, self.status)
+        response = _json({"message": "You are being rate limited.",
+                          "retry_after": self.retry_after, "global": self.is_global}, 429)
+        response.headers.update({
+            # Without Via, discord.py takes a 429 for a Cloudflare ban and gives up.
+            "Via": "1.1 google", "Retry-After": str(self.retry_after),
+            "X-RateLimit-Limit": "5", "X-RateLimit-Remaining": "0",
+            "X-RateLimit-Reset-After": str(self.retry_after),
+            "X-RateLimit-Bucket": "fake-bucket",
+            "X-RateLimit-Scope": "global" if self.is_global else "shared",
+        })
+        return response
+
+
 @dataclass
 class _Session:
     id: str
@@ -102,7 +127,8 @@ class FakeDiscord:
         self.connections = 0  # gateway connections opened
         self._live = asyncio.Event()  # a socket is identified or resumed
         self._changed = asyncio.Condition()
-        self._rate_limits: list[tuple[str, float, bool]] = []
+        self._faults: list[_Fault] = []
+        self._nonces: dict[tuple[int, str], int] = {}  # (channel, nonce) -> message id
         self._redeliver = 0
         self._runner: web.AppRunner | None = None
         self._port = 0
@@ -287,9 +313,9 @@ class FakeDiscord:
         """On the next resume, replay the last ``count`` events the bot already had, too."""
         self._redeliver = count
 
-    async def wait_live(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+    async def wait_live(self, within: float = 10.0) -> None:
         """Wait until a bot is identified or resumed on the gateway."""
-        await asyncio.wait_for(self._live.wait(), timeout)
+        await asyncio.wait_for(self._live.wait(), within)
 
     def _interrupt(self, frame: Json) -> None:
         if self._outbox is None:
@@ -374,7 +400,16 @@ class FakeDiscord:
         is_global: bool = False,
     ) -> None:
         """Answer the next ``count`` requests whose path contains ``path`` with a 429."""
-        self._rate_limits += [(path, retry_after, is_global)] * count
+        self._faults += [_Fault(path, 429, retry_after, is_global)] * count
+
+    def fail(self, count: int, *, path: str, status: int = 403) -> None:
+        """Answer the next ``count`` requests whose path contains ``path`` with ``status``."""
+        self._faults += [_Fault(path, status)] * count
+
+    @property
+    def faults_left(self) -> int:
+        """Injected 429s and failures not yet served."""
+        return len(self._faults)
 
     @web.middleware
     async def _rest_middleware(
@@ -389,17 +424,8 @@ class FakeDiscord:
         by_token = request.path.startswith(("/api/v10/interactions/", "/api/v10/webhooks/"))
         if not by_token and request.headers.get("Authorization") != f"Bot {self.token}":
             response = _json({"message": "401: Unauthorized", "code": 0}, 401)
-        elif (limit := self._take_rate_limit(request.path)) is not None:
-            retry_after, is_global = limit
-            response = _json({"message": "You are being rate limited.",
-                              "retry_after": retry_after, "global": is_global}, 429)
-            response.headers.update({
-                "Via": "1.1 google", "Retry-After": str(retry_after),
-                "X-RateLimit-Limit": "5", "X-RateLimit-Remaining": "0",
-                "X-RateLimit-Reset-After": str(retry_after),
-                "X-RateLimit-Bucket": "fake-bucket",
-                "X-RateLimit-Scope": "shared" if not is_global else "global",
-            })
+        elif (fault := self._take_fault(request.path)) is not None:
+            response = fault.response()
         else:
             response = await handler(request)
         record.status = response.status
@@ -407,11 +433,11 @@ class FakeDiscord:
             self._changed.notify_all()
         return response
 
-    def _take_rate_limit(self, path: str) -> tuple[float, bool] | None:
-        for i, (part, retry_after, is_global) in enumerate(self._rate_limits):
-            if part in path:
-                del self._rate_limits[i]
-                return retry_after, is_global
+    def _take_fault(self, path: str) -> _Fault | None:
+        for i, fault in enumerate(self._faults):
+            if fault.path in path:
+                del self._faults[i]
+                return fault
         return None
 
     def _add_routes(self, router: web.UrlDispatcher) -> None:
@@ -462,9 +488,17 @@ class FakeDiscord:
         problem = _check_content(body)
         if problem:
             return _json({"message": problem, "code": 50035}, 400)
+        nonce = body.get("nonce")
+        if body.get("enforce_nonce") and (channel_id, nonce) in self._nonces:
+            # Discord creates a message once per nonce (within a few minutes).
+            existing = self.messages.get(self._nonces[channel_id, nonce])
+            if existing is not None:
+                return _ok(self._message_payload(existing))
         reference = (body.get("message_reference") or {}).get("message_id")
         message = self._store(channel_id, self.bot_id, body.get("content") or "", body,
                               reply_to=int(reference) if reference else None)
+        if body.get("enforce_nonce") and nonce:
+            self._nonces[channel_id, nonce] = message.id
         return _ok(self._message_payload(message))
 
     async def _edit_message(self, request: web.Request) -> web.Response:
@@ -569,11 +603,9 @@ class FakeDiscord:
         """The messages that answered the slash command with ``token``."""
         return [m for m in self._interactions[token]["messages"] if m.id in self.messages]
 
-    async def wait_until(
-        self, check: Callable[[], bool], timeout: float = 10.0  # noqa: ASYNC109
-    ) -> None:
+    async def wait_until(self, check: Callable[[], bool], within: float = 10.0) -> None:
         """Wait until ``check()`` holds after some REST call; TimeoutError if it does not."""
-        async with asyncio.timeout(timeout), self._changed:
+        async with asyncio.timeout(within), self._changed:
             await self._changed.wait_for(check)
 
 
