@@ -18,7 +18,8 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_example_bots_validate() -> None:
     for path in sorted((REPO / "config").glob("*.toml")):
-        env = {"REDIS_URL": "redis://127.0.0.1:1/0", "TELEGRAM_TOKEN": "123:abc"}
+        env = {"REDIS_URL": "redis://127.0.0.1:1/0", "TELEGRAM_TOKEN": "123:abc",
+               "DISCORD_TOKEN": "not-a-real-token"}
         settings = load_settings(path, env=env)
         assert settings.bot.name
         assert settings.source == str(path)
