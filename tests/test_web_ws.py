@@ -341,3 +341,48 @@ async def test_sse_stream_sends_keep_alive_comments_while_the_reply_waits() -> N
 def test_widget_config_errors_name_the_file_and_key(section: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError, match=rf"^config/widgettest.toml: {key}"):
         WebAdapter(widget_settings(), section)
+
+
+class Crashing(GatedEcho):
+    """A generator with a bug: raises what no part of Parley expects."""
+
+    async def stream(self, request: Any) -> Any:  # type: ignore[override]
+        raise RuntimeError("a bug")
+        yield
+
+
+async def test_a_crash_behind_the_engine_is_an_apology_a_log_line_and_a_metric(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async with serving(gated_engine(widget_settings(), Crashing())) as site:
+        ws = await opened(site, (await site.session())["token"])
+        await ws.send_json({"type": "message", "id": "boom", "text": "hello"})
+        got = events(await frames_until(ws, final_of("boom")), "boom")
+        await ws.close()
+        errors = site.engine.metrics.errors.labels(BOT, "web_reply")._value.get()
+    assert [e["kind"] for e in got] == ["user", "typing", "error"]
+    assert got[-1]["code"] == "internal" and got[-1]["text"].startswith("Sorry")
+    assert errors == 1
+    assert any("reply to web:" in r.getMessage() for r in caplog.records)
+
+
+async def test_redis_down_mid_conversation_tells_the_socket_and_recovers(
+        redis_server: Any, memory_prefix: str) -> None:
+    redis_server.start()
+    memory = {"backend": "redis", "url": redis_server.url, "key_prefix": memory_prefix,
+              "timeout": 0.5}
+    async with serving(gated_engine(widget_settings(memory), GatedEcho())) as site:
+        token = (await site.session())["token"]
+        ws = await opened(site, token)
+        redis_server.kill()
+        try:
+            await ws.send_json({"type": "message", "id": "lost", "text": "hello?"})
+            told = (await frames_until(ws, final_of("lost")))[-1]
+        finally:
+            redis_server.restart()
+        assert told["kind"] == "error" and told["code"] == "unavailable"
+        assert "seq" not in told  # not kept: the log could not be written
+        assert site.engine.metrics.errors.labels(BOT, "web_store")._value.get() == 1
+        # Once Redis is back the conversation goes on.
+        await ws.send_json({"type": "message", "id": "back", "text": "hello again"})
+        assert (await frames_until(ws, final_of("back")))[-1]["kind"] == "final"
+        await ws.close()

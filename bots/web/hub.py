@@ -18,7 +18,14 @@ from typing import Any
 
 from bots.web.feedback import FeedbackStore, Rating, RedisFeedbackStore, new_feedback
 from bots.web.limits import RateLimiter
-from bots.web.resume import Entry, MemoryReplyLog, RedisReplyLog, ReplyLog, StoreUnavailable
+from bots.web.resume import (
+    Entry,
+    MemoryReplyLog,
+    RedisReplyLog,
+    ReplyLog,
+    ReplyWriter,
+    StoreUnavailable,
+)
 from bots.web.sessions import Session, SessionSigner
 from bots.web.settings import WidgetFields
 from core.engine import Engine
@@ -108,27 +115,33 @@ class ChatHub(ServiceBase):
         """The engine's key of the session's conversation."""
         return ConversationKey(self.engine.name, CHANNEL, session.conversation_id)
 
-    async def submit(self, session: Session, message_id: str, text: str) -> None:
-        """Log the user's message and start its reply; returns once the message is logged.
+    def submit(self, session: Session, message_id: str, text: str) -> None:
+        """Start the reply to the user's message (logged with the reply's first event).
 
         The reply runs on its own task, whatever becomes of the socket that sent it.
         """
-        ref = self.ref(session)
-        await self.log.append(ref, {"kind": "user", "message_id": message_id, "text": text})
         message = IncomingMessage(
             bot=self.engine.name, channel=CHANNEL, conversation_id=session.conversation_id,
             user_id=session.user_id, message_id=message_id, text=text,
         )
-        task = asyncio.create_task(self._reply(ref, message))
+        task = asyncio.create_task(self._reply(self.ref(session), message))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _reply(self, ref: str, message: IncomingMessage) -> None:
         mid = message.message_id
+        writer = ReplyWriter(self.log, ref)
+        user: Entry | None = {"kind": "user", "message_id": mid, "text": message.text}
         try:
             async with closing(self.engine.handle(message)) as events:
                 async for event in events:
-                    await self.log.append(ref, event_entry(event, mid))
+                    if user is not None:
+                        # Logged with the first event: one append fewer per message (the
+                        # widget showed its own message at once anyway).
+                        writer.write(user)
+                        user = None
+                    writer.write(event_entry(event, mid))
+            await writer.drain()
         except StoreUnavailable as exc:
             # The reply cannot be kept, so it stops here (leaving the block cancels the
             # generation); the sockets open on the conversation are told directly.
@@ -136,8 +149,10 @@ class ChatHub(ServiceBase):
         except Exception:
             log.exception("web: reply to %s/%s failed", ref, mid)
             try:
-                await self.log.append(ref, {"kind": "error", "message_id": mid, "text": SORRY,
-                                            "action": "allow", "code": "internal"})
+                await writer.drain()  # the apology comes after what was shown
+                failed = {"kind": "error", "message_id": mid, "text": SORRY, "action": "allow",
+                          "code": "internal"}
+                await self.log.append(ref, [user, failed] if user is not None else [failed])
             except StoreUnavailable as exc:
                 self._failed(ref, mid, "web_store", f"reply log failed: {exc}")
             else:

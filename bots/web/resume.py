@@ -76,6 +76,13 @@ class Subscription:
         """The next entry or poke; waits for one."""
         return await self._queue.get()
 
+    def ready(self) -> list[Entry | None]:
+        """The entries and pokes already waiting, without waiting."""
+        waiting = []
+        while not self._queue.empty():
+            waiting.append(self._queue.get_nowait())
+        return waiting
+
 
 class ReplyLog(ServiceBase):
     """The shared part of both backends: local subscribers and fan-out."""
@@ -108,15 +115,17 @@ class ReplyLog(ServiceBase):
         subscribers of ``ref``; it is not kept."""
         self._fan_out(ref, entry)
 
-    async def append(self, ref: str, event: Entry) -> Entry:
-        """Number ``event``, keep it, hand it to subscribers; the numbered entry."""
-        seq = await self._append(ref, json.dumps(event, ensure_ascii=False,
-                                                 separators=(",", ":")))
-        entry = {"seq": seq, **event}
-        self._fan_out(ref, entry)
-        return entry
+    async def append(self, ref: str, events: list[Entry]) -> list[Entry]:
+        """Number ``events`` (consecutively), keep them, hand them to subscribers; the
+        numbered entries. One call whatever their number."""
+        first = await self._append(ref, events)
+        entries = [{"seq": first + i, **event} for i, event in enumerate(events)]
+        for entry in entries:
+            self._fan_out(ref, entry)
+        return entries
 
-    async def _append(self, ref: str, encoded: str) -> int:
+    async def _append(self, ref: str, events: list[Entry]) -> int:
+        """Keep ``events`` under the next numbers; the first of them."""
         raise NotImplementedError
 
     async def since(self, ref: str, after: int) -> Backlog:
@@ -124,8 +133,8 @@ class ReplyLog(ServiceBase):
         raise NotImplementedError
 
 
-def _backlog(numbered: list[tuple[int, str]], after: int, last: int) -> Backlog:
-    entries = [{"seq": seq, **json.loads(raw)} for seq, raw in numbered if seq > after]
+def _backlog(numbered: list[tuple[int, Entry]], after: int, last: int) -> Backlog:
+    entries = [{"seq": seq, **event} for seq, event in numbered if seq > after]
     oldest = numbered[0][0] if numbered else last + 1
     # A gap: the widget saw something before, and what came right after it is gone.
     gap = after > 0 and (oldest > after + 1 or after > last)
@@ -134,7 +143,7 @@ def _backlog(numbered: list[tuple[int, str]], after: int, last: int) -> Backlog:
 
 @dataclass(slots=True)
 class _Kept:
-    entries: deque[tuple[int, str]]
+    entries: deque[tuple[int, Entry]]
     last: int
     expires_at: float = field(default=0.0)
 
@@ -159,15 +168,17 @@ class MemoryReplyLog(ReplyLog):
             return None
         return kept
 
-    async def _append(self, ref: str, encoded: str) -> int:
+    async def _append(self, ref: str, events: list[Entry]) -> int:
         now = time.time()
         kept = self._live(ref, now)
         if kept is None:
             kept = self._logs[ref] = _Kept(deque(maxlen=self.cap), int(now * 1_000_000))
-        kept.last += 1
-        kept.entries.append((kept.last, encoded))
+        first = kept.last + 1
+        for event in events:
+            kept.last += 1
+            kept.entries.append((kept.last, event))
         kept.expires_at = now + self.ttl
-        return kept.last
+        return first
 
     async def since(self, ref: str, after: int) -> Backlog:
         """The kept entries numbered above ``after``, oldest first."""
@@ -177,20 +188,24 @@ class MemoryReplyLog(ReplyLog):
         return _backlog(list(kept.entries), after, kept.last)
 
 
-# KEYS: seq, log. ARGV: entry (JSON), cap, ttl, channel, origin, ref.
+# KEYS: seq, log. ARGV: cap, ttl, channel, origin, ref, entries (JSON)...
 _APPEND = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
   local t = redis.call('TIME')
   redis.call('SET', KEYS[1], t[1] .. string.format('%06d', tonumber(t[2])))
 end
--- %d: a plain concatenation would write a number this big as 1.79e+15.
-local seq = string.format('%d', redis.call('INCR', KEYS[1]))
-redis.call('RPUSH', KEYS[2], seq .. '\\n' .. ARGV[1])
-redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-redis.call('PUBLISH', ARGV[4], ARGV[5] .. '\\n' .. ARGV[6] .. '\\n' .. seq)
-return seq
+local n = #ARGV - 5
+local last = redis.call('INCRBY', KEYS[1], n)
+local first = last - n + 1
+for i = 1, n do
+  -- %d: a plain concatenation would write a number this big as 1.79e+15.
+  redis.call('RPUSH', KEYS[2], string.format('%d', first + i - 1) .. '\\n' .. ARGV[5 + i])
+end
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[1]), -1)
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4] .. '\\n' .. ARGV[5] .. '\\n' .. string.format('%d', last))
+return first
 """
 # KEYS: seq, log.
 _SINCE = "return {redis.call('GET', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1)}"
@@ -270,8 +285,9 @@ class RedisReplyLog(ReplyLog):
     def _keys(self, ref: str) -> list[str]:
         return [f"{self._base}seq:{ref}", f"{self._base}log:{ref}"]
 
-    async def _append(self, ref: str, encoded: str) -> int:
-        args = [encoded, self.cap, self.ttl, self.channel, self._origin, ref]
+    async def _append(self, ref: str, events: list[Entry]) -> int:
+        encoded = [json.dumps(e, ensure_ascii=False, separators=(",", ":")) for e in events]
+        args = [self.cap, self.ttl, self.channel, self._origin, ref, *encoded]
         return int(await self._run("append", self._keys(ref), args))
 
     async def since(self, ref: str, after: int) -> Backlog:
@@ -280,9 +296,48 @@ class RedisReplyLog(ReplyLog):
         numbered = []
         for item in raw:
             seq, _, encoded = _text(item).partition("\n")
-            numbered.append((int(seq), encoded))
+            numbered.append((int(seq), json.loads(encoded)))
         return _backlog(numbered, after, int(last) if last is not None else 0)
 
 
 def _text(value: bytes | str) -> str:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+
+
+class ReplyWriter:
+    """Appends one reply's events to the log in order, without making the reply wait.
+
+    Events written while an append is on its way go together in the next one, so a
+    reply costs a few round trips to Redis, not one per delta. A failed append is
+    raised by the next :meth:`write` or by :meth:`drain`.
+    """
+
+    def __init__(self, log: ReplyLog, ref: str) -> None:
+        self.log = log
+        self.ref = ref
+        self._pending: list[Entry] = []
+        self._flushing: asyncio.Task[None] | None = None
+        self._error: Exception | None = None
+
+    def write(self, event: Entry) -> None:
+        """Queue ``event`` for the log."""
+        if self._error is not None:
+            raise self._error
+        self._pending.append(event)
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.create_task(self._flush())
+
+    async def _flush(self) -> None:
+        while self._pending and self._error is None:
+            batch, self._pending = self._pending, []
+            try:
+                await self.log.append(self.ref, batch)
+            except Exception as exc:
+                self._error = exc
+
+    async def drain(self) -> None:
+        """Wait until everything written is in the log."""
+        if self._flushing is not None:
+            await self._flushing
+        if self._error is not None:
+            raise self._error

@@ -18,8 +18,8 @@ Server to client::
     {"type": "ready", "conversation_id", "expires_at"}
     {"type": "history", "turns": [{"role", "text", "message_id"}],
      "in_flight": [events of replies not finished], "last": N}
-    {"type": "event", "seq": N, "kind": "user|typing|delta|reset|final|notice|error",
-     "message_id", "text", "action", "code"?}
+    {"type": "events", "events": [{"seq": N, "kind": "user|typing|delta|reset|final|notice|
+     error", "message_id", "text", "action", "code"?}, ...]}   (what is ready, in order)
     {"type": "resumed", "last": N}           after the catch-up that follows resume
     {"type": "feedback_saved", "message_id"}   {"type": "pong"}
     {"type": "error", "code", "text", "id"?, "retry_after"?}
@@ -35,7 +35,7 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from bots.web.hub import ChatHub
+from bots.web.hub import TERMINAL, ChatHub
 from bots.web.resume import Entry, StoreUnavailable, Subscription
 from bots.web.sessions import Session, TokenRejected
 from core.errors import MemoryUnavailable
@@ -43,6 +43,7 @@ from core.errors import MemoryUnavailable
 log = logging.getLogger(__name__)
 
 PROTOCOL = "parley.v1"
+COALESCE_SECONDS = 0.01
 TOKEN_PREFIX = "bearer."
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _RATE_TEXT = "You're sending messages too fast. Please wait a moment."
@@ -167,7 +168,7 @@ class _Socket:
         if wait > 0.0:
             await self.error("rate_limited", _RATE_TEXT, id=client_id, retry_after=round(wait, 1))
             return
-        await self.hub.submit(self.session, client_id, text)
+        self.hub.submit(self.session, client_id, text)
 
     async def _resume(self, frame: dict[str, Any], sub: Subscription) -> None:
         after = frame.get("after", 0)
@@ -193,8 +194,7 @@ class _Socket:
         if not fresh:
             backlog = await self.hub.log.since(self.ref, after)
             if not backlog.gap:
-                for entry in backlog.entries:
-                    await self._event(entry)
+                await self._events(backlog.entries)
                 self.last = max(self.last, backlog.last)
                 return
         snapshot = await self.hub.snapshot(self.session)
@@ -203,8 +203,9 @@ class _Socket:
                          "last": snapshot.last})
         self.last = snapshot.last
 
-    async def _event(self, entry: Entry) -> None:
-        await self.send({"type": "event", **entry})
+    async def _events(self, entries: list[Entry]) -> None:
+        if entries:
+            await self.send({"type": "events", "events": entries})
 
     async def _forward(self, sub: Subscription) -> None:
         """Forward what is appended; fill any hole (another front end's entries, pokes)
@@ -218,20 +219,30 @@ class _Socket:
 
     async def _forward_all(self, sub: Subscription) -> None:
         while True:
-            entry = await sub.get()
-            if entry is not None and "seq" not in entry:
-                await self._event(entry)  # the log itself failed: not numbered
-                continue
-            if entry is not None and entry["seq"] <= self.last:
-                continue
-            if entry is not None and entry["seq"] == self.last + 1:
-                await self._event(entry)
-                self.last = entry["seq"]
-                continue
-            try:
-                await self._catch_up(self.last)
-            except (StoreUnavailable, MemoryUnavailable):
-                await self.error("unavailable", _UNAVAILABLE)
+            first = await sub.get()
+            if first is None or first.get("kind") not in TERMINAL:
+                # Deltas come a few at a time: a moment's wait sends them in one frame,
+                # which saves the server, the network and the browser a lot of work.
+                await asyncio.sleep(COALESCE_SECONDS)
+            ready = [first, *sub.ready()]
+            out: list[Entry] = []
+            hole = False
+            for entry in ready:
+                if entry is None:
+                    hole = True
+                elif "seq" not in entry:
+                    out.append(entry)  # the log itself failed: not numbered
+                elif entry["seq"] == self.last + 1 and not hole:
+                    out.append(entry)
+                    self.last = entry["seq"]
+                elif entry["seq"] > self.last:
+                    hole = True
+            await self._events(out)  # what arrived together goes in one frame
+            if hole:
+                try:
+                    await self._catch_up(self.last)
+                except (StoreUnavailable, MemoryUnavailable):
+                    await self.error("unavailable", _UNAVAILABLE)
 
     async def _feedback(self, frame: dict[str, Any]) -> None:
         message_id, rating = frame.get("message_id"), frame.get("rating")

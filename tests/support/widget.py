@@ -118,7 +118,8 @@ async def serving(engine: Engine, section: Mapping[str, Any] | None = None,
 
 
 async def frames_until(ws: Any, done: Any, seconds: float = 10.0) -> list[dict[str, Any]]:
-    """Frames received until ``done(frame)`` is true (that one included)."""
+    """Frames received until ``done(frame)`` is true (that one included); an
+    ``events`` frame counts as one ``event`` frame per event in it."""
     got: list[dict[str, Any]] = []
     async with asyncio.timeout(seconds):
         while True:
@@ -126,9 +127,12 @@ async def frames_until(ws: Any, done: Any, seconds: float = 10.0) -> list[dict[s
             if message.type is not aiohttp.WSMsgType.TEXT:
                 raise AssertionError(f"socket ended: {message.type} {message.data!r}")
             frame = json.loads(message.data)
-            got.append(frame)
-            if done(frame):
-                return got
+            # Events come in batches; each is looked at (and returned) as its own frame.
+            for one in ([{"type": "event", **e} for e in frame["events"]]
+                        if frame["type"] == "events" else [frame]):
+                got.append(one)
+                if done(one):
+                    return got
 
 
 def final_of(message_id: str) -> Any:

@@ -468,7 +468,7 @@
       clearTimeout(pongTimer);
       let frame;
       try { frame = JSON.parse(msg.data); } catch (e) { return; }
-      if (frame.type === "event") onEvent(frame);
+      if (frame.type === "events") frame.events.forEach(onEvent);
       else if (frame.type === "history") onHistory(frame);
       else if (frame.type === "resumed") flushOutbox();
       else if (frame.type === "error") onError(frame);
