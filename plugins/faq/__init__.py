@@ -1,0 +1,1 @@
+"""The FAQ plugin: answers customer questions from a knowledge base (see docs/plugins.md)."""
