@@ -386,3 +386,22 @@ async def test_redis_down_mid_conversation_tells_the_socket_and_recovers(
         await ws.send_json({"type": "message", "id": "back", "text": "hello again"})
         assert (await frames_until(ws, final_of("back")))[-1]["kind"] == "final"
         await ws.close()
+
+
+async def test_one_address_flooding_with_many_sessions_is_limited() -> None:
+    section = {"session_rate": 100, "ip_rate": 9, "rate_window": 60}
+    async with serving(gated_engine(widget_settings(), GatedEcho()), section) as site:
+        sockets = []
+        for _ in range(3):  # a new session per message does not get around it
+            sockets.append(await opened(site, (await site.session())["token"]))
+        refused = []
+        for i in range(6):
+            ws = sockets[i % 3]
+            await ws.send_json({"type": "message", "id": f"n{i}", "text": "hi"})
+            got = await frames_until(ws, lambda f: f["type"] == "error" or (
+                f["type"] == "event" and f["kind"] == "final"))
+            refused += [f["id"] for f in got if f["type"] == "error"]
+        for ws in sockets:
+            await ws.close()
+    # Three session requests, three resumes and the first three messages fit into nine.
+    assert refused == ["n3", "n4", "n5"]

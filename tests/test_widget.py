@@ -250,7 +250,10 @@ async def test_feedback_click_is_stored_and_markdown_is_rendered(tmp_path: Path)
 
 
 async def test_parleys_own_page_works_under_its_strict_csp() -> None:
-    async with serving(gated_engine(widget_settings(), GatedEcho())) as site, \
+    section = {"session_rate": 1, "rate_window": 60,
+               "theme": {"mode": "dark", "accent": "#aa0000", "title": "Ask Parley",
+                         "position": "left"}}
+    async with serving(gated_engine(widget_settings(), GatedEcho()), section) as site, \
             browser() as chromium:
         tab = await chromium.new_page()
         violations: list[str] = []
@@ -259,9 +262,38 @@ async def test_parleys_own_page_works_under_its_strict_csp() -> None:
         response = await tab.goto(site.url + "/")
         assert "unsafe-inline" not in response.headers["content-security-policy"]
         page = Page(tab, site, site.url + "/")
-        await page.open()
-        await page.say("hello from the demo page")
+        # The keyboard alone: Tab reaches the bubble, Enter opens the panel with the
+        # input focused, Escape closes it and gives the focus back to the bubble.
+        await tab.locator("#parley-widget .launcher").wait_for()
+        focused = """() => document.getElementById('parley-widget')
+            .shadowRoot.activeElement?.className"""
+        for _ in range(3):  # the page's own focusable elements come first
+            await tab.keyboard.press("Tab")
+            if await tab.evaluate(focused) == "launcher":
+                break
+        await tab.keyboard.press("Enter")
+        await tab.locator("#parley-widget .input").wait_for(state="visible")
+        assert await tab.evaluate(focused) == "input"
+        await tab.keyboard.press("Escape")
+        await tab.locator("#parley-widget .panel").wait_for(state="hidden")
+        assert await tab.evaluate(focused) == "launcher"
+        await tab.keyboard.press("Enter")
+        await tab.keyboard.type("hello from the demo page")
+        await tab.keyboard.press("Enter")
         shown = await page.wait_for(lambda ms: any(m["state"] == "final" for m in ms))
+        # The theme from the bot's config.
+        look = await tab.evaluate("""() => { const root = document.getElementById('parley-widget');
+            const panel = root.shadowRoot.querySelector('.panel');
+            return [getComputedStyle(root.shadowRoot.querySelector('header')).backgroundColor,
+                    getComputedStyle(panel).backgroundColor,
+                    root.shadowRoot.querySelector('.title').textContent,
+                    panel.getBoundingClientRect().left < 100]; }""")
+        assert look == ["rgb(170, 0, 0)", "rgb(17, 24, 39)", "Ask Parley", True]
+        # A second message within the session's rate is refused, and the widget says so.
+        await page.say("one more")
+        status = tab.locator("#parley-widget .status")
+        await status.filter(has_text="too fast").wait_for()
+        assert await tab.locator("#parley-widget .msg.failed").count() == 1
         # Phone-sized screens get the panel full-width.
         await tab.set_viewport_size({"width": 375, "height": 700})
         width = await tab.evaluate("""() => document.getElementById('parley-widget')
