@@ -71,8 +71,23 @@ class ConsoleAdapter:
                 await task
 
     async def wait(self) -> None:
-        """Return at the end of input if ``exit_on_eof``; otherwise only when stopped."""
-        await self._finished.wait()
+        """Return at the end of input if ``exit_on_eof``; otherwise only when stopped.
+
+        Raises what crashed the adapter (its output closed, say), so ``serve`` stops.
+        """
+        task = self._task
+        finished = asyncio.ensure_future(self._finished.wait())
+        try:
+            await asyncio.wait([finished] + ([task] if task else []),
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            finished.cancel()
+        if task is not None and task.done() and not task.cancelled():
+            error = task.exception()
+            if error is not None:
+                raise error
+            if not self._finished.is_set():
+                await self._finished.wait()  # ended without exit_on_eof: wait for stop
 
     async def _run(self, engine: Engine) -> None:
         stdin = self._stdin or sys.stdin.buffer

@@ -12,7 +12,7 @@ from aiohttp import web
 from core import commands
 from core.config import BotSettings
 from core.engine import Engine
-from core.errors import ConfigError
+from core.errors import ConfigError, ParleyError
 from core.generation.base import generator_backends
 from core.lifecycle import stop_signals
 from core.memory.base import memory_backends
@@ -123,11 +123,17 @@ def _mount_routes(settings: BotSettings, adapters: Mapping[str, Adapter]) -> Non
         hosts[0].mount(routes)
 
 
+class AdapterFailed(ParleyError):
+    """An adapter stopped with an error while serving; ``parley run`` exits with it."""
+
+
 async def serve(engine: Engine, adapters: Sequence[Adapter]) -> None:
     """Run ``adapters`` on ``engine`` until SIGINT/SIGTERM or one of them finishes.
 
     Starts the engine, then the adapters in order; stops them in reverse order, engine
-    last, whatever happened (a failed start undoes the starts before it).
+    last, whatever happened (a failed start undoes the starts before it). An adapter
+    whose ``wait`` raises (its serving task crashed) stops them all and raises
+    :class:`AdapterFailed`, instead of the process serving on without it.
     """
     started: list[Adapter] = []
     async with stop_signals() as stop, engine:
@@ -135,13 +141,22 @@ async def serve(engine: Engine, adapters: Sequence[Adapter]) -> None:
             for adapter in adapters:
                 await adapter.start(engine)
                 started.append(adapter)
-            waiters = [asyncio.ensure_future(a.wait()) for a in started]
-            stopper = asyncio.ensure_future(stop.wait())
+            waiters: dict[asyncio.Future[Any], Adapter] = {
+                asyncio.ensure_future(a.wait()): a for a in started}
+            stopper: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
             try:
-                await asyncio.wait([stopper, *waiters], return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait([stopper, *waiters],
+                                             return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for task in (stopper, *waiters):
                     task.cancel()
+            for task in done:
+                failed = waiters.get(task)
+                error = None if failed is None or task.cancelled() else task.exception()
+                if error is not None:
+                    name = type(failed).__name__
+                    log.error("adapter %s failed", name, exc_info=error)
+                    raise AdapterFailed(f"adapter {name} failed: {type(error).__name__}")
         finally:
             for adapter in reversed(started):
                 try:

@@ -39,6 +39,11 @@ class BotSection(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     persona: str = "You are a helpful assistant."
     max_message_chars: int = Field(default=4000, ge=1, le=100_000)
+    # Back-pressure before a conversation's lane: messages of one conversation waiting
+    # in this process behind the one being answered, and messages of one user in flight
+    # here; beyond either the caller is told to slow down at once (HTTP 429).
+    max_queued: int = Field(default=16, ge=0, le=10_000)
+    max_in_flight_per_user: int = Field(default=32, ge=1, le=100_000)
 
 
 class GenerationSection(Section):
@@ -98,6 +103,21 @@ class MemorySection(Section):
     ttl: int = Field(default=7 * 24 * 3600, ge=1)
     key_prefix: str = Field(default="parley", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     timeout: float = Field(default=2.0, gt=0.0)
+    # The redelivery window: an answered message id (and its reply, replayed to a
+    # redelivery) is kept this many seconds, and at most ``dedupe_max`` per conversation.
+    dedupe_window: float = Field(default=3600.0, ge=1.0, le=7 * 24 * 3600.0)
+    dedupe_max: int = Field(default=200, ge=1, le=5000)
+    # The lease that keeps one conversation's messages in order across front ends:
+    # renewed while a reply is being made, so a crashed holder blocks its conversation
+    # for at most this long.
+    lease: float = Field(default=30.0, ge=0.5, le=3600.0)
+
+    @model_validator(mode="after")
+    def _window_holds_a_lease(self) -> MemorySection:
+        if self.dedupe_window < self.lease:
+            raise ValueError("dedupe_window must be at least lease (a message id being "
+                             "answered is kept that long)")
+        return self
 
 
 ModerationActionName = Literal["allow", "mask", "warn", "block", "mute", "escalate"]
@@ -249,6 +269,9 @@ class PluginsSection(Section):
 
     modules: list[str] = []
     disable: list[str] = []
+    # How long one call into a plugin (a command, pre-hook or context provider) may take
+    # before the user gets an apology instead.
+    timeout: float = Field(default=10.0, gt=0.0, le=600.0)
 
 
 class BotSettings(Section):

@@ -2,25 +2,36 @@
 
 The pipeline of DESIGN.md, each stage a method and each collaborator passed in:
 
-    validate -> dedupe + load memory (one call) -> moderate input -> commands / pre-hooks
-    -> build request -> generate -> guard output -> append memory
+    validate -> admit -> lane -> claim (dedupe + lease + load memory: one call)
+    -> moderate input -> commands / pre-hooks -> build request -> generate
+    -> guard output -> finish (append memory + dedupe record + release: one call)
 
-Messages of one conversation are answered in arrival order (a FIFO lock per
-conversation); different conversations run concurrently. Failures of memory or the
-generator become a short apology to the user, a log line and a counter.
+Messages of one conversation are answered in arrival order (:mod:`core.lanes`: a FIFO
+lane per conversation in this process, a lease across front ends); different
+conversations run concurrently. A message id is pending while it is answered and done
+once its reply is stored: a redelivery gets the stored reply again, and any failure
+releases the id so that a retry is answered. Failures of memory, the generator or a
+plugin become a short apology to the user, a log line and a counter.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from core.config import BotSettings
-from core.errors import GenerationError, GeneratorBusy, InvalidMessage, MemoryUnavailable
+from core.errors import (
+    GenerationError,
+    GeneratorBusy,
+    InvalidMessage,
+    MemoryUnavailable,
+    ParleyError,
+)
 from core.generation.base import (
     ChatMessage,
     GenerationRequest,
@@ -28,16 +39,20 @@ from core.generation.base import (
     SamplingParams,
     TokenDelta,
 )
+from core.lanes import Claim, Lanes, SlowDown
 from core.lifecycle import Service, ServiceBase
-from core.memory.base import MemorySnapshot, MemoryStore
+from core.memory.base import MemorySnapshot, MemoryStore, StoredReply
 from core.metrics import Metrics
 from core.moderation.base import Action, Moderator, ReplyWithheld, Verdict
 from core.plugins import CommandContext, PluginRegistry
 from core.streams import closing
-from core.types import ConversationKey, IncomingMessage, ReplyEvent, ReplyKind, Turn
+from core.types import IncomingMessage, ReplyEvent, ReplyKind, Turn
 from core.validation import clean_text
 
 log = logging.getLogger(__name__)
+
+_A = TypeVar("_A")
+_R = TypeVar("_R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,16 +66,16 @@ class Apologies:
     busy: str = "Sorry, I'm very busy right now. Please try again in a moment."
     generation: str = "Sorry, something went wrong while I was thinking. Please try again."
     empty: str = "Sorry, I don't have an answer to that."
+    plugin: str = "Sorry, something went wrong on my side. Please try again."
+    slow_down: str = "You're sending messages faster than I can answer. Please slow down."
 
 
-class _Lane:
-    """A FIFO lock for one conversation, counted so idle lanes can be dropped."""
+class PluginFailed(ParleyError):
+    """A plugin's command, pre-hook or context provider raised or ran out of time."""
 
-    __slots__ = ("lock", "users")
-
-    def __init__(self) -> None:
-        self.lock = asyncio.Lock()
-        self.users = 0
+    def __init__(self, plugin: str, what: str) -> None:
+        super().__init__(f"plugin {plugin}: {what} failed")
+        self.plugin = plugin
 
 
 class Engine(ServiceBase):
@@ -88,7 +103,8 @@ class Engine(ServiceBase):
         self.plugins = plugins
         self.metrics = metrics or Metrics()
         self.apologies = apologies or Apologies()
-        self._lanes: dict[ConversationKey, _Lane] = {}
+        self.lanes = Lanes(max_queued=settings.bot.max_queued,
+                           max_in_flight=settings.bot.max_in_flight_per_user)
 
     @property
     def name(self) -> str:
@@ -126,41 +142,57 @@ class Engine(ServiceBase):
                 yield ReplyEvent(ReplyKind.ERROR, exc.reason, code="invalid_input")
                 return
             message = replace(message, text=text)
-            async with self._lane(message.key):
-                async for event in self._pipeline(message):
-                    if event.is_last:
-                        outcome = _outcome(event)
-                    yield event
+            try:
+                async with self.lanes.enter(message):
+                    claim = Claim(self.memory, message, secrets.token_hex(8),
+                                  self.settings.memory.lease)
+                    try:
+                        async for event in self._pipeline(message, claim):
+                            if event.is_last:
+                                outcome = _outcome(event)
+                            yield event
+                    finally:
+                        await claim.release()
+            except SlowDown as exc:
+                outcome = "slow_down"
+                log.debug("bot %s: refused before the lane: %s", self.name, exc)
+                yield ReplyEvent(ReplyKind.ERROR, self.apologies.slow_down, code="slow_down")
         finally:
             self.metrics.messages.labels(self.name, message.channel, outcome).inc()
             if outcome in ("answered", "command"):
                 self.metrics.reply_seconds.labels(self.name).observe(time.monotonic() - started)
 
-    async def _pipeline(self, message: IncomingMessage) -> AsyncIterator[ReplyEvent]:
+    async def _pipeline(
+        self, message: IncomingMessage, claim: Claim
+    ) -> AsyncIterator[ReplyEvent]:
         try:
-            # Dedupe and the conversation's memory in one round trip; a message that is
-            # then refused or answered by a command just leaves the snapshot unused.
-            snapshot = await self.memory.load_unseen(message.key, message.message_id,
-                                                     message.user_id)
-            if snapshot is None:
-                yield ReplyEvent(ReplyKind.NOTICE, code="duplicate")
+            # Dedupe, the lease and the conversation's memory in one round trip; a
+            # message then refused or answered by a command just leaves the snapshot.
+            begun = await claim.begin(time.monotonic() + self.settings.generation.timeout)
+            if begun.replay is not None:
+                stored = begun.replay
+                yield ReplyEvent(ReplyKind(stored.kind), stored.text, action=stored.action,
+                                 code="duplicate")
                 return
+            assert begun.snapshot is not None
             verdict = await self.moderator.check_input(message)
             if verdict.action is not Action.ALLOW:
                 self.metrics.moderation.labels(
                     self.name, message.channel, "input", verdict.action.value).inc()
             if not verdict.action.answers:
-                yield ReplyEvent(ReplyKind.NOTICE, verdict.reply or "", action=verdict.action,
-                                 code="moderated")
+                refused = ReplyEvent(ReplyKind.NOTICE, verdict.reply or "",
+                                     action=verdict.action, code="moderated")
+                await self._finish(message, claim, refused)
+                yield refused
                 return
             message = replace(message, text=verdict.text)
-            direct = await self._dispatch_plugins(message, verdict)
+            direct = await self._dispatch_plugins(message, verdict, claim)
             if direct is not None:
                 yield direct
                 return
             yield ReplyEvent(ReplyKind.TYPING, action=verdict.action)
-            request = await self.build_request(message, snapshot)
-            async with closing(self._reply(message, verdict, request)) as events:
+            request = await self.build_request(message, begun.snapshot)
+            async with closing(self._reply(message, verdict, request, claim)) as events:
                 async for event in events:
                     yield event
         except MemoryUnavailable as exc:
@@ -171,9 +203,13 @@ class Engine(ServiceBase):
         except GenerationError as exc:
             yield self._failure(message, "generation", exc, self.apologies.generation,
                                 "generation_failed")
+        except PluginFailed as exc:
+            yield self._failure(message, "plugin", exc, self.apologies.plugin,
+                                "plugin_failed")
 
     async def _reply(
-        self, message: IncomingMessage, verdict: Verdict, request: GenerationRequest
+        self, message: IncomingMessage, verdict: Verdict, request: GenerationRequest,
+        claim: Claim,
     ) -> AsyncIterator[ReplyEvent]:
         """Stream the generated reply, then remember it; raises what memory or model raise."""
         pieces: list[str] = []
@@ -200,9 +236,10 @@ class Engine(ServiceBase):
             # the answer is replaced as a whole.
             if pieces:
                 yield ReplyEvent(ReplyKind.RESET, action=Action.BLOCK)
-            await self._remember(message, withheld.text)
-            yield ReplyEvent(ReplyKind.FINAL, withheld.text, action=Action.BLOCK,
-                             code="moderated")
+            final = ReplyEvent(ReplyKind.FINAL, withheld.text, action=Action.BLOCK,
+                               code="moderated")
+            await self._finish(message, claim, final, withheld.text)
+            yield final
             return
         reply = "".join(pieces).strip()
         if not reply:
@@ -210,31 +247,50 @@ class Engine(ServiceBase):
             yield ReplyEvent(ReplyKind.ERROR, self.apologies.empty, action=verdict.action,
                              code="empty_reply")
             return
-        await self._remember(message, reply)
-        shown = reply
+        notice = ""
         if verdict.action is Action.WARN and verdict.reply:
             # The warning goes to the user, not into the conversation's memory.
             notice = f"\n\n{verdict.reply}"
-            shown += notice
+        final = ReplyEvent(ReplyKind.FINAL, reply + notice, action=verdict.action)
+        await self._finish(message, claim, final, reply)
+        if notice:
             yield ReplyEvent(ReplyKind.DELTA, notice, action=verdict.action)
-        yield ReplyEvent(ReplyKind.FINAL, shown, action=verdict.action)
+        yield final
 
     async def _dispatch_plugins(
-        self, message: IncomingMessage, verdict: Verdict
+        self, message: IncomingMessage, verdict: Verdict, claim: Claim
     ) -> ReplyEvent | None:
-        """A command's or pre-hook's answer, if one answers the message."""
+        """A command's or pre-hook's answer, if one answers the message (and is stored)."""
         matched = self.plugins.match_command(message.text)
         if matched is not None:
             command, args = matched
             ctx = CommandContext(message, args, self.memory, self.plugins)
-            return ReplyEvent(ReplyKind.NOTICE, await command.handler(ctx), action=verdict.action,
-                              code="command")
+            text = await self._plugin(command.handler, f"command /{command.name}", ctx)
+            answer = ReplyEvent(ReplyKind.NOTICE, text, action=verdict.action, code="command")
+            await self._finish(message, claim, answer)
+            return answer
         for hook in self.plugins.pre_hooks:
-            answer = await hook(message)
-            if answer is not None:
-                await self._remember(message, answer)
-                return ReplyEvent(ReplyKind.FINAL, answer, action=verdict.action)
+            said = await self._plugin(hook, "pre-hook", message)
+            if said is not None:
+                answer = ReplyEvent(ReplyKind.FINAL, said, action=verdict.action)
+                await self._finish(message, claim, answer, said)
+                return answer
         return None
+
+    async def _plugin(self, call: Callable[[_A], Awaitable[_R]], what: str, arg: _A) -> _R:
+        """``call(arg)`` under the plugin timeout; a failure becomes :class:`PluginFailed`
+        after a log line naming the plugin and a count."""
+        try:
+            async with asyncio.timeout(self.settings.plugins.timeout):
+                return await call(arg)
+        except Exception as exc:
+            plugin = self.plugins.plugin_of(call)
+            # The exception's type, not its text: it may quote the user's message.
+            log.error("bot %s: plugin %s: %s failed (%s)", self.name, plugin, what,
+                      "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__,
+                      exc_info=not isinstance(exc, TimeoutError))
+            self.metrics.plugin_failures.labels(self.name, plugin).inc()
+            raise PluginFailed(plugin, what) from exc
 
     async def build_request(
         self, message: IncomingMessage, snapshot: MemorySnapshot
@@ -242,7 +298,7 @@ class Engine(ServiceBase):
         """The chat the generator continues: persona and context, history, the message."""
         system = [self.settings.bot.persona]
         for provider in self.plugins.context_providers:
-            extra = await provider(message)
+            extra = await self._plugin(provider, "context provider", message)
             if extra:
                 system.append(extra)
         if snapshot.facts:
@@ -299,15 +355,23 @@ class Engine(ServiceBase):
                     return
                 yield None
 
-    async def _remember(self, message: IncomingMessage, reply: str) -> None:
-        await self.memory.append(
-            message.key,
-            [
-                Turn("user", message.text, message.user_id, message.message_id,
-                     message.received_at),
-                Turn("assistant", reply),
-            ],
+    async def _finish(
+        self, message: IncomingMessage, claim: Claim, event: ReplyEvent,
+        reply: str | None = None,
+    ) -> None:
+        """Store the exchange (when ``reply`` is given: the turn pair) and ``event`` as the
+        message's answer, releasing its claim: one atomic call."""
+        turns: list[Turn] = []
+        if reply is not None:
+            turns = [Turn("user", message.text, message.user_id, message.message_id,
+                          message.received_at),
+                     Turn("assistant", reply)]
+        claim.stop_renewing()
+        await self.memory.finish(
+            message.key, message.message_id, message.user_id, claim.token, turns,
+            StoredReply(event.kind.value, event.text, str(event.action), event.code),
         )
+        claim.settled = True
 
     def _failure(
         self, message: IncomingMessage, stage: str, exc: Exception, apology: str, code: str
@@ -316,28 +380,14 @@ class Engine(ServiceBase):
         self.metrics.errors.labels(self.name, stage).inc()
         return ReplyEvent(ReplyKind.ERROR, apology, code=code)
 
-    @asynccontextmanager
-    async def _lane(self, key: ConversationKey) -> AsyncIterator[None]:
-        lane = self._lanes.get(key)
-        if lane is None:
-            lane = self._lanes[key] = _Lane()
-        lane.users += 1
-        try:
-            async with lane.lock:
-                yield
-        finally:
-            lane.users -= 1
-            if lane.users == 0:
-                del self._lanes[key]
-
 
 def _outcome(event: ReplyEvent) -> str:
+    if event.code == "duplicate":
+        return "duplicate"
     if event.kind is ReplyKind.FINAL:
         return "answered"
     if event.kind is ReplyKind.ERROR:
         return "error"
-    if event.code == "duplicate":
-        return "duplicate"
     if event.code == "command":
         return "command"
     return "blocked" if event.action != Action.ALLOW else "notice"

@@ -12,7 +12,8 @@ class Metrics:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self.messages = Counter(
             "parley_messages_total",
-            "Messages handled, by outcome (answered, command, blocked, duplicate, invalid, error).",
+            "Messages handled, by outcome "
+            "(answered, command, blocked, duplicate, invalid, slow_down, error).",
             ["bot", "channel", "outcome"],
             registry=self.registry,
         )
@@ -20,6 +21,12 @@ class Metrics:
             "parley_errors_total",
             "Failures turned into an apology, by pipeline stage.",
             ["bot", "stage"],
+            registry=self.registry,
+        )
+        self.plugin_failures = Counter(
+            "parley_plugin_failures_total",
+            "Plugin calls (commands, pre-hooks, context providers) that raised or timed out.",
+            ["bot", "plugin"],
             registry=self.registry,
         )
         self.moderation = Counter(

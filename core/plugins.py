@@ -3,6 +3,10 @@
 A plugin is a module with ``setup(registry: PluginRegistry) -> None``. Importing it
 must register nothing; Parley calls ``setup`` for the modules named in the bot's
 ``[plugins] modules`` and for every ``parley.plugins`` entry point not disabled there.
+
+Plugins are contained: the engine calls each command, pre-hook and context provider
+under ``[plugins] timeout``; a failure is logged and counted with the plugin's name
+(:meth:`PluginRegistry.plugin_of`) and the user gets a short apology.
 """
 
 from __future__ import annotations
@@ -10,7 +14,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
@@ -55,6 +60,30 @@ class PluginRegistry:
         self._commands: dict[str, Command] = {}
         self._pre_hooks: list[PreHook] = []
         self._context_providers: list[ContextProvider] = []
+        # Which plugin registered each callable, so a failure names its plugin.
+        self._owners: dict[object, str] = {}
+        self._loading: str | None = None
+
+    @contextmanager
+    def loading(self, plugin: str) -> Iterator[None]:
+        """Attribute what is registered inside the block to ``plugin``."""
+        previous, self._loading = self._loading, plugin
+        try:
+            yield
+        finally:
+            self._loading = previous
+
+    def _own(self, target: object) -> None:
+        if self._loading is not None:
+            self._owners[target] = self._loading
+
+    def plugin_of(self, target: object) -> str:
+        """The name of the plugin that registered ``target`` (or its qualified name)."""
+        owner = self._owners.get(target)
+        if owner is not None:
+            return owner
+        module = getattr(target, "__module__", None) or "?"
+        return f"{module}.{getattr(target, '__qualname__', type(target).__name__)}"
 
     def add_command(self, name: str, handler: CommandHandler, help: str = "") -> None:
         """Answer ``/name ...`` with ``handler``; names are case-insensitive and unique."""
@@ -64,6 +93,7 @@ class PluginRegistry:
         if key in self._commands:
             raise ValueError(f"command /{key} is already registered")
         self._commands[key] = Command(key, handler, help or (inspect.getdoc(handler) or ""))
+        self._own(handler)
 
     def command(
         self, name: str, help: str = ""
@@ -79,10 +109,12 @@ class PluginRegistry:
     def add_pre_hook(self, hook: PreHook) -> None:
         """Run ``hook`` on every message before the model; a string it returns is the answer."""
         self._pre_hooks.append(hook)
+        self._own(hook)
 
     def add_context_provider(self, provider: ContextProvider) -> None:
         """Add the text ``provider`` returns to the bot's instructions for a message."""
         self._context_providers.append(provider)
+        self._own(provider)
 
     @property
     def commands(self) -> Sequence[Command]:
@@ -120,14 +152,16 @@ def load_plugins(
     for ep in entry_points(group="parley.plugins"):
         if ep.name in disable:
             continue
-        _setup(registry, ep.load(), f"entry point {ep.name!r}", source)
+        with registry.loading(ep.name):
+            _setup(registry, ep.load(), f"entry point {ep.name!r}", source)
         loaded.append(ep.name)
     for name in modules:
         try:
             module = importlib.import_module(name)
         except ImportError as exc:
             raise ConfigError(f"{source}: plugins.modules: cannot import {name!r}: {exc}") from None
-        _setup(registry, module, f"module {name!r}", source)
+        with registry.loading(name):
+            _setup(registry, module, f"module {name!r}", source)
         loaded.append(name)
     return loaded
 

@@ -1,7 +1,8 @@
 """How every part of Parley that talks to Redis connects, and what its failures become.
 
 One policy for memory, moderation state and the generation queue: no automatic retries
-(a retried write whose first attempt did reach Redis would be applied twice), short
+(a retried write whose first attempt did reach Redis would be applied twice) except of
+scripts their caller declares safe to repeat, short
 socket timeouts, and every Redis or socket error turned into the caller's own
 :class:`~core.errors.ParleyError` naming the server without its password.
 """
@@ -9,7 +10,7 @@ socket timeouts, and every Redis or socket error turned into the caller's own
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
 from core.errors import ConfigError, ParleyError
@@ -101,11 +103,14 @@ class ScriptPipeline:
     """
 
     def __init__(
-        self, client: Redis, scripts: Mapping[str, AsyncScript], *, timeout: float
+        self, client: Redis, scripts: Mapping[str, AsyncScript], *, timeout: float,
+        retry: Collection[str] = (),
     ) -> None:
         self._client = client
         self._scripts = dict(scripts)
         self._timeout = timeout  # for a whole batch: one timer, not one per call
+        # Scripts that may run twice: sent again once when their connection broke.
+        self._retry = frozenset(self._scripts[name].sha for name in retry)
         self._pending: list[_Call] = []
         self._sending: set[asyncio.Task[None]] = set()
 
@@ -125,7 +130,7 @@ class ScriptPipeline:
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
-    async def _send(self, batch: list[_Call]) -> None:
+    async def _send(self, batch: list[_Call], *, retried: bool = False) -> None:
         calls = [call for call in batch if not call.result.done()]  # callers that left
         if not calls:
             return
@@ -137,8 +142,19 @@ class ScriptPipeline:
                     pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
                 replies = await pipe.execute(raise_on_error=False)
         except BaseException as exc:
+            retry = []
+            if isinstance(exc, ConnectionError | RedisConnectionError) and not retried:
+                # The server restarted (or the network blipped): every idle pooled
+                # connection is as stale as this one, so drop them all at once rather
+                # than fail one batch per connection; then send the calls that are safe
+                # to repeat once more, on a fresh connection.
+                await self._client.connection_pool.disconnect(inuse_connections=False)
+                retry = [call for call in calls if call.script.sha in self._retry]
             for call in calls:
-                call.settle(exc)
+                if call not in retry:
+                    call.settle(exc)
+            if retry:
+                await self._send(retry, retried=True)
             if not isinstance(exc, Exception):
                 raise
             return

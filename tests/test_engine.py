@@ -77,12 +77,17 @@ async def test_history_reaches_the_generator(engine: Engine) -> None:
     assert request.tenant == "tbot"
 
 
-async def test_redelivered_message_is_answered_once(engine: Engine) -> None:
+async def test_redelivered_message_is_answered_once_and_replayed(engine: Engine) -> None:
     first = await collect(engine.handle(message("once", message_id="m-1")))
     again = await events_of(engine, message("once", message_id="m-1"))
     assert first.kind is ReplyKind.FINAL
-    assert [(e.kind, e.code) for e in again] == [(ReplyKind.NOTICE, "duplicate")]
+    assert [(e.kind, e.code, e.text) for e in again] == [
+        (ReplyKind.FINAL, "duplicate", first.text)]  # the stored reply, not an empty notice
     assert len(await turns(engine)) == 2
+    command = await collect(engine.handle(message("/help", message_id="m-2")))
+    replayed = await collect(engine.handle(message("/help", message_id="m-2")))
+    assert (replayed.kind, replayed.text, replayed.code) == (
+        ReplyKind.NOTICE, command.text, "duplicate")
 
 
 async def test_help_and_reset_commands(engine: Engine) -> None:
@@ -131,7 +136,8 @@ async def test_fifty_conversations_at_once_keep_their_order() -> None:
     async with engine:
         per_conv = 4
         tasks = [
-            asyncio.create_task(collect(engine.handle(message(f"conv{c} msg{i}", f"c{c}"))))
+            asyncio.create_task(collect(engine.handle(
+                message(f"conv{c} msg{i}", f"c{c}", user=f"u{c}"))))
             for i in range(per_conv) for c in range(50)
         ]
         replies = await asyncio.gather(*tasks)
@@ -143,7 +149,7 @@ async def test_fifty_conversations_at_once_keep_their_order() -> None:
             assert [t for role, t in stored if role == "user"] == [
                 f"conv{c} msg{i}" for i in range(per_conv)]
             assert len(stored) == 2 * per_conv
-        assert engine._lanes == {}  # idle conversations leave nothing behind
+        assert len(engine.lanes) == 0  # idle conversations leave nothing behind
 
 
 class Failing:

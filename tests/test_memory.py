@@ -19,7 +19,7 @@ from redis.asyncio.connection import AbstractConnection
 
 from core.config import BotSettings, parse_settings
 from core.errors import ConfigError, MemoryUnavailable
-from core.memory.base import MemoryStore, memory_backends
+from core.memory.base import MemoryStore, StoredReply, UserRef, memory_backends
 from core.memory.embedded import EmbeddedMemory
 from core.memory.redis import RedisMemory
 from core.types import ConversationKey, Turn
@@ -119,6 +119,24 @@ def texts(snapshot: Any) -> list[str]:
     return [t.text for t in snapshot.turns]
 
 
+def alice(bot: str = "bot", channel: str = "web", user: str = "alice") -> UserRef:
+    """A user of a channel of a bot."""
+    return UserRef(bot, channel, user)
+
+
+async def answer(store: MemoryStore, key: ConversationKey, message_id: str,
+                 reply: str = "ok", user: str = "alice") -> bool:
+    """Answer ``message_id`` as the engine does (begin, then finish with no turns);
+    False if it was answered before (the stored reply came back instead)."""
+    begun = await store.begin(key, message_id, user, f"t-{message_id}")
+    if begun.replay is not None:
+        return False
+    assert begun.snapshot is not None
+    await store.finish(key, message_id, user, f"t-{message_id}", [],
+                       StoredReply("final", reply))
+    return True
+
+
 # --- shared semantics -------------------------------------------------------------------
 
 
@@ -180,15 +198,15 @@ async def test_conversation_expires_and_load_refreshes_it(backend: Backend) -> N
 async def test_reset_forgets_one_conversation_only(backend: Backend) -> None:
     store = await backend.open()
     other = ConversationKey("bot", "web", "conv-2")
-    assert await store.mark_seen(KEY, "m1")
+    assert await answer(store, KEY, "m1")
     await store.append(KEY, turns("a"))
     await store.append(other, turns("b"))
-    await store.set_fact("bot", "alice", "name", "Alice")
+    await store.set_fact(alice(), "name", "Alice")
     await store.reset(KEY)
     snapshot = await store.load(KEY, "alice")
     assert texts(snapshot) == [] and dict(snapshot.facts) == {"name": "Alice"}
     assert texts(await store.load(other, "alice")) == ["b"]
-    assert not await store.mark_seen(KEY, "m1")  # a redelivery is still recognised
+    assert not await answer(store, KEY, "m1")  # a redelivery is still recognised
     await store.append(KEY, turns("c"))
     assert texts(await store.load(KEY, "alice")) == ["c"]
 
@@ -206,80 +224,142 @@ async def test_bots_channels_and_conversations_do_not_meet(backend: Backend) -> 
     ]
     for i, key in enumerate(keys):
         await store.append(key, turns(str(i)))
-        assert await store.mark_seen(key, "same-id")
+        assert await answer(store, key, "same-id")
     for i, key in enumerate(keys):
         assert texts(await store.load(key, "alice")) == [str(i)]
 
 
-async def test_a_message_is_seen_once_until_dedupe_expires(backend: Backend) -> None:
-    store = await backend.open(ttl=1)
-    assert await store.mark_seen(KEY, "m1")
-    assert not await store.mark_seen(KEY, "m1")
-    assert await store.mark_seen(KEY, "m2")
-    assert await store.mark_seen(ConversationKey("bot", "web", "conv-2"), "m1")
+async def test_an_answered_message_is_replayed_until_its_window_ends(backend: Backend) -> None:
+    store = await backend.open(dedupe_window=1, lease=1)
+    assert await answer(store, KEY, "m1", "first reply")
+    again = await store.begin(KEY, "m1", "alice", "other-token")
+    assert again.replay == StoredReply("final", "first reply")  # the stored reply, again
+    assert await answer(store, KEY, "m2")
+    assert await answer(store, ConversationKey("bot", "web", "conv-2"), "m1")
     await backend.advance(1.2)
-    assert await store.mark_seen(KEY, "m1")
+    assert await answer(store, KEY, "m1")
 
 
-async def test_load_unseen_is_dedupe_and_load_in_one(
+async def test_a_released_message_is_answered_on_redelivery(backend: Backend) -> None:
+    store = await backend.open()
+    begun = await store.begin(KEY, "m1", "alice", "t1")
+    assert begun.snapshot is not None
+    await store.abort(KEY, "m1", "t1")  # the reply failed
+    retry = await store.begin(KEY, "m1", "alice", "t2")
+    assert retry.snapshot is not None and retry.replay is None
+
+
+async def test_a_pending_message_makes_its_redelivery_wait(backend: Backend) -> None:
+    store = await backend.open(lease=1)
+    assert (await store.begin(KEY, "m1", "alice", "t1")).snapshot is not None
+    assert (await store.begin(KEY, "m1", "alice", "t2")).waiting
+    await store.finish(KEY, "m1", "alice", "t1", turns("q"), StoredReply("final", "a"))
+    assert (await store.begin(KEY, "m1", "alice", "t2")).replay == StoredReply("final", "a")
+
+
+async def test_a_pending_mark_expires_with_the_lease(backend: Backend) -> None:
+    store = await backend.open(lease=1)
+    assert (await store.begin(KEY, "m1", "alice", "t1")).snapshot is not None  # then crashed
+    await backend.advance(1.2)
+    assert (await store.begin(KEY, "m1", "alice", "t2")).snapshot is not None
+
+
+async def test_finish_and_begin_are_safe_to_repeat(backend: Backend) -> None:
+    store = await backend.open()
+    assert (await store.begin(KEY, "m1", "alice", "t1")).snapshot is not None
+    assert (await store.begin(KEY, "m1", "alice", "t1")).snapshot is not None  # same token
+    for _ in range(2):
+        await store.finish(KEY, "m1", "alice", "t1", turns("q"), StoredReply("final", "a"))
+    assert texts(await store.load(KEY, "alice")) == ["q"]
+
+
+async def test_the_dedupe_record_is_bounded_by_count(backend: Backend) -> None:
+    store = await backend.open(dedupe_max=5)
+    for i in range(1500):
+        assert await answer(store, KEY, f"m{i}")
+    assert not await answer(store, KEY, "m1499")
+    assert not await answer(store, KEY, "m1495")
+    assert await answer(store, KEY, "m1494")  # dropped: the five newest are kept
+
+
+async def test_begin_is_dedupe_lease_and_load_in_one(
     backend: Backend, round_trips: RoundTrips
 ) -> None:
     store = await backend.open(window=2)
     await store.append(KEY, turns("a", "b", "c"))
-    await store.set_fact("bot", "alice", "name", "Alice")
+    await store.set_fact(alice(), "name", "Alice")
     before = round_trips.count
-    snapshot = await store.load_unseen(KEY, "m1", "alice")
-    assert snapshot is not None and texts(snapshot) == ["b", "c"]
-    assert snapshot.facts == {"name": "Alice"}
-    assert await store.load_unseen(KEY, "m1", "alice") is None  # a redelivery
-    assert not await store.mark_seen(KEY, "m1")  # the same record as mark_seen's
+    begun = await store.begin(KEY, "m1", "alice", "t1")
+    assert begun.snapshot is not None and texts(begun.snapshot) == ["b", "c"]
+    assert begun.snapshot.facts == {"name": "Alice"}
+    await store.finish(KEY, "m1", "alice", "t1", turns("d"), StoredReply("final", "e"))
+    assert (await store.begin(KEY, "m1", "alice", "t2")).replay is not None  # a redelivery
     if backend.kind == "redis":
         assert round_trips.count - before == 3
 
 
-async def test_facts_belong_to_a_user_of_a_bot(backend: Backend) -> None:
+async def test_facts_belong_to_a_user_of_a_channel_of_a_bot(backend: Backend) -> None:
     store = await backend.open()
-    await store.set_fact("bot", "alice", "name", "Alice")
-    await store.set_fact("bot", "alice", "name", "Ally")
-    await store.set_fact("bot", "alice", "city", "Oslo")
-    await store.set_fact("bot", "bob", "name", "Bob")
-    await store.set_fact("other-bot", "alice", "name", "A.")
-    elsewhere = ConversationKey("bot", "telegram", "42")
+    await store.set_fact(alice(), "name", "Alice")
+    await store.set_fact(alice(), "name", "Ally")
+    await store.set_fact(alice(), "city", "Oslo")
+    await store.set_fact(alice(user="bob"), "name", "Bob")
+    await store.set_fact(alice(bot="other-bot"), "name", "A.")
+    await store.set_fact(alice(channel="telegram", user="12345"), "secret", "s3")
+    elsewhere = ConversationKey("bot", "web", "42")
     assert dict((await store.load(elsewhere, "alice")).facts) == {"name": "Ally", "city": "Oslo"}
     assert dict((await store.load(KEY, "bob")).facts) == {"name": "Bob"}
     other = ConversationKey("other-bot", "web", "conv-1")
     assert dict((await store.load(other, "alice")).facts) == {"name": "A."}
+    # A web caller claiming a Telegram user's id gets nothing of theirs.
+    assert dict((await store.load(KEY, "12345")).facts) == {}
+    telegram = ConversationKey("bot", "telegram", "dm")
+    assert dict((await store.load(telegram, "12345")).facts) == {"secret": "s3"}
+    assert dict((await store.load(telegram, "alice")).facts) == {}
 
 
 async def test_forget_user_deletes_their_conversations_and_facts(backend: Backend) -> None:
     store = await backend.open()
     alone = ConversationKey("bot", "web", "alice-only")
-    shared = ConversationKey("bot", "discord", "group")
+    shared = ConversationKey("bot", "web", "group")
     bobs = ConversationKey("bot", "web", "bob-only")
     theirs = ConversationKey("other-bot", "web", "alice-only")
+    namesake = ConversationKey("bot", "discord", "alice-only")  # another channel's alice:x
     await store.append(alone, turns("a1", user="alice:x"))
     await store.append(shared, turns("b1", user="bob") + turns("a2", user="alice:x"))
     await store.append(bobs, turns("b2", user="bob"))
     await store.append(theirs, turns("a3", user="alice:x"))
-    await store.set_fact("bot", "alice:x", "name", "Alice")
-    await store.set_fact("bot", "alice:x", "city", "Oslo")
-    await store.set_fact("bot", "bob", "name", "Bob")
+    await store.append(namesake, turns("a4", user="alice:x"))
+    await store.set_fact(alice(user="alice:x"), "name", "Alice")
+    await store.set_fact(alice(user="alice:x"), "city", "Oslo")
+    await store.set_fact(alice(user="bob"), "name", "Bob")
 
-    assert await store.forget_user("bot", "alice:x") == 2 + 2  # conversations + facts
+    assert await store.forget_user(alice(user="alice:x")) == 2 + 2  # conversations + facts
     assert texts(await store.load(alone, "bob")) == []
     assert texts(await store.load(shared, "bob")) == []
     assert dict((await store.load(alone, "alice:x")).facts) == {}
     assert texts(await store.load(bobs, "bob")) == ["b2"]
     assert dict((await store.load(bobs, "bob")).facts) == {"name": "Bob"}
     assert texts(await store.load(theirs, "alice:x")) == ["a3"]  # another bot's data
-    assert await store.forget_user("bot", "alice:x") == 0
+    assert texts(await store.load(namesake, "alice:x")) == ["a4"]  # another channel's user
+    assert await store.forget_user(alice(user="alice:x")) == 0
+
+
+async def test_forget_user_reaches_replies_kept_for_redelivery(backend: Backend) -> None:
+    store = await backend.open(window=2)
+    await store.begin(KEY, "m1", "alice", "t1")
+    await store.finish(KEY, "m1", "alice", "t1", turns("hi", user="alice"),
+                       StoredReply("final", "hello alice"))
+    await store.append(KEY, turns("b1", "b2", user="bob"))  # alice's turn left the window
+    assert await store.forget_user(alice()) == 1
+    assert (await store.begin(KEY, "m1", "alice", "t2")).replay is None
 
 
 async def test_forget_user_spares_conversations_their_turns_have_left(backend: Backend) -> None:
     store = await backend.open(window=2)
     await store.append(KEY, turns("a", user="alice"))
     await store.append(KEY, turns("b1", "b2", user="bob"))  # alice's turn is trimmed away
-    assert await store.forget_user("bot", "alice") == 0
+    assert await store.forget_user(alice()) == 0
     assert texts(await store.load(KEY, "bob")) == ["b1", "b2"]
 
 
@@ -289,7 +369,7 @@ async def test_forget_user_finds_a_conversation_kept_alive_by_others(backend: Ba
     for _ in range(3):  # longer than the TTL, with only bob reading the conversation
         await backend.advance(0.5)
         assert texts(await store.load(KEY, "bob")) == ["a"]
-    assert await store.forget_user("bot", "alice") == 1
+    assert await store.forget_user(alice()) == 1
     assert texts(await store.load(KEY, "bob")) == []
 
 
@@ -312,10 +392,10 @@ async def test_embedded_sweeps_expired_conversations() -> None:
     for i in range(100):
         key = ConversationKey("b", "web", str(i))
         await store.append(key, turns("x"))
-        await store.mark_seen(key, "m")
+        await answer(store, key, "m")
     assert store.conversation_count == 100
     clock.now += 11
-    await store.mark_seen(KEY, "m")  # any call may sweep
+    await answer(store, KEY, "m")  # any call may sweep
     assert store.conversation_count == 0
 
 
@@ -357,9 +437,13 @@ async def test_each_call_is_one_round_trip_whatever_the_history(
     calls: dict[str, Callable[[], Any]] = {
         "load": lambda: store.load(KEY, "user1"),
         "append": lambda: store.append(KEY, turns("x", "y", user="user9")),
-        "mark_seen": lambda: store.mark_seen(KEY, "m-new"),
-        "set_fact": lambda: store.set_fact("bot", "user1", "name", "One"),
-        "forget_user": lambda: store.forget_user("bot", "user3"),
+        "begin": lambda: store.begin(KEY, "m-new", "user1", "t"),
+        "finish": lambda: store.finish(KEY, "m-new", "user1", "t", turns("q"),
+                                       StoredReply("final", "a")),
+        "abort": lambda: store.abort(KEY, "m-other", "t2"),
+        "renew": lambda: store.renew(KEY, "m-other", "t2"),
+        "set_fact": lambda: store.set_fact(alice(user="user1"), "name", "One"),
+        "forget_user": lambda: store.forget_user(alice(user="user3")),
         "reset": lambda: store.reset(KEY),
     }
     for name, call in calls.items():
@@ -401,32 +485,41 @@ async def test_scripts_flushed_from_redis_are_loaded_again(
     await store.append(KEY, turns("a"))
     await raw.script_flush()
     # Every call of the batch is answered NOSCRIPT, runs again alone, and succeeds.
-    results = await asyncio.gather(store.load(KEY, "alice"), store.mark_seen(KEY, "m-1"),
+    results = await asyncio.gather(store.load(KEY, "alice"),
+                                   store.begin(KEY, "m-1", "alice", "t"),
                                    store.append(KEY, turns("b")))
-    assert texts(results[0]) == ["a"] and results[1] is True
+    assert texts(results[0]) == ["a"] and results[1].snapshot is not None
     assert texts(await store.load(KEY, "alice")) == ["a", "b"]
 
 
 async def test_keys_live_under_prefix_and_bot_and_expire(
     redis_backend: Backend, raw: Redis
 ) -> None:
-    store = await redis_backend.open(ttl=100)
+    store = await redis_backend.open(ttl=100, dedupe_window=50, lease=5)
     key = ConversationKey("bot", "dis:cord", "c:1")
-    await store.mark_seen(key, "m1")
-    await store.append(key, turns("a", user="u:1"))
-    await store.set_fact("bot", "u:1", "name", "U")
+    await store.begin(key, "m1", "u:1", "t1")
+    await store.finish(key, "m1", "u:1", "t1", turns("a", user="u:1"),
+                       StoredReply("final", "b"))
+    await store.set_fact(UserRef("bot", "dis:cord", "u:1"), "name", "U")
     keys = sorted(await raw.keys(f"{redis_backend.prefix}:*"))
     p = f"{redis_backend.prefix}:bot"
     assert keys == [
         f"{p}:conv:dis%3Acord:c%3A1",
-        f"{p}:facts:u%3A1",
+        f"{p}:facts:dis%3Acord:u%3A1",
         f"{p}:members:dis%3Acord:c%3A1",
+        f"{p}:replies:dis%3Acord:c%3A1",
         f"{p}:seen:dis%3Acord:c%3A1",
-        f"{p}:user:u%3A1:convs",
-    ]
+        f"{p}:seenby:dis%3Acord:c%3A1",
+        f"{p}:user:dis%3Acord:u%3A1:convs",
+    ]  # the lease went with the reply
     for k in keys:
         ttl = await raw.ttl(k)
-        assert (ttl == -1) if ":facts:" in k else (0 < ttl <= 100), k
+        if ":facts:" in k:
+            assert ttl == -1
+        elif ":seen" in k or ":replies:" in k:
+            assert 0 < ttl <= 50, k
+        else:
+            assert 0 < ttl <= 100, k
 
 
 async def test_malformed_turns_are_skipped_with_a_warning(
@@ -445,7 +538,7 @@ async def test_malformed_turns_are_skipped_with_a_warning(
 async def test_a_failed_append_stores_nothing(redis_backend: Backend, raw: Redis) -> None:
     store = await redis_backend.open()
     await store.append(KEY, turns("a", user="alice"))
-    await raw.set(f"{redis_backend.prefix}:bot:user:bob:convs", "not a set")
+    await raw.set(f"{redis_backend.prefix}:bot:user:web:bob:convs", "not a set")
     with pytest.raises(MemoryUnavailable, match="WRONGTYPE"):
         await store.append(KEY, turns("b1", user="alice") + turns("b2", user="bob"))
     assert texts(await store.load(KEY, "alice")) == ["a"]
@@ -462,10 +555,10 @@ async def test_killed_redis_fails_fast_then_recovers_after_restart(
     calls: list[Callable[[], Any]] = [
         lambda: store.load(KEY, "alice"),
         lambda: store.append(KEY, turns("b")),
-        lambda: store.mark_seen(KEY, "m9"),
-        lambda: store.set_fact("bot", "alice", "k", "v"),
+        lambda: store.begin(KEY, "m9", "alice", "t"),
+        lambda: store.set_fact(alice(), "k", "v"),
         lambda: store.reset(KEY),
-        lambda: store.forget_user("bot", "alice"),
+        lambda: store.forget_user(alice()),
     ]
     for call in calls:
         started = time.monotonic()
@@ -475,8 +568,8 @@ async def test_killed_redis_fails_fast_then_recovers_after_restart(
     redis_server.restart()  # an empty server: it keeps nothing on disk
     assert texts(await store.load(KEY, "alice")) == []
     await store.append(KEY, turns("c"))  # scripts are loaded again as needed
-    assert await store.mark_seen(KEY, "m9")
-    assert await store.forget_user("bot", "alice") == 1
+    assert await answer(store, KEY, "m9")
+    assert await store.forget_user(alice()) == 1
 
 
 async def test_unresponsive_redis_times_out_then_recovers(

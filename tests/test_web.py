@@ -21,7 +21,7 @@ from core.config import BotSettings, parse_settings
 from core.engine import Engine
 from core.errors import ConfigError, GenerationError, GeneratorBusy, MemoryUnavailable
 from core.generation.base import GenerationRequest, TokenDelta
-from core.memory.base import MemorySnapshot, memory_backends
+from core.memory.base import Begun, MemorySnapshot, memory_backends
 from core.moderation.base import PassThroughModerator
 from core.plugins import PluginRegistry
 from core.types import ConversationKey, Turn
@@ -139,11 +139,13 @@ async def test_conversation_is_remembered(site: Site) -> None:
 
 async def test_redelivered_message_is_answered_once(site: Site) -> None:
     async with site.chat(msg(message_id="m-1")) as response:
-        assert (await response.json())["message_id"] == "m-1"
+        first = await response.json()
+        assert first["message_id"] == "m-1"
     async with site.chat(msg(message_id="m-1")) as response:
         assert response.status == 200
         body = await response.json()
-    assert (body["kind"], body["code"]) == ("notice", "duplicate")
+    # The stored reply again (idempotent replay), marked as a duplicate.
+    assert (body["kind"], body["code"], body["text"]) == ("final", "duplicate", first["text"])
     assert len(await site.turns("c1")) == 2
 
 
@@ -337,9 +339,9 @@ class ForgetfulMemory:
     async def load(self, key: ConversationKey, user_id: str) -> MemorySnapshot:
         raise MemoryUnavailable("the store is down")
 
-    async def load_unseen(
-        self, key: ConversationKey, message_id: str, user_id: str
-    ) -> MemorySnapshot | None:
+    async def begin(
+        self, key: ConversationKey, message_id: str, user_id: str, token: str
+    ) -> Begun:
         raise MemoryUnavailable("the store is down")
 
 

@@ -62,6 +62,8 @@ _ERROR_STATUS = {
     "memory_unavailable": 503,
     "generation_failed": 503,
     "empty_reply": 502,
+    "slow_down": 429,
+    "plugin_failed": 500,
 }
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 # No inline script or style anywhere: the page and the widget load theirs from files.
@@ -291,7 +293,7 @@ def _json_reply(event: ReplyEvent, message: IncomingMessage) -> web.Response:
     status = _ERROR_STATUS.get(event.code or "", 500)
     if status == 400:
         return _error_response(400, event.text, event.code or "bad_request")
-    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else None
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status in (429, 503) else None
     return web.json_response(_reply_body(event, message), status=status, headers=headers)
 
 

@@ -3,10 +3,12 @@
 Everything lives in this process's memory: it is lost when the process stops and is not
 shared with other processes (run several front ends with the ``redis`` backend instead).
 Its semantics are those of :mod:`core.memory.redis`: a window of turns per conversation
-whose time to live is refreshed on load and append, dedupe of message ids with expiry,
-facts per user without expiry, and ``forget_user``. Expired entries are dropped when
-touched and by a sweep of everything every ``sweep_interval`` seconds, so memory stays
-bounded by what was active within the TTL.
+whose time to live is refreshed on load and append, dedupe of message ids (pending while
+answered, then the stored reply for the redelivery window), facts per user of a channel
+without expiry, and ``forget_user``. One process needs no lease: the engine's
+in-process lane already orders a conversation. Expired entries are dropped when touched
+and by a sweep of everything every ``sweep_interval`` seconds, so memory stays bounded
+by what was active within the TTL.
 """
 
 from __future__ import annotations
@@ -18,11 +20,8 @@ from dataclasses import dataclass, field
 
 from core.config import BotSettings, MemorySection
 from core.lifecycle import ServiceBase
-from core.memory.base import MemorySnapshot
+from core.memory.base import WAIT, Begun, MemorySnapshot, StoredReply, UserRef
 from core.types import ConversationKey, Turn
-
-SEEN_TTL_CAP = 24 * 3600  # seconds a message id is remembered for dedupe, at most
-SEEN_PER_CONVERSATION = 10_000  # message ids kept per conversation, at most
 
 Clock = Callable[[], float]
 
@@ -35,10 +34,27 @@ class _Conversation:
 
 @dataclass(slots=True)
 class _Seen:
-    # message id -> expiry; dicts keep insertion order, which is also expiry order
-    # because every id gets the same TTL.
-    ids: dict[str, float] = field(default_factory=dict)
+    """The dedupe record of one conversation."""
+
+    # message id -> (expiry, "p:{token}" while pending, or the stored reply). Insertion
+    # order is nearly expiry order (an id is re-inserted when done), so expiring stops
+    # at the first live id and a lookup checks the expiry of what it finds.
+    ids: dict[str, tuple[float, str | StoredReply]] = field(default_factory=dict)
+    by_user: dict[str, float] = field(default_factory=dict)  # user -> newest expiry
     expires_at: float = 0.0
+
+    def expire(self, now: float) -> None:
+        """Drop the oldest ids whose window ended."""
+        while self.ids:
+            oldest = next(iter(self.ids))
+            if self.ids[oldest][0] > now:
+                return
+            del self.ids[oldest]
+
+    def state(self, message_id: str, now: float) -> str | StoredReply | None:
+        """The live state of ``message_id``, if any."""
+        entry = self.ids.get(message_id)
+        return entry[1] if entry is not None and entry[0] > now else None
 
 
 class EmbeddedMemory(ServiceBase):
@@ -61,7 +77,7 @@ class EmbeddedMemory(ServiceBase):
         self._next_sweep = clock() + sweep_interval
         self._conversations: dict[ConversationKey, _Conversation] = {}
         self._seen: dict[ConversationKey, _Seen] = {}
-        self._facts: dict[tuple[str, str], dict[str, str]] = {}
+        self._facts: dict[UserRef, dict[str, str]] = {}
 
     def _now(self) -> float:
         now = self._clock()
@@ -88,24 +104,61 @@ class EmbeddedMemory(ServiceBase):
         """How many conversations are held (expired ones included until swept)."""
         return len(self._conversations)
 
-    async def mark_seen(self, key: ConversationKey, message_id: str) -> bool:
-        """Record ``message_id``; False if it was recorded within the dedupe TTL."""
-        now = self._now()
-        ttl = min(self.section.ttl, SEEN_TTL_CAP)
+    def _record(self, key: ConversationKey, now: float) -> _Seen:
         seen = self._seen.get(key)
         if seen is None or seen.expires_at <= now:
             seen = self._seen[key] = _Seen()
-        while seen.ids:
-            oldest = next(iter(seen.ids))
-            if seen.ids[oldest] > now:
-                break
-            del seen.ids[oldest]
-        if message_id in seen.ids:
-            return False
-        seen.ids[message_id] = now + ttl
-        while len(seen.ids) > SEEN_PER_CONVERSATION:
+        seen.expire(now)
+        return seen
+
+    async def begin(
+        self, key: ConversationKey, message_id: str, user_id: str, token: str
+    ) -> Begun:
+        """Mark ``message_id`` pending and load; or its stored reply; or :data:`WAIT`."""
+        now = self._now()
+        seen = self._record(key, now)
+        state = seen.state(message_id, now)
+        if isinstance(state, StoredReply):
+            return Begun(replay=state)
+        if state is not None and state != f"p:{token}":
+            return WAIT
+        lease = self.section.lease
+        seen.ids[message_id] = (now + lease, f"p:{token}")
+        seen.expires_at = max(seen.expires_at, now + lease)
+        return Begun(snapshot=await self.load(key, user_id))
+
+    async def finish(
+        self, key: ConversationKey, message_id: str, user_id: str, token: str,
+        turns: Sequence[Turn], reply: StoredReply,
+    ) -> None:
+        """Append ``turns`` and keep ``reply`` for the redelivery window."""
+        now = self._now()
+        seen = self._record(key, now)
+        if isinstance(seen.state(message_id, now), StoredReply):
+            return
+        await self.append(key, turns)
+        until = now + self.section.dedupe_window
+        seen.ids.pop(message_id, None)  # re-inserted last: dict order is age order
+        seen.ids[message_id] = (until, reply)
+        while len(seen.ids) > self.section.dedupe_max:
             del seen.ids[next(iter(seen.ids))]
-        seen.expires_at = now + ttl
+        seen.by_user[user_id] = until
+        seen.expires_at = until
+
+    async def abort(self, key: ConversationKey, message_id: str, token: str) -> None:
+        """Forget the pending mark ``token`` holds on ``message_id``."""
+        seen = self._seen.get(key)
+        if seen is not None and seen.ids.get(message_id, (0.0, ""))[1] == f"p:{token}":
+            del seen.ids[message_id]
+
+    async def renew(self, key: ConversationKey, message_id: str, token: str) -> bool:
+        """Extend the pending mark ``token`` holds; False if it is gone."""
+        now = self._now()
+        seen = self._seen.get(key)
+        if seen is None or seen.ids.get(message_id, (0.0, ""))[1] != f"p:{token}":
+            return False
+        seen.ids[message_id] = (now + self.section.lease, f"p:{token}")
+        seen.expires_at = max(seen.expires_at, now + self.section.lease)
         return True
 
     async def load(self, key: ConversationKey, user_id: str) -> MemorySnapshot:
@@ -116,16 +169,8 @@ class EmbeddedMemory(ServiceBase):
         if conv is not None:
             conv.expires_at = now + self.section.ttl
             turns = tuple(conv.turns)[-self.section.window :]
-        facts = dict(self._facts.get((key.bot, user_id), {}))
+        facts = dict(self._facts.get(UserRef(key.bot, key.channel, user_id), {}))
         return MemorySnapshot(turns, facts)
-
-    async def load_unseen(
-        self, key: ConversationKey, message_id: str, user_id: str
-    ) -> MemorySnapshot | None:
-        """:meth:`mark_seen`, then :meth:`load`; None for a duplicate."""
-        if not await self.mark_seen(key, message_id):
-            return None
-        return await self.load(key, user_id)
 
     async def append(self, key: ConversationKey, turns: Sequence[Turn]) -> None:
         """Add ``turns`` and trim to the window."""
@@ -144,28 +189,36 @@ class EmbeddedMemory(ServiceBase):
         self._now()
         self._conversations.pop(key, None)
 
-    async def set_fact(self, bot: str, user_id: str, name: str, value: str) -> None:
+    async def set_fact(self, user: UserRef, name: str, value: str) -> None:
         """Store ``name = value`` in the user's facts."""
-        self._facts.setdefault((bot, user_id), {})[name] = value
+        self._facts.setdefault(user, {})[name] = value
 
-    async def forget_user(self, bot: str, user_id: str) -> int:
-        """Delete the user's facts and every conversation holding their turns.
+    async def forget_user(self, user: UserRef) -> int:
+        """Delete the user's facts and every conversation holding their turns or replies.
 
         Returns the number of conversations plus the number of facts deleted.
         """
         now = self._now()
-        gone = [
-            key
-            for key in list(self._conversations)
-            if key.bot == bot
-            and (conv := self._live(key, now)) is not None
-            and any(turn.user_id == user_id for turn in conv.turns)
-        ]
-        for key in gone:
-            del self._conversations[key]
+        mine = {
+            key for key, seen in self._seen.items()
+            if key.bot == user.bot and key.channel == user.channel
+            and seen.by_user.get(user.user_id, 0.0) > now
+        }
+        count = 0
+        for key in list(self._conversations):
+            if key.bot != user.bot or key.channel != user.channel:
+                continue
+            conv = self._live(key, now)
+            if conv is not None and (key in mine or any(
+                turn.user_id == user.user_id for turn in conv.turns
+            )):
+                del self._conversations[key]
+                mine.add(key)
+                count += 1
+        for key in mine:
             self._seen.pop(key, None)
-        facts = self._facts.pop((bot, user_id), {})
-        return len(gone) + len(facts)
+        facts = self._facts.pop(user, {})
+        return count + len(facts)
 
 
 def create(settings: BotSettings) -> EmbeddedMemory:

@@ -2,28 +2,35 @@
 
 Key layout (``{p}`` is ``memory.key_prefix``; the bot name and every id are
 percent-encoded, so a ``:`` inside an id cannot make two keys collide; ``{ref}`` is
-``{channel}:{conversation_id}``)::
+``{channel}:{conversation_id}`` and ``{who}`` is ``{channel}:{user_id}``)::
 
     {p}:{bot}:conv:{ref}         list  the window of turns, JSON, oldest first
     {p}:{bot}:members:{ref}      hash  user id -> that user's index key, for each user
-                                       whose turns are in the window
-    {p}:{bot}:seen:{ref}         zset  message id -> expiry (ms), for dedupe; capped
-    {p}:{bot}:facts:{user}       hash  facts about a user; no TTL, gone on forget_user
-    {p}:{bot}:user:{user}:convs  set   refs of the conversations holding the user's turns
+                                       whose turns (or replies) are kept
+    {p}:{bot}:seen:{ref}         zset  message id -> end of its dedupe window (ms)
+    {p}:{bot}:replies:{ref}      hash  message id -> pending mark or stored reply
+    {p}:{bot}:seenby:{ref}       zset  user id -> end of their newest dedupe window (ms)
+    {p}:{bot}:lease:{ref}        string  the token of the front end answering now
+    {p}:{bot}:queue:{ref}        zset  tokens of front ends waiting, by arrival (ms)
+    {p}:{bot}:beats:{ref}        zset  the same tokens, by when they last asked (ms)
+    {p}:{bot}:facts:{who}        hash  facts about a user; no TTL, gone on forget_user
+    {p}:{bot}:user:{who}:convs   set   refs of the conversations holding the user's data
 
 A conversation, its members hash and the index of every member get the same TTL, set
 together on every load and append, so an index outlives every conversation it points
-to and ``forget_user`` finds them all.
+to and ``forget_user`` finds them all. Dedupe records live for the redelivery window
+(``memory.dedupe_window``, at most ``memory.dedupe_max`` ids per conversation); the
+lease and queue for a lease (``memory.lease``).
 
-Every call is one round trip: one command, or one Lua script (atomic, and checking key
-types before it writes, so a failure leaves nothing half-stored). The scripts touch keys
-they derive from stored data, which a standalone Redis (or a replicated one) allows and
-Redis Cluster does not.
+Every call is one round trip: one command, or one Lua script (:mod:`core.memory.redis_scripts`).
+The scripts touch keys they derive from stored data, which a standalone Redis (or a
+replicated one) allows and Redis Cluster does not.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -35,7 +42,8 @@ from redis.asyncio import Redis
 from core.config import BotSettings, MemorySection
 from core.errors import MemoryUnavailable
 from core.lifecycle import ServiceBase
-from core.memory.base import MemorySnapshot
+from core.memory import redis_scripts as lua
+from core.memory.base import WAIT, Begun, MemorySnapshot, StoredReply, UserRef
 from core.redis_client import (
     ScriptPipeline,
     connect,
@@ -48,116 +56,21 @@ from core.types import ConversationKey, Turn
 
 log = logging.getLogger(__name__)
 
-SEEN_TTL_CAP = 24 * 3600  # seconds a message id is remembered for dedupe, at most
-SEEN_PER_CONVERSATION = 10_000  # message ids kept per conversation, at most
+# A front end waiting for a lease asks again at least this often; one silent for
+# STALE_WAITER_MS has gone and leaves the queue.
+STALE_WAITER_MS = 2000
 
-_LOAD_FN = """
-local function load(conv, members, facts, window, ttl)
-  local turns = redis.call('LRANGE', conv, -tonumber(window), -1)
-  if redis.call('EXPIRE', conv, ttl) == 1 then
-    redis.call('EXPIRE', members, ttl)
-    for _, idx in ipairs(redis.call('HVALS', members)) do redis.call('EXPIRE', idx, ttl) end
-  end
-  return {turns, redis.call('HGETALL', facts)}
-end
-"""
-# KEYS: conv, members, facts. ARGV: window, ttl.
-_LOAD = _LOAD_FN + "return load(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])"
-
-# KEYS: conv, members. ARGV: window, ttl, ref, n, n x (user id, index key), turns (JSON).
-_APPEND = """
-local conv, members = KEYS[1], KEYS[2]
-local window, ttl, ref, n = tonumber(ARGV[1]), ARGV[2], ARGV[3], tonumber(ARGV[4])
-local function wrong(key, kind)
-  local t = redis.call('TYPE', key)['ok']
-  if t ~= 'none' and t ~= kind then return 'WRONGTYPE ' .. key .. ' is a ' .. t end
-end
-local bad = wrong(conv, 'list') or wrong(members, 'hash')
-for i = 0, n - 1 do bad = bad or wrong(ARGV[6 + 2 * i], 'set') end
-for _, idx in ipairs(bad and {} or redis.call('HVALS', members)) do
-  bad = bad or wrong(idx, 'set')
-end
-if bad then return redis.error_reply(bad) end
--- Nothing is written above this line.
-for i = 0, n - 1 do redis.call('HSET', members, ARGV[5 + 2 * i], ARGV[6 + 2 * i]) end
-for i = 5 + 2 * n, #ARGV do redis.call('RPUSH', conv, ARGV[i]) end
-redis.call('LTRIM', conv, -window, -1)
-local present = {}
-for _, raw in ipairs(redis.call('LRANGE', conv, 0, -1)) do
-  local ok, turn = pcall(cjson.decode, raw)
-  if ok and type(turn) == 'table' and type(turn.user_id) == 'string' then
-    present[turn.user_id] = true
-  end
-end
-local pairs_ = redis.call('HGETALL', members)
-for i = 1, #pairs_, 2 do
-  local user, idx = pairs_[i], pairs_[i + 1]
-  if present[user] then
-    redis.call('SADD', idx, ref)
-    redis.call('EXPIRE', idx, ttl)
-  else
-    redis.call('SREM', idx, ref)
-    redis.call('HDEL', members, user)
-  end
-end
-redis.call('EXPIRE', conv, ttl)
-redis.call('EXPIRE', members, ttl)
-return 1
-"""
-
-# KEYS: conv, members. ARGV: ref.
-_RESET = """
-for _, idx in ipairs(redis.call('HVALS', KEYS[2])) do redis.call('SREM', idx, ARGV[1]) end
-return redis.call('DEL', KEYS[1], KEYS[2])
-"""
-
-_SEEN_FN = """
-local function mark_seen(seen, id, ttl_ms, cap)
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  redis.call('ZREMRANGEBYSCORE', seen, '-inf', now)
-  local added = redis.call('ZADD', seen, 'NX', now + tonumber(ttl_ms), id)
-  if added == 1 then
-    local extra = redis.call('ZCARD', seen) - tonumber(cap)
-    if extra > 0 then redis.call('ZREMRANGEBYRANK', seen, 0, extra - 1) end
-    redis.call('PEXPIRE', seen, ttl_ms)
-  end
-  return added
-end
-"""
-# KEYS: seen. ARGV: message id, ttl (ms), cap.
-_MARK_SEEN = _SEEN_FN + "return mark_seen(KEYS[1], ARGV[1], ARGV[2], ARGV[3])"
-
-# KEYS: seen, conv, members, facts. ARGV: message id, seen ttl (ms), cap, window, ttl.
-# {0} for a message seen before (nothing loaded), else {1, turns, facts}.
-_LOAD_UNSEEN = _SEEN_FN + _LOAD_FN + """
-if mark_seen(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) == 0 then return {0} end
-local loaded = load(KEYS[2], KEYS[3], KEYS[4], ARGV[4], ARGV[5])
-return {1, loaded[1], loaded[2]}
-"""
-
-# KEYS: user index, facts. ARGV: '{p}:{bot}:'. Returns conversations + facts deleted.
-_FORGET_USER = """
-local base, count = ARGV[1], 0
-for _, ref in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local members = base .. 'members:' .. ref
-  for _, idx in ipairs(redis.call('HVALS', members)) do redis.call('SREM', idx, ref) end
-  count = count + redis.call('EXISTS', base .. 'conv:' .. ref)
-  redis.call('DEL', base .. 'conv:' .. ref, members, base .. 'seen:' .. ref)
-end
-count = count + redis.call('HLEN', KEYS[2])
-redis.call('DEL', KEYS[1], KEYS[2])
-return count
-"""
-
+# Scripts safe to run twice (keyed by a token or a message id, or read-only): after a
+# connection broke mid-call they are sent again on a fresh connection.
+_IDEMPOTENT = frozenset({"load", "begin", "finish", "abort", "renew", "reset", "forget_user"})
 
 
 class RedisMemory(ServiceBase):
     """A :class:`~core.memory.base.MemoryStore` on Redis (``redis://`` or ``unix://``).
 
-    Every Redis failure is raised as :class:`~core.errors.MemoryUnavailable`. Calls are
-    not retried, because a retried write whose first attempt did reach Redis would be
-    stored twice; a connection broken by a Redis restart is replaced on the next call.
+    Every Redis failure is raised as :class:`~core.errors.MemoryUnavailable`. Only the
+    idempotent calls are retried, once, when their connection broke (a Redis restart
+    leaves every pooled connection stale); ``append`` and ``set_fact`` are not.
     """
 
     def __init__(self, section: MemorySection, *, source: str = "<memory>") -> None:
@@ -166,22 +79,27 @@ class RedisMemory(ServiceBase):
         self.where = redact(section.url)
         self._client: Redis | None = None
         self._pipeline: ScriptPipeline | None = None
+        self._lease_ms = int(section.lease * 1000)
+        self._dedupe_ms = int(section.dedupe_window * 1000)
 
     async def _start(self) -> None:
         client = connect(self.section.url, timeout=self.section.timeout,
                          where=f"{self.source}: memory.url", socket_timeout=False)
         self._client = client
         sources = {
-            "load": _LOAD,
-            "append": _APPEND,
-            "reset": _RESET,
-            "mark_seen": _MARK_SEEN,
-            "load_unseen": _LOAD_UNSEEN,
-            "forget_user": _FORGET_USER,
+            "load": lua.LOAD,
+            "append": lua.APPEND,
+            "reset": lua.RESET,
+            "begin": lua.BEGIN,
+            "finish": lua.FINISH,
+            "abort": lua.ABORT,
+            "renew": lua.RENEW,
+            "forget_user": lua.FORGET_USER,
         }
         async with self._failures("start"), asyncio.timeout(self.section.timeout):
             scripts = await load_scripts(client, sources)
-        self._pipeline = ScriptPipeline(client, scripts, timeout=self.section.timeout)
+        self._pipeline = ScriptPipeline(client, scripts, timeout=self.section.timeout,
+                                        retry=_IDEMPOTENT)
 
     async def _stop(self) -> None:
         client, self._client = self._client, None
@@ -205,16 +123,69 @@ class RedisMemory(ServiceBase):
     def _ref(key: ConversationKey) -> str:
         return f"{key_part(key.channel)}:{key_part(key.conversation_id)}"
 
-    def _index(self, bot: str, user_id: str) -> str:
-        return f"{self._base(bot)}user:{key_part(user_id)}:convs"
+    def _who(self, user: UserRef) -> str:
+        return f"{self._base(user.bot)}{{}}:{key_part(user.channel)}:{key_part(user.user_id)}"
 
-    def _facts(self, bot: str, user_id: str) -> str:
-        return f"{self._base(bot)}facts:{key_part(user_id)}"
+    def _index(self, user: UserRef) -> str:
+        return self._who(user).format("user") + ":convs"
 
-    async def mark_seen(self, key: ConversationKey, message_id: str) -> bool:
-        """Record ``message_id``; False if it was recorded within the dedupe TTL."""
-        added = await self._run("mark_seen", [self._seen(key)], [message_id, *self._seen_args()])
-        return bool(added)
+    def _facts(self, user: UserRef) -> str:
+        return self._who(user).format("facts")
+
+    def _keys(self, key: ConversationKey, *kinds: str) -> list[str]:
+        base, ref = self._base(key.bot), self._ref(key)
+        return [f"{base}{kind}:{ref}" for kind in kinds]
+
+    def _load_keys(self, key: ConversationKey, user_id: str) -> list[str]:
+        user = UserRef(key.bot, key.channel, user_id)
+        return [*self._keys(key, "conv", "members"), self._facts(user)]
+
+    async def begin(
+        self, key: ConversationKey, message_id: str, user_id: str, token: str
+    ) -> Begun:
+        """Claim the conversation for ``message_id`` in one round trip; see the protocol."""
+        reply = await self._run(
+            "begin",
+            [*self._keys(key, "seen", "replies", "lease", "queue", "beats"),
+             *self._load_keys(key, user_id)],
+            [message_id, token, self._lease_ms, STALE_WAITER_MS, self.section.window,
+             self.section.ttl],
+        )
+        if reply[0] == 1:
+            return Begun(snapshot=self._snapshot(key, reply[1], reply[2]))
+        if reply[0] == 2:
+            try:
+                return Begun(replay=StoredReply.loads(reply[1]))
+            except ValueError:
+                log.warning("memory: unreadable stored reply for message %s in %s",
+                            _digest(message_id), key)
+                raise MemoryUnavailable(f"{key}: the stored reply is unreadable") from None
+        return WAIT
+
+    async def finish(
+        self, key: ConversationKey, message_id: str, user_id: str, token: str,
+        turns: Sequence[Turn], reply: StoredReply,
+    ) -> None:
+        """Store ``turns`` and the reply, release the lease: one atomic round trip."""
+        s = self.section
+        # The message's user is indexed even when no turn is stored (a command's answer
+        # is kept in the dedupe record), so forget_user finds it.
+        args = [message_id, token, reply.dumps(), user_id, self._dedupe_ms,
+                s.dedupe_max, s.window, s.ttl, self._ref(key),
+                *self._turn_args(key, turns, user_id)]
+        await self._run("finish", self._keys(key, "seen", "replies", "lease", "seenby",
+                                             "conv", "members"), args)
+
+    async def abort(self, key: ConversationKey, message_id: str, token: str) -> None:
+        """Release the pending id, the lease and a place in the queue held by ``token``."""
+        await self._run("abort", self._keys(key, "seen", "replies", "lease", "queue", "beats"),
+                        [message_id, token])
+
+    async def renew(self, key: ConversationKey, message_id: str, token: str) -> bool:
+        """Extend the lease and the pending mark; False if the lease was lost."""
+        held = await self._run("renew", self._keys(key, "seen", "replies", "lease"),
+                               [message_id, token, self._lease_ms])
+        return bool(held)
 
     async def load(self, key: ConversationKey, user_id: str) -> MemorySnapshot:
         """The last ``window`` turns and the user's facts; refreshes the TTL."""
@@ -223,28 +194,6 @@ class RedisMemory(ServiceBase):
         )
         return self._snapshot(key, raw_turns, raw_facts)
 
-    async def load_unseen(
-        self, key: ConversationKey, message_id: str, user_id: str
-    ) -> MemorySnapshot | None:
-        """:meth:`mark_seen` and :meth:`load` in one round trip; None for a duplicate."""
-        reply = await self._run(
-            "load_unseen", [self._seen(key), *self._load_keys(key, user_id)],
-            [message_id, *self._seen_args(), self.section.window, self.section.ttl],
-        )
-        if not reply[0]:
-            return None
-        return self._snapshot(key, reply[1], reply[2])
-
-    def _seen(self, key: ConversationKey) -> str:
-        return f"{self._base(key.bot)}seen:{self._ref(key)}"
-
-    def _seen_args(self) -> list[int]:
-        return [min(self.section.ttl, SEEN_TTL_CAP) * 1000, SEEN_PER_CONVERSATION]
-
-    def _load_keys(self, key: ConversationKey, user_id: str) -> list[str]:
-        base, ref = self._base(key.bot), self._ref(key)
-        return [f"{base}conv:{ref}", f"{base}members:{ref}", self._facts(key.bot, user_id)]
-
     @staticmethod
     def _snapshot(key: ConversationKey, raw_turns: Any, raw_facts: Any) -> MemorySnapshot:
         turns = []
@@ -252,47 +201,58 @@ class RedisMemory(ServiceBase):
             try:
                 turns.append(Turn.from_dict(json.loads(raw)))
             except (ValueError, TypeError, AttributeError):
-                log.warning("memory: skipping a malformed turn in %s: %.200r", key, raw)
+                # A hash and a length, never the stored text: logs outlive forget_user.
+                log.warning("memory: skipping a malformed turn in %s: %d bytes, sha256 %s",
+                            key, len(raw), _digest(raw))
         facts = {
             _text(raw_facts[i]): _text(raw_facts[i + 1]) for i in range(0, len(raw_facts), 2)
         }
         return MemorySnapshot(tuple(turns), facts)
 
+    def _turn_args(
+        self, key: ConversationKey, turns: Sequence[Turn], extra_user: str | None = None
+    ) -> list[Any]:
+        users = {t.user_id for t in turns if t.user_id is not None}
+        if extra_user:
+            users.add(extra_user)
+        args: list[Any] = [len(users)]
+        for user in sorted(users):
+            args += [user, self._index(UserRef(key.bot, key.channel, user))]
+        args += [json.dumps(t.to_dict(), separators=(",", ":")) for t in turns]
+        return args
+
     async def append(self, key: ConversationKey, turns: Sequence[Turn]) -> None:
         """Add ``turns`` and trim to the window, atomically, in one round trip."""
         if not turns:
             return
-        base, ref = self._base(key.bot), self._ref(key)
-        users = {t.user_id for t in turns if t.user_id is not None}
-        args: list[Any] = [self.section.window, self.section.ttl, ref, len(users)]
-        for user in sorted(users):
-            args += [user, self._index(key.bot, user)]
-        args += [json.dumps(t.to_dict(), separators=(",", ":")) for t in turns]
-        await self._run("append", [f"{base}conv:{ref}", f"{base}members:{ref}"], args)
+        s = self.section
+        await self._run("append", self._keys(key, "conv", "members", "seenby"),
+                        [s.window, s.ttl, self._ref(key), *self._turn_args(key, turns)])
 
     async def reset(self, key: ConversationKey) -> None:
         """Delete the conversation's turns (its dedupe record stays)."""
-        base, ref = self._base(key.bot), self._ref(key)
-        await self._run("reset", [f"{base}conv:{ref}", f"{base}members:{ref}"], [ref])
+        await self._run("reset", self._keys(key, "conv", "members"), [self._ref(key)])
 
-    async def set_fact(self, bot: str, user_id: str, name: str, value: str) -> None:
+    async def set_fact(self, user: UserRef, name: str, value: str) -> None:
         """Store ``name = value`` in the user's facts."""
         if self._client is None:
             raise RuntimeError("RedisMemory is used before start() or after stop()")
         async with self._failures("set_fact"), asyncio.timeout(self.section.timeout):
-            await self._client.hset(self._facts(bot, user_id), name, value)
+            await self._client.hset(self._facts(user), name, value)
 
-    async def forget_user(self, bot: str, user_id: str) -> int:
-        """Delete the user's facts and every conversation holding their turns.
+    async def forget_user(self, user: UserRef) -> int:
+        """Delete the user's facts and every conversation holding their data.
 
         Returns the number of conversations plus the number of facts deleted.
         """
-        count = await self._run(
-            "forget_user",
-            [self._index(bot, user_id), self._facts(bot, user_id)],
-            [self._base(bot)],
-        )
+        count = await self._run("forget_user", [self._index(user), self._facts(user)],
+                                [self._base(user.bot)])
         return int(count)
+
+
+def _digest(value: bytes | str) -> str:
+    data = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def _text(value: bytes | str) -> str:

@@ -1,0 +1,162 @@
+"""Order and back-pressure for conversations: in this process, and across front ends.
+
+Messages of one conversation are answered one at a time, in arrival order:
+
+- in this process, a FIFO lane per conversation (an ``asyncio.Lock``): the fast path,
+  which costs no round trip;
+- across processes, the head of each lane claims the conversation in memory
+  (:meth:`MemoryStore.begin`: a lease renewed while the reply is made, and a queue in
+  arrival order), so two front ends on one Redis never answer one conversation from the
+  same history. A crashed holder blocks its conversation for at most one lease.
+
+Before a message waits it is admitted: a lane holds at most ``max_queued`` waiting
+messages, a user at most ``max_in_flight`` messages in flight; beyond either the caller
+is refused at once (:class:`SlowDown`) instead of holding a connection in a queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from core.errors import GeneratorBusy, MemoryUnavailable, ParleyError
+from core.memory.base import Begun, MemoryStore
+from core.types import ConversationKey, IncomingMessage
+
+log = logging.getLogger(__name__)
+
+# How often a queued message asks memory again whether its turn has come: starting
+# fast for a short wait, backing off to the cap for a long one.
+POLL_FIRST = 0.002
+POLL_CAP = 0.05
+
+
+class SlowDown(ParleyError):
+    """A message refused before it waited: too many queued in its conversation or in
+    flight for its user."""
+
+
+class _Lane:
+    """A FIFO lock for one conversation, counted so idle lanes can be dropped."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
+class Lanes:
+    """The in-process lanes of one engine, with admission before the wait."""
+
+    def __init__(self, *, max_queued: int, max_in_flight: int) -> None:
+        self.max_queued = max_queued
+        self.max_in_flight = max_in_flight
+        self._lanes: dict[ConversationKey, _Lane] = {}
+        self._in_flight: dict[tuple[str, str], int] = {}
+
+    def __len__(self) -> int:
+        """How many conversations have a message queued or being answered here."""
+        return len(self._lanes)
+
+    @asynccontextmanager
+    async def enter(self, message: IncomingMessage) -> AsyncIterator[None]:
+        """Hold ``message``'s lane; raises :class:`SlowDown` at once, before waiting,
+        when its lane or its user has too many messages already."""
+        key, who = message.key, (message.channel, message.user_id)
+        lane = self._lanes.get(key)
+        if lane is not None and lane.users > self.max_queued:
+            raise SlowDown(f"{key}: {lane.users - 1} messages already queued")
+        flying = self._in_flight.get(who, 0)
+        if flying >= self.max_in_flight:
+            raise SlowDown(f"{key}: user has {flying} messages in flight")
+        if lane is None:
+            lane = self._lanes[key] = _Lane()
+        lane.users += 1
+        self._in_flight[who] = flying + 1
+        try:
+            async with lane.lock:
+                yield
+        finally:
+            lane.users -= 1
+            if lane.users == 0:
+                del self._lanes[key]
+            left = self._in_flight[who] - 1
+            if left:
+                self._in_flight[who] = left
+            else:
+                del self._in_flight[who]
+
+
+@dataclass(slots=True)
+class Claim:
+    """A message's hold on its conversation in memory, from ``begin`` to ``finish`` or
+    ``abort``; renewed in the background while held."""
+
+    memory: MemoryStore
+    message: IncomingMessage
+    token: str
+    lease: float
+    settled: bool = False
+    _timer: asyncio.TimerHandle | None = None
+    _renewing: asyncio.Task[None] | None = None
+
+    async def begin(self, deadline: float) -> Begun:
+        """Claim the conversation, waiting in its queue until ``deadline`` (monotonic);
+        raises :class:`GeneratorBusy` if the turn does not come by then."""
+        msg = self.message
+        pause = POLL_FIRST
+        while True:
+            begun = await self.memory.begin(msg.key, msg.message_id, msg.user_id, self.token)
+            if not begun.waiting:
+                if begun.snapshot is not None:
+                    self._timer = asyncio.get_running_loop().call_later(
+                        self.lease / 3, self._renew_soon)
+                else:
+                    self.settled = True  # a replay: nothing was claimed
+                return begun
+            if time.monotonic() + pause > deadline:
+                raise GeneratorBusy(f"{msg.key}: waited too long for the conversation")
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, POLL_CAP)
+
+    def _renew_soon(self) -> None:
+        self._renewing = asyncio.get_running_loop().create_task(self._renew())
+
+    async def _renew(self) -> None:
+        msg = self.message
+        while True:
+            try:
+                if not await self.memory.renew(msg.key, msg.message_id, self.token):
+                    log.warning("lanes: %s lost its lease (message %s took longer than the "
+                                "lease and another front end took over)", msg.key,
+                                msg.message_id)
+                    return
+            except MemoryUnavailable as exc:
+                log.warning("lanes: renewing the lease of %s failed: %s", msg.key, exc)
+            await asyncio.sleep(self.lease / 3)
+
+    def stop_renewing(self) -> None:
+        """Stop the background renewal (before the claim is settled)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._renewing is not None:
+            self._renewing.cancel()
+
+    async def release(self) -> None:
+        """Abort the claim unless it was settled: a redelivery will be answered. Never
+        raises for memory; a release that fails expires with the lease."""
+        self.stop_renewing()
+        if self.settled:
+            return
+        self.settled = True
+        msg = self.message
+        try:
+            await self.memory.abort(msg.key, msg.message_id, self.token)
+        except MemoryUnavailable as exc:
+            log.warning("lanes: releasing %s failed (it expires with its lease): %s",
+                        msg.key, exc)

@@ -1,0 +1,230 @@
+"""The Lua scripts of :mod:`core.memory.redis`; each call of the store is one of them.
+
+Every script is atomic and checks key types before it writes where a half-done write
+could otherwise be left behind. Times come from the Redis server (``TIME``), so front
+ends with skewed clocks agree on expiries and leases.
+
+A message id's dedupe state, in the ``replies`` hash: ``p:{token}`` while the holder of
+``token`` answers it (its expiry in ``seen`` is a lease away), ``d:{reply}`` once the
+reply is stored (kept for the redelivery window). ``seen`` scores every id by its expiry,
+so expired ids go first and the count cap drops the oldest.
+"""
+
+from __future__ import annotations
+
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+_LOAD_FN = """
+local function load(conv, members, facts, window, ttl)
+  local turns = redis.call('LRANGE', conv, -tonumber(window), -1)
+  if redis.call('EXPIRE', conv, ttl) == 1 then
+    redis.call('EXPIRE', members, ttl)
+    for _, idx in ipairs(redis.call('HVALS', members)) do redis.call('EXPIRE', idx, ttl) end
+  end
+  return {turns, redis.call('HGETALL', facts)}
+end
+"""
+
+# KEYS: conv, members, facts. ARGV: window, ttl.
+LOAD = _LOAD_FN + "return load(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])"
+
+# Drops ids whose window ended (from seen and replies).
+_EXPIRE_IDS_FN = """
+local function expire_ids(seen, replies, now)
+  local old = redis.call('ZRANGEBYSCORE', seen, '-inf', now)
+  if #old > 0 then
+    redis.call('HDEL', replies, unpack(old))
+    redis.call('ZREMRANGEBYSCORE', seen, '-inf', now)
+  end
+end
+"""
+
+# KEYS: seen, replies, lease, queue, beats, conv, members, facts.
+# ARGV: message id, token, lease ms, stale ms, window, ttl.
+# {1, turns, facts}: claimed; {2, reply}: answered before; {0}: wait (queued).
+BEGIN = _NOW + _EXPIRE_IDS_FN + _LOAD_FN + """
+local seen, replies, lease, queue, beats = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local id, token, lease_ms, stale_ms = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+expire_ids(seen, replies, now)
+local state = redis.call('HGET', replies, id)
+local head = redis.call('ZRANGE', queue, 0, 0)[1]
+if head then
+  -- Waiters that stopped asking (their front end died) leave the queue.
+  local stale = redis.call('ZRANGEBYSCORE', beats, '-inf', now - stale_ms)
+  if #stale > 0 then
+    redis.call('ZREM', queue, unpack(stale))
+    redis.call('ZREM', beats, unpack(stale))
+    head = redis.call('ZRANGE', queue, 0, 0)[1]
+  end
+end
+if state and string.sub(state, 1, 2) == 'd:' then
+  if head then redis.call('ZREM', queue, token) redis.call('ZREM', beats, token) end
+  return {2, string.sub(state, 3)}
+end
+local holder = redis.call('GET', lease)
+if (holder and holder ~= token) or (head and head ~= token)
+    or (state and state ~= 'p:' .. token) then
+  redis.call('ZADD', queue, 'NX', now, token)
+  redis.call('ZADD', beats, now, token)
+  redis.call('PEXPIRE', queue, lease_ms + stale_ms)
+  redis.call('PEXPIRE', beats, lease_ms + stale_ms)
+  return {0}
+end
+if head then redis.call('ZREM', queue, token) redis.call('ZREM', beats, token) end
+redis.call('SET', lease, token, 'PX', lease_ms)
+redis.call('HSET', replies, id, 'p:' .. token)
+redis.call('ZADD', seen, now + lease_ms, id)
+if redis.call('PTTL', seen) < lease_ms then
+  redis.call('PEXPIRE', seen, lease_ms)
+  redis.call('PEXPIRE', replies, lease_ms)
+end
+local loaded = load(KEYS[6], KEYS[7], KEYS[8], ARGV[5], ARGV[6])
+return {1, loaded[1], loaded[2]}
+"""
+
+_WRONG_FN = """
+local function wrong(key, kind)
+  local t = redis.call('TYPE', key)['ok']
+  if t ~= 'none' and t ~= kind then return 'WRONGTYPE ' .. key .. ' is a ' .. t end
+end
+"""
+
+# Appends turns (ARGV from `first`: n, n x (user id, index key), turns as JSON) to conv,
+# trims to the window and keeps members and user indexes in step: a user stays a member
+# while their turns are in the window or their replies in the dedupe record (seenby).
+_APPEND_FN = _WRONG_FN + """
+local function append(conv, members, seenby, window, ttl, ref, first, now)
+  local n = tonumber(ARGV[first])
+  local bad = wrong(conv, 'list') or wrong(members, 'hash')
+  for i = 0, n - 1 do bad = bad or wrong(ARGV[first + 2 + 2 * i], 'set') end
+  for _, idx in ipairs(bad and {} or redis.call('HVALS', members)) do
+    bad = bad or wrong(idx, 'set')
+  end
+  if bad then return bad end
+  -- Nothing is written above this line.
+  for i = 0, n - 1 do
+    redis.call('HSET', members, ARGV[first + 1 + 2 * i], ARGV[first + 2 + 2 * i])
+  end
+  local pushed = false
+  for i = first + 1 + 2 * n, #ARGV do redis.call('RPUSH', conv, ARGV[i]) pushed = true end
+  local present = {}
+  if pushed then
+    redis.call('LTRIM', conv, -window, -1)
+    for _, raw in ipairs(redis.call('LRANGE', conv, 0, -1)) do
+      local ok, turn = pcall(cjson.decode, raw)
+      if ok and type(turn) == 'table' and type(turn.user_id) == 'string' then
+        present[turn.user_id] = true
+      end
+    end
+  end
+  local pairs_ = redis.call('HGETALL', members)
+  for i = 1, #pairs_, 2 do
+    local user, idx = pairs_[i], pairs_[i + 1]
+    local kept = present[user] or not pushed  -- without a push nothing left the window
+    if not kept then
+      kept = (tonumber(redis.call('ZSCORE', seenby, user)) or 0) > now
+    end
+    if kept then
+      redis.call('SADD', idx, ref)
+      redis.call('EXPIRE', idx, ttl)
+    else
+      redis.call('SREM', idx, ref)
+      redis.call('HDEL', members, user)
+    end
+  end
+  if pushed then redis.call('EXPIRE', conv, ttl) end
+  redis.call('EXPIRE', members, ttl)
+end
+"""
+
+# KEYS: conv, members, seenby.
+# ARGV: window, ttl, ref, n, n x (user id, index key), turns (JSON).
+APPEND = _NOW + _APPEND_FN + """
+local bad = append(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[1]), ARGV[2], ARGV[3], 4, now)
+if bad then return redis.error_reply(bad) end
+return 1
+"""
+
+# KEYS: seen, replies, lease, seenby, conv, members.
+# ARGV: message id, token, reply, user id, dedupe ms, max ids, window, ttl, ref,
+#       n, n x (user id, index key), turns (JSON).
+# 1: stored; 0: stored before (a repeat after success).
+FINISH = _NOW + _EXPIRE_IDS_FN + _APPEND_FN + """
+local seen, replies, lease, seenby = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local id, token, dedupe_ms, cap = ARGV[1], ARGV[2], tonumber(ARGV[5]), tonumber(ARGV[6])
+local function release()
+  if redis.call('GET', lease) == token then redis.call('DEL', lease) end
+end
+local state = redis.call('HGET', replies, id)
+if state and string.sub(state, 1, 2) == 'd:' then release() return 0 end
+local bad = wrong(seen, 'zset') or wrong(replies, 'hash') or wrong(seenby, 'zset')
+if bad then return redis.error_reply(bad) end
+redis.call('ZADD', seenby, now + dedupe_ms, ARGV[4])
+redis.call('PEXPIRE', seenby, dedupe_ms)
+bad = append(KEYS[5], KEYS[6], seenby, tonumber(ARGV[7]), ARGV[8], ARGV[9], 10, now)
+if bad then return redis.error_reply(bad) end
+expire_ids(seen, replies, now)
+redis.call('HSET', replies, id, 'd:' .. ARGV[3])
+redis.call('ZADD', seen, now + dedupe_ms, id)
+local extra = redis.call('ZCARD', seen) - cap
+if extra > 0 then
+  redis.call('HDEL', replies, unpack(redis.call('ZRANGE', seen, 0, extra - 1)))
+  redis.call('ZREMRANGEBYRANK', seen, 0, extra - 1)
+end
+redis.call('PEXPIRE', seen, dedupe_ms)
+redis.call('PEXPIRE', replies, dedupe_ms)
+release()
+return 1
+"""
+
+# KEYS: seen, replies, lease, queue, beats. ARGV: message id, token.
+ABORT = """
+local id, token = ARGV[1], ARGV[2]
+if redis.call('HGET', KEYS[2], id) == 'p:' .. token then
+  redis.call('HDEL', KEYS[2], id)
+  redis.call('ZREM', KEYS[1], id)
+end
+if redis.call('GET', KEYS[3]) == token then redis.call('DEL', KEYS[3]) end
+redis.call('ZREM', KEYS[4], token)
+redis.call('ZREM', KEYS[5], token)
+return 1
+"""
+
+# KEYS: seen, replies, lease. ARGV: message id, token, lease ms. 1 while still held.
+RENEW = _NOW + """
+local id, token, lease_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
+if redis.call('GET', KEYS[3]) ~= token then return 0 end
+redis.call('PEXPIRE', KEYS[3], lease_ms)
+if redis.call('HGET', KEYS[2], id) == 'p:' .. token then
+  redis.call('ZADD', KEYS[1], 'XX', now + lease_ms, id)
+  if redis.call('PTTL', KEYS[1]) < lease_ms then
+    redis.call('PEXPIRE', KEYS[1], lease_ms)
+    redis.call('PEXPIRE', KEYS[2], lease_ms)
+  end
+end
+return 1
+"""
+
+# KEYS: conv, members. ARGV: ref.
+RESET = """
+for _, idx in ipairs(redis.call('HVALS', KEYS[2])) do redis.call('SREM', idx, ARGV[1]) end
+return redis.call('DEL', KEYS[1], KEYS[2])
+"""
+
+# KEYS: user index, facts. ARGV: '{p}:{bot}:'. Returns conversations + facts deleted.
+FORGET_USER = """
+local base, count = ARGV[1], 0
+for _, ref in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local members = base .. 'members:' .. ref
+  for _, idx in ipairs(redis.call('HVALS', members)) do redis.call('SREM', idx, ref) end
+  count = count + redis.call('EXISTS', base .. 'conv:' .. ref)
+  redis.call('DEL', base .. 'conv:' .. ref, members, base .. 'seen:' .. ref,
+             base .. 'replies:' .. ref, base .. 'seenby:' .. ref)
+end
+count = count + redis.call('HLEN', KEYS[2])
+redis.call('DEL', KEYS[1], KEYS[2])
+return count
+"""
