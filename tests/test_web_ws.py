@@ -405,3 +405,17 @@ async def test_one_address_flooding_with_many_sessions_is_limited() -> None:
             await ws.close()
     # Three session requests, three resumes and the first three messages fit into nine.
     assert refused == ["n3", "n4", "n5"]
+
+
+async def test_sockets_per_address_are_capped() -> None:
+    async with serving(gated_engine(widget_settings(), GatedEcho()),
+                       {"max_sockets_per_ip": 2}) as site:
+        token = (await site.session())["token"]
+        first, second = site.socket(token), site.socket(token)
+        async with first, second:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+                async with site.socket(token):
+                    pass
+            assert caught.value.status == 429
+        async with site.socket(token) as ws:  # once they are closed, there is room again
+            assert (await ws.receive_json())["type"] == "ready"

@@ -66,10 +66,10 @@ async def handle_socket(request: web.Request, hub: ChatHub,
     config = hub.config
     ws = web.WebSocketResponse(protocols=(PROTOCOL,), heartbeat=config.heartbeat,
                                max_msg_size=config.max_frame_bytes)
-    await ws.prepare(request)
     ip = request.remote or "?"
-    hub.sockets[ip] += 1
+    hub.sockets[ip] += 1  # counted before the handshake ends, so the cap holds under a burst
     try:
+        await ws.prepare(request)
         await _Socket(hub, ws, session, ip).run()
     finally:
         hub.sockets[ip] -= 1
