@@ -28,7 +28,7 @@ from bots.base import utf16_length
 from bots.streaming import StreamingReply, StreamLimits
 from bots.telegram.config import TelegramSettings
 from bots.telegram.intake import Intake
-from bots.telegram.outbound import Pacer, TelegramChat
+from bots.telegram.outbound import Pacer, TelegramChat, call
 from bots.telegram.transport import SanitisingRequest
 from bots.telegram.updates import Addressed, addressed
 from core.config import BotSettings, validate_section
@@ -100,8 +100,7 @@ class TelegramAdapter:
         try:
             await self._connect(app, engine)
         except BaseException:
-            self._app = self._engine = None
-            await _quietly(app.shutdown())
+            await self.stop()  # undoes whatever part of the start happened
             raise
         log.info("bot %s: telegram adapter (@%s, %s)", engine.name, app.bot.username,
                  self.config.mode)
@@ -117,15 +116,19 @@ class TelegramAdapter:
         except TelegramError as exc:
             raise ConfigError(f"{src}: adapters.telegram.api_base_url: cannot reach the Bot "
                               f"API at {self.config.api_base_url}: {exc}") from None
-        await app.bot.set_my_commands(self._commands(engine))
+        bot, pacer = app.bot, self._pacer
+        commands = self._commands(engine)
+        await call(pacer, None, lambda: bot.set_my_commands(commands), group=False,
+                   what="setMyCommands")
         if self.config.mode == "webhook":
             secret = self.config.secret_token
-            await app.bot.set_webhook(
+            await call(pacer, None, lambda: bot.set_webhook(
                 str(self.config.webhook_url), allowed_updates=list(ALLOWED_UPDATES),
-                secret_token=secret.get_secret_value() if secret else None)
+                secret_token=secret.get_secret_value() if secret else None),
+                group=False, what="setWebhook")
         else:
             # A webhook left by an earlier deployment would make getUpdates fail.
-            await app.bot.delete_webhook()
+            await call(pacer, None, bot.delete_webhook, group=False, what="deleteWebhook")
             assert app.updater is not None
             await app.updater.start_polling(
                 timeout=int(self.config.poll_timeout), allowed_updates=list(ALLOWED_UPDATES),
