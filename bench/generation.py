@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 from core.config import parse_settings
 from core.generation.base import ChatMessage, GenerationRequest, SamplingParams
-from core.generation.local import LocalGenerator
-from core.generation.models import dtype_for, resolve_device
+from core.generation.local.generator import LocalGenerator
+from core.generation.local.models import dtype_for, resolve_device
 
 
 @dataclass

@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(serve(build_engine(settings), [console]))
             return 0
         if args.command == "worker":
-            from core.generation.worker import run_worker
+            from core.generation.fleet.worker import run_worker
 
             if settings.worker.http_port is not None:
                 ensure_free([ListenAddress(settings.worker.http_host, settings.worker.http_port,

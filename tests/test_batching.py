@@ -15,8 +15,9 @@ import pytest
 from core.config import BotSettings, parse_settings
 from core.errors import GeneratorBusy
 from core.generation.base import ChatMessage, GenerationRequest, SamplingParams, TokenDelta
-from core.generation.batching import BatchingScheduler, FairQueue
-from core.generation.local import Job, LocalGenerator
+from core.generation.local.batching import BatchingScheduler, FairQueue
+from core.generation.local.generator import LocalGenerator
+from core.generation.local.ticket import Ticket
 
 LONG = "hi"  # the tiny model runs on past 400 tokens after this
 ENDS = "Hello there"  # ... and stops by itself after this
@@ -48,7 +49,7 @@ def scheduler(gen: LocalGenerator) -> BatchingScheduler:
 async def test_many_concurrent_greedy_requests_match_generate(tiny_model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from core.generation.prompt import render
+    from core.generation.local.prompt import render
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -190,8 +191,8 @@ async def test_one_user_cannot_take_every_slot(tiny_model_dir: Path) -> None:
         assert peak == 2
 
 
-def job(tenant: str, user: str = "u") -> Job:
-    return Job(request("x", tenant=tenant, user=user), asyncio.new_event_loop())
+def job(tenant: str, user: str = "u") -> Ticket:
+    return Ticket(request("x", tenant=tenant, user=user), asyncio.new_event_loop())
 
 
 def test_fair_queue_serves_the_least_served_tenant_round_robin() -> None:
@@ -245,7 +246,7 @@ async def test_per_request_attention_keeps_sliding_windows_exact(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from core.generation.prompt import render
+    from core.generation.local.prompt import render
 
     model_dir = build_tiny_sliding_model(tmp_path / "sliding", tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -266,7 +267,7 @@ async def test_per_request_attention_keeps_sliding_windows_exact(
 def test_nucleus_sampler_leaves_an_all_greedy_batch_to_the_argmax() -> None:
     import torch
 
-    from core.generation.sampling import NucleusSampler
+    from core.generation.local.hf.sampler import NucleusSampler
 
     scores = torch.randn(5, 1000)
     out = NucleusSampler()(scores.clone(), torch.zeros(5).view(torch.int32))
@@ -276,7 +277,7 @@ def test_nucleus_sampler_leaves_an_all_greedy_batch_to_the_argmax() -> None:
 def test_nucleus_sampler_draws_from_exactly_the_nucleus() -> None:
     import torch
 
-    from core.generation.sampling import NucleusSampler
+    from core.generation.local.hf.sampler import NucleusSampler
 
     probs = torch.tensor([[0.05, 0.5, 0.15, 0.3], [0.05, 0.5, 0.15, 0.3], [0.25] * 4])
     draws = 4000

@@ -144,7 +144,7 @@ def test_run_checks_ports_before_loading_the_model(tmp_path: Path, taken_port: i
 
 
 def test_the_suite_keeps_converted_models_out_of_the_users_cache() -> None:
-    from core.generation.models import cache_dir
+    from core.generation.local.models import cache_dir
     from tests.support.model_cache import suite_cache_dir
 
     ours = cache_dir(None)

@@ -16,13 +16,13 @@ import pytest
 
 from core.config import BotSettings, parse_settings
 from core.errors import GenerationError, GeneratorBusy
-from core.generation import models
 from core.generation.base import ChatMessage, GenerationRequest, SamplingParams, TokenDelta
-from core.generation.decoding import IncrementalDecoder, StopMatcher
 from core.generation.echo import EchoGenerator
-from core.generation.local import LocalGenerator
-from core.generation.local import create as create_local
-from core.generation.prompt import render
+from core.generation.local import models
+from core.generation.local.decoding import IncrementalDecoder, StopMatcher
+from core.generation.local.generator import LocalGenerator
+from core.generation.local.generator import create as create_local
+from core.generation.local.prompt import render
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -214,7 +214,7 @@ async def test_the_event_loop_keeps_running_during_load_and_generation(
         time.sleep(0.5)  # a blocking call, as a real model load is
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr("core.generation.local.load_model", slow_load)
+    monkeypatch.setattr("core.generation.local.generator.load_model", slow_load)
     gaps: list[float] = []
 
     async def tick() -> None:
@@ -336,7 +336,8 @@ def test_a_converted_preset_sheds_its_gguf_quantization_entry(
 
 
 def test_importing_the_generators_loads_no_torch() -> None:
-    code = ("import sys, core.generation.local, core.generation.models, core.generation.echo;"
+    code = ("import sys, core.generation.local.generator, core.generation.local.models,"
+            " core.generation.fleet.remote, core.generation.openai.client, core.generation.echo;"
             "sys.exit('torch' in sys.modules or 'transformers' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 

@@ -35,9 +35,9 @@ from core.generation.base import (
     generator_backends,
 )
 from core.generation.echo import EchoGenerator
-from core.generation.local import LocalGenerator
-from core.generation.openai_client import OpenAIGenerator, SSEDecoder
-from core.generation.openai_server import MAX_BODY_BYTES, openai_app
+from core.generation.local.generator import LocalGenerator
+from core.generation.openai.client import OpenAIGenerator, SSEDecoder
+from core.generation.openai.server import MAX_BODY_BYTES, openai_app
 from core.streams import closing
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -13,8 +13,8 @@ import pytest
 
 from core.config import parse_settings
 from core.generation.base import ChatMessage, GenerationRequest, SamplingParams
-from core.generation.local import LocalGenerator
-from core.generation.models import PRESETS
+from core.generation.local.generator import LocalGenerator
+from core.generation.local.models import PRESETS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from core.generation.base import ChatMessage
-from core.generation.prompt import (
+from core.generation.local.prompt import (
     build_prompt,
     context_window,
     prompt_budget,

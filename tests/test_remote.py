@@ -27,9 +27,9 @@ from core.config import BotSettings, parse_settings
 from core.engine import collect
 from core.errors import GenerationError, GeneratorBusy
 from core.generation.base import ChatMessage, GenerationRequest, SamplingParams, TokenDelta
-from core.generation.jobs import GROUP, QueueKeys, decode_reply, encode_job
-from core.generation.remote import RedisGenerator
-from core.generation.worker import Worker
+from core.generation.fleet.jobs import GROUP, QueueKeys, decode_reply, encode_job
+from core.generation.fleet.remote import RedisGenerator
+from core.generation.fleet.worker import Worker
 from core.lifecycle import ServiceBase
 from core.streams import closing
 from core.types import IncomingMessage, ReplyKind
@@ -336,7 +336,7 @@ async def test_a_killed_worker_s_jobs_are_answered_once_by_the_other(
         settings = make_settings(redis_url, queue, generation={
             "model": str(tiny_model_dir), "dtype": "float32", "max_new_tokens": 48,
             "timeout": 60.0})
-        from core.generation.local import LocalGenerator
+        from core.generation.local.generator import LocalGenerator
 
         expected: dict[str, str] = {}
         async with LocalGenerator(settings) as lone:

@@ -1,11 +1,11 @@
 """``parley worker``: serves generation jobs from a Redis Stream on an inner generator.
 
 Each worker is one consumer of the group ``workers`` on ``{queue}:jobs`` (layout and
-wire format in :mod:`core.generation.jobs`). It runs up to ``worker.concurrency`` jobs at
+wire format in :mod:`core.generation.fleet.jobs`). It runs up to ``worker.concurrency`` jobs at
 once on its inner generator (``worker.backend``: ``local`` or ``echo``), which batches
 them, and writes each job's text to the job's reply stream:
 
-- **Coalesced writes** (:mod:`core.generation.replies`). One flusher writes every job's
+- **Coalesced writes** (:mod:`core.generation.fleet.replies`). One flusher writes every job's
   new text at most once per ``FLUSH_INTERVAL``, all jobs in one pipeline, so a reply
   costs one entry per flush, not per token. Each write is a script that first checks
   that this worker still owns the job at this attempt (a worker that stalled and lost
@@ -23,7 +23,7 @@ them, and writes each job's text to the job's reply stream:
   once).
 
 With ``worker.http_port`` set, the worker also serves the OpenAI-compatible API
-(:mod:`core.generation.openai_server`) on the same inner generator, and ``/metrics``.
+(:mod:`core.generation.openai.server`) on the same inner generator, and ``/metrics``.
 """
 
 from __future__ import annotations
@@ -44,20 +44,20 @@ from redis.exceptions import RedisError, ResponseError
 
 from core.config import BotSettings
 from core.errors import ConfigError, GenerationError
-from core.generation import worker_scripts as scripts
 from core.generation.base import Generator, generator_backends
-from core.generation.jobs import (
+from core.generation.fleet import worker_scripts as scripts
+from core.generation.fleet.jobs import (
     DEAD_CAP,
     GROUP,
     REPLY_TTL,
-    Job,
     MalformedJob,
+    QueuedJob,
     QueueKeys,
     Reply,
     decode_job,
     encode_reply,
 )
-from core.generation.replies import ReplyWriter, RunningJob
+from core.generation.fleet.replies import ReplyWriter, RunningJob
 from core.lifecycle import ServiceBase, stop_signals
 from core.metrics import WorkerMetrics
 from core.redis_client import connect, load_scripts, redact
@@ -183,7 +183,7 @@ class Worker(ServiceBase):
             await client.aclose()
 
     async def _start_http(self) -> None:
-        from core.generation.openai_server import openai_app
+        from core.generation.openai.server import openai_app
 
         app = openai_app(self.inner, self.settings.generation.model,
                          metrics_render=self.metrics.render)
@@ -276,7 +276,7 @@ class Worker(ServiceBase):
         client = self._client
         assert client is not None
         max_attempts = self.section.max_attempts
-        jobs: list[tuple[str, Job, int, bytes]] = []
+        jobs: list[tuple[str, QueuedJob, int, bytes]] = []
         for entry_id, fields, attempt in entries:
             raw = fields.get(b"job", b"")
             try:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.errors import GenerationError
-from core.generation.prompt import PromptFormat
+from core.generation.local.prompt import PromptFormat
 
 if TYPE_CHECKING:
     import torch

@@ -4,11 +4,10 @@ transformers' ``ContinuousBatchingManager`` runs the model: requests join and le
 running batch at every decode step, each with its own KV-cache pages. This module is what
 Parley builds around it:
 
-- :class:`FairQueue` decides who gets the next free batch slot: the waiting tenant (bot)
-  with the fewest requests running, round-robin among equals, and never a user already
-  at their concurrency cap. The queue is bounded; a full queue answers "busy" at once.
+- :class:`~core.generation.local.fair_queue.FairQueue` decides who gets the next free
+  batch slot.
 - :class:`BatchingScheduler` admits jobs into the manager, turns its cumulative token
-  lists into deltas through each job's :class:`~core.generation.local.TokenSink` (stop
+  lists into deltas through each job's :class:`~core.generation.local.decoding.TokenSink` (stop
   strings, end-of-turn, length), and frees a slot as soon as a job ends or its consumer
   goes away. The manager's own ``cancel_request`` sends no final event and leaves the
   result handler registered; the scheduler drops the handler and ignores late events.
@@ -24,16 +23,18 @@ import logging
 import math
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from core.errors import GenerationError, GeneratorBusy
-from core.generation.varlen import ATTENTION_NAME, use_varlen_attention
-
-if TYPE_CHECKING:
-    from core.generation.local import HFRunner, Job, TokenSink
+from core.generation.base import ChatMessage, GenerationRequest, SamplingParams
+from core.generation.local.decoding import TokenSink
+from core.generation.local.fair_queue import FairQueue, user_key
+from core.generation.local.hf.attention import ATTENTION_NAME, use_varlen_attention
+from core.generation.local.runner import HFRunner
+from core.generation.local.ticket import Ticket
 
 log = logging.getLogger(__name__)
 
@@ -48,84 +49,12 @@ class BatchLimits:
     kv_cache_tokens: int | None = None  # KV cache size; default: max_batch * 1024 tokens
     page_size: int = 64  # tokens per KV-cache page
     max_batch_tokens: int = 512  # tokens per forward pass (bounds prefill chunks)
-    newcomers_first: bool = True  # prompts get a step of their own (see prefill_first.py)
-
-
-class FairQueue:
-    """Waiting jobs by tenant; see the module docstring for the order they leave in."""
-
-    def __init__(self, max_waiting: int, max_per_user: int) -> None:
-        self.max_waiting = max_waiting
-        self.max_per_user = max_per_user
-        self._by_tenant: dict[str, deque[Job]] = {}
-        self._turn: deque[str] = deque()  # round-robin order of tenants
-        self._size = 0
-
-    def __len__(self) -> int:
-        return self._size
-
-    def push(self, job: Job) -> bool:
-        """Queue ``job``; False (and nothing queued) when the queue is full."""
-        if self._size >= self.max_waiting:
-            return False
-        tenant = job.request.tenant
-        if tenant not in self._by_tenant:
-            self._by_tenant[tenant] = deque()
-            self._turn.append(tenant)
-        self._by_tenant[tenant].append(job)
-        self._size += 1
-        return True
-
-    def discard(self, job: Job) -> bool:
-        """Remove a waiting job (its consumer left); False if it was not waiting."""
-        jobs = self._by_tenant.get(job.request.tenant)
-        if jobs is None or job not in jobs:
-            return False
-        jobs.remove(job)
-        self._size -= 1
-        self._drop_if_empty(job.request.tenant)
-        return True
-
-    def pop(self, running_by_tenant: Counter[str], running_by_user: Counter[str]) -> Job | None:
-        """The next job to admit, or None if every waiting job's user is at their cap."""
-        candidates = sorted(
-            range(len(self._turn)), key=lambda i: (running_by_tenant[self._turn[i]], i)
-        )
-        for index in candidates:
-            tenant = self._turn[index]
-            jobs = self._by_tenant[tenant]
-            for job in jobs:
-                if running_by_user[_user_key(job)] < self.max_per_user:
-                    jobs.remove(job)
-                    self._size -= 1
-                    # The served tenant goes to the back of the round-robin order.
-                    del self._turn[index]
-                    self._turn.append(tenant)
-                    self._drop_if_empty(tenant)
-                    return job
-        return None
-
-    def drain(self) -> list[Job]:
-        """Remove and return every waiting job."""
-        jobs = [job for queue in self._by_tenant.values() for job in queue]
-        self._by_tenant.clear()
-        self._turn.clear()
-        self._size = 0
-        return jobs
-
-    def _drop_if_empty(self, tenant: str) -> None:
-        if not self._by_tenant[tenant]:
-            del self._by_tenant[tenant]
-            self._turn.remove(tenant)
-
-
-def _user_key(job: Job) -> str:
-    return f"{job.request.tenant}\x00{job.request.user}"
+    newcomers_first: bool = True  # prompts get a step of their own (see hf/scheduler.py)
 
 
 @dataclass(slots=True)
 class _Running:
-    job: Job
+    job: Ticket
     sink: TokenSink
     rid: str
     sent: int = 0
@@ -142,7 +71,7 @@ class BatchingScheduler:
         self._manager: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue = FairQueue(limits.max_waiting, limits.max_per_user)
-        self._running: dict[Job, _Running] = {}
+        self._running: dict[Ticket, _Running] = {}
         self._by_tenant: Counter[str] = Counter()
         self._by_user: Counter[str] = Counter()
         self._preparing: set[asyncio.Task[None]] = set()
@@ -150,12 +79,12 @@ class BatchingScheduler:
 
     @property
     def waiting(self) -> int:
-        """Jobs waiting for a batch slot."""
+        """Tickets waiting for a batch slot."""
         return len(self._queue)
 
     @property
     def running(self) -> int:
-        """Jobs in the running batch."""
+        """Tickets in the running batch."""
         return len(self._running)
 
     async def start(self) -> None:
@@ -168,10 +97,7 @@ class BatchingScheduler:
     async def _warm_up(self) -> None:
         """One short request through the whole path, so the first user does not pay for
         lazy initialisation (kernels, allocator, CUDA graphs)."""
-        from core.generation.base import ChatMessage, GenerationRequest, SamplingParams
-        from core.generation.local import Job
-
-        job = Job(GenerationRequest((ChatMessage("user", "Hello"),),
+        job = Ticket(GenerationRequest((ChatMessage("user", "Hello"),),
                                     SamplingParams(max_new_tokens=2, temperature=0.0),
                                     tenant="parley-warm-up"), asyncio.get_running_loop())
         self.submit(job)
@@ -188,8 +114,8 @@ class BatchingScheduler:
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-        from core.generation import prefill_first
-        from core.generation.sampling import batch_processors, sample_in_processor
+        from core.generation.local.hf import scheduler as newcomers
+        from core.generation.local.hf.sampler import batch_processors, sample_in_processor
 
         loaded, limits = runner.loaded, self.limits
         # transformers gives this logger a console handler of its own; keep it to warnings
@@ -215,19 +141,19 @@ class BatchingScheduler:
             max_memory_percent=0.9,
             per_request_processors=True,
             allow_block_sharing=True,  # a bot's shared system prompt is cached once
-            scheduler_type=prefill_first.register() if limits.newcomers_first else "fifo",
+            scheduler_type=newcomers.register() if limits.newcomers_first else "fifo",
         )
         manager = loaded.model.init_continuous_batching(
             generation_config=config, continuous_batching_config=batching
         )
         # The manager's own top-k/top-p sort the whole vocabulary for every row at every
-        # step; swap in a sampler that does not (see core/generation/sampling.py). The
+        # step; swap in a sampler that does not (see hf/sampler.py). The
         # batch processor that uses this list is only built by start().
         manager.logit_processor = batch_processors(default_temperature=0.9999)
         attention = str(loaded.model.config._attn_implementation)
         if "flash" not in attention:
             # Without flash kernels the manager attends over the whole packed batch;
-            # attend per request instead (see core/generation/varlen.py).
+            # attend per request instead (see hf/attention.py).
             use_varlen_attention(loaded.model)
             attention = ATTENTION_NAME
         manager.start()
@@ -246,7 +172,7 @@ class BatchingScheduler:
                  limits.max_batch, cache_tokens, limits.page_size, attention)
         return manager
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Ticket) -> None:
         """Prepare ``job``'s prompt off the loop, then queue it for a slot."""
         if self._stopping or self.runner is None:
             job.fail(GenerationError("the generator is not running"))
@@ -258,7 +184,7 @@ class BatchingScheduler:
         self._preparing.add(task)
         task.add_done_callback(self._preparing.discard)
 
-    async def _prepare(self, job: Job) -> None:
+    async def _prepare(self, job: Ticket) -> None:
         runner = self.runner
         assert runner is not None
         try:
@@ -288,7 +214,7 @@ class BatchingScheduler:
             if not job.cancelled:
                 self._admit(job)
 
-    def _admit(self, job: Job) -> None:
+    def _admit(self, job: Ticket) -> None:
         sink: TokenSink | None = job.prepared
         assert sink is not None and self.runner is not None
         sampling = job.request.sampling
@@ -296,7 +222,7 @@ class BatchingScheduler:
         run = _Running(job, sink, rid)
         self._running[job] = run
         self._by_tenant[job.request.tenant] += 1
-        self._by_user[_user_key(job)] += 1
+        self._by_user[user_key(job)] += 1
         end_ids = () if sampling.ignore_eos else self.runner.loaded.end_token_ids
         extra: dict[str, Any] = (
             {"top_p": 0.0} if sampling.temperature <= 0  # greedy: only the argmax survives
@@ -334,7 +260,7 @@ class BatchingScheduler:
         if done:
             self._release(run, cancel=not output.is_finished())
 
-    def _cancel(self, job: Job) -> None:
+    def _cancel(self, job: Ticket) -> None:
         if self._queue.discard(job):
             return
         run = self._running.get(job)
@@ -345,7 +271,7 @@ class BatchingScheduler:
         if self._running.pop(run.job, None) is None:
             return
         self._by_tenant[run.job.request.tenant] -= 1
-        self._by_user[_user_key(run.job)] -= 1
+        self._by_user[user_key(run.job)] -= 1
         if cancel:
             self._manager.cancel_request(run.rid)
         # The manager keeps handlers of cancelled requests registered; drop ours.

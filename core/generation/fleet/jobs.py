@@ -90,7 +90,7 @@ class QueueKeys:
 
 
 @dataclass(frozen=True, slots=True)
-class Job:
+class QueuedJob:
     """A decoded job: the request, and the time (unix seconds) it must start by."""
 
     request: GenerationRequest
@@ -134,7 +134,7 @@ def valid_request_id(request_id: object) -> bool:
     return isinstance(request_id, str) and 0 < len(request_id) <= MAX_ID_CHARS
 
 
-def decode_job(fields: Mapping[bytes, bytes]) -> Job:
+def decode_job(fields: Mapping[bytes, bytes]) -> QueuedJob:
     """The job an entry's fields carry; :class:`MalformedJob` says why it cannot be."""
     raw = fields.get(b"job")
     if raw is None:
@@ -155,7 +155,7 @@ def decode_job(fields: Mapping[bytes, bytes]) -> Job:
         raise MalformedJob(str(exc) or type(exc).__name__, request_id) from None
 
 
-def _decode_body(body: dict[str, Any], request_id: str) -> Job:
+def _decode_body(body: dict[str, Any], request_id: str) -> QueuedJob:
     if body.get("v") != VERSION:
         raise ValueError(f"unknown version {body.get('v')!r}")
     messages = body["messages"]
@@ -192,7 +192,7 @@ def _decode_body(body: dict[str, Any], request_id: str) -> Job:
         user=user,
         request_id=request_id,
     )
-    return Job(request, float(deadline))
+    return QueuedJob(request, float(deadline))
 
 
 def _number(data: dict[str, Any], name: str, kind: type, low: float, high: float) -> float:

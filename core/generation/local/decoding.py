@@ -6,7 +6,12 @@ Both are pure and model-agnostic, shared by every worker that streams from a tok
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from core.generation.base import FinishReason, TokenDelta
+
+if TYPE_CHECKING:
+    from core.generation.local.ticket import Ticket
 
 # Decoding restarts this many tokens back, so that tokenizers which decode a token
 # differently at the start of a sequence (SentencePiece's leading space) stay correct.
@@ -88,3 +93,77 @@ class StopMatcher:
                     best = size
                     break
         return best
+
+
+class TokenSink:
+    """Turns a job's new token ids into deltas: detokenizes, finds stops, counts.
+
+    :meth:`push` returns True once the job is finished (end token, stop string, length,
+    or cancellation); by then the final delta has been emitted, unless cancelled.
+    """
+
+    def __init__(
+        self,
+        job: Ticket,
+        tokenizer: Any,
+        prompt_ids: list[int],
+        end_ids: tuple[int, ...],
+        stops: tuple[str, ...],
+        max_new_tokens: int,
+    ) -> None:
+        self.job = job
+        self.prompt_ids = prompt_ids
+        self.count = 0
+        self.finish_reason: FinishReason | None = None
+        self._decoder = IncrementalDecoder(tokenizer, prompt_ids)
+        self._stops = StopMatcher(stops)
+        self._end_ids = frozenset(end_ids)
+        self.max_new_tokens = max_new_tokens
+        self._shown = False
+        self._space = ""
+
+    @property
+    def done(self) -> bool:
+        """Whether no more tokens are wanted."""
+        return self.finish_reason is not None or self.job.cancelled
+
+    def push(self, token_id: int) -> bool:
+        """Take the next generated token; True when generation should stop."""
+        if self.done:
+            return True
+        self.count += 1
+        if token_id in self._end_ids:
+            self.finish("stop")
+            return True
+        self._show(self._stops.push(self._decoder.push(token_id)))
+        if self._stops.stopped:
+            self.finish("stop")
+        elif self.count >= self.max_new_tokens:
+            self.finish("length")
+        return self.done
+
+    def finish(self, reason: FinishReason) -> None:
+        """Emit what was held back and the final delta, once."""
+        if self.finish_reason is not None:
+            return
+        self.finish_reason = reason
+        rest = self._stops.push(self._decoder.flush())
+        rest += self._stops.flush()
+        if self.job.cancelled:
+            return
+        rest = rest.strip() if not self._shown else rest.rstrip()
+        self.job.emit(TokenDelta(self._space + rest if rest else "", finish_reason=reason))
+
+    def _show(self, text: str) -> None:
+        # A reply neither starts nor ends with whitespace (base models put a space after
+        # "Assistant:" and a newline before the next speaker), so whitespace is held back
+        # until something follows it.
+        if not self._shown:
+            text = text.lstrip()
+        body = text.rstrip()
+        if not body:
+            self._space += text
+            return
+        self.job.emit(TokenDelta(self._space + body))
+        self._space = text[len(body) :]
+        self._shown = True

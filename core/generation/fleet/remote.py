@@ -1,7 +1,7 @@
 """The ``redis`` generation backend: a front end's client of a fleet of ``parley worker``s.
 
 ``stream(request)`` puts the job on ``{queue}:jobs`` and reads the reply stream the
-worker writes (see :mod:`core.generation.jobs` for the keys and the wire format):
+worker writes (see :mod:`core.generation.fleet.jobs` for the keys and the wire format):
 
 - nobody starts the job within ``generation.timeout`` -> :class:`GeneratorBusy`, and
   the job is deleted and marked cancelled so that no worker runs it later;
@@ -29,7 +29,7 @@ from redis.exceptions import RedisError
 from core.config import BotSettings, GenerationSection
 from core.errors import ConfigError, GenerationError, GeneratorBusy
 from core.generation.base import GenerationRequest, TokenDelta
-from core.generation.jobs import (
+from core.generation.fleet.jobs import (
     CANCEL_TTL,
     QUEUE_CAP,
     REPLY_DONE_TTL,

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from core.generation.base import FinishReason
-from core.generation.jobs import GROUP, REPLY_TTL, Job, QueueKeys, Reply, encode_reply
+from core.generation.fleet.jobs import GROUP, REPLY_TTL, QueuedJob, QueueKeys, Reply, encode_reply
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class RunningJob:
     """One job this worker runs, and what of its reply is still to be written."""
 
     entry_id: str
-    job: Job
+    job: QueuedJob
     attempt: int
     raw: bytes
     pending: list[str] = field(default_factory=list)

@@ -1,0 +1,102 @@
+"""The in-process generator: one model thread behind an async ``stream()``.
+
+Three parts, so that each can be replaced alone:
+
+- a :class:`~core.generation.local.ticket.Ticket` carries one request from the event
+  loop to the model thread and its deltas back, with a cancel flag the consumer sets
+  when it stops listening;
+- a scheduler decides what runs:
+  :class:`~core.generation.local.sequential.SequentialScheduler` owns a model thread
+  and runs queued requests one at a time (``generation.batching = false``);
+  :class:`~core.generation.local.batching.BatchingScheduler` (the default) serves them
+  through transformers' continuous batching;
+- :class:`~core.generation.local.runner.HFRunner` prepares a request's prompt and runs
+  one request on a transformers model, turning each new token into text through a
+  :class:`~core.generation.local.decoding.TokenSink`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from core.config import BotSettings, GenerationSection
+from core.errors import GenerationError, GeneratorBusy
+from core.generation.base import GenerationRequest, TokenDelta
+from core.generation.local.batching import BatchingScheduler, BatchLimits
+from core.generation.local.models import cache_dir, load_model
+from core.generation.local.prompt import context_window
+from core.generation.local.runner import HFRunner
+from core.generation.local.sequential import SequentialScheduler
+from core.generation.local.ticket import Ticket
+from core.lifecycle import ServiceBase
+
+
+class LocalGenerator(ServiceBase):
+    """Generates in this process, on a model loaded from ``generation.model``."""
+
+    def __init__(self, settings: BotSettings) -> None:
+        self.settings: GenerationSection = settings.generation
+        self._scheduler: SequentialScheduler | BatchingScheduler | None = None
+
+    @property
+    def tokens_generated(self) -> int:
+        """Tokens the model has produced since start, cancelled requests included."""
+        runner = self._scheduler.runner if self._scheduler is not None else None
+        return runner.tokens_generated if runner is not None else 0
+
+    def _load(self) -> HFRunner:
+        settings = self.settings
+        loaded = load_model(
+            settings.model, device=settings.device, dtype=settings.dtype,
+            cache=cache_dir(settings.cache_dir),
+        )
+        context = context_window(settings.context_tokens, loaded.max_positions, loaded.device)
+        return HFRunner(loaded, context)
+
+    async def _start(self) -> None:
+        settings = self.settings
+        if settings.batching:
+            self._scheduler = BatchingScheduler(self._load, BatchLimits(
+                max_batch=settings.max_batch, max_waiting=settings.max_waiting,
+                max_per_user=settings.max_per_user, kv_cache_tokens=settings.kv_cache_tokens,
+                max_batch_tokens=settings.batch_tokens,
+            ))
+        else:
+            self._scheduler = SequentialScheduler(self._load)
+        await self._scheduler.start()
+
+    async def _stop(self) -> None:
+        scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None:
+            await scheduler.stop()
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        """The reply to ``request``, piece by piece; closing the iterator cancels it."""
+        scheduler = self._scheduler
+        if scheduler is None or not self.started:
+            raise GenerationError("the local generator is not started")
+        job = Ticket(request, asyncio.get_running_loop())
+        scheduler.submit(job)
+        try:
+            try:
+                async with asyncio.timeout(self.settings.timeout):
+                    item = await job.output.get()
+            except TimeoutError:
+                raise GeneratorBusy(
+                    f"no reply started within {self.settings.timeout:g} s; the model is busy"
+                ) from None
+            while True:
+                if isinstance(item, GenerationError):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+                item = await job.output.get()
+        finally:
+            job.cancel()
+
+
+def create(settings: BotSettings) -> LocalGenerator:
+    """Entry point ``parley.generators: local``."""
+    return LocalGenerator(settings)

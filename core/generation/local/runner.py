@@ -1,0 +1,83 @@
+"""The model step of the sequential scheduler: one request at a time through ``generate``."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+from core.generation.local.decoding import TokenSink
+from core.generation.local.models import LoadedModel
+from core.generation.local.prompt import build_prompt, prompt_budget, transcript_stops
+from core.generation.local.ticket import Ticket
+
+log = logging.getLogger(__name__)
+
+
+class HFRunner:
+    """Runs one job at a time on a transformers model (the model step)."""
+
+    def __init__(self, loaded: LoadedModel, context: int) -> None:
+        self.loaded = loaded
+        self.context = context
+        self.tokens_generated = 0
+
+    def prepare(self, job: Ticket) -> tuple[list[int], TokenSink]:
+        """The prompt ids of ``job`` and the sink its tokens go to (any scheduler's first step)."""
+        loaded, sampling = self.loaded, job.request.sampling
+        if not (0.0 < sampling.top_p <= 1.0) or sampling.temperature < 0:
+            raise ValueError(
+                f"invalid sampling: temperature {sampling.temperature}, top_p {sampling.top_p} "
+                "(need temperature >= 0 and 0 < top_p <= 1)"
+            )
+        budget = prompt_budget(self.context, sampling.max_new_tokens)
+        prompt = build_prompt(loaded.tokenizer, job.request.messages, loaded.prompt_format, budget)
+        if prompt.dropped or prompt.truncated:
+            log.debug("request %s: dropped %d messages (truncated: %s) to fit %d tokens",
+                      job.request.request_id, prompt.dropped, prompt.truncated, budget)
+        max_new = max(1, min(sampling.max_new_tokens, self.context - len(prompt.ids)))
+        stops = sampling.stop
+        if loaded.prompt_format == "transcript":
+            stops += transcript_stops()
+        end_ids = loaded.end_token_ids
+        if sampling.ignore_eos:
+            stops, end_ids = (), ()
+        sink = TokenSink(job, loaded.tokenizer, prompt.ids, end_ids, stops, max_new)
+        return prompt.ids, sink
+
+    def run(self, job: Ticket) -> None:
+        """Generate ``job``'s reply, emitting deltas as tokens come; raises on failure."""
+        import torch
+        from transformers import StoppingCriteriaList
+
+        loaded, sampling = self.loaded, job.request.sampling
+        prompt_ids, sink = self.prepare(job)
+
+        def stop_criterion(input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+            self.tokens_generated += 1
+            done = sink.push(int(input_ids[0, -1]))
+            return torch.full(input_ids.shape[:1], done, dtype=torch.bool, device=input_ids.device)
+
+        config = copy.deepcopy(loaded.model.generation_config)
+        config.max_new_tokens = sink.max_new_tokens
+        # None would fall back to the model's own end token; -1 is no token at all.
+        config.eos_token_id = -1 if sampling.ignore_eos else list(loaded.end_token_ids) or None
+        config.pad_token_id = loaded.tokenizer.pad_token_id
+        if config.pad_token_id is None and loaded.end_token_ids:
+            config.pad_token_id = loaded.end_token_ids[0]
+        config.do_sample = sampling.temperature > 0
+        if config.do_sample:
+            config.temperature, config.top_p = sampling.temperature, sampling.top_p
+        else:
+            config.temperature = config.top_p = config.top_k = None
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=loaded.device)
+        with torch.inference_mode():
+            loaded.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                generation_config=config,
+                stopping_criteria=StoppingCriteriaList([stop_criterion]),
+            )
+        sink.finish("length")  # a no-op unless generate stopped on a limit of its own
