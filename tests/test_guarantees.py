@@ -8,12 +8,17 @@ both backends where it matters (Redis on the session's own redis-server).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +30,7 @@ from core.engine import Engine, collect
 from core.errors import GeneratorBusy
 from core.generation.base import GenerationRequest, TokenDelta
 from core.types import ConversationKey, IncomingMessage, ReplyKind
+from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -248,3 +254,74 @@ def test_a_crashed_adapter_stops_parley_run(tmp_path: Path) -> None:
     # a read, holds stdin's lock at interpreter shutdown: either way the run ended.)
     assert code != 0, err
     assert "parley: adapter ConsoleAdapter failed: BrokenPipeError" in err
+
+
+# --- 9. Redis comes back, the bot comes back ------------------------------------------
+
+
+@contextmanager
+def tcp_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server on a free loopback TCP port (over TCP a restart leaves the
+    pooled connections stale, where a unix socket's are seen closed at once)."""
+    found = shutil.which("redis-server")
+    assert found is not None, "the tests need redis-server"
+    executable: str = found
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+
+    class TcpRedis(RedisServer):
+        @property
+        def url(self) -> str:
+            return f"redis://127.0.0.1:{port}/0"
+
+        def start(self) -> None:
+            if self.running:
+                return
+            self._process = subprocess.Popen(
+                [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", str(tmp_path)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                with contextlib.suppress(OSError), socket.create_connection(
+                        ("127.0.0.1", port), 0.2) as probe:
+                    probe.sendall(b"PING\r\n")
+                    if probe.recv(16).startswith(b"+PONG"):
+                        return
+                time.sleep(0.02)
+            raise RuntimeError("redis-server on TCP did not start")
+
+    server = TcpRedis(executable, tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_after_a_redis_restart_the_next_messages_are_answered(tmp_path: Path) -> None:
+    """Waves of 20 concurrent messages while redis-server is SIGKILLed and restarted
+    (empty): once it answers again, no message fails. Stale pooled connections used to
+    fail a message each after the restart."""
+    with tcp_redis(tmp_path) as server:
+        config = settings({"backend": "redis", "url": server.url, "timeout": 1.0})
+        async with build_engine(config) as engine:
+
+            async def one(n: int, i: int) -> str | None:
+                await asyncio.sleep(i * 0.003)  # spread over loop turns: many connections
+                reply = await collect(engine.handle(
+                    message(f"wave {n} message {i}", conversation=f"c{i}", user=f"u{i}")))
+                return reply.code if reply.kind is not ReplyKind.FINAL else None
+
+            async def wave(n: int) -> list[str | None]:
+                return list(await asyncio.gather(*(one(n, i) for i in range(20))))
+
+            for n in range(5):
+                assert await wave(n) == [None] * 20
+            server.kill()
+            assert set(await wave(5)) == {"memory_unavailable"}
+            server.restart()
+            after = [await wave(n) for n in range(6, 16)]
+            failures = [sum(code is not None for code in codes) for codes in after]
+            assert failures == [0] * 10, after
