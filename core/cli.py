@@ -1,4 +1,4 @@
-"""The ``parley`` command: ``run``, ``chat``, ``check`` and ``audit`` a bot from its TOML file."""
+"""The ``parley`` command: run, chat, check, audit and forget for a bot's TOML file."""
 
 from __future__ import annotations
 
@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--until", metavar="WHEN", help="entries up to then (as --since)")
     audit.add_argument("--utc", action="store_true", help="print times in UTC, not local time")
 
+    forget = sub.add_parser("forget", help="delete everything kept about one user")
+    forget.add_argument("config", help="the bot's TOML file")
+    forget.add_argument("--channel", required=True, help="the user's channel (web, telegram...)")
+    forget.add_argument("--user", required=True, help="the user's id on that channel")
+
     check = sub.add_parser("check", help="validate the bot's file and exit")
     check.add_argument("config", help="the bot's TOML file")
     return parser
@@ -69,6 +74,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(settings)
         if args.command == "audit":
             return _audit(settings, args)
+        if args.command == "forget":
+            from core.forget import forget
+
+            gone = asyncio.run(forget(settings, args.channel, args.user))
+            print(f"forgot {args.channel} user {args.user!r}: {gone.memory} conversations "
+                  f"and facts, {gone.moderation} moderation records")
+            return 0
         if args.command == "chat":
             console = adapter_registry().get("console")(
                 settings,

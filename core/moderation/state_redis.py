@@ -170,3 +170,27 @@ class RedisState(ServiceBase):
     async def read_escalations(self, count: int) -> list[dict[str, str]]:
         """See :class:`~core.moderation.state.ModerationState`."""
         return await self._read("escalations", count)
+
+    async def forget_user(self, user: str) -> int:
+        """Delete ``user``'s rate window, score and mute, and their audit and escalation
+        entries (``user`` is ``{channel}:{user_id}``); how many records went."""
+        channel, _, user_id = user.partition(":")
+        part = key_part(user)
+        async with self._failures("forget_user"):
+            count = int(await self.client.delete(
+                f"{self.base}rate:u:{part}", f"{self.base}score:{part}",
+                f"{self.base}mute:{part}"))
+            for stream in ("audit", "escalations"):
+                start = "-"
+                while True:
+                    rows: Any = await self.client.xrange(f"{self.base}{stream}", min=start,
+                                                         count=1000)
+                    if not rows:
+                        break
+                    mine = [entry_id for entry_id, fields in rows
+                            if fields.get("user") == user_id
+                            and fields.get("channel") == channel]
+                    if mine:
+                        count += int(await self.client.xdel(f"{self.base}{stream}", *mine))
+                    start = "(" + rows[-1][0]
+        return count
