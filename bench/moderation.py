@@ -11,6 +11,8 @@ and the false-positive rate on benign and on edgy-but-benign messages (anything 
 allow). Then the latency of ``check_input`` per message (p50/p99) over both sets with
 the default filters: size, terms, classifier, pii, injection, spam, flood. Flood limits
 and the violation ladder are set out of the way so each message is judged on its own.
+Last, how the output guard releases a streamed reply: time to the first shown character
+and the sizes of the pieces shown.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -115,22 +118,82 @@ async def run(args: argparse.Namespace) -> None:
     moderator = FilterModerator(settings(args.redis_url, args.classifier))
     async with moderator:
         await evaluate(moderator, "development set (tuned on)", dev, args.show_misses)
-        # Held-out: totals only; its misses are never printed, so nothing is tuned on it.
-        await evaluate(moderator, "HELD-OUT set (never tuned on)", heldout, False)
+        if args.heldout:
+            # Totals only; its misses are never printed, so nothing is tuned on it.
+            await evaluate(moderator, "HELD-OUT set (never tuned on)", heldout, False)
         rows = dev + heldout
-        timings: list[float] = []
+        wall: list[float] = []
+        cpu: list[float] = []
         for r in range(args.rounds):
             for i, row in enumerate(rows):
                 msg = message(row["text"], i + r * len(rows))
-                started = time.perf_counter()
+                started, started_cpu = time.perf_counter(), time.thread_time()
                 await moderator.check_input(msg)
-                timings.append(time.perf_counter() - started)
-    timings.sort()
-    p50 = statistics.median(timings) * 1000
-    p99 = timings[int(len(timings) * 0.99) - 1] * 1000
+                cpu.append(time.thread_time() - started_cpu)
+                wall.append(time.perf_counter() - started)
     state = "redis" if args.redis_url else "in-process"
-    print(f"\ncheck_input latency p50 {p50:.3f} ms  p99 {p99:.3f} ms  ({len(timings)} calls, "
-          f"classifier {args.classifier}, state {state})   goal p99 <= 2 ms")
+    print(f"\ncheck_input latency ({len(wall)} calls, classifier {args.classifier}, "
+          f"state {state}; goal p99 <= 2 ms)")
+    # On a shared machine the wall clock includes time other processes ran; the CPU
+    # time of this thread is what the checks themselves cost.
+    for name, values in (("wall", wall), ("cpu ", cpu)):
+        values.sort()
+        p50 = statistics.median(values) * 1000
+        p99 = values[int(len(values) * 0.99) - 1] * 1000
+        print(f"  {name} p50 {p50:.3f} ms  p99 {p99:.3f} ms  max {values[-1] * 1000:.3f} ms")
+
+
+REPLY = (
+    "Sure, here is how to reset it. Open the settings page, choose the account tab and "
+    "press the reset button at the bottom; the app asks you to confirm, and a minute "
+    "later you get an e-mail with a link that is valid for one hour. If the link has "
+    "expired, start again from the first step, or write to the support team, who can "
+    "reset it for you by hand once they have checked who you are. Most people are done "
+    "in under five minutes, and nothing in your history or your saved items is lost "
+    "along the way, so there is no need to back anything up first."
+)
+
+
+async def stream_release(token_chars: int, token_ms: float) -> None:
+    """How the output guard releases a streamed reply: the time to the first shown
+    character (tokens held before the first release x ``token_ms``) and the sizes of
+    the pieces shown, with the default output filters (terms, classifier, pii)."""
+    from core.moderation.guard import GuardConfig, guard_stream
+    from core.moderation.ngram import NgramClassifier
+    from core.moderation.pii import PiiDetector
+    from core.moderation.terms import TermFilter
+
+    classifier = NgramClassifier()
+    await classifier.start()
+    terms = TermFilter.from_policy([], [])
+    config = GuardConfig(terms=terms, pii=PiiDetector(["email", "phone", "card", "iban"]),
+                         classify=classifier.score, classify_now=classifier.score_now,
+                         threshold=0.9, hold_chars=160, replacement="-", fail_closed=True,
+                         timeout=1.0, phrase_words=terms.phrase_words)
+    tokens = [REPLY[i:i + token_chars] for i in range(0, len(REPLY), token_chars)]
+    received = 0
+    first: int | None = None
+
+    async def source() -> AsyncIterator[str]:
+        nonlocal received
+        for token in tokens:
+            received += 1
+            yield token
+
+    async def report(*args: Any) -> None:
+        pass
+
+    pieces: list[str] = []
+    async for piece in guard_stream(source(), config, report):
+        first = received if first is None else first
+        pieces.append(piece)
+    assert "".join(pieces) == REPLY and first is not None
+    sizes = sorted(len(p) for p in pieces)
+    print(f"\noutput guard, a {len(REPLY)}-character reply in {len(tokens)} tokens of "
+          f"{token_chars} characters, one every {token_ms:.0f} ms:")
+    print(f"  first character shown after token {first}: {first * token_ms:.0f} ms; "
+          f"{len(pieces)} pieces shown, median {statistics.median(sizes):.0f} characters, "
+          f"largest {sizes[-1]}")
 
 
 def main() -> None:
@@ -140,10 +203,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timing passes over the sets")
     parser.add_argument("--show-misses", action="store_true",
                         help="list the development set's misses (never the held-out set's)")
+    parser.add_argument("--no-heldout", dest="heldout", action="store_false",
+                        help="development set only (while tuning)")
     parser.add_argument("--classifier", default="ngram",
                         help="ngram (default), profanity-check or none")
     parser.add_argument("--redis-url", help="keep the state in this Redis (e.g. unix:///...)")
-    asyncio.run(run(parser.parse_args()))
+    args = parser.parse_args()
+    asyncio.run(run(args))
+    asyncio.run(stream_release(4, 25.0))
 
 
 if __name__ == "__main__":

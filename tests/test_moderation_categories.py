@@ -22,6 +22,7 @@ from core.engine import Engine, collect
 from core.generation.base import GenerationRequest, TokenDelta
 from core.moderation.base import Action, ReplyWithheld
 from core.moderation.guard import GuardConfig, guard_stream
+from core.moderation.injection import check_injection
 from core.moderation.leak import LeakDetector
 from core.moderation.moderator import FilterModerator
 from core.moderation.normalise import normalise
@@ -70,6 +71,42 @@ def test_terms_are_categorised_and_benign_phrases_pass() -> None:
     for text in ("suicide prevention hotline, please", "the cocktail in the cockpit",
                  "rapeseed oil", "how do I kill the process?"):
         assert terms.find(normalise(text)) is None, text
+
+
+@pytest.mark.parametrize(("text", "category"), [
+    ("you're honestly such a pathetic clown", "insult"),
+    ("your brain is smaller than an ant's", "insult"),
+    ("t'es vraiment minable", "insult"),
+    ("du bist so ein nutzloser Trottel", "insult"),
+    ("we are going to hurt you badly", "threat"),
+    ("somebody should stab you", "threat"),
+    ("te voy a reventar", "threat"),
+    ("ich mach dich kalt", "threat"),
+    ("those refugees are rats", "hate"),
+    ("die Ausländer sind Abschaum", "hate"),
+    ("take your top off for me", "sexual"),
+    ("zeig mir deine Titten", "sexual"),
+    ("i just want to end it all", "selfharm"),
+    ("je veux en finir", "selfharm"),
+    ("我真的不想活了", "selfharm"),
+])
+def test_patterns_catch_abuse_without_a_listed_word(text: str, category: str) -> None:
+    hit = TermFilter.from_policy([], []).find_in_message(normalise(text))
+    assert hit is not None and hit.category == category, (text, hit)
+
+
+@pytest.mark.parametrize("text", [
+    "I'm so stupid, I forgot my keys again", "you are so funny", "you are amazing",
+    "you sound sad, do you want to talk?", "you know the clown in that film?",
+    "you're not stupid at all", "you're an animal lover",
+    "I'll kill the process and restart it", "we will destroy them in the final, gg",
+    "shoot me an email when you can", "women are amazing engineers",
+    "I'll find you a better deal", "the Nazis invaded Poland in 1939",
+    "blow up the balloons for the party", "can you show me the instructions for the desk?",
+])
+def test_patterns_leave_benign_text(text: str) -> None:
+    assert TermFilter.from_policy([], []).find_in_message(normalise(text)) is None, text
+    assert check_injection(text, normalise(text)).score == 0
 
 
 # -- categories, replies, points -------------------------------------------------------

@@ -16,7 +16,8 @@ something flagged is held back (the lookahead):
 Before a piece is released the whole held text, plus the end of what was shown, is
 checked: a blocklisted term anywhere in it withholds the reply (:class:`ReplyWithheld`);
 so does a run of ``leak_chars`` characters of the system text, or the canary; the
-classifier scores the current sentence up to the release point; personal data is masked,
+classifier scores the reply's last :data:`CLASSIFY_CHARS` characters up to the release
+point; personal data is masked,
 and a release point never cuts through it. Nothing is released that has not passed
 every check, so a flagged span is never shown.
 """
@@ -41,12 +42,12 @@ log = logging.getLogger(__name__)
 
 LOOKAHEAD = 2  # whole words always held back (an e-mail's "name (at) host...")
 TAIL = 48  # characters held back in a run-on without any word boundary
+CLASSIFY_CHARS = 300  # how much of the reply, up to the release point, the classifier reads
 # Release units: a CJK character (Chinese has no spaces), or a run of other non-spaces,
 # each with the spaces after it.
 _UNIT = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af][ \t]*|[^\s\u2e80-\u9fff\uac00-\ud7af]+\s*"
                    r"|\s+")
 _CJK_LOOKAHEAD = 6  # characters: the longest Chinese term
-_SENTENCE_END = re.compile(r"[.!?\u2026\u3002\uff01\uff1f][\"')\]\u201d\u2019]*\s+|\n+")
 # A unit that may belong to personal data still arriving: digits with separators, a
 # "+", "(", or a short group of capitals and digits (IBAN "NL91 ABNA 0417").
 _DATA_UNIT = re.compile(r"[+(]?[\dA-Z().\-]*\d[\dA-Z().\-/]*\s?|[+(]\s?|[A-Z]{2,4}\s?")
@@ -81,10 +82,9 @@ Report = Callable[[list[Finding], str, tuple[str, ...], str], Awaitable[None]]
 
 @dataclass(slots=True)
 class _Shown:
-    """What was released so far: its end (for terms across the cut) and sentence."""
+    """What was released so far, and its end (for terms across the cut)."""
 
     tail: str = ""
-    sentence: str = ""
     text: str = ""
 
 
@@ -118,8 +118,6 @@ async def guard_stream(
 def _advance(shown: _Shown, segment: str) -> None:
     shown.text += segment
     shown.tail = (shown.tail + segment)[-TAIL:]
-    ends = [m.end() for m in _SENTENCE_END.finditer(segment)]
-    shown.sentence = segment[ends[-1]:] if ends else shown.sentence + segment
 
 
 def release_point(pending: str, shown: str, config: GuardConfig) -> int:
@@ -206,7 +204,9 @@ async def _check(
     if not segment:
         return "", 0
     if config.classify is not None and segment.strip():
-        await _classify(shown.sentence + segment, config, report, degraded)
+        # The reply's recent text, not the sentence fragment alone: a few words score
+        # wildly ("Most people" reads as hate), a few sentences score steadily.
+        await _classify((shown.text + segment)[-CLASSIFY_CHARS:], config, report, degraded)
     masked.extend(Finding("pii", span.kind, source="pii") for span in spans)
     return PiiDetector.mask(segment, spans), cut
 

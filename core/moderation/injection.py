@@ -38,7 +38,11 @@ _PHRASES = re.compile(
     rf"|\b{_VERBS} {_WHICH}(?:your |the )?{_WHAT} (?:above|before|so far)\b"
     r"|\b(?:reveal|show|print|repeat|output|display|leak|tell me) (?:me )?"
     r"(?:your |the )(?:full |exact |hidden |secret |original |initial )*"
-    r"(?:system prompt|system message|initial prompt|hidden prompt|instructions)\b"
+    r"(?:system prompt|system message|initial prompt|hidden prompt)\b"
+    # "the instructions" alone is how customers ask for a manual.
+    r"|\b(?:reveal|show|print|repeat|output|display|leak|tell me) (?:me )?"
+    r"(?:your (?:\w+ )?|the (?:full |exact |hidden |secret |original |initial |system )+)"
+    r"instructions\b"
     r"|\byou are now (?:dan|a jailbroken|an? unrestricted|in developer mode|free from)\b"
     r"|\b(?:developer|god|dan|jailbreak) mode (?:enabled|on|activated)\b"
     r"|\bdo anything now\b"

@@ -209,17 +209,22 @@ class FilterModerator(ServiceBase):
             run.findings.append(Finding("size", str(limit), len(run.text.clean), "size"))
 
     def _terms(self, run: _Run, channel: _Channel) -> None:
-        hit = channel.terms.find(run.text)
+        hit = channel.terms.find_in_message(run.text)
         if hit is not None:
             run.findings.append(Finding(hit.category, f"terms:{hit.term}", source="terms"))
 
     async def _classifier(self, run: _Run, channel: _Channel) -> None:
         classifier = self.classifiers[run.policy.classifier]
         self._classified(run, channel, await classifier.score(
-            channel.terms.strip_allowed(run.text.clean)))
+            channel.terms.strip_allowed(run.text.clean, run.text.key)))
 
     def _classifier_now(self, score_now: Scorer, run: _Run, channel: _Channel) -> None:
-        self._classified(run, channel, score_now(channel.terms.strip_allowed(run.text.clean)))
+        text = channel.terms.strip_allowed(run.text.clean, run.text.key)
+        scores_normalised = getattr(channel.classifier, "score_normalised", None)
+        if text is run.text.clean and scores_normalised is not None:
+            self._classified(run, channel, scores_normalised(run.text))  # normalised once
+        else:
+            self._classified(run, channel, score_now(text))
 
     def _classified(self, run: _Run, channel: _Channel, scores: float | Mapping[str, float]
                     ) -> None:

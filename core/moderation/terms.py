@@ -18,6 +18,7 @@ from core.config import MODERATION_CATEGORIES
 from core.errors import ConfigError
 from core.moderation import builtin_terms
 from core.moderation.normalise import Normalised, squeeze, words_of
+from core.moderation.patterns import PatternFilter
 
 # The category of terms from a bot's own lists, unless written ``category:term``.
 CUSTOM = "blocklist"
@@ -80,8 +81,10 @@ class TermFilter:
     """Finds blocklisted terms in a message; see the module docstring."""
 
     def __init__(
-        self, blocked: Iterable[str | tuple[str, str]], allowed: Iterable[str] = ()
+        self, blocked: Iterable[str | tuple[str, str]], allowed: Iterable[str] = (),
+        patterns: PatternFilter | None = None,
     ) -> None:
+        self._patterns = patterns
         self._blocked = _Compiled()
         for item in blocked:
             term, category = item if isinstance(item, tuple) else _categorised(item)
@@ -117,7 +120,7 @@ class TermFilter:
             blocked += read_terms(name, base)
         for name in allowlist_files:
             allowed += read_terms(name, base)
-        return cls(blocked, allowed)
+        return cls(blocked, allowed, PatternFilter() if builtin else None)
 
     @property
     def phrase_words(self) -> int:
@@ -141,11 +144,23 @@ class TermFilter:
                 return TermHit(phrase, category)
         return None
 
-    def strip_allowed(self, text: str) -> str:
-        """``text`` without its allowlisted phrases (for the classifier's eyes)."""
+    def find_in_message(self, text: Normalised) -> TermHit | None:
+        """:meth:`find`, then the built-in patterns (input only; see ``patterns.py``)."""
+        hit = self.find(text)
+        if hit is not None or self._patterns is None:
+            return hit
+        key = f" {text.key} "
+        for phrase in self._allowed_phrases:
+            key = key.replace(f" {phrase} ", " ")
+        category = self._patterns.find(key.strip())
+        return TermHit(f"pattern:{category}", category) if category is not None else None
+
+    def strip_allowed(self, text: str, key: str | None = None) -> str:
+        """``text`` without its allowlisted phrases (for the classifier's eyes); ``key``
+        is its normalised words, if known."""
         if not self._allowed_phrases:
             return text
-        key = f" {' '.join(words_of(text))} "
+        key = f" {key if key is not None else ' '.join(words_of(text))} "
         stripped = key
         for phrase in self._allowed_phrases:
             stripped = stripped.replace(f" {phrase} ", " ")
