@@ -155,6 +155,36 @@ async def test_a_half_delivered_streamed_reply_is_finished_not_repeated() -> Non
         assert len(telegram.calls_to("sendMessage", chat_id=33)) == 1  # finished, not resent
 
 
+async def test_a_reply_lost_with_its_process_is_replayed_by_the_engine_on_redelivery() -> None:
+    """The adapter that failed to deliver is gone (a restart); the engine stored the reply
+    and replays it for the redelivered update, which the new adapter delivers, once."""
+    async with FakeTelegram() as telegram:
+        port = free_port()
+        settings = webhook_settings(telegram, port, streaming=False,
+                                    limits={"max_retries": 0})
+        url = f"http://127.0.0.1:{port}/tg/hook"
+        async with build_engine(settings) as engine:
+            body = update(telegram, "remember me")
+            first = build_adapters(settings)
+            for adapter in first:
+                await adapter.start(engine)
+            telegram.fail("sendMessage", status=500, times=1)
+            assert await telegram.post(url, body, secret=SECRET) == 500
+            for adapter in reversed(first):
+                await adapter.stop()
+            assert telegram.texts(31) == []
+            second = build_adapters(settings)
+            for adapter in second:
+                await adapter.start(engine)
+            try:
+                assert await telegram.post(url, body, secret=SECRET) == 200
+                assert await telegram.post(url, body, secret=SECRET) == 200
+            finally:
+                for adapter in reversed(second):
+                    await adapter.stop()
+        assert telegram.texts(31) == ["remember me"]
+
+
 async def test_malformed_webhook_updates_are_ignored() -> None:
     async with FakeTelegram() as telegram, webhook_bot(telegram) as url:
         assert await telegram.post(url, b"{not json", secret=SECRET) == 200

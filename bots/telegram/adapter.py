@@ -16,7 +16,7 @@ import hmac
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -34,7 +34,8 @@ from bots.telegram.updates import Addressed, addressed
 from core.config import BotSettings, validate_section
 from core.engine import Engine
 from core.errors import ConfigError
-from core.types import IncomingMessage
+from core.streams import closing
+from core.types import IncomingMessage, ReplyEvent
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 ALLOWED_UPDATES = ("message",)
 # Replies that could not be delivered, kept for the redelivery of their update.
 OUTBOX_SIZE = 1000
+# Message ids whose reply this process delivered: a redelivery of one is not answered
+# again (the engine's replay of it is dropped). More than a redelivery window holds.
+DELIVERED_SIZE = 10_000
 APOLOGY = "Sorry, something went wrong while answering. Please try again."
 # How long stop() lets replies in progress finish.
 SHUTDOWN_TIMEOUT = 10.0
@@ -64,6 +68,7 @@ class TelegramAdapter:
         self._intake = Intake(self._handle)
         self._pacer = Pacer(self.config.limits)
         self._outbox: OrderedDict[str, tuple[StreamingReply[int], str]] = OrderedDict()
+        self._delivered: OrderedDict[str, None] = OrderedDict()
         self._stopped = asyncio.Event()
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -232,10 +237,12 @@ class TelegramAdapter:
             except Exception:
                 self._undelivered(message, reply, text)
                 raise
+            self._remember_delivered(message.message_id)
             return
         reply = StreamingReply(chat, self._limits(target), streaming=self.config.streaming)
         try:
-            await reply.render(engine.handle(message))
+            await reply.render(self._unless_delivered(message, engine.handle(message)))
+            self._remember_delivered(message.message_id)
         except TelegramError:
             if reply.text is not None:
                 self._undelivered(message, reply, reply.text)
@@ -246,6 +253,26 @@ class TelegramAdapter:
             log.exception("telegram: answering %s failed", message.message_id)
             engine.metrics.errors.labels(engine.name, "telegram").inc()
             await reply.finish(APOLOGY)
+
+    async def _unless_delivered(
+        self, message: IncomingMessage, events: AsyncIterator[ReplyEvent]
+    ) -> AsyncIterator[ReplyEvent]:
+        """The engine's events, less its replay of a reply this process delivered.
+
+        The engine answers a redelivered message with its stored reply (code
+        "duplicate"), right for a client that lost it; a Telegram chat already shows it.
+        """
+        async with closing(events) as stream:
+            async for event in stream:
+                if event.code == "duplicate" and message.message_id in self._delivered:
+                    log.debug("telegram: %s was answered already", message.message_id)
+                    return
+                yield event
+
+    def _remember_delivered(self, message_id: str) -> None:
+        self._delivered[message_id] = None
+        while len(self._delivered) > DELIVERED_SIZE:
+            self._delivered.popitem(last=False)
 
     def _incoming(self, engine: Engine, target: Addressed) -> IncomingMessage:
         return IncomingMessage(
