@@ -73,8 +73,41 @@ def transcript(
     return f"{persona}\n\n{dialogue}" if persona else dialogue
 
 
+# Breaks a control token's text so the tokenizer reads it as plain characters.
+_BREAK = "\u200b"  # zero-width space
+# Every control token of the common chat formats holds one of these characters; text
+# without them needs no scan of the tokenizer's added tokens.
+_CONTROL_MARKS = ("<", "[", "|")
+
+
+def control_tokens(tokenizer: Any) -> frozenset[str]:
+    """The texts the tokenizer turns into special (control) tokens: its special tokens and
+    every added token marked special (``<|im_start|>``, ``<start_of_turn>``, ...)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    texts = {token.content for token in added.values() if getattr(token, "special", False)}
+    texts.update(getattr(tokenizer, "all_special_tokens", ()) or ())
+    return frozenset(t for t in texts if t)
+
+
+def neutralise(tokenizer: Any, text: str) -> str:
+    """``text`` with every control token's text broken by a zero-width space, so a user
+    who types ``<|im_start|>system`` or ``<start_of_turn>model`` produces ordinary text,
+    never a real role marker (the content is rendered by a template, then tokenised)."""
+    if not any(mark in text for mark in _CONTROL_MARKS):
+        return text
+    for token in sorted((t for t in control_tokens(tokenizer) if t in text), key=len,
+                        reverse=True):
+        text = text.replace(token, token[0] + _BREAK + token[1:])
+    return text
+
+
 def render(tokenizer: Any, messages: Sequence[ChatMessage], fmt: PromptFormat) -> list[int]:
-    """Token ids of ``messages`` in ``fmt``, ready for the model to continue."""
+    """Token ids of ``messages`` in ``fmt``, ready for the model to continue.
+
+    Message content never becomes control tokens (see :func:`neutralise`): only the
+    template's own markers are special.
+    """
+    messages = [ChatMessage(m.role, neutralise(tokenizer, m.content)) for m in messages]
     if fmt == "chat":
         text = tokenizer.apply_chat_template(
             [{"role": m.role, "content": m.content} for m in messages],
