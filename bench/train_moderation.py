@@ -12,10 +12,10 @@ near-copies. Its labels and per-item results are never looked at.
 
 One logistic regression per category (one against the rest), on binary features
 L2-normalised (as :class:`core.moderation.ngram.NgramModel` evaluates them). C and the
-thresholds come from 5-fold cross-validation on the development set: each category's
-threshold is the lowest one that keeps the benign false-positive rate of the
-cross-validated scores at or under 1 % and the edgy one at or under 3 %, but not
-below 0.5.
+thresholds come from 5-fold cross-validation on the development set, chosen together
+so that the false alarms of all categories at once stay within 1 % of benign and 2.5 %
+of edgy messages (see :func:`choose_thresholds`; an earlier per-category budget let the
+categories' false alarms add up to 3.5 % and 9 % in cross-validation), not below 0.5.
 Needs scikit-learn and numpy (installed with the ``moderation`` extra).
 """
 
@@ -36,9 +36,13 @@ from core.moderation.spam import check_spam
 
 DATA = Path(__file__).resolve().parent / "data" / "moderation"
 CATEGORIES = ("insult", "threat", "hate", "sexual", "selfharm", "spam", "injection")
-# Thresholds are not set below this (in hundredths). Stricter budgets (0.5 % / 2 %, not
-# below 0.65) were tried: cross-validated mean recall fell from 0.48 to 0.29.
+# Thresholds are not set below this (in hundredths).
 MIN_THRESHOLD = 50
+# Cross-validated false alarms the classifier may raise, over all categories together:
+# a benign message flagged by any category counts once. The rules add their own, so the
+# classifier gets half of the goals (0.02 benign, 0.05 edgy).
+BUDGET_BENIGN = 0.01
+BUDGET_EDGY = 0.025
 
 
 def trigrams(text: str) -> set[str]:
@@ -126,23 +130,45 @@ def cross_scores(rows: list[dict[str, Any]], c: float, folds: int = 5) -> Any:
 
 
 def choose_thresholds(rows: list[dict[str, Any]], scores: Any) -> tuple[dict[str, float], float]:
-    """Per category, the lowest threshold within the false-positive budget; mean recall."""
-    benign = [i for i, r in enumerate(rows) if r["label"] == "benign"]
-    edgy = [i for i, r in enumerate(rows) if r["label"] == "edgy"]
-    thresholds: dict[str, float] = {}
-    recalls = []
-    for j, category in enumerate(CATEGORIES):
-        chosen = 0.95
-        for t in [x / 100 for x in range(MIN_THRESHOLD, 96)]:
-            fp_b = sum(scores[i, j] >= t for i in benign) / max(1, len(benign))
-            fp_e = sum(scores[i, j] >= t for i in edgy) / max(1, len(edgy))
-            if fp_b <= 0.01 and fp_e <= 0.03:
-                chosen = t
-                break
-        thresholds[category] = chosen
-        positives = [i for i, r in enumerate(rows) if r["label"] == category]
-        recalls.append(sum(scores[i, j] >= chosen for i in positives) / max(1, len(positives)))
-    return thresholds, sum(recalls) / len(recalls)
+    """Thresholds chosen together; and the mean cross-validated recall they give.
+
+    A message is a false alarm if any category flags it, so the budget is shared: all
+    thresholds start at 0.95 and, step by step, the one whose lowering gains the most
+    recall is lowered by 0.01, as long as the cross-validated false-alarm rate over all
+    categories stays within the budget (benign and edgy), never below MIN_THRESHOLD.
+    """
+    import numpy as np
+
+    benign = np.array([r["label"] == "benign" for r in rows])
+    edgy = np.array([r["label"] == "edgy" for r in rows])
+    positive = {c: np.array([r["label"] == c for r in rows]) for c in CATEGORIES}
+    thresholds = dict.fromkeys(CATEGORIES, 0.95)
+
+    def fits(trial: dict[str, float]) -> bool:
+        flagged = np.zeros(len(rows), dtype=bool)
+        for j, category in enumerate(CATEGORIES):
+            flagged |= scores[:, j] >= trial[category]
+        return (flagged[benign].mean() <= BUDGET_BENIGN
+                and flagged[edgy].mean() <= BUDGET_EDGY)
+
+    def recall(category: str, threshold: float) -> float:
+        j = CATEGORIES.index(category)
+        return float((scores[positive[category], j] >= threshold).mean())
+
+    while True:
+        best: tuple[float, str] | None = None
+        for category in CATEGORIES:
+            lower = round(thresholds[category] - 0.01, 2)
+            if lower * 100 < MIN_THRESHOLD or not fits({**thresholds, category: lower}):
+                continue
+            gain = recall(category, lower) - recall(category, thresholds[category])
+            if best is None or gain > best[0]:
+                best = (gain, category)
+        if best is None:
+            break
+        thresholds[best[1]] = round(thresholds[best[1]] - 0.01, 2)
+    mean = sum(recall(c, thresholds[c]) for c in CATEGORIES) / len(CATEGORIES)
+    return thresholds, mean
 
 
 def main() -> None:
@@ -167,7 +193,7 @@ def main() -> None:
     print(f"training samples: {len(rows)} (development set without near-copies of held-out "
           "messages or in-message floods)")
     best = None
-    for c in (1.0, 3.0, 10.0, 30.0):
+    for c in (3.0, 10.0, 30.0):
         thresholds, recall = choose_thresholds(rows, cross_scores(rows, c))
         print(f"C={c:<5} cross-validated mean recall {recall:.3f} at thresholds {thresholds}")
         if best is None or recall > best[0]:

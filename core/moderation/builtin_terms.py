@@ -74,5 +74,5 @@ ALLOWED = (
     "shitake", "shiitake", "rapeseed", "rapeseeds", "grape", "grapes", "drapes", "fickle",
     "cocktail", "idiotic", "retardant", "retardants", "retarded growth", "sextant", "sextet",
     "sexton", "suicide squad", "suicide prevention", "suicidal thoughts", "kill the process",
-    "shitterton", "arschbombe", "penistone", "fucking austria",
+    "shitterton", "arschbombe", "penistone", "fucking austria", "van dyke",
 )
