@@ -259,4 +259,4 @@ async def test_a_refused_token_is_a_config_error_at_start() -> None:
                     f"{settings.source}: adapters.discord.token: Discord refused the token")):
                 await adapter.start(engine)
             await adapter.stop()
-        assert discord.identified == 0
+        assert discord.gateway.identified == 0

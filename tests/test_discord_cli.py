@@ -38,7 +38,7 @@ async def test_parley_run_starts_and_answers_on_discord(tmp_path: Path) -> None:
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
         try:
-            await discord.wait_live(within=120)
+            await discord.gateway.wait_live(within=120)
             discord.post(w.dm, w.alice, "hello from a DM")
             discord.post(w.general, w.bob, f"<@{discord.bot_id}> hello from the guild")
             discord.post(w.general, w.bob, "not for the bot")

@@ -35,22 +35,47 @@ async def test_a_429_storm_and_forced_reconnects_lose_and_duplicate_nothing() ->
             assert discord.faults_left == 0  # every injected 429 was hit
 
             # op 7: the bot resumes; what was posted while it was away is replayed.
-            discord.reconnect()
+            discord.gateway.reconnect()
             post_round("away")
             await discord.wait_until(delivered, within=30)
 
+            # op 9, resumable: the bot resumes the same session.
+            discord.gateway.invalidate_session(resumable=True)
+            post_round("resumable")
+            await discord.wait_until(delivered, within=30)
+
             # op 9: a new session; the bot identifies again and keeps answering.
-            discord.invalidate_session()
+            discord.gateway.invalidate_session()
             await asyncio.sleep(0.05)
-            await discord.wait_live()
+            await discord.gateway.wait_live()
             discord.rate_limit(8, retry_after=0.02)
             post_round("after")
             await discord.wait_until(delivered, within=30)
-            assert discord.resumed >= 1 and discord.identified == 2
+            assert discord.gateway.resumed == 2 and discord.gateway.identified == 2
         for channel in channels:
             # Every message answered exactly once, in the order it was posted.
             assert contents(discord.sent(channel)) == expected[channel]
         assert sum(r.status == 429 for r in discord.requests) == 38
+
+
+async def test_discord_rate_limit_buckets_are_honoured_before_any_429() -> None:
+    limit, window = 3, 0.3
+    async with FakeDiscord(bucket=(limit, window)) as discord:
+        w = build_world(discord)
+        channels = [w.general, w.quiet]
+        async with running(discord, answer_in="always", streaming=False):
+            for n in range(8):
+                for channel in channels:
+                    discord.post(channel, w.alice, f"burst {n}")
+            await discord.wait_until(
+                lambda: all(len(discord.sent(c)) == 8 for c in channels), within=30)
+        for channel in channels:
+            assert contents(discord.sent(channel)) == [f"burst {n}" for n in range(8)]
+            posts = [r.at for r in discord.requests
+                     if r.method == "POST" and r.path.endswith(f"/channels/{channel}/messages")]
+            # discord.py waited for the window when the headers said none were left.
+            assert len(posts) == 8
+        assert not [r for r in discord.requests if r.status == 429]
 
 
 async def test_a_message_delivered_again_after_a_resume_is_answered_once() -> None:
@@ -62,14 +87,14 @@ async def test_a_message_delivered_again_after_a_resume_is_answered_once() -> No
             for n in range(3):
                 discord.post(w.dm, w.alice, f"message {n}")
             await discord.wait_until(lambda: len(discord.sent(w.dm)) == 3)
-            discord.redeliver_on_resume(3)  # Discord replays the last 3 events again
-            discord.reconnect()
+            discord.gateway.redeliver_on_resume(3)  # Discord replays the last 3 events again
+            discord.gateway.reconnect()
             await asyncio.sleep(0.05)
-            await discord.wait_live()
+            await discord.gateway.wait_live()
             discord.post(w.dm, w.alice, "message 3")
             await discord.wait_until(lambda: len(discord.sent(w.dm)) >= 4)
             await asyncio.sleep(0.3)  # time enough for a duplicate to show up
-            assert discord.resumed == 1 and discord.replayed == 3
+            assert discord.gateway.resumed == 1 and discord.gateway.replayed == 3
         assert contents(discord.sent(w.dm)) == [f"message {n}" for n in range(4)]
         # The adapter knew them: the engine was not even asked again.
         outcomes = {s.labels["outcome"]: s.value for m in engine.metrics.registry.collect()
@@ -81,17 +106,18 @@ async def test_malformed_gateway_events_are_ignored() -> None:
     async with FakeDiscord() as discord:
         w = build_world(discord)
         async with running(discord):
-            discord.send_raw("this is not json")
-            discord.send_raw("[1, 2, 3]")
-            discord.send_raw(json.dumps({"op": "zero"}))
-            discord.send_raw(json.dumps({"op": 0, "t": "MESSAGE_CREATE", "s": None, "d": "x"}))
+            discord.gateway.send_raw("this is not json")
+            discord.gateway.send_raw("[1, 2, 3]")
+            discord.gateway.send_raw(json.dumps({"op": "zero"}))
+            discord.gateway.send_raw(
+                json.dumps({"op": 0, "t": "MESSAGE_CREATE", "s": None, "d": "x"}))
             discord.dispatch("MESSAGE_CREATE", {"id": "not-a-snowflake", "content": 3})
             discord.dispatch("INTERACTION_CREATE", {"type": 2})
             discord.dispatch("GUILD_CREATE", {"name": "no id"})
             discord.dispatch("NO_SUCH_EVENT", {})
             discord.post(w.dm, w.alice, "still there?")
             await discord.wait_until(lambda: contents(discord.sent(w.dm)) == ["still there?"])
-        assert discord.connections == 1  # nothing made the bot reconnect
+        assert discord.gateway.connections == 1  # nothing made the bot reconnect
 
 
 async def test_a_reply_discord_refuses_is_logged_and_counted_and_the_bot_goes_on() -> None:
@@ -118,3 +144,14 @@ async def test_a_reply_discord_refuses_is_logged_and_counted_and_the_bot_goes_on
         refused = [r for r in discord.requests if r.status == 403]
         assert [r.body["content"] for r in refused] == [
             "the bot may not write here", "Sorry, I couldn't deliver my answer. Please try again."]
+
+
+async def test_a_failed_command_sync_does_not_keep_the_bot_from_answering() -> None:
+    async with FakeDiscord() as discord:
+        w = build_world(discord)
+        discord.fail(1, path="/commands", status=403)
+        async with running(discord):
+            discord.post(w.dm, w.alice, "commands or not")
+            await discord.wait_until(lambda: bool(discord.sent(w.dm)))
+        assert discord.commands == []
+        assert contents(discord.sent(w.dm)) == ["commands or not"]

@@ -94,8 +94,14 @@ class ParleyClient(discord.Client):
 
     async def setup_hook(self) -> None:
         """Sync the slash commands, once, after login and before the gateway connects."""
-        if self._sync:
+        if not self._sync:
+            return
+        try:
             synced = await self.tree.sync()
+        except discord.HTTPException as exc:
+            # Messages still work; commands can be synced on the next start.
+            log.warning("discord: could not sync slash commands: %s", exc)
+        else:
             log.info("discord: synced %d slash commands", len(synced))
 
     async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:

@@ -10,11 +10,12 @@ The test drives the fake's world (guilds, channels, threads, DMs, users) and its
         ...  # start the bot with api_base_url=discord.api_base_url,
              #                    gateway_url=discord.gateway_url, token=discord.token
         discord.post(channel, alice, f"<@{discord.bot_id}> hello")
-        sent = await discord.wait_for_messages(channel, 1)
+        await discord.wait_until(lambda: [m.content for m in discord.sent(channel)] == ["hello"])
+        discord.gateway.reconnect()  # op 7; the bot must resume
 
-The gateway speaks HELLO, IDENTIFY -> READY (+ GUILD_CREATE), RESUME -> missed events
-+ RESUMED, heartbeats, op 7 RECONNECT and op 9 INVALID SESSION. Events dispatched while
-the bot is away are replayed when it resumes, as Discord does. REST answers with
+The gateway (:class:`bots.testing.discord_gateway.FakeGateway`, ``discord.gateway``)
+speaks HELLO, IDENTIFY -> READY (+ GUILD_CREATE), RESUME -> missed events + RESUMED,
+heartbeats, op 7 RECONNECT and op 9 INVALID SESSION. REST answers with
 ``Content-Type: application/json`` exactly and marks 429s with a ``Via`` header, as
 discord.py expects of the real thing (without ``Via`` it takes a 429 for a Cloudflare ban).
 Message content over 2,000 characters is refused with a 400, as Discord does.
@@ -24,20 +25,30 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Self
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
-MAX_CONTENT = 2000
-_MENTION = re.compile(r"<@!?(\d+)>")
-_EVERYONE = re.compile(r"@(everyone|here)\b")
-_ROLE = re.compile(r"<@&(\d+)>")
+from bots.testing.discord_gateway import FakeGateway
+from bots.testing.discord_http import (
+    EVERYONE,
+    MAX_CONTENT,
+    MENTION,
+    ROLE,
+    Bucket,
+    Fault,
+    check_content,
+    json_response,
+    no_content,
+    now,
+    ok,
+    would_ping,
+)
+
+__all__ = ["MAX_CONTENT", "FakeDiscord", "FakeGateway", "Message", "Request", "would_ping"]
 
 Json = dict[str, Any]
 
@@ -70,44 +81,18 @@ class Message:
         return self.versions[1:]
 
 
-@dataclass(frozen=True)
-class _Fault:
-    """An injected error: a 429 (with Discord's headers) or another status."""
-
-    path: str
-    status: int
-    retry_after: float = 0.0
-    is_global: bool = False
-
-    def response(self) -> web.Response:
-        if self.status != 429:
-            return _json({"message": f"injected {self.status}", "code": 50013}, self.status)
-        response = _json({"message": "You are being rate limited.",
-                          "retry_after": self.retry_after, "global": self.is_global}, 429)
-        response.headers.update({
-            # Without Via, discord.py takes a 429 for a Cloudflare ban and gives up.
-            "Via": "1.1 google", "Retry-After": str(self.retry_after),
-            "X-RateLimit-Limit": "5", "X-RateLimit-Remaining": "0",
-            "X-RateLimit-Reset-After": str(self.retry_after),
-            "X-RateLimit-Bucket": "fake-bucket",
-            "X-RateLimit-Scope": "global" if self.is_global else "shared",
-        })
-        return response
-
-
-@dataclass
-class _Session:
-    id: str
-    events: list[Json] = field(default_factory=list)  # every dispatch, seq = index + 1
-    invalid: bool = False
-
-
 class FakeDiscord:
     """The far end of discord.py's wire; see the module docstring."""
 
-    def __init__(self, *, token: str = "fake-bot-token", heartbeat_interval: float = 30.0) -> None:
+    def __init__(
+        self, *, token: str = "fake-bot-token", heartbeat_interval: float = 30.0,
+        bucket: tuple[int, float] | None = None,
+    ) -> None:
         self.token = token
-        self.heartbeat_interval = heartbeat_interval
+        # (requests, seconds): each channel's message routes allow that many per window,
+        # announced in X-RateLimit-* headers as Discord does; more is a 429.
+        self.bucket = bucket
+        self._buckets: dict[str, Bucket] = {}
         self._ids = itertools.count(1_100_000_000_000_000_000)
         self.bot_id = self._id()
         self.application_id = self._id()
@@ -118,18 +103,11 @@ class FakeDiscord:
         self.messages: dict[int, Message] = {}
         self.requests: list[Request] = []
         self.commands: list[Json] = []
-        self.identified = 0  # IDENTIFYs accepted
-        self.resumed = 0  # RESUMEs accepted
-        self.replayed = 0  # events sent again on a resume although the bot had them
         self._interactions: dict[str, Json] = {}  # token -> interaction
-        self._session: _Session | None = None
-        self._outbox: asyncio.Queue[str] | None = None  # the live connection's
-        self.connections = 0  # gateway connections opened
-        self._live = asyncio.Event()  # a socket is identified or resumed
+        self.gateway = FakeGateway(token, self._greeting, heartbeat_interval=heartbeat_interval)
         self._changed = asyncio.Condition()
-        self._faults: list[_Fault] = []
+        self._faults: list[Fault] = []
         self._nonces: dict[tuple[int, str], int] = {}  # (channel, nonce) -> message id
-        self._redeliver = 0
         self._runner: web.AppRunner | None = None
         self._port = 0
 
@@ -138,7 +116,7 @@ class FakeDiscord:
     async def start(self) -> None:
         """Listen on 127.0.0.1, on a free port."""
         app = web.Application(middlewares=[self._rest_middleware])
-        app.router.add_get("/gateway", self._gateway)
+        app.router.add_get("/gateway", self.gateway.handle)
         self._add_routes(app.router)
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
@@ -221,7 +199,7 @@ class FakeDiscord:
                   "last_message_id": None, "rate_limit_per_user": 0, "message_count": 0,
                   "member_count": 1, "flags": 0,
                   "thread_metadata": {"archived": False, "auto_archive_duration": 1440,
-                                      "archive_timestamp": _now(), "locked": False}}
+                                      "archive_timestamp": now(), "locked": False}}
         self.channels[thread_id] = thread
         self.guilds[int(parent["guild_id"])]["threads"].append(thread)
         return thread_id
@@ -234,7 +212,7 @@ class FakeDiscord:
         return channel_id
 
     def _member(self, user_id: int) -> Json:
-        return {"user": self.users[user_id], "roles": [], "joined_at": _now(), "deaf": False,
+        return {"user": self.users[user_id], "roles": [], "joined_at": now(), "deaf": False,
                 "mute": False, "flags": 0}
 
     # -- what users do -----------------------------------------------------------------
@@ -284,114 +262,20 @@ class FakeDiscord:
 
     # -- the gateway, driven by the test -----------------------------------------------
 
+    # -- the gateway, driven by the test: see ``self.gateway`` ----------------------------
+
     def dispatch(self, event: str, data: Json) -> None:
-        """Send a DISPATCH event now, or keep it for the resume if the bot is away."""
-        if self._session is None:
-            raise RuntimeError("no gateway session yet: start the bot first")
-        frame = {"op": 0, "t": event, "s": len(self._session.events) + 1, "d": data}
-        self._session.events.append(frame)
-        if self._live.is_set() and self._outbox is not None:
-            self._outbox.put_nowait(json.dumps(frame))
+        """Send a gateway event (see :meth:`FakeGateway.dispatch`)."""
+        self.gateway.dispatch(event, data)
 
-    def send_raw(self, text: str) -> None:
-        """Send ``text`` as a gateway frame as it is (malformed-event tests)."""
-        if self._outbox is None:
-            raise RuntimeError("the bot is not connected")
-        self._outbox.put_nowait(text)
-
-    def reconnect(self) -> None:
-        """Op 7 RECONNECT: the bot must reconnect and resume."""
-        self._interrupt({"op": 7, "d": None})
-
-    def invalidate_session(self, *, resumable: bool = False) -> None:
-        """Op 9 INVALID SESSION: the bot must identify again (or resume, if ``resumable``)."""
-        if self._session is not None and not resumable:
-            self._session.invalid = True
-        self._interrupt({"op": 9, "d": resumable})
-
-    def redeliver_on_resume(self, count: int) -> None:
-        """On the next resume, replay the last ``count`` events the bot already had, too."""
-        self._redeliver = count
-
-    async def wait_live(self, within: float = 10.0) -> None:
-        """Wait until a bot is identified or resumed on the gateway."""
-        await asyncio.wait_for(self._live.wait(), within)
-
-    def _interrupt(self, frame: Json) -> None:
-        if self._outbox is None:
-            raise RuntimeError("the bot is not connected")
-        # Events from now on wait in the session log for the resume.
-        self._live.clear()
-        self._outbox.put_nowait(json.dumps(frame))
-
-    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
-        socket = web.WebSocketResponse()
-        await socket.prepare(request)
-        # One queue and one writer per connection keep frames in order.
-        outbox: asyncio.Queue[str] = asyncio.Queue()
-        writer = asyncio.create_task(_write(socket, outbox))
-        interval = int(self.heartbeat_interval * 1000)
-        outbox.put_nowait(json.dumps({"op": 10, "d": {"heartbeat_interval": interval}}))
-        self.connections += 1
-        try:
-            async for msg in socket:
-                if msg.type is not WSMsgType.TEXT:
-                    continue
-                frame = json.loads(msg.data)
-                op, data = frame.get("op"), frame.get("d")
-                if op == 1:
-                    outbox.put_nowait(json.dumps({"op": 11}))
-                elif op == 2:
-                    await self._identify(socket, outbox, data)
-                elif op == 6:
-                    self._resume(outbox, data)
-        finally:
-            writer.cancel()
-            if self._outbox is outbox:
-                self._outbox = None
-                self._live.clear()
-        return socket
-
-    async def _identify(
-        self, socket: web.WebSocketResponse, outbox: asyncio.Queue[str], data: Json
-    ) -> None:
-        if data.get("token") != self.token:
-            await socket.close(code=4004, message=b"Authentication failed.")
-            return
-        self.identified += 1
-        self._live.clear()
-        self._session = _Session(id=f"session-{self._id()}")
-        self._outbox = outbox
-        self.dispatch("READY", {
-            "v": 10, "user": self.bot, "session_id": self._session.id,
+    def _greeting(self, session_id: str) -> list[tuple[str, Json]]:
+        ready = {
+            "v": 10, "user": self.bot, "session_id": session_id,
             "resume_gateway_url": self.gateway_url, "shard": [0, 1],
             "guilds": [{"id": g["id"], "unavailable": True} for g in self.guilds.values()],
             "application": {"id": str(self.application_id), "flags": 0},
-        })
-        for guild in self.guilds.values():
-            self.dispatch("GUILD_CREATE", guild)
-        self._go_live(outbox, self._session.events)
-
-    def _resume(self, outbox: asyncio.Queue[str], data: Json) -> None:
-        session = self._session
-        if (session is None or session.invalid or data.get("token") != self.token
-                or data.get("session_id") != session.id):
-            outbox.put_nowait(json.dumps({"op": 9, "d": False}))
-            return
-        self.resumed += 1
-        self._live.clear()
-        self._outbox = outbox
-        seen = int(data.get("seq") or 0)
-        start = max(0, seen - self._redeliver)
-        self.replayed += seen - start
-        self._redeliver = 0
-        resumed = {"op": 0, "t": "RESUMED", "s": len(session.events), "d": {}}
-        self._go_live(outbox, [*session.events[start:], resumed])
-
-    def _go_live(self, outbox: asyncio.Queue[str], frames: list[Json]) -> None:
-        for frame in frames:
-            outbox.put_nowait(json.dumps(frame))
-        self._live.set()
+        }
+        return [("READY", ready), *(("GUILD_CREATE", g) for g in self.guilds.values())]
 
     # -- REST --------------------------------------------------------------------------
 
@@ -400,11 +284,11 @@ class FakeDiscord:
         is_global: bool = False,
     ) -> None:
         """Answer the next ``count`` requests whose path contains ``path`` with a 429."""
-        self._faults += [_Fault(path, 429, retry_after, is_global)] * count
+        self._faults += [Fault(path, 429, retry_after, is_global)] * count
 
     def fail(self, count: int, *, path: str, status: int = 403) -> None:
         """Answer the next ``count`` requests whose path contains ``path`` with ``status``."""
-        self._faults += [_Fault(path, status)] * count
+        self._faults += [Fault(path, status)] * count
 
     @property
     def faults_left(self) -> int:
@@ -423,17 +307,34 @@ class FakeDiscord:
         # Interaction responses are authorised by the token in their path, not the bot's.
         by_token = request.path.startswith(("/api/v10/interactions/", "/api/v10/webhooks/"))
         if not by_token and request.headers.get("Authorization") != f"Bot {self.token}":
-            response = _json({"message": "401: Unauthorized", "code": 0}, 401)
+            response = json_response({"message": "401: Unauthorized", "code": 0}, 401)
         elif (fault := self._take_fault(request.path)) is not None:
             response = fault.response()
+        elif (bucket := self._bucket_of(request)) is not None and not bucket.take():
+            response = Fault(request.path, 429, bucket.reset_after()).response()
+            response.headers.update(bucket.headers())
         else:
             response = await handler(request)
+            if bucket is not None:
+                response.headers.update(bucket.headers())
         record.status = response.status
         async with self._changed:
             self._changed.notify_all()
         return response
 
-    def _take_fault(self, path: str) -> _Fault | None:
+    def _bucket_of(self, request: web.Request) -> Bucket | None:
+        if self.bucket is None or "/channels/" not in request.path:
+            return None
+        # One bucket per method, route and channel (Discord's "major parameter").
+        parts = request.path.split("/")
+        route = "/".join(p if not p.isdigit() or i == 4 else "{id}" for i, p in enumerate(parts))
+        key = f"{request.method} {route}"
+        if key not in self._buckets:
+            limit, window = self.bucket
+            self._buckets[key] = Bucket(f"bucket-{len(self._buckets)}", limit, window)
+        return self._buckets[key]
+
+    def _take_fault(self, path: str) -> Fault | None:
         for i, fault in enumerate(self._faults):
             if fault.path in path:
                 del self._faults[i]
@@ -457,17 +358,17 @@ class FakeDiscord:
         router.add_post(f"{api}/webhooks/{{app}}/{{token}}", self._followup)
 
     async def _me(self, request: web.Request) -> web.Response:
-        return _ok(self.bot)
+        return ok(self.bot)
 
     async def _gateway_info(self, request: web.Request) -> web.Response:
-        return _ok({"url": self.gateway_url, "shards": 1, "session_start_limit": {
+        return ok({"url": self.gateway_url, "shards": 1, "session_start_limit": {
             "total": 1000, "remaining": 1000, "reset_after": 0, "max_concurrency": 1}})
 
     async def _typing(self, request: web.Request) -> web.Response:
-        return _no_content()
+        return no_content()
 
     async def _application(self, request: web.Request) -> web.Response:
-        return _ok({"id": str(self.application_id), "name": "parley", "description": "",
+        return ok({"id": str(self.application_id), "name": "parley", "description": "",
                     "icon": None, "bot_public": True, "bot_require_code_grant": False,
                     "owner": self.users[self.bot_id], "verify_key": "0" * 64, "flags": 0,
                     "summary": "", "team": None})
@@ -478,50 +379,50 @@ class FakeDiscord:
                           "version": "1", "type": 1, "options": [], "default_member_permissions":
                           None, "dm_permission": True, "nsfw": False, **command}
                          for command in body]
-        return _ok(self.commands)
+        return ok(self.commands)
 
     async def _create_message(self, request: web.Request) -> web.Response:
         channel_id = int(request.match_info["channel"])
         if channel_id not in self.channels:
-            return _json({"message": "Unknown Channel", "code": 10003}, 404)
+            return json_response({"message": "Unknown Channel", "code": 10003}, 404)
         body = await request.json()
-        problem = _check_content(body)
+        problem = check_content(body)
         if problem:
-            return _json({"message": problem, "code": 50035}, 400)
+            return json_response({"message": problem, "code": 50035}, 400)
         nonce = body.get("nonce")
         if body.get("enforce_nonce") and (channel_id, nonce) in self._nonces:
             # Discord creates a message once per nonce (within a few minutes).
             existing = self.messages.get(self._nonces[channel_id, nonce])
             if existing is not None:
-                return _ok(self._message_payload(existing))
+                return ok(self._message_payload(existing))
         reference = (body.get("message_reference") or {}).get("message_id")
         message = self._store(channel_id, self.bot_id, body.get("content") or "", body,
                               reply_to=int(reference) if reference else None)
         if body.get("enforce_nonce") and nonce:
             self._nonces[channel_id, nonce] = message.id
-        return _ok(self._message_payload(message))
+        return ok(self._message_payload(message))
 
     async def _edit_message(self, request: web.Request) -> web.Response:
         message = self.messages.get(int(request.match_info["message"]))
         if message is None:
-            return _json({"message": "Unknown Message", "code": 10008}, 404)
+            return json_response({"message": "Unknown Message", "code": 10008}, 404)
         body = await request.json()
-        problem = _check_content(body)
+        problem = check_content(body)
         if problem:
-            return _json({"message": problem, "code": 50035}, 400)
+            return json_response({"message": problem, "code": 50035}, 400)
         if "content" in body:
             message.content = body["content"] or ""
         message.versions.append((time.monotonic(), message.content, body))
-        return _ok(self._message_payload(message))
+        return ok(self._message_payload(message))
 
     async def _delete(self, request: web.Request) -> web.Response:
         self.messages.pop(int(request.match_info["message"]), None)
-        return _no_content()
+        return no_content()
 
     async def _callback(self, request: web.Request) -> web.Response:
         entry = self._interactions.get(request.match_info["token"])
         if entry is None:
-            return _json({"message": "Unknown interaction", "code": 10062}, 404)
+            return json_response({"message": "Unknown interaction", "code": 10062}, 404)
         body = await request.json()
         kind = body.get("type")
         resource: Json = {"type": kind}
@@ -532,7 +433,7 @@ class FakeDiscord:
             entry["messages"].append(message)
             resource["message"] = self._message_payload(message)
         interaction = entry["interaction"]
-        return _ok({"interaction": {"id": interaction["id"], "type": 2,
+        return ok({"interaction": {"id": interaction["id"], "type": 2,
                                     "response_message_loading": kind == 5,
                                     "response_message_ephemeral": False},
                     "resource": resource})
@@ -540,21 +441,21 @@ class FakeDiscord:
     async def _edit_original(self, request: web.Request) -> web.Response:
         entry = self._interactions.get(request.match_info["token"])
         if entry is None or not entry["messages"]:
-            return _json({"message": "Unknown Webhook", "code": 10015}, 404)
+            return json_response({"message": "Unknown Webhook", "code": 10015}, 404)
         request.match_info["message"] = str(entry["messages"][0].id)
         return await self._edit_message(request)
 
     async def _followup(self, request: web.Request) -> web.Response:
         entry = self._interactions.get(request.match_info["token"])
         if entry is None:
-            return _json({"message": "Unknown Webhook", "code": 10015}, 404)
+            return json_response({"message": "Unknown Webhook", "code": 10015}, 404)
         body = await request.json()
-        problem = _check_content(body)
+        problem = check_content(body)
         if problem:
-            return _json({"message": problem, "code": 50035}, 400)
+            return json_response({"message": problem, "code": 50035}, 400)
         message = self._store(entry["channel_id"], self.bot_id, body.get("content") or "", body)
         entry["messages"].append(message)
-        return _ok(self._message_payload(message))
+        return ok(self._message_payload(message))
 
     # -- messages ----------------------------------------------------------------------
 
@@ -571,14 +472,14 @@ class FakeDiscord:
 
     def _message_payload(self, message: Message) -> Json:
         channel = self.channels[message.channel_id]
-        mentions = [self.users[int(i)] for i in _MENTION.findall(message.content)
+        mentions = [self.users[int(i)] for i in MENTION.findall(message.content)
                     if int(i) in self.users]
         payload: Json = {
             "id": str(message.id), "channel_id": str(message.channel_id), "type": 0,
             "author": self.users[message.author_id], "content": message.content,
-            "timestamp": _now(), "edited_timestamp": _now() if message.edits else None,
-            "tts": False, "mention_everyone": bool(_EVERYONE.search(message.content)),
-            "mentions": mentions, "mention_roles": _ROLE.findall(message.content),
+            "timestamp": now(), "edited_timestamp": now() if message.edits else None,
+            "tts": False, "mention_everyone": bool(EVERYONE.search(message.content)),
+            "mentions": mentions, "mention_roles": ROLE.findall(message.content),
             "attachments": [], "embeds": [], "pinned": False, "flags": 0, "components": [],
         }
         if "guild_id" in channel:
@@ -607,52 +508,3 @@ class FakeDiscord:
         """Wait until ``check()`` holds after some REST call; TimeoutError if it does not."""
         async with asyncio.timeout(within), self._changed:
             await self._changed.wait_for(check)
-
-
-def would_ping(payload: Mapping[str, Any]) -> bool:
-    """Whether Discord would notify anyone for a message sent with this request body.
-
-    Without ``allowed_mentions`` Discord parses every mention in the content.
-    """
-    content = str(payload.get("content") or "")
-    if not (_EVERYONE.search(content) or _MENTION.search(content) or _ROLE.search(content)):
-        return False
-    allowed = payload.get("allowed_mentions")
-    if allowed is None:
-        return True
-    return bool(allowed.get("parse") or allowed.get("users") or allowed.get("roles")
-                or allowed.get("replied_user"))
-
-
-def _check_content(body: Mapping[str, Any]) -> str | None:
-    content = body.get("content")
-    if content is not None and len(content) > MAX_CONTENT:
-        return f"Invalid Form Body: content: Must be {MAX_CONTENT} or fewer in length."
-    return None
-
-
-async def _write(socket: web.WebSocketResponse, outbox: asyncio.Queue[str]) -> None:
-    while not socket.closed:
-        text = await outbox.get()
-        try:
-            await socket.send_str(text)
-        except ConnectionError:
-            return  # the session log keeps what was lost, for the resume
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat()
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    # discord.py decodes a body as JSON only if Content-Type is exactly this (no charset).
-    return web.Response(body=json.dumps(data).encode(), status=status,
-                        headers={"Content-Type": "application/json"})
-
-
-def _ok(data: Any) -> web.Response:
-    return _json(data)
-
-
-def _no_content() -> web.Response:
-    return web.Response(status=204)
