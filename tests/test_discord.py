@@ -8,7 +8,7 @@ import re
 import pytest
 import regex
 
-from bots.discord.adapter import DiscordAdapter
+from bots.discord.adapter import DiscordAdapter, DiscordUnavailable
 from bots.testing.discord import MAX_CONTENT, FakeDiscord, would_ping
 from core.app import build_engine
 from core.errors import ConfigError
@@ -257,6 +257,19 @@ async def test_a_refused_token_is_a_config_error_at_start() -> None:
         async with engine:
             with pytest.raises(ConfigError, match=re.escape(
                     f"{settings.source}: adapters.discord.token: Discord refused the token")):
+                await adapter.start(engine)
+            await adapter.stop()
+        assert discord.gateway.identified == 0
+
+
+async def test_a_gateway_that_refuses_the_bot_fails_the_start_clearly() -> None:
+    async with FakeDiscord() as discord:
+        discord.gateway.token = "another-token"  # REST takes the token, the gateway not
+        settings = make_settings()
+        engine = build_engine(settings)
+        adapter = DiscordAdapter(settings, section(discord))
+        async with engine:
+            with pytest.raises(DiscordUnavailable, match="gateway connection failed"):
                 await adapter.start(engine)
             await adapter.stop()
         assert discord.gateway.identified == 0

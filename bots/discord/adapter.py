@@ -125,6 +125,8 @@ class DiscordAdapter:
         finally:
             ready.cancel()
         if not client.is_ready():
+            if self._gateway.done():
+                raise DiscordUnavailable("Discord: the gateway connection failed (see the log)")
             raise DiscordUnavailable(
                 f"Discord: the gateway did not become ready within {self.config.ready_timeout} s"
             )
