@@ -22,7 +22,7 @@ def bot_file(tmp_path: Path, discord: FakeDiscord) -> Path:
         '[memory]\nbackend = "embedded"\n'
         '[adapters.discord]\ntoken = "${DISCORD_TOKEN}"\n'
         f'api_base_url = "{discord.api_base_url}"\ngateway_url = "{discord.gateway_url}"\n'
-        "guild_ready_timeout = 0.1\nedit_interval = 0.1\n",
+        "guild_ready_timeout = 0.1\nedit_interval = 0.1\nreidentify_delay = 0.1\n",
         encoding="utf-8",
     )
     return path
@@ -53,6 +53,27 @@ async def test_parley_run_starts_and_answers_on_discord(tmp_path: Path) -> None:
         assert b"Traceback" not in stderr, stderr.decode()
         assert contents(discord.sent(w.dm)) == ["hello from a DM"]
         assert contents(discord.sent(w.general)) == ["hello from the guild"]
+
+
+async def test_parley_run_exits_with_an_error_when_discord_drops_the_bot(tmp_path: Path) -> None:
+    async with FakeDiscord(token="e2e-token") as discord:
+        build_world(discord)
+        env = {**os.environ, "DISCORD_TOKEN": discord.token, "HF_HUB_OFFLINE": "1"}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "core.cli", "run", str(bot_file(tmp_path, discord)),
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        try:
+            await discord.gateway.wait_live(within=120)
+            discord.gateway.token = "revoked"  # identifying again is refused (4004)
+            discord.gateway.invalidate_session()
+            _, stderr = await asyncio.wait_for(proc.communicate(), 60)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert proc.returncode == 1, stderr.decode()
+        assert b"adapter DiscordAdapter failed" in stderr, stderr.decode()
 
 
 def test_check_accepts_the_example_discord_bot() -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
+from bots.discord.adapter import DiscordUnavailable
 from bots.testing.discord import FakeDiscord
 from core.app import build_engine
 from tests.discord_support import build_world, contents, make_settings, running
@@ -155,3 +158,15 @@ async def test_a_failed_command_sync_does_not_keep_the_bot_from_answering() -> N
             await discord.wait_until(lambda: bool(discord.sent(w.dm)))
         assert discord.commands == []
         assert contents(discord.sent(w.dm)) == ["commands or not"]
+
+
+async def test_a_gateway_lost_for_good_ends_the_adapter_with_an_error() -> None:
+    async with FakeDiscord() as discord:
+        w = build_world(discord)
+        async with running(discord, reidentify_delay=0.0) as adapter:
+            discord.post(w.dm, w.alice, "before")
+            await discord.wait_until(lambda: bool(discord.sent(w.dm)))
+            discord.gateway.token = "revoked"  # the next IDENTIFY is refused (4004)
+            discord.gateway.invalidate_session()
+            with pytest.raises(DiscordUnavailable, match="gateway connection ended"):
+                await asyncio.wait_for(adapter.wait(), 10)

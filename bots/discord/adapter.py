@@ -65,6 +65,7 @@ class DiscordAdapter:
         self._gateway: asyncio.Task[None] | None = None
         self._endpoints = contextlib.ExitStack()
         self._stopped = asyncio.Event()
+        self._failure: BaseException | None = None  # what ended the gateway, if not stop()
         self._lanes = _Lanes()
         self._recent = _RecentIds(self.config.recent_messages)
         self._replying: set[asyncio.Task[Any]] = set()
@@ -74,6 +75,7 @@ class DiscordAdapter:
         if self.client is not None:
             return
         self._stopped.clear()
+        self._failure = None
         self._engine = engine
         self._endpoints.enter_context(api_base(self.config.api_base_url,
                                                source=self.settings.source))
@@ -106,8 +108,11 @@ class DiscordAdapter:
             self._stopped.set()
 
     async def wait(self) -> None:
-        """Return when stopped, or when the gateway connection ended for good."""
+        """Return when stopped; raise if the gateway connection ended for good by itself
+        (a refused token or intents, after discord.py's reconnects gave up)."""
         await self._stopped.wait()
+        if self._failure is not None:
+            raise DiscordUnavailable("Discord: the gateway connection ended") from self._failure
 
     async def _connect(self, client: ParleyClient) -> None:
         src = self.settings.source
@@ -134,8 +139,9 @@ class DiscordAdapter:
     async def _run_gateway(self, client: ParleyClient) -> None:
         try:
             await client.connect(reconnect=True)
-        except Exception:
-            log.exception("discord: the gateway connection ended")
+        except Exception as exc:
+            log.warning("discord: the gateway connection ended: %r", exc)
+            self._failure = exc
         finally:
             self._stopped.set()
 
