@@ -5,20 +5,23 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from aiohttp import web
 
 from core import commands
 from core.config import BotSettings
-from core.engine import Engine
+from core.engine import Engine, plugin_failure_counter
 from core.errors import ConfigError, ParleyError
 from core.generation.base import generator_backends
 from core.lifecycle import stop_signals
 from core.memory.base import memory_backends
 from core.metrics import Metrics
 from core.moderation.base import moderators
-from core.plugins import PluginRegistry, load_plugins
+from core.plugin_loader import load_plugins
+from core.plugin_store import bucket_stores
+from core.plugins import PluginRegistry, PluginServices
 from core.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -74,17 +77,28 @@ def build_engine(settings: BotSettings, *, metrics: Metrics | None = None) -> En
         settings.generation.backend, where=f"{src}: generation.backend"
     )
     moderator = moderators().get(settings.moderation.backend, where=f"{src}: moderation.backend")
-    plugins = PluginRegistry()
+    store = bucket_stores().get(settings.memory.backend, where=f"{src}: memory.backend")
+    metrics = metrics or Metrics()
+    parts = (memory(settings), generator(settings), moderator(settings))
+    services = PluginServices(
+        bot=settings.bot.name, store=store(settings), memory=parts[0], generator=parts[1],
+        moderator=parts[2], base_dir=_base_dir(src), conversation_ttl=settings.memory.ttl,
+        admins=settings.plugins.admins,
+    )
+    plugins = PluginRegistry(services, context_tokens=settings.plugins.context_tokens,
+                             on_failure=plugin_failure_counter(metrics, settings.bot.name))
     commands.setup(plugins)
-    load_plugins(plugins, settings.plugins.modules, settings.plugins.disable, source=src)
+    load_plugins(plugins, settings.plugins, source=src)
     return Engine(
-        settings,
-        memory=memory(settings),
-        generator=generator(settings),
-        moderator=moderator(settings),
-        plugins=plugins,
+        settings, memory=parts[0], generator=parts[1], moderator=parts[2], plugins=plugins,
         metrics=metrics,
     )
+
+
+def _base_dir(source: str) -> Path:
+    """The folder of the bot's file: plugin and data paths are relative to it."""
+    path = Path(source)
+    return path.parent.resolve() if path.is_file() else Path.cwd()
 
 
 def build_adapters(settings: BotSettings, names: Sequence[str] | None = None) -> list[Adapter]:

@@ -8,8 +8,11 @@ from core.plugins import CommandContext, PluginRegistry
 async def help_command(ctx: CommandContext) -> str:
     """List the commands this bot understands."""
     lines = ["Commands:"]
-    lines += [f"/{cmd.name} - {cmd.help}" if cmd.help else f"/{cmd.name}"
-              for cmd in ctx.registry.commands]
+    for cmd in ctx.registry.commands:
+        if cmd.admin and not ctx.admin:
+            continue  # admins' commands are listed to admins only
+        head = f"/{cmd.name} {cmd.usage}".rstrip()
+        lines.append(f"{head} - {cmd.help}" if cmd.help else head)
     return "\n".join(lines)
 
 

@@ -265,13 +265,36 @@ class ModerationSection(ModerationPolicy):
 
 
 class PluginsSection(Section):
-    """``[plugins]``: extra plugins by module path, plus entry-point plugins to skip."""
+    """``[plugins]``: which plugins, who may use admin commands, and each plugin's table.
+
+    ``modules`` are dotted module paths or paths relative to the bot's file; entry-point
+    plugins (``parley.plugins``) load unless named in ``disable``. ``admins`` lists the
+    admin user ids per channel. Every other key is a plugin's own table,
+    ``[plugins.NAME]``, validated by that plugin (see ``core.plugin_loader``).
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
 
     modules: list[str] = []
     disable: list[str] = []
+    admins: dict[str, list[str]] = {}
+    context_tokens: int = Field(default=512, ge=0, le=100_000)  # plugin context, at most
     # How long one call into a plugin (a command, pre-hook or context provider) may take
     # before the user gets an apology instead.
     timeout: float = Field(default=10.0, gt=0.0, le=600.0)
+
+    @model_validator(mode="after")
+    def _tables_are_tables(self) -> PluginsSection:
+        for name, value in (self.model_extra or {}).items():
+            if not isinstance(value, dict):
+                raise ValueError(f"plugins.{name} must be a table ([plugins.{name}]), "
+                                 f"got {type(value).__name__}")
+        return self
+
+    @property
+    def tables(self) -> dict[str, dict[str, Any]]:
+        """The plugins' own tables, by plugin name."""
+        return dict(self.model_extra or {})
 
 
 class BotSettings(Section):

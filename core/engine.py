@@ -16,13 +16,11 @@ plugin become a short apology to the user, a log line and a counter.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TypeVar
 
 from core.config import BotSettings
 from core.errors import (
@@ -30,7 +28,6 @@ from core.errors import (
     GeneratorBusy,
     InvalidMessage,
     MemoryUnavailable,
-    ParleyError,
 )
 from core.generation.base import (
     ChatMessage,
@@ -44,15 +41,14 @@ from core.lifecycle import Service, ServiceBase
 from core.memory.base import MemorySnapshot, MemoryStore, StoredReply
 from core.metrics import Metrics
 from core.moderation.base import Action, Moderator, ReplyWithheld, Verdict
-from core.plugins import CommandContext, PluginRegistry
+from core.plugin_runner import Before, PluginFailed, PluginRunner
+from core.plugins import AddContext, PluginRegistry
 from core.streams import closing
 from core.types import IncomingMessage, ReplyEvent, ReplyKind, Turn
 from core.validation import clean_text
 
 log = logging.getLogger(__name__)
 
-_A = TypeVar("_A")
-_R = TypeVar("_R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,13 +65,6 @@ class Apologies:
     plugin: str = "Sorry, something went wrong on my side. Please try again."
     slow_down: str = "You're sending messages faster than I can answer. Please slow down."
 
-
-class PluginFailed(ParleyError):
-    """A plugin's command, pre-hook or context provider raised or ran out of time."""
-
-    def __init__(self, plugin: str, what: str) -> None:
-        super().__init__(f"plugin {plugin}: {what} failed")
-        self.plugin = plugin
 
 
 class Engine(ServiceBase):
@@ -105,6 +94,7 @@ class Engine(ServiceBase):
         self.apologies = apologies or Apologies()
         self.lanes = Lanes(max_queued=settings.bot.max_queued,
                            max_in_flight=settings.bot.max_in_flight_per_user)
+        self.runner = PluginRunner(plugins, memory, timeout=settings.plugins.timeout)
 
     @property
     def name(self) -> str:
@@ -116,8 +106,15 @@ class Engine(ServiceBase):
         if isinstance(self.moderator, Service):
             await self.moderator.start()
         await self.generator.start()
+        await self.plugins.start()
 
     async def _stop(self) -> None:
+        try:
+            await self.plugins.stop()
+        finally:
+            await self._stop_parts()
+
+    async def _stop_parts(self) -> None:
         try:
             await self.generator.stop()
         finally:
@@ -186,12 +183,12 @@ class Engine(ServiceBase):
                 yield refused
                 return
             message = replace(message, text=verdict.text)
-            direct = await self._dispatch_plugins(message, verdict, claim)
-            if direct is not None:
-                yield direct
+            before = await self.runner.before(message)
+            if before.reply is not None or before.silent:
+                yield await self._answer_before(message, verdict, before, claim)
                 return
             yield ReplyEvent(ReplyKind.TYPING, action=verdict.action)
-            request = await self.build_request(message, begun.snapshot)
+            request = await self.build_request(message, begun.snapshot, before.contexts)
             async with closing(self._reply(message, verdict, request, claim)) as events:
                 async for event in events:
                     yield event
@@ -253,58 +250,57 @@ class Engine(ServiceBase):
             notice = f"\n\n{verdict.reply}"
         final = ReplyEvent(ReplyKind.FINAL, reply + notice, action=verdict.action)
         await self._finish(message, claim, final, reply)
+        self.runner.after(message, reply)
         if notice:
             yield ReplyEvent(ReplyKind.DELTA, notice, action=verdict.action)
         yield final
 
-    async def _dispatch_plugins(
-        self, message: IncomingMessage, verdict: Verdict, claim: Claim
-    ) -> ReplyEvent | None:
-        """A command's or pre-hook's answer, if one answers the message (and is stored)."""
-        matched = self.plugins.match_command(message.text)
-        if matched is not None:
-            command, args = matched
-            ctx = CommandContext(message, args, self.memory, self.plugins)
-            text = await self._plugin(command.handler, f"command /{command.name}", ctx)
-            answer = ReplyEvent(ReplyKind.NOTICE, text, action=verdict.action, code="command")
-            await self._finish(message, claim, answer)
-            return answer
-        for hook in self.plugins.pre_hooks:
-            said = await self._plugin(hook, "pre-hook", message)
-            if said is not None:
-                answer = ReplyEvent(ReplyKind.FINAL, said, action=verdict.action)
-                await self._finish(message, claim, answer, said)
-                return answer
-        return None
-
-    async def _plugin(self, call: Callable[[_A], Awaitable[_R]], what: str, arg: _A) -> _R:
-        """``call(arg)`` under the plugin timeout; a failure becomes :class:`PluginFailed`
-        after a log line naming the plugin and a count."""
-        try:
-            async with asyncio.timeout(self.settings.plugins.timeout):
-                return await call(arg)
-        except Exception as exc:
-            plugin = self.plugins.plugin_of(call)
-            # The exception's type, not its text: it may quote the user's message.
-            log.error("bot %s: plugin %s: %s failed (%s)", self.name, plugin, what,
-                      "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__,
-                      exc_info=not isinstance(exc, TimeoutError))
-            self.metrics.plugin_failures.labels(self.name, plugin).inc()
-            raise PluginFailed(plugin, what) from exc
+    async def _answer_before(
+        self, message: IncomingMessage, verdict: Verdict, before: Before, claim: Claim
+    ) -> ReplyEvent:
+        """The answer of a command or pre-hook, or silence (no turns stored); the event
+        is recorded as the message's answer either way, so a redelivery gets it again."""
+        if before.silent:
+            event = ReplyEvent(ReplyKind.NOTICE, action=verdict.action,
+                               code=before.code or "silent")
+            await self._finish(message, claim, event)
+            return event
+        reply = before.reply
+        assert reply is not None
+        if before.kind == "notice":
+            event = ReplyEvent(ReplyKind.NOTICE, reply.text, action=verdict.action,
+                               code=before.code, metadata=reply.metadata)
+            await self._finish(message, claim, event)
+            return event
+        event = ReplyEvent(ReplyKind.FINAL, reply.text, action=verdict.action,
+                           metadata=reply.metadata)
+        await self._finish(message, claim, event, reply.text if reply.store else None)
+        if reply.store:
+            self.runner.after(message, reply.text)
+        return event
 
     async def build_request(
-        self, message: IncomingMessage, snapshot: MemorySnapshot
+        self, message: IncomingMessage, snapshot: MemorySnapshot,
+        found: Sequence[AddContext] = (),
     ) -> GenerationRequest:
-        """The chat the generator continues: persona and context, history, the message."""
+        """The chat the generator continues: persona and context, history, the message.
+
+        Plugin context meant as instructions joins the system message; context in the
+        user's own words (their custom instructions) comes first in the history as a
+        user turn, so that it is never taken for system text. ``found`` is what the
+        pre-hooks added; the context providers' text follows it, all within the budget.
+        """
+        contexts = await self.runner.contexts(message, found)
         system = [self.settings.bot.persona]
-        for provider in self.plugins.context_providers:
-            extra = await self._plugin(provider, "context provider", message)
-            if extra:
-                system.append(extra)
+        system += [c.text for c in contexts if c.role == "system"]
         if snapshot.facts:
             facts = "; ".join(f"{k}: {v}" for k, v in sorted(snapshot.facts.items()))
             system.append(f"What you know about this user: {facts}")
         messages = [ChatMessage("system", "\n\n".join(system))]
+        for context in contexts:
+            if context.role == "user":
+                messages += [ChatMessage("user", context.text),
+                             ChatMessage("assistant", "Understood.")]
         messages += [ChatMessage(t.role, t.text) for t in snapshot.turns if t.role != "system"]
         messages.append(ChatMessage("user", message.text))
         gen = self.settings.generation
@@ -400,3 +396,12 @@ async def collect(events: AsyncIterator[ReplyEvent]) -> ReplyEvent:
         async for event in stream:
             last = event
     return last
+
+
+def plugin_failure_counter(metrics: Metrics, bot: str) -> Callable[[str, str, BaseException], None]:
+    """What a plugin registry calls on a plugin's failure: count it for ``bot``."""
+
+    def count(plugin: str, what: str, exc: BaseException) -> None:
+        metrics.plugin_failures.labels(bot, plugin).inc()
+
+    return count

@@ -25,8 +25,14 @@ class Metrics:
         )
         self.plugin_failures = Counter(
             "parley_plugin_failures_total",
-            "Plugin calls (commands, pre-hooks, context providers) that raised or timed out.",
+            "Plugin commands, hooks, providers and tasks that raised or timed out, by plugin.",
             ["bot", "plugin"],
+            registry=self.registry,
+        )
+        self.faq = Counter(
+            "parley_faq_answers_total",
+            "FAQ plugin outcomes (direct, context, abstain), by the entry that answered.",
+            ["bot", "outcome", "entry"],
             registry=self.registry,
         )
         self.moderation = Counter(

@@ -1,47 +1,116 @@
-"""The plugin API: commands, pre-hooks and context providers, and how plugins are loaded.
+"""The plugin API: what a plugin can add to a bot, and the services it is handed.
 
-A plugin is a module with ``setup(registry: PluginRegistry) -> None``. Importing it
-must register nothing; Parley calls ``setup`` for the modules named in the bot's
-``[plugins] modules`` and for every ``parley.plugins`` entry point not disabled there.
+A plugin is a module (or a ``parley.plugins`` entry point) with
+``setup(registry: Plugin, config) -> None``; importing it registers nothing. ``config``
+is its ``[plugins.NAME]`` table validated by the pydantic model the module exposes as
+``Config`` (None without one). Through the :class:`Plugin` handle it adds:
 
-Plugins are contained: the engine calls each command, pre-hook and context provider
-under ``[plugins] timeout``; a failure is logged and counted with the plugin's name
-(:meth:`PluginRegistry.plugin_of`) and the user gets a short apology.
+- commands (``/name args``), with help, usage and an admin-only flag;
+- pre-hooks, run on each message before the model: answer it (:class:`Reply`), add
+  context for the model (:class:`AddContext`), or stay silent and store nothing
+  (:data:`SILENT`);
+- post-hooks, run in the background after a reply is stored;
+- context providers, whose text goes into the prompt within a token budget;
+- its own start/stop code and background tasks, and services: storage, outbound
+  ``send``, pause/resume per conversation, linked accounts, forgetting a user.
+
+Plugins are contained: a failure is logged and counted with the plugin's name and the
+user gets a short apology (see the engine). Loading is in :mod:`core.plugin_loader`.
 """
 
 from __future__ import annotations
 
-import importlib
+import asyncio
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from importlib.metadata import entry_points
-from typing import TYPE_CHECKING
+import shlex
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Generic, Literal, TypeVar
 
-from core.errors import ConfigError
-from core.types import IncomingMessage
+from core.errors import ParleyError
+from core.lifecycle import ServiceBase
+from core.memory.base import UserRef
+from core.plugin_services import (
+    Accounts,
+    Bucket,
+    Outbox,
+    Pauses,
+    Storage,
+    default_store,
+)
+from core.plugin_store import BucketStore
+from core.types import ConversationKey, IncomingMessage
 
 if TYPE_CHECKING:
+    from core.generation.base import Generator
     from core.memory.base import MemoryStore
+    from core.moderation.base import Moderator
 
 log = logging.getLogger(__name__)
+
+APP = "app"  # the owner of what is registered on the registry itself, not via a plugin
+
+
+class CommandError(ParleyError):
+    """Raised by a command handler: its message is shown to the user (e.g. the usage)."""
 
 
 @dataclass(frozen=True, slots=True)
 class CommandContext:
-    """What a command handler gets: the message, the text after the command, the memory."""
+    """What a command handler gets: the message, its arguments, the bot's services."""
 
     message: IncomingMessage
     args: str
     memory: MemoryStore
     registry: PluginRegistry
+    argv: tuple[str, ...] = ()  # ``args`` split like a shell would (quotes group words)
+    admin: bool = False  # whether the sender is an admin of this channel
 
+    @property
+    def key(self) -> ConversationKey:
+        """The conversation the command was sent in."""
+        return self.message.key
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A pre-hook's answer. ``store=False`` answers without remembering the exchange;
+    ``metadata`` travels on the reply event (e.g. which FAQ entry answered)."""
+
+    text: str
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    store: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class AddContext:
+    """Text for the model's prompt: as instructions (``system``) or as the user's own
+    words (``user``, placed before the history, never as system text)."""
+
+    text: str
+    role: Literal["system", "user"] = "system"
+
+
+class Silence:
+    """A pre-hook's "say nothing": no reply, nothing stored. Use :data:`SILENT`."""
+
+    def __repr__(self) -> str:
+        return "SILENT"
+
+
+SILENT = Silence()
 
 CommandHandler = Callable[[CommandContext], Awaitable[str]]
-PreHook = Callable[[IncomingMessage], Awaitable[str | None]]
-ContextProvider = Callable[[IncomingMessage], Awaitable[str | None]]
+PreHookResult = Reply | AddContext | Silence | str | None
+PreHook = Callable[[IncomingMessage], Awaitable[PreHookResult]]
+PostHook = Callable[[IncomingMessage, str], Awaitable[None]]
+ContextProvider = Callable[[IncomingMessage], Awaitable["str | AddContext | None"]]
+ForgetHook = Callable[[str, str], Awaitable[int]]
+Lifecycle = Callable[[], Awaitable[None]]
+
+F = TypeVar("F")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,70 +120,209 @@ class Command:
     name: str
     handler: CommandHandler
     help: str
+    usage: str = ""
+    admin: bool = False
+    plugin: str = APP
 
 
-class PluginRegistry:
-    """Everything plugins contributed to one bot."""
+@dataclass(frozen=True, slots=True)
+class Hooked(Generic[F]):
+    """A registered hook or provider and the plugin it belongs to."""
 
-    def __init__(self) -> None:
-        self._commands: dict[str, Command] = {}
-        self._pre_hooks: list[PreHook] = []
-        self._context_providers: list[ContextProvider] = []
-        # Which plugin registered each callable, so a failure names its plugin.
-        self._owners: dict[object, str] = {}
-        self._loading: str | None = None
+    plugin: str
+    fn: F
+    when_paused: bool = False  # pre-hooks: also run while the bot is paused
+    max_tokens: int | None = None  # context providers: their own cap
 
-    @contextmanager
-    def loading(self, plugin: str) -> Iterator[None]:
-        """Attribute what is registered inside the block to ``plugin``."""
-        previous, self._loading = self._loading, plugin
-        try:
-            yield
-        finally:
-            self._loading = previous
 
-    def _own(self, target: object) -> None:
-        if self._loading is not None:
-            self._owners[target] = self._loading
+@dataclass
+class PluginServices:
+    """What the bot lends its plugins; built once per bot (see ``core.app``)."""
 
-    def plugin_of(self, target: object) -> str:
-        """The name of the plugin that registered ``target`` (or its qualified name)."""
-        owner = self._owners.get(target)
-        if owner is not None:
-            return owner
-        module = getattr(target, "__module__", None) or "?"
-        return f"{module}.{getattr(target, '__qualname__', type(target).__name__)}"
+    bot: str = "bot"
+    store: BucketStore = field(default_factory=default_store)
+    memory: MemoryStore | None = None
+    generator: Generator | None = None
+    moderator: Moderator | None = None
+    base_dir: Path = field(default_factory=Path.cwd)  # the bot file's folder
+    conversation_ttl: float = 7 * 24 * 3600.0
+    admins: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    outbox: Outbox = field(default_factory=Outbox)
 
-    def add_command(self, name: str, handler: CommandHandler, help: str = "") -> None:
-        """Answer ``/name ...`` with ``handler``; names are case-insensitive and unique."""
-        key = name.lower().lstrip("/")
-        if not key.isidentifier():
-            raise ValueError(f"command name {name!r} must be a word")
-        if key in self._commands:
-            raise ValueError(f"command /{key} is already registered")
-        self._commands[key] = Command(key, handler, help or (inspect.getdoc(handler) or ""))
-        self._own(handler)
+    def __post_init__(self) -> None:
+        self.pauses = Pauses(self.store, self.bot)
+        self.accounts = Accounts(self.store)
 
-    def command(
-        self, name: str, help: str = ""
-    ) -> Callable[[CommandHandler], CommandHandler]:
+
+class Plugin:
+    """One plugin's handle: what ``setup(registry, config)`` receives as ``registry``."""
+
+    def __init__(self, registry: PluginRegistry, name: str) -> None:
+        self.registry = registry
+        self.name = name
+        self.services = registry.services
+        self.storage = Storage(self.services.store, name, self.services.conversation_ttl)
+        self._starts: list[Lifecycle] = []
+        self._stops: list[Lifecycle] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- what a plugin adds ---------------------------------------------------------
+    def add_command(self, name: str, handler: CommandHandler, help: str = "", *,
+                    usage: str = "", admin: bool = False) -> None:
+        """Answer ``/name args`` with ``handler``. ``usage`` documents the arguments
+        (``"NdM"``); ``admin=True`` limits it to the channel's admins."""
+        self.registry._add_command(Command(
+            name, handler, help or (inspect.getdoc(handler) or ""), usage, admin, self.name))
+
+    def command(self, name: str, help: str = "", *, usage: str = "",
+                admin: bool = False) -> Callable[[CommandHandler], CommandHandler]:
         """Decorator form of :meth:`add_command`."""
 
         def decorate(handler: CommandHandler) -> CommandHandler:
-            self.add_command(name, handler, help)
+            self.add_command(name, handler, help, usage=usage, admin=admin)
             return handler
 
         return decorate
 
+    def add_pre_hook(self, hook: PreHook, *, when_paused: bool = False) -> None:
+        """Run ``hook`` on each message before the model (see the module docstring).
+        While the bot is paused in a conversation only hooks with ``when_paused`` run."""
+        self.registry._pre_hooks.append(Hooked(self.name, hook, when_paused))
+        if when_paused:
+            self.registry.checks_pauses = True
+
+    def add_post_hook(self, hook: PostHook) -> None:
+        """Run ``hook(message, reply)`` in the background after a reply is stored."""
+        self.registry._post_hooks.append(Hooked(self.name, hook))
+
+    def add_context_provider(self, provider: ContextProvider, *,
+                             max_tokens: int | None = None) -> None:
+        """Add what ``provider`` returns to the prompt (cut to ``max_tokens`` and to
+        what is left of ``[plugins] context_tokens``)."""
+        self.registry._providers.append(Hooked(self.name, provider, max_tokens=max_tokens))
+
+    def on_forget(self, hook: ForgetHook) -> None:
+        """Call ``hook(channel, user_id)`` when a user asks to be forgotten, to delete
+        what this plugin keeps about them beyond :meth:`Storage.user` (which goes anyway)."""
+        self.registry._forget_hooks.append(Hooked(self.name, hook))
+
+    def on_start(self, fn: Lifecycle) -> None:
+        """Run ``fn`` when the bot starts (open clients, start tasks)."""
+        self._starts.append(fn)
+
+    def on_stop(self, fn: Lifecycle) -> None:
+        """Run ``fn`` when the bot stops, in reverse order of registration."""
+        self._stops.append(fn)
+
+    # -- services -------------------------------------------------------------------
+    def spawn(self, coro: Awaitable[None], what: str = "task") -> asyncio.Task[None]:
+        """Run ``coro`` in the background; cancelled when the bot stops, a failure is
+        logged and counted with this plugin's name."""
+        task = asyncio.ensure_future(self.registry.contained(self.name, what, coro))
+        self._tasks.add(task)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            if inspect.iscoroutine(coro):
+                coro.close()  # cancelled before it ever ran: no "never awaited" warning
+
+        task.add_done_callback(done)
+        return task
+
+    async def send(self, key: ConversationKey, text: str) -> None:
+        """Send ``text`` into a conversation on any channel an adapter serves."""
+        await self.services.outbox.send(key, text)
+
+    async def pause(self, key: ConversationKey, reason: str = "") -> None:
+        """Stop the bot answering in ``key`` (across front ends, until :meth:`resume`)."""
+        self.registry.checks_pauses = True
+        await self.services.pauses.pause(key, by=self.name, reason=reason)
+
+    async def resume(self, key: ConversationKey) -> bool:
+        """Let the bot answer in ``key`` again; whether it was paused."""
+        return await self.services.pauses.resume(key)
+
+    async def paused(self, key: ConversationKey) -> bool:
+        """Whether the bot is paused in ``key``."""
+        return await self.services.pauses.paused(key) is not None
+
+    def conversation_state(self, key: ConversationKey) -> Bucket:
+        """This plugin's state for one conversation (:meth:`Storage.conversation`)."""
+        return self.storage.conversation(key)
+
+    def path(self, relative: str) -> Path:
+        """A path from this plugin's config, resolved against the bot file's folder."""
+        candidate = Path(relative).expanduser()
+        return candidate if candidate.is_absolute() else self.services.base_dir / candidate
+
+    def uses_pauses(self) -> None:
+        """Declare that this plugin pauses conversations, so the engine checks pauses."""
+        self.registry.checks_pauses = True
+
+
+class PluginRegistry(ServiceBase):
+    """Everything the plugins contributed to one bot, and their lifecycle.
+
+    Starting it starts the plugins' storage, then each plugin's ``on_start`` in load
+    order; stopping cancels their tasks and runs ``on_stop`` in reverse.
+    """
+
+    def __init__(self, services: PluginServices | None = None, *,
+                 context_tokens: int = 512,
+                 on_failure: Callable[[str, str, BaseException], None] | None = None) -> None:
+        self.services = services or PluginServices()
+        self.context_tokens = context_tokens
+        self.checks_pauses = False
+        self._on_failure = on_failure
+        self._plugins: dict[str, Plugin] = {}
+        self._commands: dict[str, Command] = {}
+        self._pre_hooks: list[Hooked[PreHook]] = []
+        self._post_hooks: list[Hooked[PostHook]] = []
+        self._providers: list[Hooked[ContextProvider]] = []
+        self._forget_hooks: list[Hooked[ForgetHook]] = []
+        self._app = Plugin(self, APP)
+
+    def plugin(self, name: str) -> Plugin:
+        """The handle of plugin ``name`` (created on first use; names are unique)."""
+        if name == APP:
+            return self._app
+        handle = self._plugins.get(name)
+        if handle is None:
+            handle = self._plugins[name] = Plugin(self, name)
+        return handle
+
+    @property
+    def plugin_names(self) -> list[str]:
+        """The plugins loaded, in load order."""
+        return list(self._plugins)
+
+    # The registry's own registration methods register for the application itself.
+    def add_command(self, name: str, handler: CommandHandler, help: str = "", *,
+                    usage: str = "", admin: bool = False) -> None:
+        """:meth:`Plugin.add_command`, owned by the application."""
+        self._app.add_command(name, handler, help, usage=usage, admin=admin)
+
+    def command(self, name: str, help: str = "") -> Callable[[CommandHandler], CommandHandler]:
+        """:meth:`Plugin.command`, owned by the application."""
+        return self._app.command(name, help)
+
     def add_pre_hook(self, hook: PreHook) -> None:
-        """Run ``hook`` on every message before the model; a string it returns is the answer."""
-        self._pre_hooks.append(hook)
-        self._own(hook)
+        """:meth:`Plugin.add_pre_hook`, owned by the application."""
+        self._app.add_pre_hook(hook)
 
     def add_context_provider(self, provider: ContextProvider) -> None:
-        """Add the text ``provider`` returns to the bot's instructions for a message."""
-        self._context_providers.append(provider)
-        self._own(provider)
+        """:meth:`Plugin.add_context_provider`, owned by the application."""
+        self._app.add_context_provider(provider)
+
+    def _add_command(self, command: Command) -> None:
+        key = command.name.lower().lstrip("/")
+        if not key.isidentifier():
+            raise ValueError(f"command name {command.name!r} must be a word")
+        if key in self._commands:
+            raise ValueError(f"command /{key} is already registered "
+                             f"(by {self._commands[key].plugin})")
+        self._commands[key] = Command(key, command.handler, command.help, command.usage,
+                                      command.admin, command.plugin)
 
     @property
     def commands(self) -> Sequence[Command]:
@@ -122,53 +330,120 @@ class PluginRegistry:
         return [self._commands[name] for name in sorted(self._commands)]
 
     @property
-    def pre_hooks(self) -> Sequence[PreHook]:
+    def pre_hooks(self) -> Sequence[Hooked[PreHook]]:
         """The pre-hooks, in registration order."""
         return tuple(self._pre_hooks)
 
     @property
-    def context_providers(self) -> Sequence[ContextProvider]:
+    def post_hooks(self) -> Sequence[Hooked[PostHook]]:
+        """The post-hooks, in registration order."""
+        return tuple(self._post_hooks)
+
+    @property
+    def context_providers(self) -> Sequence[Hooked[ContextProvider]]:
         """The context providers, in registration order."""
-        return tuple(self._context_providers)
+        return tuple(self._providers)
 
     def match_command(self, text: str) -> tuple[Command, str] | None:
         """The command ``text`` invokes and its argument text, or None.
 
         ``/name@botname args`` (Telegram's form in groups) is accepted.
         """
-        if not text.startswith("/"):
-            return None
-        head, _, args = text[1:].partition(" ")
-        name = head.split("@", 1)[0].lower()
-        command = self._commands.get(name)
-        return (command, args.strip()) if command else None
+        name, args = _command_parts(text)
+        command = self._commands.get(name) if name else None
+        return (command, args) if command else None
 
+    @staticmethod
+    def looks_like_command(text: str) -> bool:
+        """Whether ``text`` is shaped like a command (``/word ...``), known or not."""
+        return _command_parts(text)[0] is not None
 
-def load_plugins(
-    registry: PluginRegistry, modules: Sequence[str], disable: Sequence[str], *, source: str
-) -> list[str]:
-    """Call ``setup(registry)`` of each entry-point plugin and each module; returns names."""
-    loaded: list[str] = []
-    for ep in entry_points(group="parley.plugins"):
-        if ep.name in disable:
-            continue
-        with registry.loading(ep.name):
-            _setup(registry, ep.load(), f"entry point {ep.name!r}", source)
-        loaded.append(ep.name)
-    for name in modules:
+    def is_admin(self, channel: str, user_id: str) -> bool:
+        """Whether ``user_id`` is an admin of ``channel`` (``[plugins] admins``)."""
+        return user_id in self.services.admins.get(channel, ())
+
+    @staticmethod
+    def split_args(args: str) -> tuple[str, ...]:
+        """``args`` split like a shell would; unbalanced quotes split on spaces."""
         try:
-            module = importlib.import_module(name)
-        except ImportError as exc:
-            raise ConfigError(f"{source}: plugins.modules: cannot import {name!r}: {exc}") from None
-        with registry.loading(name):
-            _setup(registry, module, f"module {name!r}", source)
-        loaded.append(name)
-    return loaded
+            return tuple(shlex.split(args))
+        except ValueError:
+            return tuple(args.split())
+
+    async def forget_user(self, channel: str, user_id: str) -> int:
+        """Delete everything the bot keeps about a user and every account linked to it:
+        memory, every plugin's per-user storage, their links, what plugins' forget hooks
+        delete. Returns how many records went."""
+        services = self.services
+        identities = await services.accounts.linked((channel, user_id))
+        count = 0
+        for who_channel, who in identities:
+            if services.memory is not None:
+                count += await services.memory.forget_user(UserRef(services.bot, who_channel, who))
+            count += await services.store.drop(*(
+                self.plugin(name).storage.user(who_channel, who).name
+                for name in [APP, *self._plugins]))
+            for hook in self._forget_hooks:
+                count += await hook.fn(who_channel, who)
+            forget = getattr(services.moderator, "forget_user", None)
+            if forget is not None:
+                count += int(await forget(who_channel, who) or 0)
+        count += await services.accounts.unlink(identities)
+        return count
+
+    async def contained(self, plugin: str, what: str, coro: Awaitable[None]) -> None:
+        """Await ``coro``; a failure is logged and counted with the plugin's name."""
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.failed(plugin, what, exc)
+
+    def failed(self, plugin: str, what: str, exc: BaseException) -> None:
+        """Report a plugin's failure (log line, and the metric the engine counts)."""
+        # The exception's type, not its text: it may quote the user's message.
+        timed_out = isinstance(exc, TimeoutError)
+        log.error("bot %s: plugin %s: %s failed (%s)", self.services.bot, plugin, what,
+                  "timed out" if timed_out else type(exc).__name__,
+                  exc_info=None if timed_out else (type(exc), exc, exc.__traceback__))
+        if self._on_failure is not None:
+            self._on_failure(plugin, what, exc)
+
+    async def _start(self) -> None:
+        await self.services.store.start()
+        for handle in [self._app, *self._plugins.values()]:
+            for fn in handle._starts:
+                try:
+                    await fn()
+                except Exception as exc:
+                    raise PluginStartError(f"plugin {handle.name}: start failed: "
+                                           f"{type(exc).__name__}: {exc}") from exc
+
+    async def _stop(self) -> None:
+        try:
+            for handle in reversed([self._app, *self._plugins.values()]):
+                for task in list(handle._tasks):
+                    task.cancel()
+                if handle._tasks:
+                    await asyncio.gather(*handle._tasks, return_exceptions=True)
+                for fn in reversed(handle._stops):
+                    try:
+                        await fn()
+                    except Exception as exc:
+                        self.failed(handle.name, "stop", exc)
+        finally:
+            await self.services.store.stop()
 
 
-def _setup(registry: PluginRegistry, target: object, what: str, source: str) -> None:
-    setup = getattr(target, "setup", target if callable(target) else None)
-    if not callable(setup):
-        raise ConfigError(f"{source}: plugins: {what} has no setup(registry) function")
-    setup(registry)
-    log.info("loaded plugin %s", what)
+class PluginStartError(ParleyError):
+    """A plugin's start code failed; the bot does not start."""
+
+
+def _command_parts(text: str) -> tuple[str | None, str]:
+    if not text.startswith("/"):
+        return None, ""
+    head, _, args = text[1:].partition(" ")
+    name = head.split("@", 1)[0].lower()
+    # "/path/to/file" or "/ hello" is not a command: it goes to the model.
+    return (name if name.isidentifier() else None), args.strip()

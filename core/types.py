@@ -110,6 +110,8 @@ class ReplyEvent:
     text: str = ""
     action: str = "allow"
     code: str | None = None
+    # What produced the reply, for clients and logs (e.g. ``{"faq_entry": "returns"}``).
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def is_last(self) -> bool:

@@ -1,7 +1,7 @@
 """A plugin with a bug in each of its parts, to check that plugins are contained.
 
 Loaded by name (``[plugins] modules = ["tests.support.broken_plugin"]``), so failures
-are reported under this module's name. Each part fails only on its trigger word.
+are reported under the plugin's name, ``broken_plugin``. Each part fails only on its trigger word.
 """
 
 from __future__ import annotations

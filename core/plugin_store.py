@@ -1,0 +1,214 @@
+"""Key-value storage for plugins, in the bot's memory backend (Redis or this process).
+
+The unit is a *bucket*: a small map of JSON values under one name, with an optional
+time to live for the whole bucket. Plugins never see backend keys; they get buckets
+from :class:`core.plugin_services.Storage`, which names them by plugin and scope
+(global, per user, per conversation), so ``/forget`` can find every per-user bucket.
+
+Redis layout: one hash per bucket, ``{prefix}:{bot}:plugin:{bucket}``; every call is
+one round trip (a command, or ``MULTI`` for write + expire).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
+
+from redis.asyncio import Redis
+
+from core.config import BotSettings, MemorySection
+from core.errors import MemoryUnavailable
+from core.lifecycle import ServiceBase
+from core.redis_client import connect, failures_as, key_part, redact
+from core.registry import Registry
+
+
+class BucketStore(Protocol):
+    """Named maps of strings. Every method does all its work or raises
+    :class:`~core.errors.MemoryUnavailable`."""
+
+    async def start(self) -> None:
+        """Connect; idempotent."""
+
+    async def stop(self) -> None:
+        """Disconnect; idempotent."""
+
+    async def get(self, bucket: str, field: str) -> str | None:
+        """One value of ``bucket``, or None."""
+
+    async def items(self, bucket: str) -> dict[str, str]:
+        """Every value of ``bucket``."""
+
+    async def put(self, bucket: str, values: Mapping[str, str], ttl: float | None) -> None:
+        """Set ``values`` in ``bucket``; ``ttl`` seconds from now for the whole bucket
+        (None: keep the bucket's expiry, if any)."""
+
+    async def remove(self, bucket: str, *fields: str) -> int:
+        """Delete fields of ``bucket``; how many existed."""
+
+    async def drop(self, *buckets: str) -> int:
+        """Delete whole buckets; how many existed."""
+
+    async def incr(self, bucket: str, field: str, by: int, ttl: float | None) -> int:
+        """Add ``by`` to an integer value (0 if absent) and return it."""
+
+
+Clock = Callable[[], float]
+
+
+class EmbeddedBuckets(ServiceBase):
+    """A :class:`BucketStore` in this process (the ``embedded`` memory backend's companion)."""
+
+    def __init__(self, *, clock: Clock = time.monotonic) -> None:
+        self._clock = clock
+        self._buckets: dict[str, tuple[dict[str, str], float | None]] = {}
+
+    def _live(self, bucket: str) -> dict[str, str] | None:
+        held = self._buckets.get(bucket)
+        if held is None:
+            return None
+        values, expires = held
+        if expires is not None and expires <= self._clock():
+            del self._buckets[bucket]
+            return None
+        return values
+
+    async def get(self, bucket: str, field: str) -> str | None:
+        """See :class:`BucketStore`."""
+        values = self._live(bucket)
+        return None if values is None else values.get(field)
+
+    async def items(self, bucket: str) -> dict[str, str]:
+        """See :class:`BucketStore`."""
+        return dict(self._live(bucket) or {})
+
+    async def put(self, bucket: str, values: Mapping[str, str], ttl: float | None) -> None:
+        """See :class:`BucketStore`."""
+        current = self._live(bucket)
+        expires = self._buckets[bucket][1] if current is not None else None
+        if ttl is not None:
+            expires = self._clock() + ttl
+        self._buckets[bucket] = ({**(current or {}), **values}, expires)
+
+    async def remove(self, bucket: str, *fields: str) -> int:
+        """See :class:`BucketStore`."""
+        values = self._live(bucket)
+        if values is None:
+            return 0
+        gone = sum(1 for f in fields if values.pop(f, None) is not None)
+        if not values:
+            del self._buckets[bucket]
+        return gone
+
+    async def drop(self, *buckets: str) -> int:
+        """See :class:`BucketStore`."""
+        return sum(1 for b in buckets if self._live(b) is not None and self._buckets.pop(b))
+
+    async def incr(self, bucket: str, field: str, by: int, ttl: float | None) -> int:
+        """See :class:`BucketStore`."""
+        values = self._live(bucket) or {}
+        value = int(values.get(field, "0")) + by
+        await self.put(bucket, {field: str(value)}, ttl)
+        return value
+
+
+class RedisBuckets(ServiceBase):
+    """A :class:`BucketStore` on Redis: one hash per bucket under the memory prefix."""
+
+    def __init__(self, section: MemorySection, bot: str, *, source: str = "<memory>") -> None:
+        self.section = section
+        self.source = source
+        self._base = f"{section.key_prefix}:{key_part(bot)}:plugin:"
+        self._client: Redis | None = None
+
+    async def _start(self) -> None:
+        self._client = connect(self.section.url, timeout=self.section.timeout,
+                               where=f"{self.source}: memory.url", socket_timeout=False)
+
+    async def _stop(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    @property
+    def client(self) -> Redis:
+        """The connection (after start)."""
+        if self._client is None:
+            raise RuntimeError("RedisBuckets is used before start() or after stop()")
+        return self._client
+
+    def _failures(self, what: str) -> AbstractAsyncContextManager[None]:
+        return failures_as(MemoryUnavailable, f"redis at {redact(self.section.url)}",
+                           f"plugin storage {what}")
+
+    def key(self, bucket: str) -> str:
+        """The Redis key of ``bucket``."""
+        return self._base + bucket
+
+    async def get(self, bucket: str, field: str) -> str | None:
+        """See :class:`BucketStore`."""
+        async with self._failures("get"), asyncio.timeout(self.section.timeout):
+            value = await self.client.hget(self.key(bucket), field)
+        return None if value is None else _text(value)
+
+    async def items(self, bucket: str) -> dict[str, str]:
+        """See :class:`BucketStore`."""
+        async with self._failures("read"), asyncio.timeout(self.section.timeout):
+            raw = await self.client.hgetall(self.key(bucket))
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    async def put(self, bucket: str, values: Mapping[str, str], ttl: float | None) -> None:
+        """See :class:`BucketStore`."""
+        if not values:
+            return
+        key = self.key(bucket)
+        async with self._failures("write"), asyncio.timeout(self.section.timeout):
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.hset(key, mapping=dict[Any, Any](values))
+                if ttl is not None:
+                    pipe.pexpire(key, max(1, int(ttl * 1000)))
+                await pipe.execute()
+
+    async def remove(self, bucket: str, *fields: str) -> int:
+        """See :class:`BucketStore`."""
+        if not fields:
+            return 0
+        async with self._failures("delete"), asyncio.timeout(self.section.timeout):
+            return int(await self.client.hdel(self.key(bucket), *fields))
+
+    async def drop(self, *buckets: str) -> int:
+        """See :class:`BucketStore`."""
+        if not buckets:
+            return 0
+        async with self._failures("delete"), asyncio.timeout(self.section.timeout):
+            return int(await self.client.delete(*(self.key(b) for b in buckets)))
+
+    async def incr(self, bucket: str, field: str, by: int, ttl: float | None) -> int:
+        """See :class:`BucketStore`."""
+        key = self.key(bucket)
+        async with self._failures("write"), asyncio.timeout(self.section.timeout):
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.hincrby(key, field, by)
+                if ttl is not None:
+                    pipe.pexpire(key, max(1, int(ttl * 1000)))
+                result = await pipe.execute()
+        return int(result[0])
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+
+
+BucketFactory = Callable[[BotSettings], BucketStore]
+
+
+def bucket_stores() -> Registry[BucketFactory]:
+    """Plugin storage by memory backend name: it lives where the bot's memory lives."""
+    registry: Registry[BucketFactory] = Registry("plugin storage")
+    registry.register("embedded", lambda settings: EmbeddedBuckets())
+    registry.register("redis", lambda settings: RedisBuckets(
+        settings.memory, settings.bot.name, source=settings.source))
+    return registry
