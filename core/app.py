@@ -83,7 +83,7 @@ def build_engine(settings: BotSettings, *, metrics: Metrics | None = None) -> En
     services = PluginServices(
         bot=settings.bot.name, store=store(settings), memory=parts[0], generator=parts[1],
         moderator=parts[2], base_dir=_base_dir(src), conversation_ttl=settings.memory.ttl,
-        admins=settings.plugins.admins,
+        window=settings.memory.window, admins=settings.plugins.admins, metrics=metrics,
     )
     plugins = PluginRegistry(services, context_tokens=settings.plugins.context_tokens,
                              on_failure=plugin_failure_counter(metrics, settings.bot.name))
@@ -97,8 +97,7 @@ def build_engine(settings: BotSettings, *, metrics: Metrics | None = None) -> En
 
 def _base_dir(source: str) -> Path:
     """The folder of the bot's file: plugin and data paths are relative to it."""
-    path = Path(source)
-    return path.parent.resolve() if path.is_file() else Path.cwd()
+    return Path.cwd() if source.startswith("<") else Path(source).parent.resolve()
 
 
 def build_adapters(settings: BotSettings, names: Sequence[str] | None = None) -> list[Adapter]:

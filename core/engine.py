@@ -172,7 +172,7 @@ class Engine(ServiceBase):
                                  code="duplicate")
                 return
             assert begun.snapshot is not None
-            verdict = await self.moderator.check_input(message)
+            verdict = await self._check_input(message)
             if verdict.action is not Action.ALLOW:
                 self.metrics.moderation.labels(
                     self.name, message.channel, "input", verdict.action.value).inc()
@@ -254,6 +254,19 @@ class Engine(ServiceBase):
         if notice:
             yield ReplyEvent(ReplyKind.DELTA, notice, action=verdict.action)
         yield final
+
+    async def _check_input(self, message: IncomingMessage) -> Verdict:
+        """Moderation's verdict on ``message``. A known command's name is the bot's own
+        word, so only its arguments are checked (``/bot`` is not an insult, nor
+        ``/instructions`` an injection), and a bare command has nothing to check."""
+        matched = self.plugins.match_command(message.text)
+        if matched is None:
+            return await self.moderator.check_input(message)
+        command, args = matched
+        if not args:
+            return Verdict(Action.ALLOW, message.text)
+        verdict = await self.moderator.check_input(replace(message, text=args))
+        return replace(verdict, text=f"/{command.name} {verdict.text}")
 
     async def _answer_before(
         self, message: IncomingMessage, verdict: Verdict, before: Before, claim: Claim

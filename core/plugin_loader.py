@@ -131,8 +131,9 @@ def setup_plugin(registry: PluginRegistry, name: str, target: object,
             setup(handle, config)
         else:
             setup(handle)
-    except ConfigError:
-        raise
+    except ConfigError as exc:
+        text = str(exc)
+        raise ConfigError(text if text.startswith(source) else f"{source}: {text}") from None
     except Exception as exc:
         raise ConfigError(f"{where}: setup failed: {type(exc).__name__}: {exc}") from exc
     log.info("loaded plugin %s", name)

@@ -27,9 +27,10 @@ import shlex
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from core.errors import ParleyError
+from core.forget import ForgetsUsers
 from core.lifecycle import ServiceBase
 from core.memory.base import UserRef
 from core.plugin_services import (
@@ -46,6 +47,7 @@ from core.types import ConversationKey, IncomingMessage
 if TYPE_CHECKING:
     from core.generation.base import Generator
     from core.memory.base import MemoryStore
+    from core.metrics import Metrics
     from core.moderation.base import Moderator
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,7 @@ PreHook = Callable[[IncomingMessage], Awaitable[PreHookResult]]
 PostHook = Callable[[IncomingMessage, str], Awaitable[None]]
 ContextProvider = Callable[[IncomingMessage], Awaitable["str | AddContext | None"]]
 ForgetHook = Callable[[str, str], Awaitable[int]]
+SignalHandler = Callable[[IncomingMessage, Mapping[str, Any]], Awaitable[None]]
 Lifecycle = Callable[[], Awaitable[None]]
 
 F = TypeVar("F")
@@ -146,8 +149,10 @@ class PluginServices:
     moderator: Moderator | None = None
     base_dir: Path = field(default_factory=Path.cwd)  # the bot file's folder
     conversation_ttl: float = 7 * 24 * 3600.0
+    window: int = 20  # turns memory keeps per conversation
     admins: Mapping[str, Sequence[str]] = field(default_factory=dict)
     outbox: Outbox = field(default_factory=Outbox)
+    metrics: Metrics | None = None
 
     def __post_init__(self) -> None:
         self.pauses = Pauses(self.store, self.bot)
@@ -205,6 +210,16 @@ class Plugin:
         """Call ``hook(channel, user_id)`` when a user asks to be forgotten, to delete
         what this plugin keeps about them beyond :meth:`Storage.user` (which goes anyway)."""
         self.registry._forget_hooks.append(Hooked(self.name, hook))
+
+    def on(self, signal: str, handler: SignalHandler) -> None:
+        """Call ``handler(message, data)`` whenever a plugin emits ``signal`` (e.g. the FAQ's
+        ``faq.miss``); names are ``plugin.event`` by convention."""
+        self.registry._signals.setdefault(signal, []).append(Hooked(self.name, handler))
+
+    async def emit(self, signal: str, message: IncomingMessage,
+                   data: Mapping[str, Any] | None = None) -> None:
+        """Tell the plugins listening to ``signal`` (see :meth:`on`)."""
+        await self.registry.emit(signal, message, data or {})
 
     def on_start(self, fn: Lifecycle) -> None:
         """Run ``fn`` when the bot starts (open clients, start tasks)."""
@@ -280,6 +295,7 @@ class PluginRegistry(ServiceBase):
         self._post_hooks: list[Hooked[PostHook]] = []
         self._providers: list[Hooked[ContextProvider]] = []
         self._forget_hooks: list[Hooked[ForgetHook]] = []
+        self._signals: dict[str, list[Hooked[SignalHandler]]] = {}
         self._app = Plugin(self, APP)
 
     def plugin(self, name: str) -> Plugin:
@@ -372,24 +388,30 @@ class PluginRegistry(ServiceBase):
 
     async def forget_user(self, channel: str, user_id: str) -> int:
         """Delete everything the bot keeps about a user and every account linked to it:
-        memory, every plugin's per-user storage, their links, what plugins' forget hooks
-        delete. Returns how many records went."""
+        what plugins' forget hooks delete, every plugin's per-user storage, memory, the
+        moderation state, their links. Returns how many records went."""
         services = self.services
         identities = await services.accounts.linked((channel, user_id))
+        state = getattr(services.moderator, "state", None)
         count = 0
         for who_channel, who in identities:
-            if services.memory is not None:
-                count += await services.memory.forget_user(UserRef(services.bot, who_channel, who))
+            for hook in self._forget_hooks:
+                count += await hook.fn(who_channel, who)
             count += await services.store.drop(*(
                 self.plugin(name).storage.user(who_channel, who).name
                 for name in [APP, *self._plugins]))
-            for hook in self._forget_hooks:
-                count += await hook.fn(who_channel, who)
-            forget = getattr(services.moderator, "forget_user", None)
-            if forget is not None:
-                count += int(await forget(who_channel, who) or 0)
+            if services.memory is not None:
+                count += await services.memory.forget_user(UserRef(services.bot, who_channel,
+                                                                   who))
+            if isinstance(state, ForgetsUsers):
+                count += await state.forget_user(f"{who_channel}:{who}")
         count += await services.accounts.unlink(identities)
         return count
+
+    async def emit(self, signal: str, message: IncomingMessage, data: Mapping[str, Any]) -> None:
+        """Call every handler of ``signal`` (see :meth:`Plugin.on`), each contained."""
+        for hooked in self._signals.get(signal, ()):
+            await self.contained(hooked.plugin, f"signal {signal}", hooked.fn(message, data))
 
     async def contained(self, plugin: str, what: str, coro: Awaitable[None]) -> None:
         """Await ``coro``; a failure is logged and counted with the plugin's name."""

@@ -69,6 +69,10 @@ class ModerationState(Protocol):
         """The newest ``count`` audit entries, newest first."""
         ...
 
+    async def unmute(self, user: str) -> bool:
+        """Lift ``user``'s mute now; whether they were muted."""
+        ...
+
     async def read_escalations(self, count: int) -> list[dict[str, str]]:
         """The newest ``count`` escalated cases, newest first."""
         ...
@@ -147,6 +151,10 @@ class MemoryState:
             self._mutes[mute_user] = max(self._mutes.get(mute_user, 0.0), now + mute_seconds)
         if escalate:
             self._escalations.append(stamped)
+
+    async def unmute(self, user: str) -> bool:
+        """See :class:`ModerationState`."""
+        return self._mutes.pop(user, 0.0) > self.clock()
 
     async def read_audit(self, count: int) -> list[dict[str, str]]:
         """See :class:`ModerationState`."""

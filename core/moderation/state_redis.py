@@ -171,6 +171,11 @@ class RedisState(ServiceBase):
         """See :class:`~core.moderation.state.ModerationState`."""
         return await self._read("escalations", count)
 
+    async def unmute(self, user: str) -> bool:
+        """See :class:`~core.moderation.state.ModerationState`."""
+        async with self._failures("unmute"):
+            return bool(await self.client.delete(f"{self.base}mute:{key_part(user)}"))
+
     async def forget_user(self, user: str) -> int:
         """Delete ``user``'s rate window, score and mute, and their audit and escalation
         entries (``user`` is ``{channel}:{user_id}``); how many records went."""
