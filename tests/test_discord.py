@@ -273,3 +273,28 @@ async def test_a_gateway_that_refuses_the_bot_fails_the_start_clearly() -> None:
                 await adapter.start(engine)
             await adapter.stop()
         assert discord.gateway.identified == 0
+
+
+async def test_a_plugin_sends_on_its_own_without_pinging() -> None:
+    async with FakeDiscord() as discord:
+        w = build_world(discord)
+        settings = make_settings()
+        engine = build_engine(settings)
+        plugin = engine.plugins.plugin("notifier")
+
+        async def notify(ctx: CommandContext) -> str:
+            await plugin.send(ConversationKey(BOT, "discord", str(w.thread)),
+                              f"@everyone {ctx.args}")
+            await plugin.send(ctx.key, "and a note here")  # its own conversation too
+            return "sent"
+
+        plugin.add_command("notify", notify, "tell the thread")
+        async with running(discord, engine, settings):
+            discord.post(w.dm, w.alice, "/notify the release is out")
+            await discord.wait_until(lambda: bool(discord.sent(w.thread))
+                                     and contents(discord.sent(w.dm))[-1:] == ["sent"])
+        [message] = discord.sent(w.thread)
+        assert message.content == "@everyone the release is out"
+        assert contents(discord.sent(w.dm)) == ["and a note here", "sent"]
+        assert message.payload["allowed_mentions"]["parse"] == []
+        assert not would_ping(message.payload)

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import discord
@@ -31,7 +31,8 @@ from bots.streaming import StreamingReply, StreamLimits, Surface
 from core.config import BotSettings, validate_section
 from core.engine import Engine
 from core.errors import ConfigError, ParleyError
-from core.types import IncomingMessage
+from core.plugin_services import DeliveryError
+from core.types import ConversationKey, IncomingMessage
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class DiscordAdapter:
         self._lanes = _Lanes()
         self._recent = _RecentIds(self.config.recent_messages)
         self._replying: set[asyncio.Task[Any]] = set()
+        self._unregister: Callable[[], None] | None = None  # the outbound sender
 
     async def start(self, engine: Engine) -> None:
         """Log in, sync slash commands, connect; returns once Discord said READY."""
@@ -86,11 +88,15 @@ class DiscordAdapter:
         except BaseException:
             await self.stop()
             raise
+        self._unregister = engine.plugins.services.outbox.register(CHANNEL, self._send)
         log.info("bot %s: on Discord as %s", engine.name, self.client.user)
 
     async def stop(self) -> None:
         """Let replies in progress finish (a few seconds), then disconnect. Idempotent."""
         client, self.client = self.client, None
+        unregister, self._unregister = self._unregister, None
+        if unregister is not None:
+            unregister()
         try:
             if self._replying:
                 _, late = await asyncio.wait(set(self._replying), timeout=SHUTDOWN_TIMEOUT)
@@ -189,6 +195,23 @@ class DiscordAdapter:
                 engine.metrics.errors.labels(engine.name, "discord_send").inc()
                 with contextlib.suppress(Exception):
                     await surface.send(APOLOGY)
+
+    async def _send(self, key: ConversationKey, text: str) -> None:
+        """A plugin's own message into a conversation (``send``); it pings nobody.
+
+        It does not wait for the conversation's lane: a command may send into its own
+        conversation while its reply holds the lane.
+        """
+        client = self.client
+        if client is None:
+            raise DiscordUnavailable("Discord: the adapter is not running")
+        if not key.conversation_id.isdigit():
+            raise DeliveryError(f"Discord: {key.conversation_id!r} is not a channel id")
+        channel = client.get_partial_messageable(int(key.conversation_id))
+        surface = ChannelSurface(channel, timeout=self.config.send_timeout)
+        async with self._tracked():
+            for part in self.limits.split(text):
+                await surface.send(part)
 
     @contextlib.asynccontextmanager
     async def _tracked(self) -> AsyncIterator[None]:
