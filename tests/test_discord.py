@@ -298,3 +298,26 @@ async def test_a_plugin_sends_on_its_own_without_pinging() -> None:
         assert contents(discord.sent(w.dm)) == ["and a note here", "sent"]
         assert message.payload["allowed_mentions"]["parse"] == []
         assert not would_ping(message.payload)
+
+
+async def test_long_command_answers_continue_in_follow_ups_and_the_prefix_runs_commands() -> None:
+    async with FakeDiscord() as discord:
+        w = build_world(discord)
+        settings = make_settings()
+        engine = build_engine(settings)
+        long_answer = "\n".join(f"line {i}: " + "x" * 60 for i in range(70))  # ~4,800 chars
+
+        async def report(ctx: CommandContext) -> str:
+            return long_answer
+
+        engine.plugins.add_command("report", report, "a long report")
+        async with running(discord, engine, settings, prefix="!"):
+            token = discord.run_command(w.general, w.alice, "report")
+            discord.post(w.general, w.bob, "!help")
+            await discord.wait_until(lambda: len(discord.interaction_replies(token)) == 3
+                                     and len(discord.sent(w.general)) == 4)
+        parts = contents(discord.interaction_replies(token))
+        assert all(len(p) <= MAX_CONTENT for p in parts)
+        assert "\n".join(parts) == long_answer
+        [help_reply] = [m for m in discord.sent(w.general) if m.payload.get("message_reference")]
+        assert "/report - a long report" in help_reply.content
