@@ -185,11 +185,13 @@ class Engine(ServiceBase):
             message = replace(message, text=verdict.text)
             before = await self.runner.before(message)
             if before.reply is not None or before.silent:
-                yield await self._answer_before(message, verdict, before, claim)
+                yield await self._answer_before(message, verdict, before, claim,
+                                                begun.snapshot.turns)
                 return
             yield ReplyEvent(ReplyKind.TYPING, action=verdict.action)
             request = await self.build_request(message, begun.snapshot, before.contexts)
-            async with closing(self._reply(message, verdict, request, claim)) as events:
+            async with closing(self._reply(message, verdict, request, claim,
+                                           begun.snapshot.turns)) as events:
                 async for event in events:
                     yield event
         except MemoryUnavailable as exc:
@@ -206,7 +208,7 @@ class Engine(ServiceBase):
 
     async def _reply(
         self, message: IncomingMessage, verdict: Verdict, request: GenerationRequest,
-        claim: Claim,
+        claim: Claim, history: Sequence[Turn] = (),
     ) -> AsyncIterator[ReplyEvent]:
         """Stream the generated reply, then remember it; raises what memory or model raise."""
         pieces: list[str] = []
@@ -250,7 +252,7 @@ class Engine(ServiceBase):
             notice = f"\n\n{verdict.reply}"
         final = ReplyEvent(ReplyKind.FINAL, reply + notice, action=verdict.action)
         await self._finish(message, claim, final, reply)
-        self.runner.after(message, reply)
+        self.runner.after(message, reply, history)
         if notice:
             yield ReplyEvent(ReplyKind.DELTA, notice, action=verdict.action)
         yield final
@@ -269,7 +271,8 @@ class Engine(ServiceBase):
         return replace(verdict, text=f"/{command.name} {verdict.text}")
 
     async def _answer_before(
-        self, message: IncomingMessage, verdict: Verdict, before: Before, claim: Claim
+        self, message: IncomingMessage, verdict: Verdict, before: Before, claim: Claim,
+        history: Sequence[Turn] = (),
     ) -> ReplyEvent:
         """The answer of a command or pre-hook, or silence (no turns stored); the event
         is recorded as the message's answer either way, so a redelivery gets it again."""
@@ -284,12 +287,13 @@ class Engine(ServiceBase):
             event = ReplyEvent(ReplyKind.NOTICE, reply.text, action=verdict.action,
                                code=before.code, metadata=reply.metadata)
             await self._finish(message, claim, event)
+            await self.runner.finally_(before)
             return event
         event = ReplyEvent(ReplyKind.FINAL, reply.text, action=verdict.action,
                            metadata=reply.metadata)
         await self._finish(message, claim, event, reply.text if reply.store else None)
         if reply.store:
-            self.runner.after(message, reply.text)
+            self.runner.after(message, reply.text, history)
         return event
 
     async def build_request(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -21,11 +21,12 @@ from core.plugins import (
     AddContext,
     CommandContext,
     CommandError,
+    Exchange,
     PluginRegistry,
     Reply,
     Silence,
 )
-from core.types import IncomingMessage
+from core.types import IncomingMessage, Turn
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ class Before:
     code: str | None = None
     silent: bool = False
     contexts: list[AddContext] = field(default_factory=list)
+    plugin: str = ""  # the command's plugin, for its deferred work
+    deferred: Sequence[Callable[[], Awaitable[object]]] = ()
 
 
 class PluginRunner:
@@ -91,7 +94,8 @@ class PluginRunner:
                                        command.handler(ctx))
             except CommandError as exc:
                 text = str(exc)
-            return Before(Reply(text), "notice", "command")
+            return Before(Reply(text), "notice", "command", plugin=command.plugin,
+                          deferred=tuple(ctx.deferred))
         if registry.looks_like_command(message.text):
             return Before(Reply(UNKNOWN_COMMAND), "notice", "unknown_command")
         paused = registry.checks_pauses and await registry.services.pauses.paused(message.key)
@@ -137,10 +141,17 @@ class PluginRunner:
             kept.append(AddContext(text, context.role))
         return kept
 
-    def after(self, message: IncomingMessage, reply: str) -> None:
+    async def finally_(self, before: Before) -> None:
+        """Run what a command deferred until its answer was recorded."""
+        for fn in before.deferred:
+            await self.call(before.plugin, "deferred work", fn())
+
+    def after(self, message: IncomingMessage, reply: str,
+              history: Sequence[Turn] = ()) -> None:
         """Start each post-hook on the stored exchange, in the background."""
+        exchange = Exchange(message, reply, tuple(history))
         for hook in self.registry.post_hooks:
-            self.registry.plugin(hook.plugin).spawn(hook.fn(message, reply), "post-hook")
+            self.registry.plugin(hook.plugin).spawn(hook.fn(exchange), "post-hook")
 
 
 def estimate_tokens(text: str) -> int:

@@ -42,7 +42,7 @@ from core.plugin_services import (
     default_store,
 )
 from core.plugin_store import BucketStore
-from core.types import ConversationKey, IncomingMessage
+from core.types import ConversationKey, IncomingMessage, Turn
 
 if TYPE_CHECKING:
     from core.generation.base import Generator
@@ -69,11 +69,17 @@ class CommandContext:
     registry: PluginRegistry
     argv: tuple[str, ...] = ()  # ``args`` split like a shell would (quotes group words)
     admin: bool = False  # whether the sender is an admin of this channel
+    deferred: list[Callable[[], Awaitable[object]]] = field(default_factory=list)
 
     @property
     def key(self) -> ConversationKey:
         """The conversation the command was sent in."""
         return self.message.key
+
+    def after_reply(self, fn: Callable[[], Awaitable[object]]) -> None:
+        """Run ``fn()`` once the engine has recorded this command's answer (what must
+        come last, e.g. deleting the records that answering this very message wrote)."""
+        self.deferred.append(fn)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +101,16 @@ class AddContext:
     role: Literal["system", "user"] = "system"
 
 
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """What a post-hook sees: the message, the reply stored for it, and the turns the
+    conversation held before it (as the engine loaded them for this message)."""
+
+    message: IncomingMessage
+    reply: str
+    history: tuple[Turn, ...] = ()
+
+
 class Silence:
     """A pre-hook's "say nothing": no reply, nothing stored. Use :data:`SILENT`."""
 
@@ -107,7 +123,7 @@ SILENT = Silence()
 CommandHandler = Callable[[CommandContext], Awaitable[str]]
 PreHookResult = Reply | AddContext | Silence | str | None
 PreHook = Callable[[IncomingMessage], Awaitable[PreHookResult]]
-PostHook = Callable[[IncomingMessage, str], Awaitable[None]]
+PostHook = Callable[["Exchange"], Awaitable[None]]
 ContextProvider = Callable[[IncomingMessage], Awaitable["str | AddContext | None"]]
 ForgetHook = Callable[[str, str], Awaitable[int]]
 SignalHandler = Callable[[IncomingMessage, Mapping[str, Any]], Awaitable[None]]
@@ -197,7 +213,7 @@ class Plugin:
             self.registry.checks_pauses = True
 
     def add_post_hook(self, hook: PostHook) -> None:
-        """Run ``hook(message, reply)`` in the background after a reply is stored."""
+        """Run ``hook(exchange)`` in the background after a reply is stored."""
         self.registry._post_hooks.append(Hooked(self.name, hook))
 
     def add_context_provider(self, provider: ContextProvider, *,

@@ -89,8 +89,8 @@ def setup(registry, config):
         events.append(("paused-relay", message.text))
         return None
 
-    async def post(message, reply):
-        events.append(("post", message.text, reply))
+    async def post(exchange):
+        events.append(("post", exchange.message.text, exchange.reply))
 
     async def about_me(message):
         return AddContext("I like short answers. " * 3, role="user")
