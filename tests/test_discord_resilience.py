@@ -10,7 +10,15 @@ import pytest
 from bots.discord.adapter import DiscordUnavailable
 from bots.testing.discord import FakeDiscord
 from core.app import build_engine
-from tests.discord_support import build_world, contents, make_settings, running
+from core.config import parse_settings
+from tests.discord_support import (
+    SlowGenerator,
+    build_world,
+    contents,
+    make_settings,
+    running,
+    with_generator,
+)
 
 
 async def test_a_429_storm_and_forced_reconnects_lose_and_duplicate_nothing() -> None:
@@ -170,3 +178,21 @@ async def test_a_gateway_lost_for_good_ends_the_adapter_with_an_error() -> None:
             discord.gateway.invalidate_session()
             with pytest.raises(DiscordUnavailable, match="gateway connection ended"):
                 await asyncio.wait_for(adapter.wait(), 10)
+
+
+async def test_a_flood_in_one_channel_is_refused_before_it_queues() -> None:
+    async with FakeDiscord() as discord:
+        w = build_world(discord)
+        settings = parse_settings(
+            {"bot": {"name": "flooded", "max_queued": 2},
+             "generation": {"backend": "echo"}, "memory": {"backend": "embedded"}},
+            source="config/flooded.toml")
+        engine = with_generator(settings, SlowGenerator(delay=0.05))
+        async with running(discord, engine, settings, streaming=False):
+            for n in range(8):
+                discord.post(w.dm, w.alice, f"flood {n}")
+            await discord.wait_until(lambda: len(discord.sent(w.dm)) == 8)
+        answers = contents(discord.sent(w.dm))
+        # One answered while two waited; the rest were told at once, before those three.
+        assert answers[-3:] == ["flood 0", "flood 1", "flood 2"]
+        assert answers[:5] == [engine.apologies.slow_down] * 5

@@ -31,6 +31,7 @@ from bots.streaming import StreamingReply, StreamLimits, Surface
 from core.config import BotSettings, validate_section
 from core.engine import Engine
 from core.errors import ConfigError, ParleyError
+from core.lanes import Lanes, SlowDown
 from core.plugin_services import DeliveryError
 from core.types import ConversationKey, IncomingMessage
 
@@ -67,7 +68,10 @@ class DiscordAdapter:
         self._endpoints = contextlib.ExitStack()
         self._stopped = asyncio.Event()
         self._failure: BaseException | None = None  # what ended the gateway, if not stop()
-        self._lanes = _Lanes()
+        # The engine's own lanes order answers but let go before the reply is shown; these
+        # hold each conversation until it is, with the same admission (max_queued).
+        self._lanes = Lanes(max_queued=settings.bot.max_queued,
+                            max_in_flight=settings.bot.max_in_flight_per_user)
         self._recent = _RecentIds(self.config.recent_messages)
         self._replying: set[asyncio.Task[Any]] = set()
         self._unregister: Callable[[], None] | None = None  # the outbound sender
@@ -186,15 +190,21 @@ class DiscordAdapter:
         streaming: bool,
     ) -> None:
         # No await before the lane: handlers start in arrival order and must queue so.
-        async with self._lanes.hold(incoming.conversation_id), self._tracked():
-            reply = StreamingReply(surface, self.limits, streaming=streaming)
-            try:
-                await reply.render(engine.handle(incoming))
-            except Exception:
-                log.exception("discord: could not deliver the reply to %s", incoming.key)
-                engine.metrics.errors.labels(engine.name, "discord_send").inc()
-                with contextlib.suppress(Exception):
-                    await surface.send(APOLOGY)
+        try:
+            async with self._lanes.enter(incoming), self._tracked():
+                reply = StreamingReply(surface, self.limits, streaming=streaming)
+                try:
+                    await reply.render(engine.handle(incoming))
+                except Exception:
+                    log.exception("discord: could not deliver the reply to %s", incoming.key)
+                    engine.metrics.errors.labels(engine.name, "discord_send").inc()
+                    with contextlib.suppress(Exception):
+                        await surface.send(APOLOGY)
+        except SlowDown as exc:
+            log.debug("discord: refused before the lane: %s", exc)
+            engine.metrics.messages.labels(engine.name, CHANNEL, "slow_down").inc()
+            with contextlib.suppress(discord.HTTPException):
+                await surface.send(engine.apologies.slow_down)
 
     async def _send(self, key: ConversationKey, text: str) -> None:
         """A plugin's own message into a conversation (``send``); it pings nobody.
@@ -270,25 +280,6 @@ def _where(guild: discord.Guild | None, channel: Any) -> dict[str, str]:
     if guild is not None:
         place["guild_id"] = str(guild.id)
     return place
-
-
-class _Lanes:
-    """A FIFO lock per conversation, dropped when nobody holds or waits for it."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        lock, users = self._locks.setdefault(key, (asyncio.Lock(), [0]))
-        users[0] += 1
-        try:
-            async with lock:
-                yield
-        finally:
-            users[0] -= 1
-            if users[0] == 0:
-                del self._locks[key]
 
 
 class _RecentIds:
