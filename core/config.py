@@ -93,6 +93,15 @@ class WorkerSection(Section):
     http_host: str = "127.0.0.1"
     http_port: int | None = Field(default=None, ge=0, le=65535)  # OpenAI-compatible API
 
+    @model_validator(mode="after")
+    def _heartbeat_well_inside_claim_idle(self) -> WorkerSection:
+        # Two heartbeats must fit in claim_idle, or one late heartbeat lets the job be
+        # reclaimed (by another worker, or by this one) while it is being answered.
+        if self.heartbeat >= self.claim_idle / 2:
+            raise ValueError(f"heartbeat ({self.heartbeat:g} s) must be less than half of "
+                             f"claim_idle ({self.claim_idle:g} s)")
+        return self
+
 
 class MemorySection(Section):
     """``[memory]``: where conversations are kept."""

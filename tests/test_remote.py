@@ -232,7 +232,7 @@ async def test_a_job_failing_every_attempt_is_dead_lettered(
     redis_url: str, queue: str, client: Redis
 ) -> None:
     settings = make_settings(redis_url, queue,
-                             worker={"max_attempts": 2, "claim_idle": 0.2, "heartbeat": 0.1})
+                             worker={"max_attempts": 2, "claim_idle": 0.2, "heartbeat": 0.05})
     slow = SlowEcho()
     async with Worker(settings, inner=slow), RedisGenerator(settings.generation) as front:
         started = time.monotonic()
@@ -251,7 +251,7 @@ async def test_a_job_whose_worker_died_too_often_is_dead_lettered(
     redis_url: str, queue: str, client: Redis
 ) -> None:
     settings = make_settings(redis_url, queue,
-                             worker={"max_attempts": 1, "claim_idle": 0.2, "heartbeat": 0.1})
+                             worker={"max_attempts": 1, "claim_idle": 0.2, "heartbeat": 0.05})
     keys = QueueKeys(queue)
     await client.xgroup_create(keys.jobs, GROUP, id="0", mkstream=True)
     async with RedisGenerator(settings.generation) as front:

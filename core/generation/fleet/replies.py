@@ -46,6 +46,12 @@ class RunningJob:
     def request_id(self) -> str:
         return self.job.request.request_id
 
+    @property
+    def key(self) -> tuple[str, int]:
+        """The job's entry and this attempt: a worker that reclaims its own entry (its
+        heartbeats lapsed) runs a second attempt beside the first for a moment."""
+        return self.entry_id, self.attempt
+
     def halt(self, reason: StopReason) -> None:
         """Stop generating this job (the first reason given is kept)."""
         if self.stop_reason is None:
@@ -65,17 +71,18 @@ class ReplyWriter:
         self.name = worker
         self.where = where
         self._write_sha = write_sha
-        self._dirty: dict[str, RunningJob] = {}
+        self._dirty: dict[tuple[str, int], RunningJob] = {}
         self._dirty_event = asyncio.Event()
 
     def mark(self, r: RunningJob) -> None:
         """``r`` has something to write (text, its end, or its first entry)."""
-        self._dirty[r.entry_id] = r
+        self._dirty[r.key] = r
         self._dirty_event.set()
 
     def discard(self, r: RunningJob) -> None:
         """Forget ``r``: it ended without a final write of this worker's."""
-        self._dirty.pop(r.entry_id, None)
+        if self._dirty.get(r.key) is r:
+            del self._dirty[r.key]
 
     async def run(self) -> None:
         """Write marked replies until cancelled, at most once per FLUSH_INTERVAL."""

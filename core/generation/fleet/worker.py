@@ -102,7 +102,8 @@ class Worker(ServiceBase):
         self.http_address: tuple[str, int] | None = None
         self._client: Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
-        self._running: dict[str, RunningJob] = {}
+        # By entry and attempt: see RunningJob.key.
+        self._running: dict[tuple[str, int], RunningJob] = {}
         self._writer: ReplyWriter | None = None
         self._slot_free = asyncio.Event()
         self._reclaim_now = asyncio.Event()
@@ -311,7 +312,11 @@ class Worker(ServiceBase):
                 self.metrics.jobs.labels(outcome).inc()
                 continue
             r = RunningJob(entry_id, job, attempt, raw)
-            self._running[entry_id] = r
+            for older in [o for o in self._running.values() if o.entry_id == entry_id]:
+                # This worker reclaimed its own job (its heartbeats lapsed): the older
+                # attempt lost it; it stops, and its cleanup touches only itself.
+                older.halt("lost")
+            self._running[r.key] = r
             self.metrics.running.inc()
             r.task = asyncio.create_task(self._serve(r), name=f"parley-job-{entry_id}")
 
@@ -366,7 +371,8 @@ class Worker(ServiceBase):
             await self._failed(r, exc)
         finally:
             self.writer.discard(r)
-            if self._running.pop(r.entry_id, None) is not None:
+            if self._running.get(r.key) is r:
+                del self._running[r.key]
                 self.metrics.running.dec()
             self._slot_free.set()
 
