@@ -7,6 +7,7 @@ import re
 
 import pytest
 import regex
+from discord.http import Route
 
 from bots.discord.adapter import DiscordAdapter, DiscordUnavailable
 from bots.testing.discord import MAX_CONTENT, FakeDiscord, would_ping
@@ -321,3 +322,19 @@ async def test_long_command_answers_continue_in_follow_ups_and_the_prefix_runs_c
         assert "\n".join(parts) == long_answer
         [help_reply] = [m for m in discord.sent(w.general) if m.payload.get("message_reference")]
         assert "/report - a long report" in help_reply.content
+
+
+async def test_the_rest_endpoint_is_put_back_and_one_process_reaches_one_api() -> None:
+    before = Route.BASE
+    async with FakeDiscord() as first, FakeDiscord() as second:
+        build_world(first)
+        async with running(first):
+            assert Route.BASE == first.api_base_url
+            settings = make_settings()
+            engine = build_engine(settings)
+            other = DiscordAdapter(settings, section(second))
+            with pytest.raises(ConfigError, match="one process can reach one Discord API"):
+                await other.start(engine)
+            assert Route.BASE == first.api_base_url
+        assert second.requests == []
+    assert Route.BASE == before
