@@ -8,15 +8,23 @@ the key and what was expected.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import tomllib
 import types
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from core.errors import ConfigError
 
@@ -76,6 +84,36 @@ class GenerationSection(Section):
     queue: str = Field(default="parley:gen", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
 
 
+class ApiKeySection(Section):
+    """One ``[[... .api_keys]]`` entry: a bearer key (from ``${ENV}``) and who holds it.
+
+    The holder's ``tenant`` is who the calls are for (the fair queue's tenant on the
+    worker's API, the namespace of user and conversation ids on the chat API);
+    ``max_in_flight`` bounds the requests the key may have running at once.
+    """
+
+    key: str = Field(min_length=16)
+    tenant: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    max_in_flight: int = Field(default=16, ge=1, le=100_000)
+
+
+def unique_keys(keys: list[ApiKeySection]) -> list[ApiKeySection]:
+    """``keys``, refusing a key or a tenant given twice."""
+    if len({k.key for k in keys}) != len(keys) or len({k.tenant for k in keys}) != len(keys):
+        raise ValueError("each api key and each tenant may appear once")
+    return keys
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) only listens on this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class WorkerSection(Section):
     """``[worker]``: how ``parley worker`` serves generation jobs from Redis and HTTP.
 
@@ -92,6 +130,16 @@ class WorkerSection(Section):
     max_attempts: int = Field(default=3, ge=1)
     http_host: str = "127.0.0.1"
     http_port: int | None = Field(default=None, ge=0, le=65535)  # OpenAI-compatible API
+    # Bearer keys of the HTTP API; required to listen beyond loopback.
+    api_keys: Annotated[list[ApiKeySection], AfterValidator(unique_keys)] = []
+
+    @model_validator(mode="after")
+    def _keys_beyond_loopback(self) -> WorkerSection:
+        if self.http_port is not None and not self.api_keys and not is_loopback(self.http_host):
+            raise ValueError(f"http_host {self.http_host!r} is reachable from other machines: "
+                             "set api_keys ([[worker.api_keys]] key = \"${ENV}\", tenant = "
+                             "\"...\") or listen on 127.0.0.1")
+        return self
 
     @model_validator(mode="after")
     def _heartbeat_well_inside_claim_idle(self) -> WorkerSection:

@@ -22,7 +22,8 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from importlib.resources import files
 from typing import Annotated, Any
 
@@ -40,7 +41,8 @@ from pydantic_core import PydanticCustomError
 
 from bots.web import routes, sse
 from bots.web.settings import WidgetFields
-from core.config import BotSettings, validate_section
+from core.api_keys import ApiKeys, KeyBusy, Unauthorized
+from core.config import ApiKeySection, BotSettings, unique_keys, validate_section
 from core.engine import Engine, collect
 from core.errors import ConfigError
 from core.ports import ListenAddress
@@ -81,6 +83,9 @@ class WebSettings(WidgetFields):
     port: int = Field(default=8080, ge=0, le=65535)  # 0: any free port
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
     cors_origins: list[str] = []  # origins whose pages may call the API; "*" for any
+    # Server-to-server callers of /api/v1/chat: with keys, every call needs one, and user
+    # and conversation ids live in the key's tenant (two tenants' "u1" are two users).
+    api_keys: Annotated[list[ApiKeySection], AfterValidator(unique_keys)] = []
 
 
 def _check_id(value: str) -> str:
@@ -111,6 +116,7 @@ class ChatRequest(BaseModel):
 
 ENGINE = web.AppKey("engine", Engine)
 CONFIG = web.AppKey("web_settings", WebSettings)
+KEYS = web.AppKey("web_api_keys", ApiKeys)
 PAGE = web.AppKey("page", bytes)
 
 
@@ -191,6 +197,7 @@ def build_app(
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_json_errors])
     app[ENGINE] = engine
     app[CONFIG] = config
+    app[KEYS] = ApiKeys(config.api_keys)
     app[PAGE] = page
     app.on_response_prepare.append(_add_headers)
     routes.install(app, engine, config)
@@ -204,13 +211,38 @@ def build_app(
     return app
 
 
+@contextmanager
+def _caller(request: web.Request) -> Iterator[str | None]:
+    """The tenant of the request's API key while it runs (None without keys configured);
+    401 for a missing or wrong key, 429 when the key has too many requests running."""
+    keys = request.app[KEYS]
+    if not keys:
+        yield None
+        return
+    try:
+        key = keys.caller(request.headers.get("Authorization"))
+    except Unauthorized as exc:
+        raise _Refused(401, str(exc), "unauthorized") from None
+    try:
+        with keys.running(key):
+            yield key.tenant
+    except KeyBusy:
+        raise _Refused(429, "too many requests are running for this API key",
+                       "slow_down") from None
+
+
 async def _chat(request: web.Request) -> web.StreamResponse:
-    message = await _read_message(request)
-    return _json_reply(await collect(request.app[ENGINE].handle(message)), message)
+    with _caller(request) as tenant:
+        message = await _read_message(request, tenant)
+        return _json_reply(await collect(request.app[ENGINE].handle(message)), message)
 
 
 async def _chat_stream(request: web.Request) -> web.StreamResponse:
-    message = await _read_message(request)
+    with _caller(request) as tenant:
+        return await _stream_reply(request, await _read_message(request, tenant))
+
+
+async def _stream_reply(request: web.Request, message: IncomingMessage) -> web.StreamResponse:
     async with closing(request.app[ENGINE].handle(message)) as events:
         # The open request is the typing indicator; holding the response until the reply
         # begins lets a failure before it (busy, memory down) be a status, as on /chat,
@@ -236,8 +268,9 @@ async def _chat_stream(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _read_message(request: web.Request) -> IncomingMessage:
-    """The request's message, or an HTTP error saying why it is refused."""
+async def _read_message(request: web.Request, tenant: str | None = None) -> IncomingMessage:
+    """The request's message, or an HTTP error saying why it is refused; with a key's
+    ``tenant``, its ids are the tenant's."""
     limit = request.app[CONFIG].max_body_bytes
     # Insisting on JSON also means a cross-site page cannot post without a CORS preflight.
     charset = (request.charset or "utf-8").lower()
@@ -264,13 +297,15 @@ async def _read_message(request: web.Request) -> IncomingMessage:
     except ValidationError as exc:
         problems = (".".join(map(str, e["loc"])) + ": " + e["msg"] for e in exc.errors())
         raise _Refused(400, "; ".join(problems)) from None
+    scope = f"{tenant}:" if tenant else ""
     return IncomingMessage(
         bot=request.app[ENGINE].name,
         channel=CHANNEL,
-        conversation_id=fields.conversation_id,
-        user_id=fields.user_id,
+        conversation_id=scope + fields.conversation_id,
+        user_id=scope + fields.user_id,
         message_id=fields.message_id or uuid.uuid4().hex,
         text=fields.text,
+        metadata={"tenant": tenant} if tenant else {},
     )
 
 
@@ -279,7 +314,9 @@ def _reply_body(event: ReplyEvent, message: IncomingMessage) -> dict[str, str]:
         "kind": event.kind.value,
         "text": event.text,
         "action": str(event.action),
-        "conversation_id": message.conversation_id,
+        # As the caller named it, without its key's tenant.
+        "conversation_id": message.conversation_id.removeprefix(
+            f"{message.metadata['tenant']}:" if "tenant" in message.metadata else ""),
         "message_id": message.message_id,
     }
     if event.code is not None:

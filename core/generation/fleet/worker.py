@@ -42,6 +42,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
+from core.api_keys import ApiKeys
 from core.config import BotSettings
 from core.errors import ConfigError, GenerationError
 from core.generation.base import Generator, generator_backends
@@ -187,7 +188,8 @@ class Worker(ServiceBase):
         from core.generation.openai.server import openai_app
 
         app = openai_app(self.inner, self.settings.generation.model,
-                         metrics_render=self.metrics.render)
+                         metrics_render=self.metrics.render,
+                         keys=ApiKeys(self.section.api_keys))
         # Cancelling the handler of a client that hung up is what stops its generation.
         runner = web.AppRunner(app, handler_cancellation=True)
         await runner.setup()

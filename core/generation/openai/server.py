@@ -38,6 +38,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from core.api_keys import ApiKeys, KeyBusy, Unauthorized
 from core.errors import GenerationError, GeneratorBusy
 from core.generation.base import (
     ChatMessage,
@@ -57,7 +58,6 @@ DEFAULT_MAX_TOKENS = 512
 MAX_TOKENS = 8192
 RETRY_AFTER_SECONDS = 2
 DEFAULT_TENANT = "openai-api"
-TENANT_HEADER = "X-Parley-Tenant"
 _ROLES: dict[str, Role] = {
     "system": "system", "developer": "system", "user": "user", "assistant": "assistant",
 }
@@ -177,6 +177,7 @@ class OpenAIError(Exception):
 
 GENERATOR = web.AppKey("openai_generator", Generator)
 MODEL = web.AppKey("openai_model", str)
+KEYS = web.AppKey("openai_keys", ApiKeys)
 METRICS: web.AppKey[Callable[[], bytes]] = web.AppKey("openai_metrics")
 
 
@@ -185,11 +186,20 @@ def openai_app(
     model_name: str,
     *,
     metrics_render: Callable[[], bytes] | None = None,
+    keys: ApiKeys | None = None,
 ) -> web.Application:
-    """The API serving ``generator`` as model ``model_name``; see the module docstring."""
+    """The API serving ``generator`` as model ``model_name``; see the module docstring.
+
+    With ``keys``, every completion needs ``Authorization: Bearer KEY``: the key's tenant
+    is the request's tenant (the fair queue's unit), users are kept apart per key, and a
+    key has at most its ``max_in_flight`` requests running (429 beyond). Without keys
+    (loopback only) every request is tenant ``openai-api``. A tenant is never taken from
+    a header.
+    """
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_openai_errors])
     app[GENERATOR] = generator
     app[MODEL] = model_name
+    app[KEYS] = keys or ApiKeys(())
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/v1/models/{model:.+}", _model)
@@ -201,16 +211,39 @@ def openai_app(
 
 
 async def _chat_completions(request: web.Request) -> web.StreamResponse:
+    keys = request.app[KEYS]
+    if not keys:
+        return await _complete(request, DEFAULT_TENANT, None)
+    try:
+        key = keys.caller(request.headers.get("Authorization"))
+        with keys.running(key):
+            return await _complete(request, key.tenant, key.tenant)
+    except Unauthorized as exc:
+        raise OpenAIError(401, str(exc), kind="invalid_request_error",
+                          code="invalid_api_key") from None
+    except KeyBusy:
+        raise OpenAIError(429, "Too many requests are running for this API key; retry "
+                               "shortly", kind="rate_limit_error",
+                          code="rate_limit_exceeded") from None
+
+
+async def _complete(
+    request: web.Request, tenant: str, namespace: str | None
+) -> web.StreamResponse:
     fields = await _read_request(request)
     model = request.app[MODEL]
     if fields.model != model:
         raise OpenAIError(404, f"The model `{fields.model}` does not exist; this server has "
                                f"`{model}`", param="model", code="model_not_found")
+    user = fields.user or ""
+    if namespace is not None:
+        # Per-user caps apply per key: one client's users never share another's.
+        user = f"{namespace}:{user}"
     job = GenerationRequest(
         messages=tuple(ChatMessage(_ROLES[m.role], m.content) for m in fields.messages),
         sampling=fields.sampling(),
-        tenant=_tenant(request),
-        user=fields.user or "",
+        tenant=tenant,
+        user=user,
     )
     chunk = _Chunks(f"chatcmpl-{job.request_id}", model)
     async with closing(request.app[GENERATOR].stream(job)) as deltas:
@@ -323,15 +356,6 @@ class _Chunks:
 
 def _data(body: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
-
-
-def _tenant(request: web.Request) -> str:
-    tenant = request.headers.get(TENANT_HEADER, "").strip()
-    if not tenant:
-        return DEFAULT_TENANT
-    if len(tenant) > 64 or not tenant.isprintable():
-        raise OpenAIError(400, f"{TENANT_HEADER} must be at most 64 printable characters")
-    return tenant
 
 
 async def _read_request(request: web.Request) -> CompletionIn:
