@@ -79,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             gone = asyncio.run(forget(settings, args.channel, args.user))
             print(f"forgot {args.channel} user {args.user!r}: {gone.memory} conversations "
-                  f"and facts, {gone.moderation} moderation records")
+                  f"and facts, {gone.moderation} moderation records, {gone.dead_letters} "
+                  "dead letters")
             return 0
         if args.command == "chat":
             console = adapter_registry().get("console")(

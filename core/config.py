@@ -128,6 +128,8 @@ class WorkerSection(Section):
     claim_idle: float = Field(default=15.0, gt=0.0)  # seconds before a silent job is reclaimed
     heartbeat: float = Field(default=3.0, gt=0.0)
     max_attempts: int = Field(default=3, ge=1)
+    # Dead letters hold whole prompts: kept this many seconds (and gone on forget).
+    dead_letter_ttl: float = Field(default=7 * 86400.0, ge=1.0)
     http_host: str = "127.0.0.1"
     http_port: int | None = Field(default=None, ge=0, le=65535)  # OpenAI-compatible API
     # Bearer keys of the HTTP API; required to listen beyond loopback.

@@ -1,8 +1,9 @@
 """``parley forget``: delete everything a bot keeps about one user of one channel.
 
 Memory (the conversations the user took part in, with their dedupe records and stored
-replies, their facts and indexes) and the shared moderation state (their rate window,
-violation score, mute, and their audit and escalation entries). Only stores another
+replies, their facts and indexes), the shared moderation state (their rate window,
+violation score, mute, and their audit and escalation entries) and, with the ``redis``
+generation backend, the dead-lettered generation jobs of their messages. Only stores another
 process can reach are covered: a bot whose memory is ``embedded`` keeps its data inside
 its own ``parley run``.
 """
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from core.config import BotSettings
-from core.errors import ConfigError
+from core.errors import ConfigError, GenerationError
 from core.memory.base import UserRef, memory_backends
 
 
@@ -32,6 +33,7 @@ class Forgotten:
 
     memory: int
     moderation: int
+    dead_letters: int = 0
 
 
 async def forget(settings: BotSettings, channel: str, user_id: str) -> Forgotten:
@@ -58,4 +60,24 @@ async def forget(settings: BotSettings, channel: str, user_id: str) -> Forgotten
             in_moderation = await state.forget_user(f"{channel}:{user_id}")
         finally:
             await state.stop()
-    return Forgotten(in_memory, in_moderation)
+    return Forgotten(in_memory, in_moderation, await _dead_letters(settings, channel, user_id))
+
+
+async def _dead_letters(settings: BotSettings, channel: str, user_id: str) -> int:
+    """Delete the user's dead-lettered generation jobs (they hold whole prompts)."""
+    gen = settings.generation
+    if gen.backend != "redis" or not gen.url:
+        return 0
+    from core.generation.fleet.jobs import QueueKeys, forget_dead_letters
+    from core.redis_client import connect, failures_as, redact
+
+    client = connect(gen.url, timeout=settings.memory.timeout,
+                     where=f"{settings.source}: generation.url")
+    try:
+        async with failures_as(GenerationError, f"redis at {redact(gen.url)}",
+                               "forgetting dead letters"):
+            # The engine names a job's user "{channel}:{user_id}" and its tenant the bot.
+            return await forget_dead_letters(client, QueueKeys(gen.queue), settings.bot.name,
+                                             f"{channel}:{user_id}")
+    finally:
+        await client.aclose()

@@ -6,7 +6,8 @@ so that it holds no ``:``)::
     {q}:jobs          stream  one entry per job: {job: JSON}; consumer group ``workers``
     {q}:out:{rid}     stream  the reply: {attempt, text[, finish_reason | error][, worker]}
     {q}:cancel:{rid}  string  set by a front end that stopped listening (with a TTL)
-    {q}:dead          stream  dead letters: {id, reason, attempts, worker, job}
+    {q}:dead          stream  dead letters: {id, reason, attempts, worker, tenant, user,
+                              job}; kept worker.dead_letter_ttl, deleted on forget
 
 A job's JSON::
 
@@ -29,6 +30,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, get_args
+
+from redis.asyncio import Redis
 
 from core.generation.base import (
     ChatMessage,
@@ -235,3 +238,29 @@ def decode_reply(fields: Mapping[bytes, bytes]) -> Reply:
         error=error.decode("utf-8", errors="replace") if error is not None else None,
         worker=worker.decode("utf-8", errors="replace") if worker is not None else None,
     )
+
+
+async def forget_dead_letters(client: Redis, keys: QueueKeys, tenant: str, user: str) -> int:
+    """Delete the dead letters of ``user`` (as the engine names users: ``channel:id``) of
+    ``tenant`` (the bot); returns how many went. Reads the stream in pages."""
+    gone, start = 0, "-"
+    while True:
+        rows: Any = await client.xrange(keys.dead, min=start, count=500)
+        if not rows:
+            return gone
+        mine = []
+        for entry_id, fields in rows:
+            who = (fields.get(b"tenant"), fields.get(b"user"))
+            if who == (None, None):  # written before dead letters named their user
+                try:
+                    body = json.loads(fields.get(b"job", b"{}"))
+                    who = (str(body.get("tenant", "")).encode(),
+                           str(body.get("user", "")).encode())
+                except (ValueError, AttributeError):
+                    continue
+            if who == (tenant.encode(), user.encode()):
+                mine.append(entry_id)
+        if mine:
+            gone += int(await client.xdel(keys.dead, *mine))
+        last = rows[-1][0]
+        start = "(" + (last.decode() if isinstance(last, bytes) else last)

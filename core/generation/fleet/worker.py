@@ -291,7 +291,8 @@ class Worker(ServiceBase):
                 continue
             if attempt > max_attempts:
                 await self._dead_letter(entry_id, raw, job.request.request_id, attempt,
-                                        f"gave up after {attempt - 1} attempts", "attempts")
+                                        f"gave up after {attempt - 1} attempts", "attempts",
+                                        job)
                 continue
             jobs.append((entry_id, job, attempt, raw))
         if not jobs:
@@ -324,16 +325,25 @@ class Worker(ServiceBase):
 
     async def _dead_letter(
         self, entry_id: str, raw: bytes, request_id: str | None, attempts: int,
-        reason: str, kind: str,
+        reason: str, kind: str, job: QueuedJob | None = None,
     ) -> None:
-        """Move a job to the dead-letter stream and tell its front end, if it has one."""
+        """Move a job to the dead-letter stream and tell its front end, if it has one.
+
+        Dead letters hold the whole prompt: they are kept ``worker.dead_letter_ttl``
+        seconds, and carry the job's tenant and user so ``parley forget`` finds them.
+        """
         client = self._client
         assert client is not None
+        ttl_ms = int(self.section.dead_letter_ttl * 1000)
+        letter: dict[Any, Any] = {"id": entry_id, "reason": reason, "attempts": attempts,
+                                  "worker": self.name}
+        if job is not None:
+            letter.update(tenant=job.request.tenant, user=job.request.user)
+        letter["job"] = raw[:65536]
         pipe = client.pipeline(transaction=True)
-        pipe.xadd(self.keys.dead, {
-            "id": entry_id, "reason": reason, "attempts": attempts, "worker": self.name,
-            "job": raw[:65536],
-        }, maxlen=DEAD_CAP, approximate=True)
+        pipe.xadd(self.keys.dead, letter, maxlen=DEAD_CAP, approximate=True)
+        pipe.xtrim(self.keys.dead, minid=max(int(time.time() * 1000) - ttl_ms, 0))
+        pipe.pexpire(self.keys.dead, ttl_ms)
         if request_id is not None:
             reply = self.keys.reply(request_id)
             fields: dict[Any, Any] = encode_reply(Reply(attempts, error=reason, worker=self.name))
@@ -399,7 +409,8 @@ class Worker(ServiceBase):
         try:
             if r.attempt >= self.section.max_attempts:
                 await self._dead_letter(r.entry_id, r.raw, r.request_id, r.attempt,
-                                        f"attempt {r.attempt} failed: {detail}", "attempts")
+                                        f"attempt {r.attempt} failed: {detail}", "attempts",
+                                        r.job)
                 return
             log.warning("worker %s: job %s attempt %d failed, handing it back: %s",
                         self.name, r.request_id, r.attempt, detail)
