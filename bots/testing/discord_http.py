@@ -4,6 +4,7 @@ discord.py expects them, injected faults, and Discord's per-route rate-limit buc
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -66,8 +67,9 @@ class Bucket:
         return self.used <= self.limit
 
     def reset_after(self) -> float:
-        """Seconds until the window starts again."""
-        return max(0.0, self.reset_at - time.monotonic())
+        """Seconds until the window starts again, rounded up to the millisecond (a client
+        that waits what the header says must not arrive a fraction early)."""
+        return math.ceil(max(0.0, self.reset_at - time.monotonic()) * 1000) / 1000
 
     def headers(self) -> dict[str, str]:
         """Discord's ``X-RateLimit-*`` headers for the bucket's state."""
