@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,7 +20,16 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.support.widget import GatedEcho, Served, gated_engine, serving, widget_settings
+from bots.web.sessions import Session, SessionSigner
+from tests.support.widget import (
+    BOT,
+    SECRET,
+    GatedEcho,
+    Served,
+    gated_engine,
+    serving,
+    widget_settings,
+)
 from tests.support.xss import PAYLOADS
 
 CHROMIUM = "/usr/bin/chromium"
@@ -301,3 +311,25 @@ async def test_parleys_own_page_works_under_its_strict_csp() -> None:
     assert shown[-1]["text"] == "hello from the demo page"
     assert violations == []
     assert width == 375
+
+
+async def test_a_refused_token_is_renewed_and_the_conversation_kept() -> None:
+    async with embedded(GatedEcho()) as page:
+        await page.open()
+        await page.say("remember me")
+        await page.wait_for(lambda ms: any(m["state"] == "final" for m in ms))
+        key, stored = await page.tab.evaluate(
+            "Object.entries(localStorage).find(([k]) => k.startsWith('parley:'))")
+        data = json.loads(stored)
+        claims = SessionSigner(BOT, SECRET, ttl=60).verify(data["token"])
+        # The same session's token, expired ten seconds ago; the page still thinks it good.
+        past = SessionSigner(BOT, SECRET, ttl=60, clock=lambda: time.time() - 70)
+        expired = past.sign(Session(BOT, claims.user_id, claims.conversation_id,
+                                    time.time() - 10, claims.verified))
+        await page.tab.evaluate("([k, v]) => localStorage.setItem(k, v)",
+                                [key, json.dumps({**data, "token": expired})])
+        await page.tab.reload()
+        await page.wait_for(lambda ms: [m["text"] for m in ms] == ["remember me"] * 2)
+        renewed = json.loads(await page.tab.evaluate(f"localStorage.getItem({key!r})"))
+    assert renewed["token"] not in (expired, data["token"])
+    assert renewed["conversation_id"] == data["conversation_id"]

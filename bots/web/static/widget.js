@@ -407,6 +407,7 @@
   // ---- the connection ----------------------------------------------------------------
 
   let session = null;
+  let renew = false;
   let ws = null;
   let backoff = 500;
   let pingTimer = null;
@@ -446,8 +447,9 @@
     clearTimeout(pongTimer);
     try {
       const stored = session || loadSession();
-      const fresh = stored && stored.expires_at * 1000 > Date.now() + 60000;
+      const fresh = !renew && stored && stored.expires_at * 1000 > Date.now() + 60000;
       session = fresh ? stored : await newSession(stored);
+      renew = false;
       if (!title.dataset.themed) { title.dataset.themed = "1"; applyTheme(session.theme); if (!last) reset(); }
     } catch (err) {
       showStatus("Chat unavailable: " + err.message);
@@ -479,7 +481,12 @@
       ws = null;
       clearTimeout(pingTimer);
       clearTimeout(pongTimer);
-      if (!opened) session = null;  // refused at the handshake: get a new token first
+      if (!opened) {
+        // Refused at the handshake (an expired token, a rotated secret): renew the token
+        // first; the server keeps the conversation if the old token is still its own.
+        session = null;
+        renew = true;
+      }
       showStatus("Reconnecting…");
       retry();
     };
