@@ -7,7 +7,8 @@ Routes:
 - ``POST /api/v1/chat/stream``: the same request; the reply's events as they are made
   (``event: delta | final | notice | error``, each ``data`` a JSON object). A failure
   before the reply begins is answered as on ``/api/v1/chat``, with a JSON error status.
-- ``GET /healthz``, ``GET /metrics`` (Prometheus), and ``GET /`` (a demo page).
+- ``GET /healthz`` (alive), ``GET /readyz`` (the generator takes requests now, or why
+  not), ``GET /metrics`` (Prometheus), and ``GET /`` (a demo page).
 - The embeddable widget: ``/widget.js``, sessions, the WebSocket API and feedback
   (:mod:`bots.web.routes`).
 
@@ -45,6 +46,7 @@ from core.api_keys import ApiKeys, KeyBusy, Unauthorized
 from core.config import ApiKeySection, BotSettings, unique_keys, validate_section
 from core.engine import Engine, collect
 from core.errors import ConfigError
+from core.generation.base import readiness_of
 from core.ports import ListenAddress
 from core.streams import closing
 from core.types import IncomingMessage, ReplyEvent, ReplyKind
@@ -203,6 +205,7 @@ def build_app(
     routes.install(app, engine, config)
     app.router.add_get("/", _index)
     app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
     for path, handler in (("/api/v1/chat", _chat), ("/api/v1/chat/stream", _chat_stream)):
         app.router.add_post(path, handler)
@@ -409,7 +412,20 @@ async def _index(request: web.Request) -> web.Response:
 
 
 async def _healthz(request: web.Request) -> web.Response:
+    # Alive unless the generator has given up (its loop died more often than it may restart).
+    state = readiness_of(request.app[ENGINE].generator)
+    if not state.healthy:
+        return web.json_response({"status": "unhealthy", "bot": request.app[ENGINE].name,
+                                  "reason": state.reason}, status=503)
     return web.json_response({"status": "ok", "bot": request.app[ENGINE].name})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    state = readiness_of(request.app[ENGINE].generator)
+    body = {"status": "ready" if state.ready else "not ready", "bot": request.app[ENGINE].name}
+    if not state.ready:
+        body["reason"] = state.reason
+    return web.json_response(body, status=200 if state.ready else 503)
 
 
 async def _metrics(request: web.Request) -> web.Response:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from core.config import BotSettings
 from core.registry import Registry
@@ -78,6 +78,34 @@ class Generator(Protocol):
     def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
         """The continuation of ``request.messages``, piece by piece."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """Whether a generator can take requests now (``/readyz``), and whether it can be
+    expected to again (``/healthz``): ``healthy`` is False once it has given up."""
+
+    ready: bool
+    reason: str = ""
+    healthy: bool = True
+
+
+@runtime_checkable
+class ReportsReadiness(Protocol):
+    """A generator that knows more about its readiness than whether it is started."""
+
+    def readiness(self) -> Readiness:
+        """The generator's state now."""
+        ...
+
+
+def readiness_of(generator: object) -> Readiness:
+    """``generator``'s readiness: its own report, else whether it is started."""
+    if isinstance(generator, ReportsReadiness):
+        return generator.readiness()
+    if getattr(generator, "started", True):
+        return Readiness(True)
+    return Readiness(False, "not started")
 
 
 GeneratorFactory = Callable[[BotSettings], Generator]

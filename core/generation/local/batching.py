@@ -20,20 +20,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from core.errors import GenerationError, GeneratorBusy
-from core.generation.base import ChatMessage, GenerationRequest, SamplingParams
+from core.generation.base import Readiness
 from core.generation.local.decoding import TokenSink
 from core.generation.local.fair_queue import FairQueue, user_key
-from core.generation.local.hf.attention import ATTENTION_NAME, use_varlen_attention
+from core.generation.local.hf.manager import attention_in_use
+from core.generation.local.hf.patch import Patch, default_patches
 from core.generation.local.runner import HFRunner
+from core.generation.local.supervisor import ManagerSupervisor
 from core.generation.local.ticket import Ticket
 
 log = logging.getLogger(__name__)
@@ -61,14 +61,19 @@ class _Running:
 
 
 class BatchingScheduler:
-    """Serves jobs through one ``ContinuousBatchingManager``; same surface as the
-    sequential scheduler (``start``, ``submit``, ``stop``, ``runner``)."""
+    """Serves tickets through one ``ContinuousBatchingManager``; same surface as the
+    sequential scheduler (``start``, ``submit``, ``stop``, ``runner``).
 
-    def __init__(self, load: Callable[[], HFRunner], limits: BatchLimits) -> None:
+    ``patches`` replaces the seam's default set (``hf/patch.py``); tests pass their own.
+    """
+
+    def __init__(self, load: Callable[[], HFRunner], limits: BatchLimits,
+                 patches: Sequence[Patch] | None = None) -> None:
         self._load = load
         self.limits = limits
         self.runner: HFRunner | None = None
-        self._manager: Any = None
+        self._patches = patches
+        self._supervisor: ManagerSupervisor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue = FairQueue(limits.max_waiting, limits.max_per_user)
         self._running: dict[Ticket, _Running] = {}
@@ -87,95 +92,48 @@ class BatchingScheduler:
         """Tickets in the running batch."""
         return len(self._running)
 
+    @property
+    def patches(self) -> list[str]:
+        """The names of the seam's patches the manager runs with (after the self-check)."""
+        supervisor = self._supervisor
+        return [patch.name for patch in supervisor.patches] if supervisor is not None else []
+
+    def readiness(self) -> Readiness:
+        """Whether the manager's loop is running (see ``supervisor.py``)."""
+        if self._supervisor is None:
+            return Readiness(False, "starting" if not self._stopping else "stopped")
+        return self._supervisor.readiness
+
     async def start(self) -> None:
-        """Load the model and start the batching manager, off the event loop."""
+        """Load the model and start a manager that passes the self-check, off the event loop.
+
+        Raises :class:`GenerationError` when even the manager's own path fails it; the
+        loaded model stays in :attr:`runner` for a scheduler that does without batching.
+        """
         self._loop = asyncio.get_running_loop()
-        self.runner = await asyncio.to_thread(self._load)
-        self._manager = await asyncio.to_thread(self._start_manager, self.runner)
-        await self._warm_up()
-
-    async def _warm_up(self) -> None:
-        """One short request through the whole path, so the first user does not pay for
-        lazy initialisation (kernels, allocator, CUDA graphs)."""
-        job = Ticket(GenerationRequest((ChatMessage("user", "Hello"),),
-                                    SamplingParams(max_new_tokens=2, temperature=0.0),
-                                    tenant="parley-warm-up"), asyncio.get_running_loop())
-        self.submit(job)
-        while True:
-            item = await job.output.get()
-            if isinstance(item, GenerationError):
-                raise item
-            if item.finish_reason is not None:
-                break
-        assert self.runner is not None
-        self.runner.tokens_generated = 0
-
-    def _start_manager(self, runner: HFRunner) -> Any:
-        from transformers import GenerationConfig
-        from transformers.generation.configuration_utils import ContinuousBatchingConfig
-
-        from core.generation.local.hf import scheduler as newcomers
-        from core.generation.local.hf.sampler import batch_processors, sample_in_processor
-
-        loaded, limits = runner.loaded, self.limits
-        # transformers gives this logger a console handler of its own; keep it to warnings
-        # unless Parley itself is debugging.
-        logging.getLogger("ContinuousBatchingLogger").setLevel(
-            logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.WARNING
+        runner = self.runner = await asyncio.to_thread(self._load)
+        limits = self.limits
+        spec = ManagerSupervisor.spec_for(
+            runner, max_batch=limits.max_batch, kv_cache_tokens=limits.kv_cache_tokens,
+            page_size=limits.page_size, max_batch_tokens=limits.max_batch_tokens,
         )
-        # do_sample is global, so every request samples; greedy is asked for per request
-        # as top_p = 0, which leaves only the argmax. The temperature must be non-neutral
-        # for the manager to plan for logits processing at all.
-        config = GenerationConfig(  # type: ignore[no-untyped-call]
-            do_sample=True, temperature=0.9999,
-            # No global end token: each request names its own (none with ignore_eos).
-            max_new_tokens=256, eos_token_id=None,
-            pad_token_id=loaded.tokenizer.pad_token_id or 0,
-        )
-        cache_tokens = limits.kv_cache_tokens or limits.max_batch * min(runner.context, 1024)
-        batching = ContinuousBatchingConfig(
-            num_blocks=math.ceil(cache_tokens / limits.page_size),
-            page_size=limits.page_size,
-            max_batch_tokens=limits.max_batch_tokens,
-            max_requests_per_batch=limits.max_batch,
-            max_memory_percent=0.9,
-            per_request_processors=True,
-            allow_block_sharing=True,  # a bot's shared system prompt is cached once
-            scheduler_type=newcomers.register() if limits.newcomers_first else "fifo",
-        )
-        manager = loaded.model.init_continuous_batching(
-            generation_config=config, continuous_batching_config=batching
-        )
-        # The manager's own top-k/top-p sort the whole vocabulary for every row at every
-        # step; swap in a sampler that does not (see hf/sampler.py). The
-        # batch processor that uses this list is only built by start().
-        manager.logit_processor = batch_processors(default_temperature=0.9999)
-        attention = str(loaded.model.config._attn_implementation)
-        if "flash" not in attention:
-            # Without flash kernels the manager attends over the whole packed batch;
-            # attend per request instead (see hf/attention.py).
-            use_varlen_attention(loaded.model)
-            attention = ATTENTION_NAME
-        manager.start()
-        # start() does not raise: the cache is allocated on the manager's thread, and a
-        # failure there only shows as a dead thread.
-        deadline = time.monotonic() + 120
-        while manager.batch_processor is None:
-            error = manager.background_thread_status.fatal_error
-            if error is not None or not manager.is_running():
-                raise GenerationError(f"continuous batching failed to start: {error}")
-            if time.monotonic() > deadline:
-                raise GenerationError("continuous batching did not start within 120 s")
-            time.sleep(0.01)
-        sample_in_processor(manager.batch_processor)
-        log.info("continuous batching: %d slots, KV cache %d tokens in pages of %d, %s attention",
-                 limits.max_batch, cache_tokens, limits.page_size, attention)
-        return manager
+        patches = (self._patches if self._patches is not None
+                   else default_patches(newcomers_first=limits.newcomers_first))
+        supervisor = ManagerSupervisor(runner, spec, patches)
+        await supervisor.open()
+        self._supervisor = supervisor
+        supervisor.watch(self._loop_died, self._pump)
+        log.info("continuous batching: %d slots, KV cache %d pages of %d tokens, %s attention; "
+                 "patches: %s", limits.max_batch, spec.num_blocks, spec.page_size,
+                 attention_in_use(runner.loaded.model), ", ".join(self.patches) or "none")
 
     def submit(self, job: Ticket) -> None:
         """Prepare ``job``'s prompt off the loop, then queue it for a slot."""
         if self._stopping or self.runner is None:
             job.fail(GenerationError("the generator is not running"))
+            return
+        if not self.readiness().healthy:
+            job.fail(GenerationError(f"the generator is down: {self.readiness().reason}"))
             return
         if len(self._queue) + len(self._preparing) >= self.limits.max_waiting:
             job.fail(GeneratorBusy(f"{self.limits.max_waiting} requests are already waiting"))
@@ -200,21 +158,30 @@ class BatchingScheduler:
         job.on_cancel(lambda: self._call_soon(self._cancel, job))
         self._pump()
 
+    @property
+    def _manager(self) -> Any:
+        return self._supervisor.manager if self._supervisor is not None else None
+
     def _call_soon(self, callback: Callable[..., None], *args: Any) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(callback, *args)
 
     def _pump(self) -> None:
-        """Admit waiting jobs while there are free slots."""
+        """Admit waiting tickets while there are free slots and a running manager (after
+        a death they wait for the supervisor, which fails them with the reason)."""
+        manager = self._manager
+        if manager is None or not manager.is_running():
+            return
         while len(self._running) < self.limits.max_batch:
             job = self._queue.pop(self._by_tenant, self._by_user)
             if job is None:
                 return
-            if not job.cancelled:
-                self._admit(job)
+            if not job.cancelled and not self._admit(job):
+                return
 
-    def _admit(self, job: Ticket) -> None:
+    def _admit(self, job: Ticket) -> bool:
+        """Hand ``job`` to the manager; False if the manager took no more."""
         sink: TokenSink | None = job.prepared
         assert sink is not None and self.runner is not None
         sampling = job.request.sampling
@@ -236,8 +203,18 @@ class BatchingScheduler:
             **extra,
         )
         if added is None:
-            self._release(run, cancel=False)
-            job.fail(GenerationError("the batching manager is not running"))
+            # The manager is going down (its loop failed, it is failing what it had): the
+            # ticket waits again, for the supervisor to fail it with the reason or for a
+            # new manager to take it.
+            self._running.pop(job, None)
+            assert self._supervisor is not None
+            self._supervisor.forget(rid)
+            self._by_tenant[job.request.tenant] -= 1
+            self._by_user[user_key(job)] -= 1
+            if not self._queue.push(job):
+                job.fail(GenerationError("the batching manager is not running"))
+            return False
+        return True
 
     def _on_output(self, run: _Running, output: Any) -> None:
         if self._running.get(run.job) is not run:
@@ -272,14 +249,24 @@ class BatchingScheduler:
             return
         self._by_tenant[run.job.request.tenant] -= 1
         self._by_user[user_key(run.job)] -= 1
-        if cancel:
-            self._manager.cancel_request(run.rid)
-        # The manager keeps handlers of cancelled requests registered; drop ours.
-        router = self._manager.output_router
-        with router._lock:
-            router.result_handlers.pop(run.rid, None)
+        manager = self._manager
+        if manager is not None:
+            if cancel:
+                manager.cancel_request(run.rid)
+            # The manager keeps handlers of cancelled requests registered; drop ours.
+            assert self._supervisor is not None
+            self._supervisor.forget(run.rid)
         if not self._stopping:
             self._pump()
+
+    def _loop_died(self, reason: str) -> None:
+        """Fail every waiting and running ticket at once: their answers will not come."""
+        error = GenerationError(reason)
+        for job in self._queue.drain():
+            job.fail(error)
+        for run in list(self._running.values()):
+            self._release(run, cancel=False)
+            run.job.fail(error)
 
     async def stop(self) -> None:
         """Fail waiting and running jobs and stop the manager."""
@@ -292,7 +279,7 @@ class BatchingScheduler:
         for run in list(self._running.values()):
             self._release(run, cancel=True)
             run.job.fail(error)
-        manager, self._manager = self._manager, None
-        if manager is not None:
-            await asyncio.to_thread(manager.stop, True, 30)
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None:
+            await supervisor.close()
         self.runner = None

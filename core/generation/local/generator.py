@@ -18,25 +18,31 @@ Three parts, so that each can be replaced alone:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Sequence
 
 from core.config import BotSettings, GenerationSection
 from core.errors import GenerationError, GeneratorBusy
-from core.generation.base import GenerationRequest, TokenDelta
+from core.generation.base import GenerationRequest, Readiness, TokenDelta
 from core.generation.local.batching import BatchingScheduler, BatchLimits
+from core.generation.local.hf.patch import Patch
 from core.generation.local.models import cache_dir, load_model
 from core.generation.local.prompt import context_window
 from core.generation.local.runner import HFRunner
 from core.generation.local.sequential import SequentialScheduler
+from core.generation.local.supervisor import transformers_version
 from core.generation.local.ticket import Ticket
 from core.lifecycle import ServiceBase
+
+log = logging.getLogger(__name__)
 
 
 class LocalGenerator(ServiceBase):
     """Generates in this process, on a model loaded from ``generation.model``."""
 
-    def __init__(self, settings: BotSettings) -> None:
+    def __init__(self, settings: BotSettings, *, patches: Sequence[Patch] | None = None) -> None:
         self.settings: GenerationSection = settings.generation
+        self._patches = patches  # the seam's patches; None: the default set
         self._scheduler: SequentialScheduler | BatchingScheduler | None = None
 
     @property
@@ -54,17 +60,39 @@ class LocalGenerator(ServiceBase):
         context = context_window(settings.context_tokens, loaded.max_positions, loaded.device)
         return HFRunner(loaded, context)
 
+    def readiness(self) -> Readiness:
+        """Ready once started; with batching, while the manager's loop runs."""
+        scheduler = self._scheduler
+        if scheduler is None or not self.started:
+            return Readiness(False, "not started")
+        if isinstance(scheduler, BatchingScheduler):
+            return scheduler.readiness()
+        return Readiness(True)
+
     async def _start(self) -> None:
         settings = self.settings
-        if settings.batching:
-            self._scheduler = BatchingScheduler(self._load, BatchLimits(
-                max_batch=settings.max_batch, max_waiting=settings.max_waiting,
-                max_per_user=settings.max_per_user, kv_cache_tokens=settings.kv_cache_tokens,
-                max_batch_tokens=settings.batch_tokens,
-            ))
-        else:
+        if not settings.batching:
             self._scheduler = SequentialScheduler(self._load)
-        await self._scheduler.start()
+            await self._scheduler.start()
+            return
+        batching = BatchingScheduler(self._load, BatchLimits(
+            max_batch=settings.max_batch, max_waiting=settings.max_waiting,
+            max_per_user=settings.max_per_user, kv_cache_tokens=settings.kv_cache_tokens,
+            max_batch_tokens=settings.batch_tokens,
+        ), self._patches)
+        try:
+            await batching.start()
+        except GenerationError as exc:
+            runner = batching.runner
+            await batching.stop()
+            if runner is None:  # the model did not load: nothing to fall back on
+                raise
+            log.warning("transformers %s: %s; serving one request at a time instead",
+                        transformers_version(), exc)
+            self._scheduler = SequentialScheduler(lambda: runner)
+            await self._scheduler.start()
+            return
+        self._scheduler = batching
 
     async def _stop(self) -> None:
         scheduler, self._scheduler = self._scheduler, None

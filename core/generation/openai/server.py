@@ -7,7 +7,8 @@ Routes:
   otherwise one ``chat.completion`` object. Usage is left out: the generator reports
   text, not tokens, and a guessed count would be worse than none.
 - ``GET /v1/models`` (and ``/v1/models/{id}``): the one model served.
-- ``GET /healthz``; ``GET /metrics`` when the owner gives a renderer.
+- ``GET /healthz``; ``GET /readyz`` (ready to take requests, or why not); ``GET /metrics``
+  when the owner gives a renderer.
 
 Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``. A busy
 generator is a 429 with ``Retry-After``. The answer's headers wait for its first piece,
@@ -47,6 +48,7 @@ from core.generation.base import (
     Generator,
     SamplingParams,
     TokenDelta,
+    readiness_of,
 )
 from core.streams import closing
 from core.types import Role
@@ -204,6 +206,7 @@ def openai_app(
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/v1/models/{model:.+}", _model)
     app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
     if metrics_render is not None:
         app[METRICS] = metrics_render
         app.router.add_get("/metrics", _metrics)
@@ -429,8 +432,20 @@ def _model_object(request: web.Request) -> dict[str, Any]:
 async def _healthz(request: web.Request) -> web.Response:
     # A ServiceBase says whether it is started; another generator is taken at its word.
     started = getattr(request.app[GENERATOR], "started", True)
+    state = readiness_of(request.app[GENERATOR])
+    if not state.healthy:
+        return web.json_response({"status": "unhealthy", "model": request.app[MODEL],
+                                  "reason": state.reason}, status=503)
     return web.json_response({"status": "ok" if started else "starting",
                               "model": request.app[MODEL]}, status=200 if started else 503)
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    state = readiness_of(request.app[GENERATOR])
+    body = {"status": "ready" if state.ready else "not ready", "model": request.app[MODEL]}
+    if not state.ready:
+        body["reason"] = state.reason
+    return web.json_response(body, status=200 if state.ready else 503)
 
 
 async def _metrics(request: web.Request) -> web.Response:

@@ -12,13 +12,22 @@ CPU at 16 requests).
 and runs SDPA per request, with the causal (and sliding-window) mask of that request
 only. It is registered with transformers' ``AttentionInterface`` under
 :data:`ATTENTION_NAME` and switched on after the batching manager is set up.
+
+Private names: the ``cu_seq_lens_q`` / ``cu_seq_lens_k`` keyword arguments the model
+runner passes to attention functions, ``module.layer_idx`` / ``layer_types``, and on
+transformers < 5.24 the ``cache`` argument (``PagedAttentionCache.update``). Switched off,
+the manager attends with its own SDPA over the whole packed batch (slower, same tokens).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from core.generation.local.hf.patch import Patch
+
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
 ATTENTION_NAME = "parley_varlen"
@@ -43,14 +52,19 @@ def varlen_attention(
     import torch
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-    # The cache reads the batch layout from the same keyword arguments, so they stay in.
     cu_seq_lens_q = kwargs.get("cu_seq_lens_q")
     cu_seq_lens_k = kwargs.get("cu_seq_lens_k")
-    if cache is None or cu_seq_lens_q is None or cu_seq_lens_k is None:
+    if cu_seq_lens_q is None or cu_seq_lens_k is None:
         raise ValueError(f"{ATTENTION_NAME} attention only serves continuous batching")
-    key, value = cache.update(
-        key_states=key, value_states=value, layer_idx=module.layer_idx, kwargs=kwargs
-    )
+    if cache is not None:
+        # transformers < 5.24 hands the paged cache to the attention function, which
+        # stores the new keys and reads back every request's; the cache reads the batch
+        # layout from the same keyword arguments, so they stay in. From 5.24 the
+        # attention module updates the cache itself (``cache=`` on its forward) and
+        # passes the keys read back.
+        key, value = cache.update(
+            key_states=key, value_states=value, layer_idx=module.layer_idx, kwargs=kwargs
+        )
     layer_type = _layer_type(module)
     bounds_k = cu_seq_lens_k[layer_type] if isinstance(cu_seq_lens_k, dict) else cu_seq_lens_k
     window = getattr(module, "sliding_window", None) if layer_type == "sliding_attention" else None
@@ -86,14 +100,25 @@ def _layer_type(module: Any) -> str:
     return "sliding_attention" if getattr(module, "is_sliding", False) else "full_attention"
 
 
-def use_varlen_attention(model: Any) -> None:
-    """Register :func:`varlen_attention` and make ``model`` use it.
+class VarlenAttention(Patch):
+    """Makes the model attend per request (:func:`varlen_attention`) unless it uses flash
+    kernels, which already do."""
 
-    Call after ``init_continuous_batching``: the manager only accepts its own list of
-    implementations when it is set up, and nothing but the manager may run the model
-    afterwards (a plain forward has no packed batch to read boundaries from).
-    """
-    from transformers import AttentionInterface
+    name = "attention"
+    uses = "cu_seq_lens_q / cu_seq_lens_k attention kwargs; PagedAttentionCache.update (< 5.24)"
+    # The function registered; a test swaps in one whose assumptions do not hold.
+    function: Callable[..., tuple[torch.Tensor, None]] = staticmethod(varlen_attention)
 
-    AttentionInterface.register(ATTENTION_NAME, varlen_attention)
-    model.set_attn_implementation(ATTENTION_NAME)
+    def before_start(self, manager: Any, model: Any) -> None:
+        """Register the function and switch ``model`` to it.
+
+        After ``init_continuous_batching``: the manager only accepts its own list of
+        implementations when it is set up, and nothing but the manager may run the model
+        afterwards (a plain forward has no packed batch to read boundaries from).
+        """
+        from transformers import AttentionInterface
+
+        if "flash" in str(model.config._attn_implementation):
+            return
+        AttentionInterface.register(ATTENTION_NAME, self.function)
+        model.set_attn_implementation(ATTENTION_NAME)

@@ -12,6 +12,11 @@ It also draws the token itself, from those candidates: the manager's own samplin
 runs ``softmax`` and ``multinomial`` over the whole vocabulary (~35% of a Gemma 3 decode
 step on CPU). Its output leaves only the drawn token finite, and the manager's model
 runner is switched to taking the argmax (see :func:`sample_in_processor`).
+
+Private names: ``manager.logit_processor``, ``ContinuousBatchingLogitsProcessor`` and
+``...ProcessorList`` (``tensors_required``, ``do_processing``,
+``_retrieve_processors_kwargs``), ``batch_processor.model_runner.do_sample``. Switched off,
+the manager's own per-request temperature and top-p run (a full sort per step).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
     ContinuousBatchingLogitsProcessor,
     ContinuousBatchingLogitsProcessorList,
 )
+
+from core.generation.local.hf.patch import Patch
 
 CANDIDATES = 256
 
@@ -86,3 +93,26 @@ def batch_processors(default_temperature: float) -> ContinuousBatchingLogitsProc
     processors._retrieve_processors_kwargs()
     processors.do_processing = True
     return processors
+
+
+class CandidateSampler(Patch):
+    """Puts :class:`NucleusSampler` in the manager's processor list and makes its model
+    runner take the argmax of what it leaves."""
+
+    name = "sampler"
+    uses = "manager.logit_processor, model_runner.do_sample, _retrieve_processors_kwargs"
+
+    def __init__(self) -> None:
+        self._temperature = 1.0
+
+    def configure(self, generation: dict[str, Any], batching: dict[str, Any]) -> None:
+        """Remember the default temperature the processor list is built with."""
+        self._temperature = float(generation.get("temperature") or 1.0)
+
+    def before_start(self, manager: Any, model: Any) -> None:
+        """Swap the processor list; the batch processor that uses it is built by start()."""
+        manager.logit_processor = batch_processors(default_temperature=self._temperature)
+
+    def after_start(self, manager: Any) -> None:
+        """Stop the runner from sampling the whole vocabulary again."""
+        sample_in_processor(manager.batch_processor)

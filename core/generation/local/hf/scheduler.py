@@ -11,6 +11,11 @@ ones, or the rest of one split by the token budget), and decodes otherwise. The 
 requests lose one step per newcomer, a small share while the batch is full (a newcomer
 only gets a slot when a request ends), and the newcomer's first token comes one decode
 step sooner. When no prompt fits the KV cache, the step decodes as FIFO would.
+
+Private names: ``SCHEDULER_MAPPING``, ``FIFOScheduler`` and its ``active_requests``,
+``block_new_requests``, ``_get_waiting_candidates``, ``_process_candidates`` and
+``_cleanup_waiting_queue``; ``RequestStatus.PREFILLING``. Switched off, the manager's own
+FIFO schedule runs.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from transformers.generation.continuous_batching.scheduler import (
     SCHEDULER_MAPPING,
     FIFOScheduler,
 )
+
+from core.generation.local.hf.patch import Patch
 
 NAME = "parley_newcomers_first"
 
@@ -45,7 +52,19 @@ class NewcomersFirst(FIFOScheduler):
         return super().schedule_batch(token_budget, cache_budget)
 
 
-def register() -> str:
-    """Make :class:`NewcomersFirst` available to the manager; returns its scheduler name."""
-    SCHEDULER_MAPPING[NAME] = NewcomersFirst
-    return NAME
+class NewcomersFirstSchedule(Patch):
+    """Registers :class:`NewcomersFirst` and makes the manager schedule with it."""
+
+    name = "scheduler"
+    uses = "SCHEDULER_MAPPING, FIFOScheduler._process_candidates and its helpers"
+
+    def configure(self, generation: dict[str, Any], batching: dict[str, Any]) -> None:
+        """Name the schedule in the batching config."""
+        SCHEDULER_MAPPING[NAME] = NewcomersFirst
+        batching["scheduler_type"] = NAME
+
+    def after_start(self, manager: Any) -> None:
+        """Check that the manager really runs this schedule."""
+        scheduler = manager.batch_processor.scheduler
+        if not isinstance(scheduler, NewcomersFirst):
+            raise TypeError(f"the manager schedules with {type(scheduler).__name__}")
