@@ -55,33 +55,21 @@ class BotSection(Section):
 
 
 class GenerationSection(Section):
-    """``[generation]``: which generator answers, and how it samples."""
+    """``[generation]``: which generator answers, and how it samples.
+
+    The other keys belong to the chosen backend, which validates them with a model of its
+    own when it is built (``core.generation.base.backend_settings``): ``max_batch`` under
+    ``backend = "openai"`` is an error naming the file and the key.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
 
     backend: str = "local"
     model: str = "smollm2-135m"
     max_new_tokens: int = Field(default=128, ge=1, le=8192)
     temperature: float = Field(default=0.7, ge=0.0, le=2.0)
     top_p: float = Field(default=0.9, gt=0.0, le=1.0)
-    device: str = "auto"
-    # "auto": bfloat16 on CUDA and on CPUs with bfloat16 matrix units (AMX, AVX512-BF16),
-    # float32 elsewhere.
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    context_tokens: int | None = Field(default=None, ge=64)
-    cache_dir: str | None = None
     timeout: float = Field(default=120.0, gt=0.0)
-    # The local backend's continuous batching: how many requests decode together, how
-    # many may wait (beyond that: "busy" at once), and how many one user may have running.
-    batching: bool = True
-    max_batch: int = Field(default=32, ge=1, le=1024)
-    max_waiting: int = Field(default=256, ge=0)
-    max_per_user: int = Field(default=4, ge=1)
-    kv_cache_tokens: int | None = Field(default=None, ge=256)
-    batch_tokens: int = Field(default=512, ge=64, le=65536)  # tokens per forward pass
-    # Remote backends: ``redis`` (a fleet of ``parley worker``s) and ``openai`` (any
-    # OpenAI-compatible server). ``url`` is the Redis URL or the server's base URL.
-    url: str | None = None
-    api_key: str | None = None
-    queue: str = Field(default="parley:gen", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
 
 
 class ApiKeySection(Section):

@@ -142,7 +142,7 @@ async def test_stop_string_ends_the_reply_and_is_not_shown(
 
 
 async def test_same_seed_same_sample(generator: LocalGenerator) -> None:
-    if generator.settings.batching:
+    if generator.options.batching:
         pytest.skip("transformers' continuous batching has no per-request seed")
     sampled = [
         text_of(await collect(generator.stream(request(RUNS_ON, 30, temperature=1.0, seed=s))))

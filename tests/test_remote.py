@@ -336,10 +336,11 @@ async def test_a_killed_worker_s_jobs_are_answered_once_by_the_other(
         settings = make_settings(redis_url, queue, generation={
             "model": str(tiny_model_dir), "dtype": "float32", "max_new_tokens": 48,
             "timeout": 60.0})
+        from core.generation.fleet.settings import inner_settings
         from core.generation.local.generator import LocalGenerator
 
         expected: dict[str, str] = {}
-        async with LocalGenerator(settings) as lone:
+        async with LocalGenerator(inner_settings(settings)) as lone:  # as a worker runs it
             for prompt in PROMPTS:
                 deltas = await drain(lone.stream(ask(prompt, max_new_tokens=48)))
                 expected[prompt] = "".join(d.text for d in deltas)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, TypeVar, runtime_checkable
 
-from core.config import BotSettings
+from pydantic import BaseModel
+
+from core.config import BotSettings, GenerationSection, validate_section
+from core.errors import ConfigError
 from core.registry import Registry
 from core.types import Role
 
@@ -106,6 +109,21 @@ def readiness_of(generator: object) -> Readiness:
     if getattr(generator, "started", True):
         return Readiness(True)
     return Readiness(False, "not started")
+
+
+S = TypeVar("S", bound=BaseModel)
+
+
+def backend_settings(section: GenerationSection, model: type[S], *, source: str) -> S:
+    """The backend's own keys of ``[generation]`` (all but the common ones), validated by
+    its ``model``: a key it does not know is an error naming ``source`` and the key."""
+    try:
+        return validate_section(model, section.model_extra or {}, source=source,
+                                prefix="generation")
+    except ConfigError as exc:
+        # Say whose key it is not: the same key is right under another backend.
+        raise ConfigError(str(exc).replace(
+            ": unknown key", f": not a setting of the {section.backend!r} backend")) from None
 
 
 GeneratorFactory = Callable[[BotSettings], Generator]

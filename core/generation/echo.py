@@ -6,8 +6,8 @@ import asyncio
 import re
 from collections.abc import AsyncIterator
 
-from core.config import BotSettings
-from core.generation.base import FinishReason, GenerationRequest, TokenDelta
+from core.config import BotSettings, Section
+from core.generation.base import FinishReason, GenerationRequest, TokenDelta, backend_settings
 from core.lifecycle import ServiceBase
 
 _WORD = re.compile(r"\s*\S+")
@@ -40,5 +40,6 @@ class EchoGenerator(ServiceBase):
 
 
 def create(settings: BotSettings) -> EchoGenerator:
-    """Entry point ``parley.generators: echo``."""
+    """Entry point ``parley.generators: echo``; the echo backend has no keys of its own."""
+    backend_settings(settings.generation, Section, source=settings.source)
     return EchoGenerator(settings)

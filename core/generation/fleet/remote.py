@@ -28,7 +28,7 @@ from redis.exceptions import RedisError
 
 from core.config import BotSettings, GenerationSection
 from core.errors import ConfigError, GenerationError, GeneratorBusy
-from core.generation.base import GenerationRequest, TokenDelta
+from core.generation.base import GenerationRequest, TokenDelta, backend_settings
 from core.generation.fleet.jobs import (
     CANCEL_TTL,
     QUEUE_CAP,
@@ -39,6 +39,7 @@ from core.generation.fleet.jobs import (
     encode_job,
     valid_request_id,
 )
+from core.generation.fleet.settings import FleetSettings
 from core.lifecycle import ServiceBase
 from core.redis_client import connect, failures_as, redact
 
@@ -60,15 +61,16 @@ class RedisGenerator(ServiceBase):
     """A :class:`~core.generation.base.Generator` whose workers are ``parley worker``s."""
 
     def __init__(self, section: GenerationSection, *, source: str = "<memory>") -> None:
-        if not section.url:
+        options = backend_settings(section, FleetSettings, source=source)
+        if not options.url:
             raise ConfigError(
                 f"{source}: generation.url: the redis backend needs the workers' Redis URL"
             )
         self.section = section
         self.source = source
-        self.keys = QueueKeys(section.queue)
-        self.where = redact(section.url)
-        self._url = section.url
+        self.keys = QueueKeys(options.queue)
+        self.where = redact(options.url)
+        self._url = options.url
         self._client: Redis | None = None
         self._submit: AsyncScript | None = None
 

@@ -45,7 +45,7 @@ from redis.exceptions import RedisError, ResponseError
 from core.api_keys import ApiKeys
 from core.config import BotSettings
 from core.errors import ConfigError, GenerationError
-from core.generation.base import Generator, generator_backends
+from core.generation.base import Generator, backend_settings, generator_backends
 from core.generation.fleet import worker_scripts as scripts
 from core.generation.fleet.jobs import (
     DEAD_CAP,
@@ -59,6 +59,7 @@ from core.generation.fleet.jobs import (
     encode_reply,
 )
 from core.generation.fleet.replies import ReplyWriter, RunningJob
+from core.generation.fleet.settings import FleetSettings, inner_settings
 from core.lifecycle import ServiceBase, stop_signals
 from core.metrics import WorkerMetrics
 from core.redis_client import connect, load_scripts, redact
@@ -93,12 +94,13 @@ class Worker(ServiceBase):
                 raise ConfigError(f"{settings.source}: worker.backend: a worker cannot "
                                   "serve its jobs on the redis backend itself")
             factory = generator_backends().get(name, where=f"{settings.source}: worker.backend")
-            inner = factory(settings)
+            inner = factory(inner_settings(settings))
         self.inner = inner
         self.metrics = metrics or WorkerMetrics()
         self.stop_grace = stop_grace
         self.name = self.section.name or f"{socket.gethostname()}-{os.getpid()}"
-        self.keys = QueueKeys(settings.generation.queue)
+        fleet = backend_settings(settings.generation, FleetSettings, source=settings.source)
+        self.keys = QueueKeys(fleet.queue)
         self.where = redact(self.section.url)
         self.http_address: tuple[str, int] | None = None
         self._client: Redis | None = None

@@ -23,13 +23,14 @@ from collections.abc import AsyncIterator, Sequence
 
 from core.config import BotSettings, GenerationSection
 from core.errors import GenerationError, GeneratorBusy
-from core.generation.base import GenerationRequest, Readiness, TokenDelta
+from core.generation.base import GenerationRequest, Readiness, TokenDelta, backend_settings
 from core.generation.local.batching import BatchingScheduler, BatchLimits
 from core.generation.local.hf.patch import Patch
 from core.generation.local.models import cache_dir, load_model
 from core.generation.local.prompt import context_window
 from core.generation.local.runner import HFRunner
 from core.generation.local.sequential import SequentialScheduler
+from core.generation.local.settings import LocalSettings
 from core.generation.local.supervisor import transformers_version
 from core.generation.local.ticket import Ticket
 from core.lifecycle import ServiceBase
@@ -42,6 +43,7 @@ class LocalGenerator(ServiceBase):
 
     def __init__(self, settings: BotSettings, *, patches: Sequence[Patch] | None = None) -> None:
         self.settings: GenerationSection = settings.generation
+        self.options = backend_settings(settings.generation, LocalSettings, source=settings.source)
         self._patches = patches  # the seam's patches; None: the default set
         self._scheduler: SequentialScheduler | BatchingScheduler | None = None
 
@@ -52,12 +54,12 @@ class LocalGenerator(ServiceBase):
         return runner.tokens_generated if runner is not None else 0
 
     def _load(self) -> HFRunner:
-        settings = self.settings
+        options = self.options
         loaded = load_model(
-            settings.model, device=settings.device, dtype=settings.dtype,
-            cache=cache_dir(settings.cache_dir),
+            self.settings.model, device=options.device, dtype=options.dtype,
+            cache=cache_dir(options.cache_dir),
         )
-        context = context_window(settings.context_tokens, loaded.max_positions, loaded.device)
+        context = context_window(options.context_tokens, loaded.max_positions, loaded.device)
         return HFRunner(loaded, context)
 
     def readiness(self) -> Readiness:
@@ -70,7 +72,7 @@ class LocalGenerator(ServiceBase):
         return Readiness(True)
 
     async def _start(self) -> None:
-        settings = self.settings
+        settings = self.options
         if not settings.batching:
             self._scheduler = SequentialScheduler(self._load)
             await self._scheduler.start()

@@ -24,7 +24,8 @@ import aiohttp
 
 from core.config import BotSettings, GenerationSection
 from core.errors import ConfigError, GenerationError, GeneratorBusy
-from core.generation.base import FinishReason, GenerationRequest, TokenDelta
+from core.generation.base import FinishReason, GenerationRequest, TokenDelta, backend_settings
+from core.generation.openai.settings import OpenAISettings
 from core.lifecycle import ServiceBase
 
 log = logging.getLogger(__name__)
@@ -120,12 +121,13 @@ class OpenAIGenerator(ServiceBase):
 
     def __init__(self, settings: BotSettings, *, total_timeout: float = TOTAL_TIMEOUT) -> None:
         section: GenerationSection = settings.generation
-        url = (section.url or "").rstrip("/")
+        self.options = backend_settings(section, OpenAISettings, source=settings.source)
+        url = (self.options.url or "").rstrip("/")
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ConfigError(
                 f"{settings.source}: generation.url: the openai backend needs the server's "
-                f"base URL, e.g. \"http://127.0.0.1:8000/v1\" (got {section.url!r})"
+                f"base URL, e.g. \"http://127.0.0.1:8000/v1\" (got {self.options.url!r})"
             )
         self.settings = section
         self.endpoint = f"{url}/chat/completions"
@@ -145,8 +147,8 @@ class OpenAIGenerator(ServiceBase):
 
     def _headers(self, request: GenerationRequest) -> dict[str, str]:
         headers = {"Accept": "text/event-stream"}
-        if self.settings.api_key:
-            headers["Authorization"] = f"Bearer {self.settings.api_key}"
+        if self.options.api_key:
+            headers["Authorization"] = f"Bearer {self.options.api_key}"
         if request.tenant:
             headers["X-Parley-Tenant"] = request.tenant
         return headers
