@@ -65,11 +65,16 @@ async def forget(settings: BotSettings, channel: str, user_id: str) -> Forgotten
 
 async def _dead_letters(settings: BotSettings, channel: str, user_id: str) -> int:
     """Delete the user's dead-lettered generation jobs (they hold whole prompts)."""
-    gen = settings.generation
-    if gen.backend != "redis" or not gen.url:
+    if settings.generation.backend != "redis":
         return 0
+    from core.generation.base import backend_settings
     from core.generation.fleet.jobs import QueueKeys, forget_dead_letters
+    from core.generation.fleet.settings import FleetSettings
     from core.redis_client import connect, failures_as, redact
+
+    gen = backend_settings(settings.generation, FleetSettings, source=settings.source)
+    if not gen.url:
+        return 0
 
     client = connect(gen.url, timeout=settings.memory.timeout,
                      where=f"{settings.source}: generation.url")
