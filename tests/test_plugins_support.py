@@ -183,3 +183,16 @@ async def test_link_joins_two_channels_with_a_one_time_code(tmp_path: Path) -> N
         assert "unknown or has expired" in again.text  # one use only
         await bot.send("hi", user="t1", channel="telegram")
         assert "Call me Captain." in generator.requests[-1].messages[1].content
+
+
+async def test_with_no_way_to_reach_agents_the_user_is_told_and_the_bot_stays(
+    tmp_path: Path,
+) -> None:
+    raw = support_bot(tmp_path)
+    bot = ChatHarness.from_dict(raw, source=str(tmp_path / "bot.toml"), channel="web")
+    async with bot:  # no adapter serves the "agents" channel here
+        reply = await bot.send("/human", user="hal")
+        assert reply.text.startswith("Sorry, I can't reach a colleague right now")
+        assert (await bot.send("how much is shipping?", user="hal")).text == FAQ[2]["answer"]
+        metrics = bot.engine.metrics.render().decode()
+        assert 'parley_plugin_failures_total{bot="desk",plugin="handoff"} 1.0' in metrics

@@ -20,6 +20,7 @@ from urllib.parse import unquote
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.plugin_services import DeliveryError
 from core.plugins import SILENT, CommandContext, CommandError, Plugin, PreHookResult, Reply
 from core.redis_client import key_part
 from core.types import ConversationKey, IncomingMessage
@@ -42,6 +43,8 @@ class Config(BaseModel):
     handed_over: str = ("I've asked a colleague to take over; they will answer here. "
                         "Type /bot to come back to me.")
     back: str = "I'm back. How can I help?"
+    unavailable: str = ("Sorry, I can't reach a colleague right now. Please try again in "
+                        "a little while.")
     timeout: float = Field(default=5.0, gt=0.0)
 
 
@@ -76,17 +79,25 @@ def setup(registry: Plugin, config: Config) -> None:
                     "text": text}) as response:
                 response.raise_for_status()
 
-    async def hand_over(message: IncomingMessage, why: str) -> None:
+    async def hand_over(message: IncomingMessage, why: str) -> bool:
+        """Pause the conversation and tell the agents; if they cannot be told, undo the
+        pause (nobody would answer) and say so: False."""
         await registry.pause(message.key, why)
-        await notify(message.bot, "handoff", message.key,
-                     f"{why}: user {message.user_id} needs a human. Last message: "
-                     f"{message.text}\nAnswer with /reply {ref_of(message.key)} TEXT")
+        try:
+            await notify(message.bot, "handoff", message.key,
+                         f"{why}: user {message.user_id} needs a human. Last message: "
+                         f"{message.text}\nAnswer with /reply {ref_of(message.key)} TEXT")
+        except (DeliveryError, aiohttp.ClientError, TimeoutError) as exc:
+            await registry.resume(message.key)
+            registry.registry.failed(NAME, "notifying the agents", exc)
+            return False
+        return True
 
     async def human(ctx: CommandContext) -> str:
         if await registry.paused(ctx.key):
             return "A colleague has been called already; they will answer here."
-        await hand_over(ctx.message, "asked for a human")
-        return config.handed_over
+        return config.handed_over if await hand_over(ctx.message, "asked for a human") \
+            else config.unavailable
 
     async def bot_command(ctx: CommandContext) -> str:
         if await registry.resume(ctx.key):
@@ -129,8 +140,8 @@ def setup(registry: Plugin, config: Config) -> None:
                          f"{message.user_id}: {message.text}")
             return SILENT
         if config.angry and _angry(message.text, config.angry_words):
-            await hand_over(message, "the user seems upset")
-            return Reply(config.handed_over, store=False)
+            if await hand_over(message, "the user seems upset"):
+                return Reply(config.handed_over, store=False)
         return None
 
     async def faq_miss(message: IncomingMessage, data: object) -> None:
