@@ -25,6 +25,7 @@ from core.engine import Engine
 from core.errors import ConfigError
 from core.generation.base import GenerationRequest, TokenDelta
 from core.generation.echo import EchoGenerator
+from core.plugin_services import DeliveryError
 from core.types import ConversationKey
 
 BOT = "tgtest"
@@ -359,6 +360,20 @@ async def test_a_crash_behind_the_adapter_gets_an_apology_and_the_chat_goes_on()
         telegram.message("and now?", chat_id=14)
         texts = await answered(telegram, 14, 2)
         assert texts[0].startswith("Sorry") and texts[1] == "fine again"
+
+
+async def test_plugins_send_through_the_outbox() -> None:
+    async with FakeTelegram() as telegram, running(telegram) as adapter:
+        outbox = adapter._engine.plugins.services.outbox  # type: ignore[union-attr]
+        assert "telegram" in outbox.channels
+        await outbox.send(ConversationKey(BOT, "telegram", "42"), "An agent will join you.")
+        await outbox.send(ConversationKey(BOT, "telegram", "-100900:7"), "In the topic.")
+        assert telegram.texts(42) == ["An agent will join you."]
+        assert telegram.calls_to("sendMessage", chat_id=-100900)[0].params[
+            "message_thread_id"] == 7
+        with pytest.raises(DeliveryError, match="not a chat id"):
+            await outbox.send(ConversationKey(BOT, "telegram", "general"), "?")
+    assert "telegram" not in outbox.channels  # stopped: nothing is handed to it
 
 
 # -- malformed and unsupported updates --------------------------------------------------

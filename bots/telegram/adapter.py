@@ -16,7 +16,7 @@ import hmac
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -34,8 +34,9 @@ from bots.telegram.updates import Addressed, addressed
 from core.config import BotSettings, validate_section
 from core.engine import Engine
 from core.errors import ConfigError
+from core.plugin_services import DeliveryError
 from core.streams import closing
-from core.types import IncomingMessage, ReplyEvent
+from core.types import ConversationKey, IncomingMessage, ReplyEvent
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class TelegramAdapter:
         self._pacer = Pacer(self.config.limits)
         self._outbox: OrderedDict[str, tuple[StreamingReply[int], str]] = OrderedDict()
         self._delivered: OrderedDict[str, None] = OrderedDict()
+        self._unregister: Callable[[], None] | None = None
         self._stopped = asyncio.Event()
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -107,6 +109,7 @@ class TelegramAdapter:
         except BaseException:
             await self.stop()  # undoes whatever part of the start happened
             raise
+        self._unregister = engine.plugins.services.outbox.register(CHANNEL, self._send)
         log.info("bot %s: telegram adapter (@%s, %s)", engine.name, app.bot.username,
                  self.config.mode)
 
@@ -143,6 +146,9 @@ class TelegramAdapter:
     async def stop(self) -> None:
         """Stop receiving; replies in progress get a few seconds. Idempotent."""
         app, self._app = self._app, None
+        unregister, self._unregister = self._unregister, None
+        if unregister is not None:
+            unregister()
         try:
             if app is not None:
                 if app.updater is not None and app.updater.running:
@@ -273,6 +279,27 @@ class TelegramAdapter:
         self._delivered[message_id] = None
         while len(self._delivered) > DELIVERED_SIZE:
             self._delivered.popitem(last=False)
+
+    async def _send(self, key: ConversationKey, text: str) -> None:
+        """A plugin's own message into a conversation (the outbox's ``send``).
+
+        Paced like replies, but it does not wait for the chat's turn: a command may send
+        into its own conversation while its reply holds that turn.
+        """
+        app = self._app
+        if app is None:
+            raise DeliveryError("Telegram: the adapter is not running")
+        chat, _, thread = key.conversation_id.partition(":")
+        try:
+            chat_id, thread_id = int(chat), int(thread) if thread else None
+        except ValueError:
+            raise DeliveryError(f"Telegram: {key.conversation_id!r} is not a chat id") from None
+        markdown = self.config.format == "markdown"
+        surface = TelegramChat(app.bot, self._pacer, chat_id, group=chat_id < 0,
+                               thread_id=thread_id, markdown=markdown)
+        limits = StreamLimits(MAX_MESSAGE_UNITS, utf16_length, markdown=markdown)
+        for part in limits.split(text):
+            await surface.send(part)
 
     def _incoming(self, engine: Engine, target: Addressed) -> IncomingMessage:
         return IncomingMessage(
