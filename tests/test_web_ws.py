@@ -419,3 +419,24 @@ async def test_sockets_per_address_are_capped() -> None:
             assert caught.value.status == 429
         async with site.socket(token) as ws:  # once they are closed, there is room again
             assert (await ws.receive_json())["type"] == "ready"
+
+
+async def test_resuming_past_what_is_kept_sends_the_whole_conversation_again() -> None:
+    async with serving(gated_engine(widget_settings(), GatedEcho()),
+                       {"resume_events": 16}) as site:
+        token = (await site.session())["token"]
+        ws = await opened(site, token)
+        await ws.send_json({"type": "message", "id": "old", "text": "the first words"})
+        first = await frames_until(ws, final_of("old"))
+        seen = first[0]["seq"]  # the widget saw only the first event, then went away
+        for i in range(4):  # enough events to push the first ones out of the log
+            await ws.send_json({"type": "message", "id": f"n{i}", "text": f"more words {i}"})
+            await frames_until(ws, final_of(f"n{i}"))
+        await ws.close()
+        caught: list[dict[str, Any]] = []
+        ws = await opened(site, token, after=seen, caught_up=caught)
+        await ws.close()
+    [history] = [f for f in caught if f["type"] == "history"]
+    assert [t["text"] for t in history["turns"]][:2] == ["the first words"] * 2
+    assert len(history["turns"]) == 10 and history["in_flight"] == []
+    assert not [f for f in caught if f["type"] == "event"]  # nothing beside the history
