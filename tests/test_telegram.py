@@ -26,7 +26,7 @@ from core.errors import ConfigError
 from core.generation.base import GenerationRequest, TokenDelta
 from core.generation.echo import EchoGenerator
 from core.plugin_services import DeliveryError
-from core.types import ConversationKey
+from core.types import ConversationKey, IncomingMessage
 
 BOT = "tgtest"
 SOURCE = "config/tgtest.toml"
@@ -169,7 +169,16 @@ async def test_group_rules(policy: str, expected: list[str]) -> None:
 
 
 async def test_a_forum_topic_is_a_conversation_of_its_own() -> None:
-    async with FakeTelegram() as telegram, running(telegram, answer_in_groups="always") as bot:
+    heard: list[IncomingMessage] = []
+
+    async def listen(message: IncomingMessage) -> None:
+        heard.append(message)
+
+    engine = build_engine(make_settings())
+    engine.plugins.add_context_provider(listen)
+    async with FakeTelegram() as telegram, running(
+        telegram, engine, answer_in_groups="always"
+    ) as bot:
         group = -100777
         telegram.message("in topic one", chat_id=group, chat_type="supergroup", thread_id=11)
         telegram.message("in topic two", chat_id=group, chat_type="supergroup", thread_id=22)
@@ -180,6 +189,8 @@ async def test_a_forum_topic_is_a_conversation_of_its_own() -> None:
         memory = bot._engine.memory  # type: ignore[union-attr]
         one = await memory.load(ConversationKey(BOT, "telegram", f"{group}:11"), "1")
         assert [t.text for t in one.turns] == ["in topic one", "in topic one"]
+        assert heard[0].metadata == {"chat_id": str(group), "group": "true", "thread_id": "11"}
+        assert heard[0].user_name == "Ada"
 
 
 # -- streaming and limits ---------------------------------------------------------------

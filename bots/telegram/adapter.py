@@ -310,6 +310,8 @@ class TelegramAdapter:
             message_id=f"tg:{target.chat_id}:{target.message_id}",
             text=target.text,
             user_name=target.user_name,
+            metadata={"chat_id": str(target.chat_id), "group": str(target.group).lower(),
+                      **({"thread_id": str(target.thread_id)} if target.thread_id else {})},
         )
 
     def _limits(self, target: Addressed) -> StreamLimits:
