@@ -440,3 +440,26 @@ async def test_resuming_past_what_is_kept_sends_the_whole_conversation_again() -
     assert [t["text"] for t in history["turns"]][:2] == ["the first words"] * 2
     assert len(history["turns"]) == 10 and history["in_flight"] == []
     assert not [f for f in caught if f["type"] == "event"]  # nothing beside the history
+
+
+async def test_a_resume_while_redis_is_down_closes_the_socket_to_be_tried_again(
+        redis_server: Any, memory_prefix: str) -> None:
+    redis_server.start()
+    memory = {"backend": "redis", "url": redis_server.url, "key_prefix": memory_prefix,
+              "timeout": 0.5}
+    async with serving(gated_engine(widget_settings(memory), GatedEcho())) as site:
+        token = (await site.session())["token"]
+        redis_server.kill()
+        try:
+            async with site.socket(token) as ws:
+                await ws.send_json({"type": "resume", "after": 0})
+                frames = []
+                async with asyncio.timeout(10):
+                    while (message := await ws.receive()).type is aiohttp.WSMsgType.TEXT:
+                        frames.append(json.loads(message.data))
+                assert message.data == aiohttp.WSCloseCode.TRY_AGAIN_LATER
+        finally:
+            redis_server.restart()
+        assert frames[-1]["type"] == "error" and frames[-1]["code"] == "unavailable"
+        ws = await opened(site, token)  # and once Redis is back, it works
+        await ws.close()

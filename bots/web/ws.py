@@ -183,7 +183,14 @@ class _Socket:
         ):
             await self.error("forbidden", "This session cannot read that conversation.")
             return
-        await self._catch_up(after, fresh=after == 0)
+        try:
+            await self._catch_up(after, fresh=after == 0)
+        except (StoreUnavailable, MemoryUnavailable):
+            # Without its catch-up the socket is no use: the widget reconnects and
+            # resumes again after a pause.
+            await self.error("unavailable", _UNAVAILABLE)
+            await self.ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"try again later")
+            return
         # The widget now knows what the server has, and sends what it still holds.
         await self.send({"type": "resumed", "last": self.last})
         self._forwarder = asyncio.create_task(self._forward(sub))
