@@ -176,6 +176,9 @@ class Engine(ServiceBase):
             if verdict.action is not Action.ALLOW:
                 self.metrics.moderation.labels(
                     self.name, message.channel, "input", verdict.action.value).inc()
+            for category in verdict.categories:
+                self.metrics.moderation_categories.labels(
+                    self.name, message.channel, "input", category).inc()
             if not verdict.action.answers:
                 refused = ReplyEvent(ReplyKind.NOTICE, verdict.reply or "",
                                      action=verdict.action, code="moderated")
@@ -231,6 +234,9 @@ class Engine(ServiceBase):
         except ReplyWithheld as withheld:
             self.metrics.moderation.labels(
                 self.name, message.channel, "output", Action.BLOCK.value).inc()
+            for category in withheld.categories:
+                self.metrics.moderation_categories.labels(
+                    self.name, message.channel, "output", category).inc()
             # The output guard flagged the reply part-way: what was shown was safe, but
             # the answer is replaced as a whole.
             if pieces:

@@ -41,6 +41,13 @@ class Metrics:
             ["bot", "channel", "direction", "action"],
             registry=self.registry,
         )
+        self.moderation_categories = Counter(
+            "parley_moderation_findings_total",
+            "What moderation found, by category (insult, threat, hate, sexual, selfharm, "
+            "spam, pii, injection, leak, ...), on input and on output.",
+            ["bot", "channel", "direction", "category"],
+            registry=self.registry,
+        )
         self.reply_seconds = Histogram(
             "parley_reply_seconds",
             "Time from a message's arrival to the end of its reply.",

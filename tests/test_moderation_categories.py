@@ -127,6 +127,14 @@ async def test_each_category_gets_its_own_reply_and_injection_is_not_told_to_be_
         assert {e["policy"].split(":")[0] for e in audit} == {"injection", "threat", "spam"}
         assert moderator.counts["category:injection"] == 2
 
+    async with build_engine(bot()) as engine:
+        await collect(engine.handle(msg("i will kill you")))
+        await collect(engine.handle(msg("mail me at a.b@example.com", user="u2")))
+        for category, count in (("threat", 1), ("pii", 1), ("insult", 0)):
+            counter = engine.metrics.moderation_categories.labels("mbot", "web", "input",
+                                                                  category)
+            assert counter._value.get() == count, category
+
 
 async def test_selfharm_is_answered_with_care_and_never_muted() -> None:
     moderator = FilterModerator(bot({"replies": {"selfharm": "You matter. Call 112."}}))
@@ -209,6 +217,8 @@ async def test_a_model_that_recites_its_system_prompt_shows_none_of_it(cut: int)
         assert isinstance(moderator, FilterModerator)
         audit = await moderator.state.read_audit(10)
         assert [e["policy"] for e in audit if e["stage"] == "output"] == ["leak:system"]
+        found = engine.metrics.moderation_categories.labels("mbot", "web", "output", "leak")
+        assert found._value.get() == 1
 
 
 async def test_canary_is_withheld_even_when_short() -> None:
@@ -264,14 +274,15 @@ def test_guard_never_shows_a_recited_system_prompt(
     assert text == reply[:len(text)] and len(text) <= len(before) + 1
 
 
-def test_guard_releases_word_by_word_not_sentence_by_sentence() -> None:
+def test_guard_releases_a_few_words_at_a_time_not_sentence_by_sentence() -> None:
     reply = " ".join(["the quest is long and we ride north at dawn for gold"] * 4) + "."
     pieces = [w + " " for w in reply.split(" ")]
     shown, withheld = asyncio.run(_guarded(pieces))
     assert not withheld and "".join(shown) == reply + " "
     # A run-on of 48 words, without a sentence end: released as it comes, a few words
-    # behind, in small pieces (the old guard held it to a sentence end or 160 chars).
-    assert len(shown) >= 40 and max(len(p) for p in shown) < 20
+    # behind, in small pieces (the old guard held it to a sentence end or 160 chars:
+    # two pieces here).
+    assert len(shown) >= 12 and max(len(p) for p in shown[:-1]) < 20  # the last: the flush
 
 
 # -- external classifiers on a fake server ---------------------------------------------

@@ -1,8 +1,8 @@
 """The output guard: the model's reply is checked before any of it reaches a user.
 
-The reply is released a few words at a time, as soon as they are safe -- not a sentence
-at a time -- so it still looks like streaming. What could still turn out to be part of
-something flagged is held back (the lookahead):
+The reply is released a few words at a time (a clause, or :data:`MIN_PIECE` characters),
+as soon as they are safe -- not a sentence at a time -- so it still looks like streaming.
+What could still turn out to be part of something flagged is held back (the lookahead):
 
 - the word still arriving (complete only once a space follows it) and the
   :data:`LOOKAHEAD` words before it, or as many as the longest blocked phrase needs, so
@@ -42,7 +42,11 @@ log = logging.getLogger(__name__)
 
 LOOKAHEAD = 2  # whole words always held back (an e-mail's "name (at) host...")
 TAIL = 48  # characters held back in a run-on without any word boundary
-CLASSIFY_CHARS = 300  # how much of the reply, up to the release point, the classifier reads
+CLASSIFY_CHARS = 200  # how much of the reply, up to the release point, the classifier reads
+# A piece is released once it has this many characters or ends a clause: a word at a
+# time would check (and classify) the reply once per word.
+MIN_PIECE = 12
+_CLAUSE_END = re.compile(r"[.,;:!?\u3002\uff0c\uff01\uff1f\n][\"')\]\u201d\u2019]*\s*$")
 # Release units: a CJK character (Chinese has no spaces), or a run of other non-spaces,
 # each with the spaces after it.
 _UNIT = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af][ \t]*|[^\s\u2e80-\u9fff\uac00-\ud7af]+\s*"
@@ -98,6 +102,8 @@ async def guard_stream(
     degraded: list[str] = []
     async for piece in stream:
         pending += piece
+        if not _may_release(piece, pending, config):
+            continue  # the word still arriving grew; nothing new is complete
         cut = release_point(pending, shown.text, config)
         if cut:
             segment, cut = await _check(pending, cut, shown, config, masked, degraded,
@@ -120,6 +126,12 @@ def _advance(shown: _Shown, segment: str) -> None:
     shown.tail = (shown.tail + segment)[-TAIL:]
 
 
+def _may_release(piece: str, pending: str, config: GuardConfig) -> bool:
+    """Whether ``piece`` can have completed something: a space or a CJK character in it,
+    or a run-on past ``hold_chars``."""
+    return (any(c.isspace() or _cjk(c) for c in piece) or len(pending) > config.hold_chars)
+
+
 def release_point(pending: str, shown: str, config: GuardConfig) -> int:
     """How much of ``pending`` may be released now (0: nothing); see the module doc."""
     units = _UNIT.findall(pending)
@@ -137,7 +149,10 @@ def release_point(pending: str, shown: str, config: GuardConfig) -> int:
         if len(pending) > config.hold_chars:  # one endless "word": release all but the tail
             return len(pending) - TAIL
         return 0
-    return sum(len(u) for u in units[:len(units) - held])
+    cut = sum(len(u) for u in units[:len(units) - held])
+    if cut < MIN_PIECE and not _CLAUSE_END.search(pending[:cut]):
+        return 0
+    return cut
 
 
 def _held_from(units: list[str], keep: int, config: GuardConfig, shown: str) -> int:
@@ -189,7 +204,9 @@ async def _check(
             await _withhold(config, report, [Finding(hit.category, f"terms:{hit.term}",
                                                      source="terms")], degraded, pending)
     if config.leak is not None:
-        leaked = config.leak.find(shown.text + pending)
+        # Runs of system words never straddle what was shown (their start is held), so
+        # the end of it is enough.
+        leaked = config.leak.find(shown.text[-config.leak.margin:] + pending)
         if leaked is not None:
             await _withhold(config, report, [Finding("leak", leaked, source="leak")],
                             degraded, pending)

@@ -11,7 +11,7 @@ them back until the run breaks: the overlapping part is never shown mid-stream.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 _WORD = re.compile(r"\w+")
 
@@ -21,6 +21,7 @@ class LeakDetector:
 
     def __init__(self, system: str, min_chars: int, canary: str | None = None) -> None:
         self._sequences: list[tuple[list[str], int]] = []  # (words, chars that count)
+        self._positions: list[dict[str, list[int]]] = []  # word -> where it is, per sequence
         words = [w.casefold() for w in _WORD.findall(system)]
         if words:
             self._sequences.append((words, min_chars))
@@ -30,6 +31,13 @@ class LeakDetector:
                 # All of the canary, however short.
                 self._sequences.append((canary_words, _chars(canary_words)))
         self.margin = 2 * max([min_chars, *(n for _, n in self._sequences)])
+        self._prefixes: set[str] = set()  # of every system word: a word still arriving
+        for sequence, _ in self._sequences:
+            positions: dict[str, list[int]] = {}
+            for j, word in enumerate(sequence):
+                positions.setdefault(word, []).append(j)
+                self._prefixes.update(word[:i] for i in range(1, len(word) + 1))
+            self._positions.append(positions)
 
     def __bool__(self) -> bool:
         return bool(self._sequences)
@@ -37,8 +45,8 @@ class LeakDetector:
     def find(self, text: str) -> str | None:
         """``"system"`` or ``"canary"`` if ``text`` leaks, else None."""
         words = [m.group().casefold() for m in _WORD.finditer(text)]
-        for index, (sequence, limit) in enumerate(self._sequences):
-            longest, _ = _runs(words, sequence)
+        for index, (_, limit) in enumerate(self._sequences):
+            longest, _ = _runs(words, self._positions[index])
             if longest >= limit:
                 return "canary" if index else "system"
         return None
@@ -53,10 +61,14 @@ class LeakDetector:
         text = before + pending
         matches = list(_WORD.finditer(text))
         partial = matches[-1].group().casefold() if matches and text[-1:].isalnum() else None
+        if partial is not None and partial not in self._prefixes:
+            return None  # the word arriving is no system word: no run ends the text
         words = [m.group().casefold() for m in (matches[:-1] if partial else matches)]
+        if partial is None and (not words or not any(words[-1] in p for p in self._positions)):
+            return None
         start: int | None = None
-        for sequence, _ in self._sequences:
-            _, ends = _runs(words, sequence)
+        for (sequence, _), positions in zip(self._sequences, self._positions, strict=True):
+            _, ends = _runs(words, positions)
             if partial is not None:
                 ends = {j + 1: n + 1 for j, n in ends.items()
                         if j + 1 < len(sequence) and sequence[j + 1].startswith(partial)}
@@ -73,12 +85,12 @@ def _chars(words: Sequence[str]) -> int:
     return sum(len(w) for w in words) + max(0, len(words) - 1)
 
 
-def _runs(words: Sequence[str], sequence: Sequence[str]) -> tuple[int, dict[int, int]]:
-    """The longest run (in characters) of ``words`` found in order in ``sequence``, and
-    the runs the last word ends: position in ``sequence`` -> words in the run."""
-    positions: dict[str, list[int]] = {}
-    for j, word in enumerate(sequence):
-        positions.setdefault(word, []).append(j)
+def _runs(
+    words: Sequence[str], positions: Mapping[str, Sequence[int]]
+) -> tuple[int, dict[int, int]]:
+    """The longest run (in characters) of ``words`` found in order in a sequence (given
+    as where each of its words is), and the runs the last word ends: position in the
+    sequence -> words in the run."""
     previous: dict[int, tuple[int, int]] = {}  # end position in sequence -> (words, chars)
     longest = 0
     for word in words:

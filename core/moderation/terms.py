@@ -89,6 +89,8 @@ class TermFilter:
         for item in blocked:
             term, category = item if isinstance(item, tuple) else _categorised(item)
             self._blocked.add(term, category)
+        self._phrase_words = max((p.count(" ") + 1 for p, _ in self._blocked.phrases),
+                                 default=1)
         self._allowed_words: set[str] = set()
         self._allowed_phrases: list[str] = []
         for term in allowed:
@@ -125,7 +127,7 @@ class TermFilter:
     @property
     def phrase_words(self) -> int:
         """The most words a blocked phrase has (1 if there are none)."""
-        return max((p.count(" ") + 1 for p, _ in self._blocked.phrases), default=1)
+        return self._phrase_words
 
     def find(self, text: Normalised) -> TermHit | None:
         """The first blocked term in ``text``, as written in the list; None if clean."""
