@@ -23,8 +23,9 @@ to and ``forget_user`` finds them all. Dedupe records live for the redelivery wi
 lease and queue for a lease (``memory.lease``).
 
 Every call is one round trip: one command, or one Lua script (:mod:`core.memory.redis_scripts`).
-The scripts touch keys they derive from stored data, which a standalone Redis (or a
-replicated one) allows and Redis Cluster does not.
+The scripts touch keys they derive from stored data, and the per-message ones name their
+keys from the prefix and the conversation (fewer arguments to encode per message), which
+a standalone Redis (or a replicated one) allows and Redis Cluster does not.
 """
 
 from __future__ import annotations
@@ -144,12 +145,12 @@ class RedisMemory(ServiceBase):
         self, key: ConversationKey, message_id: str, user_id: str, token: str
     ) -> Begun:
         """Claim the conversation for ``message_id`` in one round trip; see the protocol."""
+        base, ref = self._base(key.bot), self._ref(key)
+        facts = f"{base}facts:{key_part(key.channel)}:{key_part(user_id)}"
         reply = await self._run(
-            "begin",
-            [*self._keys(key, "seen", "replies", "lease", "queue", "beats"),
-             *self._load_keys(key, user_id)],
-            [message_id, token, self._lease_ms, STALE_WAITER_MS, self.section.window,
-             self.section.ttl],
+            "begin", (),
+            [base, ref, facts, message_id, token, self._lease_ms, STALE_WAITER_MS,
+             self.section.window, self.section.ttl],
         )
         if reply[0] == 1:
             return Begun(snapshot=self._snapshot(key, reply[1], reply[2]))
@@ -170,21 +171,19 @@ class RedisMemory(ServiceBase):
         s = self.section
         # The message's user is indexed even when no turn is stored (a command's answer
         # is kept in the dedupe record), so forget_user finds it.
-        args = [message_id, token, reply.dumps(), user_id, self._dedupe_ms,
-                s.dedupe_max, s.window, s.ttl, self._ref(key),
+        args = [self._base(key.bot), self._ref(key), message_id, token, reply.dumps(),
+                user_id, self._dedupe_ms, s.dedupe_max, s.window, s.ttl,
                 *self._turn_args(key, turns, user_id)]
-        await self._run("finish", self._keys(key, "seen", "replies", "lease", "seenby",
-                                             "conv", "members"), args)
+        await self._run("finish", (), args)
 
     async def abort(self, key: ConversationKey, message_id: str, token: str) -> None:
         """Release the pending id, the lease and a place in the queue held by ``token``."""
-        await self._run("abort", self._keys(key, "seen", "replies", "lease", "queue", "beats"),
-                        [message_id, token])
+        await self._run("abort", (), [self._base(key.bot), self._ref(key), message_id, token])
 
     async def renew(self, key: ConversationKey, message_id: str, token: str) -> bool:
         """Extend the lease and the pending mark; False if the lease was lost."""
-        held = await self._run("renew", self._keys(key, "seen", "replies", "lease"),
-                               [message_id, token, self._lease_ms])
+        held = await self._run("renew", (), [self._base(key.bot), self._ref(key), message_id,
+                                             token, self._lease_ms])
         return bool(held)
 
     async def load(self, key: ConversationKey, user_id: str) -> MemorySnapshot:

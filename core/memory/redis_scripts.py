@@ -42,12 +42,19 @@ local function expire_ids(seen, replies, now)
 end
 """
 
-# KEYS: seen, replies, lease, queue, beats, conv, members, facts.
-# ARGV: message id, token, lease ms, stale ms, window, ttl.
+# The per-message scripts name their keys themselves, from '{p}:{bot}:' and the ref
+# (fewer arguments to encode on every call; standalone Redis allows it).
+_KEYS_FN = """
+local base, ref = ARGV[1], ARGV[2]
+local function key(kind) return base .. kind .. ':' .. ref end
+"""
+
+# ARGV: '{p}:{bot}:', ref, facts key, message id, token, lease ms, stale ms, window, ttl.
 # {1, turns, facts}: claimed; {2, reply}: answered before; {0}: wait (queued).
-BEGIN = _NOW + _EXPIRE_IDS_FN + _LOAD_FN + """
-local seen, replies, lease, queue, beats = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local id, token, lease_ms, stale_ms = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+BEGIN = _NOW + _KEYS_FN + _EXPIRE_IDS_FN + _LOAD_FN + """
+local seen, replies, lease = key('seen'), key('replies'), key('lease')
+local queue, beats = key('queue'), key('beats')
+local id, token, lease_ms, stale_ms = ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
 expire_ids(seen, replies, now)
 local state = redis.call('HGET', replies, id)
 local head = redis.call('ZRANGE', queue, 0, 0)[1]
@@ -81,7 +88,7 @@ if redis.call('PTTL', seen) < lease_ms then
   redis.call('PEXPIRE', seen, lease_ms)
   redis.call('PEXPIRE', replies, lease_ms)
 end
-local loaded = load(KEYS[6], KEYS[7], KEYS[8], ARGV[5], ARGV[6])
+local loaded = load(key('conv'), key('members'), ARGV[3], ARGV[8], ARGV[9])
 return {1, loaded[1], loaded[2]}
 """
 
@@ -148,13 +155,12 @@ if bad then return redis.error_reply(bad) end
 return 1
 """
 
-# KEYS: seen, replies, lease, seenby, conv, members.
-# ARGV: message id, token, reply, user id, dedupe ms, max ids, window, ttl, ref,
-#       n, n x (user id, index key), turns (JSON).
+# ARGV: '{p}:{bot}:', ref, message id, token, reply, user id, dedupe ms, max ids, window,
+#       ttl, n, n x (user id, index key), turns (JSON).
 # 1: stored; 0: stored before (a repeat after success).
-FINISH = _NOW + _EXPIRE_IDS_FN + _APPEND_FN + """
-local seen, replies, lease, seenby = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local id, token, dedupe_ms, cap = ARGV[1], ARGV[2], tonumber(ARGV[5]), tonumber(ARGV[6])
+FINISH = _NOW + _KEYS_FN + _EXPIRE_IDS_FN + _APPEND_FN + """
+local seen, replies, lease, seenby = key('seen'), key('replies'), key('lease'), key('seenby')
+local id, token, dedupe_ms, cap = ARGV[3], ARGV[4], tonumber(ARGV[7]), tonumber(ARGV[8])
 local function release()
   if redis.call('GET', lease) == token then redis.call('DEL', lease) end
 end
@@ -162,12 +168,12 @@ local state = redis.call('HGET', replies, id)
 if state and string.sub(state, 1, 2) == 'd:' then release() return 0 end
 local bad = wrong(seen, 'zset') or wrong(replies, 'hash') or wrong(seenby, 'zset')
 if bad then return redis.error_reply(bad) end
-redis.call('ZADD', seenby, now + dedupe_ms, ARGV[4])
+redis.call('ZADD', seenby, now + dedupe_ms, ARGV[6])
 redis.call('PEXPIRE', seenby, dedupe_ms)
-bad = append(KEYS[5], KEYS[6], seenby, tonumber(ARGV[7]), ARGV[8], ARGV[9], 10, now)
+bad = append(key('conv'), key('members'), seenby, tonumber(ARGV[9]), ARGV[10], ref, 11, now)
 if bad then return redis.error_reply(bad) end
 expire_ids(seen, replies, now)
-redis.call('HSET', replies, id, 'd:' .. ARGV[3])
+redis.call('HSET', replies, id, 'd:' .. ARGV[5])
 redis.call('ZADD', seen, now + dedupe_ms, id)
 local extra = redis.call('ZCARD', seen) - cap
 if extra > 0 then
@@ -180,29 +186,30 @@ release()
 return 1
 """
 
-# KEYS: seen, replies, lease, queue, beats. ARGV: message id, token.
-ABORT = """
-local id, token = ARGV[1], ARGV[2]
-if redis.call('HGET', KEYS[2], id) == 'p:' .. token then
-  redis.call('HDEL', KEYS[2], id)
-  redis.call('ZREM', KEYS[1], id)
+# ARGV: '{p}:{bot}:', ref, message id, token.
+ABORT = _KEYS_FN + """
+local id, token = ARGV[3], ARGV[4]
+if redis.call('HGET', key('replies'), id) == 'p:' .. token then
+  redis.call('HDEL', key('replies'), id)
+  redis.call('ZREM', key('seen'), id)
 end
-if redis.call('GET', KEYS[3]) == token then redis.call('DEL', KEYS[3]) end
-redis.call('ZREM', KEYS[4], token)
-redis.call('ZREM', KEYS[5], token)
+if redis.call('GET', key('lease')) == token then redis.call('DEL', key('lease')) end
+redis.call('ZREM', key('queue'), token)
+redis.call('ZREM', key('beats'), token)
 return 1
 """
 
-# KEYS: seen, replies, lease. ARGV: message id, token, lease ms. 1 while still held.
-RENEW = _NOW + """
-local id, token, lease_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
-if redis.call('GET', KEYS[3]) ~= token then return 0 end
-redis.call('PEXPIRE', KEYS[3], lease_ms)
-if redis.call('HGET', KEYS[2], id) == 'p:' .. token then
-  redis.call('ZADD', KEYS[1], 'XX', now + lease_ms, id)
-  if redis.call('PTTL', KEYS[1]) < lease_ms then
-    redis.call('PEXPIRE', KEYS[1], lease_ms)
-    redis.call('PEXPIRE', KEYS[2], lease_ms)
+# ARGV: '{p}:{bot}:', ref, message id, token, lease ms. 1 while still held.
+RENEW = _NOW + _KEYS_FN + """
+local id, token, lease_ms = ARGV[3], ARGV[4], tonumber(ARGV[5])
+local seen, replies, lease = key('seen'), key('replies'), key('lease')
+if redis.call('GET', lease) ~= token then return 0 end
+redis.call('PEXPIRE', lease, lease_ms)
+if redis.call('HGET', replies, id) == 'p:' .. token then
+  redis.call('ZADD', seen, 'XX', now + lease_ms, id)
+  if redis.call('PTTL', seen) < lease_ms then
+    redis.call('PEXPIRE', seen, lease_ms)
+    redis.call('PEXPIRE', replies, lease_ms)
   end
 end
 return 1
