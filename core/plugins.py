@@ -45,6 +45,9 @@ from core.plugin_store import BucketStore
 from core.types import ConversationKey, IncomingMessage, Turn
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
+    from core.engine import Engine
     from core.generation.base import Generator
     from core.memory.base import MemoryStore
     from core.metrics import Metrics
@@ -128,6 +131,28 @@ ContextProvider = Callable[[IncomingMessage], Awaitable["str | AddContext | None
 ForgetHook = Callable[[str, str], Awaitable[int]]
 SignalHandler = Callable[[IncomingMessage, Mapping[str, Any]], Awaitable[None]]
 Lifecycle = Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who an HTTP route of a plugin serves: the bot's engine, and the tenant of the
+    request's API key (None when the server has no keys)."""
+
+    engine: Engine
+    tenant: str | None = None
+
+
+RouteHandler = Callable[["web.Request", Caller], Awaitable["web.StreamResponse"]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """An HTTP route a plugin serves on the web channel's server (behind its API keys)."""
+
+    method: str
+    path: str
+    handler: RouteHandler
+    plugin: str = APP
 
 F = TypeVar("F")
 
@@ -222,6 +247,11 @@ class Plugin:
         what is left of ``[plugins] context_tokens``)."""
         self.registry._providers.append(Hooked(self.name, provider, max_tokens=max_tokens))
 
+    def add_route(self, method: str, path: str, handler: RouteHandler) -> None:
+        """Serve ``method path`` (aiohttp's ``{name}`` placeholders) on the web channel's
+        server with ``handler(request, caller)``; the server's API keys apply to it."""
+        self.registry._routes.append(Route(method.upper(), path, handler, self.name))
+
     def on_forget(self, hook: ForgetHook) -> None:
         """Call ``hook(channel, user_id)`` when a user asks to be forgotten, to delete
         what this plugin keeps about them beyond :meth:`Storage.user` (which goes anyway)."""
@@ -312,6 +342,7 @@ class PluginRegistry(ServiceBase):
         self._providers: list[Hooked[ContextProvider]] = []
         self._forget_hooks: list[Hooked[ForgetHook]] = []
         self._signals: dict[str, list[Hooked[SignalHandler]]] = {}
+        self._routes: list[Route] = []
         self._app = Plugin(self, APP)
 
     def plugin(self, name: str) -> Plugin:
@@ -375,6 +406,11 @@ class PluginRegistry(ServiceBase):
     def context_providers(self) -> Sequence[Hooked[ContextProvider]]:
         """The context providers, in registration order."""
         return tuple(self._providers)
+
+    @property
+    def routes(self) -> Sequence[Route]:
+        """The plugins' HTTP routes, in registration order."""
+        return tuple(self._routes)
 
     def match_command(self, text: str) -> tuple[Command, str] | None:
         """The command ``text`` invokes and its argument text, or None.

@@ -47,6 +47,7 @@ from core.config import ApiKeySection, BotSettings, unique_keys, validate_sectio
 from core.engine import Engine, collect
 from core.errors import ConfigError
 from core.generation.base import readiness_of
+from core.plugins import Caller, RouteHandler
 from core.ports import ListenAddress
 from core.streams import closing
 from core.types import IncomingMessage, ReplyEvent, ReplyKind
@@ -211,7 +212,19 @@ def build_app(
         app.router.add_post(path, handler)
         app.router.add_route("OPTIONS", path, _preflight)
     app.router.add_routes(mounted)
+    for route in engine.plugins.routes:
+        app.router.add_route(route.method, route.path, _plugin_route(route.handler))
     return app
+
+
+def _plugin_route(handler: RouteHandler) -> Handler:
+    """A plugin's route behind the API keys of /api/v1/chat."""
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        with _caller(request) as tenant:
+            return await handler(request, Caller(request.app[ENGINE], tenant))
+
+    return serve
 
 
 @contextmanager
