@@ -35,6 +35,20 @@ def test_a_key_of_another_backend_is_an_error_naming_file_and_key(
         f"bots/b.toml: generation.{key}: not a setting of the {backend!r} backend")
 
 
+@pytest.mark.parametrize(("backend", "key", "expected"), [
+    ("local", "temprature", "unknown key (did you mean 'temperature'?)"),
+    ("local", "max_new_token", "unknown key (did you mean 'max_new_tokens'?)"),
+    ("local", "max_bach", "unknown key (did you mean 'max_batch'?)"),
+    ("echo", "zzz", "not a setting of the 'echo' backend"),
+])
+def test_a_misspelt_key_gets_the_closest_common_or_backend_key(
+    backend: str, key: str, expected: str,
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        build(backend, **{key: 1})
+    assert str(caught.value) == f"bots/b.toml: generation.{key}: {expected}"
+
+
 def test_a_bad_value_names_the_key_and_what_was_expected() -> None:
     with pytest.raises(ConfigError, match=r"^bots/b.toml: generation.max_batch: .*integer"):
         build("local", max_batch="many")

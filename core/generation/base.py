@@ -9,7 +9,7 @@ from typing import Literal, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel
 
-from core.config import BotSettings, GenerationSection, validate_section
+from core.config import BotSettings, GenerationSection, did_you_mean, validate_section
 from core.errors import ConfigError
 from core.registry import Registry
 from core.types import Role
@@ -117,13 +117,21 @@ S = TypeVar("S", bound=BaseModel)
 def backend_settings(section: GenerationSection, model: type[S], *, source: str) -> S:
     """The backend's own keys of ``[generation]`` (all but the common ones), validated by
     its ``model``: a key it does not know is an error naming ``source`` and the key."""
-    try:
-        return validate_section(model, section.model_extra or {}, source=source,
-                                prefix="generation")
-    except ConfigError as exc:
-        # Say whose key it is not: the same key is right under another backend.
-        raise ConfigError(str(exc).replace(
-            ": unknown key", f": not a setting of the {section.backend!r} backend")) from None
+    extra = section.model_extra or {}
+    known = set(model.model_fields)
+    problems = []
+    for key in extra:
+        if key in known:
+            continue
+        # A misspelt key gets the closest one, common or the backend's; a key that is right
+        # under another backend is said to be not this backend's.
+        hint = did_you_mean(key, [*known, *GenerationSection.model_fields])
+        reason = f"unknown key{hint}" if hint else (
+            f"not a setting of the {section.backend!r} backend")
+        problems.append(f"{source}: generation.{key}: {reason}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return validate_section(model, extra, source=source, prefix="generation")
 
 
 GeneratorFactory = Callable[[BotSettings], Generator]
