@@ -35,7 +35,8 @@ class Game:
 
     async def call(self, method: str, path: str, body: Any = None,
                    status: int = 200) -> Any:
-        async with self.http.request(method, self.url + path, json=body,
+        target = path if path.startswith("http") else self.url + path
+        async with self.http.request(method, target, json=body,
                                      headers=self.headers) as response:
             data = await response.json()
             assert response.status == status, data
@@ -250,3 +251,16 @@ async def test_api_keys_guard_the_npc_api_and_separate_tenants() -> None:
         assert (await game.talk("mira", "p1", "hi"))["relationship"] == 5
         game.headers = {"Authorization": "Bearer " + "z" * 24}
         assert (await game.call("GET", "/mira/players/p1"))["relationship"] == 0
+
+
+async def test_world_facts_reach_every_npc() -> None:
+    generator = ScriptedGenerator(["Terrible news."])
+    async with village(generator) as game:
+        facts = game.url.removesuffix("/npc") + "/world/facts"
+        body = await game.call("POST", facts, {"facts": ["The bridge burned."]})
+        assert body == {"facts": ["The bridge burned."]}
+        for npc in ("mira", "oskar", "bram"):
+            await game.talk(npc, "p1", "What happened?")
+            assert "The bridge burned." in system_of(generator.requests[-1])
+        assert (await game.call("POST", facts, {"facts": []}, status=400))["code"] == "bad_request"
+        assert (await game.call("GET", facts))["facts"] == ["The bridge burned."]

@@ -37,7 +37,7 @@ class Config(BaseModel):
     scan_depth: int = Field(default=4, ge=0)  # recent turns scanned for lore keys
     max_recursion: int = Field(default=2, ge=0)
     max_step: int = Field(default=10, ge=0, le=200)  # how far one line moves the relationship
-    max_facts: int = Field(default=20, ge=0)
+    max_facts: int = Field(default=20, ge=0)  # per player, and of world facts
     channel: str = "npc"  # the channel NPC conversations are kept under
 
 
@@ -51,6 +51,22 @@ class Village:
         self.world: list[LoreEntry] = (
             load_lorebook(plugin.path(config.world)).entries if config.world else [])
         self.players = Players(plugin, config.channel, config.max_facts)
+
+    def _world(self, tenant: str | None) -> Any:
+        return self.plugin.storage.bucket(f"world:{tenant or ''}")
+
+    async def world_facts(self, tenant: str | None) -> list[str]:
+        """What the game (of ``tenant``) told every NPC, oldest first."""
+        facts = await self._world(tenant).get("facts", [])
+        return [str(f) for f in facts] if isinstance(facts, list) else []
+
+    async def publish(self, tenant: str | None, facts: list[str], *,
+                      replace: bool = False) -> list[str]:
+        """Add (or with ``replace``, set) world facts; the newest ``max_facts`` are kept."""
+        old = [] if replace else await self.world_facts(tenant)
+        kept = [*old, *(f for f in facts if f not in old)][-self.config.max_facts:]
+        await self._world(tenant).set("facts", kept)
+        return kept
 
     def emotions(self, npc: str) -> list[str]:
         """The emotions ``npc`` may show (its card's, else the configured set)."""
@@ -85,9 +101,10 @@ class Village:
             recent = [t.text for t in turns[-self.config.scan_depth:]]
         scanned = "\n".join([*recent, message.text, prompt.game_state_text(state)])
         player = await self.players.get(npc, message.user_id)
+        news = await self.world_facts(message.metadata.get("tenant"))
         return prompt.build(
             self.cards[npc], player=message.metadata.get("player") or "the player",
-            lore=self.lore(npc, scanned), game_state=state,
+            lore="\n".join([self.lore(npc, scanned), *news]).strip(), game_state=state,
             relationship=player.relationship, facts=player.facts,
             emotions=self.emotions(npc), actions=self.actions(npc),
             max_step=self.config.max_step)

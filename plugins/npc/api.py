@@ -6,6 +6,8 @@
 - ``POST /api/v1/npc/{npc}/talk/stream``: the same as Server-Sent Events: ``delta``
   events with the line as it is written, then ``final`` with the whole answer.
 - ``POST /api/v1/npc/{npc}/bark``: ``{"event", "game_state"?}``: an ambient line.
+- ``POST /api/v1/world/facts``: ``{"facts": [...], "replace"?}``: what every NPC knows
+  from now on (the game publishes events: "the bridge burned"); ``GET`` lists them.
 - ``GET /api/v1/npc/{npc}/players/{player_id}``: the player's state with the NPC;
   ``PUT`` sets it (``{"relationship"?, "facts"?, "reset"?}``; reset also forgets the
   conversation).
@@ -70,6 +72,15 @@ class PutPlayer(BaseModel):
     reset: bool = False
 
 
+class WorldFacts(BaseModel):
+    """The body of a POST of world facts."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    facts: list[str] = Field(min_length=1)
+    replace: bool = False
+
+
 class _Refused(Exception):
     def __init__(self, status: int, reason: str, code: str = "bad_request") -> None:
         super().__init__(reason)
@@ -87,6 +98,8 @@ def install(plugin: Plugin, village: Village) -> None:
     plugin.add_route("POST", "/api/v1/npc/{npc}/talk", routes.guard(routes.talk))
     plugin.add_route("POST", "/api/v1/npc/{npc}/talk/stream", routes.guard(routes.talk_stream))
     plugin.add_route("POST", "/api/v1/npc/{npc}/bark", routes.guard(routes.bark))
+    plugin.add_route("GET", "/api/v1/world/facts", routes.guard(routes.world_facts))
+    plugin.add_route("POST", "/api/v1/world/facts", routes.guard(routes.add_world_facts))
     plugin.add_route("GET", "/api/v1/npc/{npc}/players/{player}", routes.guard(routes.player))
     plugin.add_route("PUT", "/api/v1/npc/{npc}/players/{player}",
                      routes.guard(routes.put_player))
@@ -198,6 +211,15 @@ class _Routes:
         return 200, {"npc": npc, "player_id": player, "line": line.text,
                      "emotion": line.emotion, "actions": list(line.actions),
                      "relationship": state.relationship, "kind": event.kind.value}
+
+    async def world_facts(self, request: web.Request, caller: Caller) -> web.StreamResponse:
+        return web.json_response({"facts": await self.village.world_facts(caller.tenant)})
+
+    async def add_world_facts(self, request: web.Request,
+                              caller: Caller) -> web.StreamResponse:
+        body = await _body(request, WorldFacts)
+        facts = await self.village.publish(caller.tenant, body.facts, replace=body.replace)
+        return web.json_response({"facts": facts})
 
     async def player(self, request: web.Request, caller: Caller) -> web.StreamResponse:
         npc = self._npc(request)
