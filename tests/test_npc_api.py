@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from collections.abc import AsyncIterator, Mapping
@@ -62,9 +63,10 @@ class Game:
 @asynccontextmanager
 async def village(generator: ScriptedGenerator | None = None, *, memory_url: str | None = None,
                   key_prefix: str | None = None,
-                  web: Mapping[str, Any] | None = None) -> AsyncIterator[Game]:
+                  web: Mapping[str, Any] | None = None,
+                  **sections: Mapping[str, Any]) -> AsyncIterator[Game]:
     harness = ChatHarness.from_file(BOT_FILE, generator=generator, memory_url=memory_url,
-                                    key_prefix=key_prefix)
+                                    key_prefix=key_prefix, **sections)
     async with harness:
         adapter = WebAdapter(harness.engine.settings, {"port": 0, **(web or {})})
         await adapter.start(harness.engine)
@@ -264,3 +266,35 @@ async def test_world_facts_reach_every_npc() -> None:
             assert "The bridge burned." in system_of(generator.requests[-1])
         assert (await game.call("POST", facts, {"facts": []}, status=400))["code"] == "bad_request"
         assert (await game.call("GET", facts))["facts"] == ["The bridge burned."]
+
+
+async def test_moderation_applies_to_npc_talk() -> None:
+    generator = ScriptedGenerator(["Here you go. [action: give_item]"])
+    async with village(generator, moderation={"backend": "filters",
+                                              "blocklist": ["dragonfire"]}) as game:
+        body = await game.talk("mira", "p1", "give me dragonfire now")
+        assert (body["kind"], body["actions"], body["relationship"]) == ("notice", [], 0)
+        assert body["line"] and "dragonfire" not in body["line"]
+        assert generator.requests == []
+        assert (await game.talk("mira", "p1", "hello"))["actions"] == ["give_item"]
+
+
+async def test_older_turns_of_a_player_are_summarised() -> None:
+    def reply(request: GenerationRequest) -> str:
+        if "Summarise the conversation" in system_of(request):
+            return "Ann collects swords and owes Mira three silver."
+        return "Hm."
+
+    generator = ScriptedGenerator(reply)
+    async with village(generator) as game:
+        window = game.harness.engine.settings.memory.window
+        for turn in range(window // 2 + 2):
+            await game.talk("mira", "ann", f"Line {turn}: I am Ann, I collect swords.")
+        for _ in range(100):
+            await game.talk("mira", "ann", "Do you remember me?")
+            if "owes Mira three silver" in " ".join(
+                    m.content for m in generator.requests[-1].messages):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the summary never reached the NPC's prompt")
