@@ -183,6 +183,11 @@ class Engine(ServiceBase):
                 refused = ReplyEvent(ReplyKind.NOTICE, verdict.reply or "",
                                      action=verdict.action, code="moderated")
                 await self._finish(message, claim, refused)
+                if verdict.action is Action.ESCALATE:
+                    # For plugins that bring people in (handoff).
+                    await self.plugins.emit("moderation.escalate",
+                                            replace(message, text=verdict.text),
+                                            {"categories": ",".join(verdict.categories)})
                 yield refused
                 return
             message = replace(message, text=verdict.text)

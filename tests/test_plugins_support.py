@@ -196,3 +196,18 @@ async def test_with_no_way_to_reach_agents_the_user_is_told_and_the_bot_stays(
         assert (await bot.send("how much is shipping?", user="hal")).text == FAQ[2]["answer"]
         metrics = bot.engine.metrics.render().decode()
         assert 'parley_plugin_failures_total{bot="desk",plugin="handoff"} 1.0' in metrics
+
+
+async def test_a_moderation_escalation_hands_the_conversation_to_people(
+    tmp_path: Path,
+) -> None:
+    raw = support_bot(tmp_path)
+    raw["moderation"]["actions"] = {"terms": "escalate"}
+    bot = ChatHarness.from_dict(raw, source=str(tmp_path / "bot.toml"), channel="web",
+                                channels=["agents"])
+    async with bot:
+        reply = await bot.send("you frobnitz", user="ivy")
+        assert (reply.kind, reply.code) == ("notice", "moderated")
+        (note,) = bot.outbox
+        assert "moderation escalated the conversation" in note.text
+        assert (await bot.send("hello?", user="ivy")).code == "silent"

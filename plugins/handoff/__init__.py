@@ -5,7 +5,8 @@
     /reply REF TEXT (agent, in the agents' conversation) answers the user
     /release REF    (agent) gives the conversation back to the bot
 
-Also triggered by repeated FAQ misses (``faq.miss``) and by an angry message. Agents are
+Also triggered by repeated FAQ misses (``faq.miss``), by moderation escalating a message
+(``moderation.escalate``, which the engine emits) and by an angry message. Agents are
 notified in a conversation of any channel an adapter serves (``agents_channel`` and
 ``agents_conversation``) and/or by a webhook (POST, JSON). While paused, every message of
 the user is relayed to the agents and the bot stays silent, storing nothing. The pause
@@ -40,6 +41,7 @@ class Config(BaseModel):
     angry_words: list[str] = ["useless", "ridiculous", "terrible", "worst", "angry",
                               "furious", "scam", "idiot", "rubbish", "unacceptable"]
     angry: bool = True
+    on_escalation: bool = True  # moderation's "escalate" hands the conversation over
     handed_over: str = ("I've asked a colleague to take over; they will answer here. "
                         "Type /bot to come back to me.")
     back: str = "I'm back. How can I help?"
@@ -151,6 +153,10 @@ def setup(registry: Plugin, config: Config) -> None:
         if misses >= config.after_faq_misses and not await registry.paused(message.key):
             await hand_over(message, f"{misses} questions the FAQ could not answer")
 
+    async def escalated(message: IncomingMessage, data: object) -> None:
+        if config.on_escalation and not await registry.paused(message.key):
+            await hand_over(message, "moderation escalated the conversation")
+
     async def stop() -> None:
         if session:
             await session.pop().close()
@@ -162,6 +168,7 @@ def setup(registry: Plugin, config: Config) -> None:
                          usage="REF")
     registry.add_pre_hook(relay, when_paused=True)
     registry.on("faq.miss", faq_miss)
+    registry.on("moderation.escalate", escalated)
     registry.on_stop(stop)
 
 
