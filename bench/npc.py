@@ -1,12 +1,12 @@
 """A village of NPCs talking to many players at once, through the HTTP API.
 
     python bench/npc.py                                  # 20 NPCs, 50 players, local model
-    python bench/npc.py --npcs 20 --players 50 --turns 2 --max-new-tokens 32
+    python bench/npc.py --npcs 20 --players 50 --solo 20 --turns 2 --max-new-tokens 32
     python bench/npc.py --generation echo                # the pipeline alone, no model
 
 Builds a bot with ``--npcs`` generated cards (the example village's world lorebook
 shared), serves it on the web channel (port 0), and drives it over HTTP with
-``POST /api/v1/npc/{npc}/talk/stream``: first ``--players`` lines one at a time, then
+``POST /api/v1/npc/{npc}/talk/stream``: first ``--solo`` lines one at a time, then
 ``--players`` players at once, each talking ``--turns`` times to its NPC (each line sent
 when its last one ended). Prints, for both, lines/s and the time to the first streamed
 piece of the line (p50/p99), and the ratio of the two lines/s, measured in one run.
@@ -112,7 +112,7 @@ async def run(args: argparse.Namespace) -> None:
                     started = time.perf_counter()
                     alone = [await line(http, url, f"npc{p % args.npcs}", f"solo{p}",
                                         QUESTIONS[p % len(QUESTIONS)])
-                             for p in range(args.players)]
+                             for p in range(args.solo)]
                     solo = report("one at a time", alone, time.perf_counter() - started)
 
                     async def player(p: int) -> list[tuple[float, float, bool]]:
@@ -133,6 +133,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--npcs", type=int, default=20)
     parser.add_argument("--players", type=int, default=50)
+    parser.add_argument("--solo", type=int, default=10, help="lines one at a time")
     parser.add_argument("--turns", type=int, default=1, help="lines per player at once")
     parser.add_argument("--generation", default="local", help="local or echo")
     parser.add_argument("--model", default="smollm2-135m")

@@ -221,8 +221,8 @@ async def test_bark_gives_an_ambient_line() -> None:
     async with village(generator) as game:
         body = await game.call("POST", "/bram/bark", {"event": "wolves howl nearby",
                                                        "game_state": {"time_of_day": "night"}})
-    assert (body["line"], body["emotion"], body["actions"]) == (
-        "Wolves at the gate!", "afraid", ["call_guards"])
+    assert (body["line"], body["emotion"], body["actions"], body["player_id"]) == (
+        "Wolves at the gate!", "afraid", ["call_guards"], None)
     assert "wolves howl nearby" in generator.requests[-1].messages[-1].content
     assert "only the guard can open it" in system_of(generator.requests[-1])
 

@@ -103,7 +103,7 @@ class Village:
         player = await self.players.get(npc, message.user_id)
         news = await self.world_facts(message.metadata.get("tenant"))
         return prompt.build(
-            self.cards[npc], player=message.metadata.get("player") or "the player",
+            self.cards[npc], player=_addressed(message.metadata.get("player", "")),
             lore="\n".join([self.lore(npc, scanned), *news]).strip(), game_state=state,
             relationship=player.relationship, facts=player.facts,
             emotions=self.emotions(npc), actions=self.actions(npc),
@@ -120,3 +120,8 @@ def setup(registry: Plugin, config: Config) -> None:
 
     registry.add_context_provider(npc_context)
     api.install(registry, village)
+
+
+def _addressed(player: str) -> str:
+    """How the prompt names the player (a bark, ``:bark``, has none)."""
+    return player if player and not player.startswith(":") else "the people around"

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 
-BARK_PLAYER = "_bark"
+BARK_PLAYER = ":bark"  # no player id has a colon: barks never mix with a player
 _STATUS = {"invalid_input": 400, "busy": 503, "memory_unavailable": 503,
            "generation_failed": 503, "empty_reply": 502, "slow_down": 429}
 Id = Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f:]+$")
@@ -208,7 +208,8 @@ class _Routes:
         else:
             state = await village.players.moved(npc, message.user_id,
                                                 line.relationship_change, line.facts)
-        return 200, {"npc": npc, "player_id": player, "line": line.text,
+        return 200, {"npc": npc, "player_id": None if player == BARK_PLAYER else player,
+                     "line": line.text,
                      "emotion": line.emotion, "actions": list(line.actions),
                      "relationship": state.relationship, "kind": event.kind.value}
 
