@@ -69,6 +69,13 @@ class GenerationSection(Section):
     max_new_tokens: int = Field(default=128, ge=1, le=8192)
     temperature: float = Field(default=0.7, ge=0.0, le=2.0)
     top_p: float = Field(default=0.9, gt=0.0, le=1.0)
+    # Repetition control on the reply's own tokens; unset: the model preset's default.
+    repetition_penalty: float | None = Field(default=None, ge=1.0, le=3.0)  # 1 = off
+    no_repeat_ngram_size: int | None = Field(default=None, ge=0, le=32)  # 0 = off
+    # Near max_new_tokens a reply ends at its next sentence end instead of mid-word (it
+    # starts wrapping up at three quarters and may run a quarter over to finish).
+    finish_sentence: bool = True
+    max_sentences: int | None = Field(default=None, ge=1, le=1000)  # end after this many
     timeout: float = Field(default=120.0, gt=0.0)
 
 

@@ -335,7 +335,10 @@ class Engine(ServiceBase):
         return GenerationRequest(
             messages=tuple(messages),
             sampling=SamplingParams(
-                max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p
+                max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+                repetition_penalty=gen.repetition_penalty,
+                no_repeat_ngram_size=gen.no_repeat_ngram_size,
+                finish_sentence=gen.finish_sentence, max_sentences=gen.max_sentences,
             ),
             tenant=self.name,
             user=f"{message.channel}:{message.user_id}",

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from core.config import BotSettings, parse_settings
-from core.errors import GenerationError, GeneratorBusy
+from core.errors import ConfigError, GenerationError, GeneratorBusy
 from core.generation.base import ChatMessage, GenerationRequest, SamplingParams, TokenDelta
 from core.generation.echo import EchoGenerator
 from core.generation.local import models
@@ -258,9 +258,16 @@ async def test_stopping_ends_open_streams_with_an_error(tiny_model_dir: Path) ->
         await collect(gen.stream(request(ENDS)))
 
 
-async def test_a_model_that_cannot_be_found_fails_start_clearly(tmp_path: Path) -> None:
-    gen = LocalGenerator(settings(tmp_path / "no-such-model"))
-    with pytest.raises(GenerationError, match="no-such-model") as caught:
+def test_a_model_that_cannot_be_found_fails_before_loading(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no-such-model': no such directory"):
+        LocalGenerator(settings(tmp_path / "no-such-model"))
+
+
+async def test_a_model_that_cannot_be_loaded_fails_start_clearly(tmp_path: Path) -> None:
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{}")
+    gen = LocalGenerator(settings(tmp_path / "broken"))
+    with pytest.raises(GenerationError, match="broken") as caught:
         await gen.start()
     assert "smollm2-135m" in str(caught.value)  # names the presets
     assert not gen.started

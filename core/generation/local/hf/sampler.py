@@ -31,6 +31,7 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
 )
 
 from core.generation.local.hf.patch import Patch
+from core.generation.local.hf.repetition import BatchRepetition
 
 CANDIDATES = 256
 
@@ -83,13 +84,16 @@ def sample_in_processor(batch_processor: Any) -> None:
 
 
 def batch_processors(default_temperature: float) -> ContinuousBatchingLogitsProcessorList:
-    """Per-request temperature (transformers' own, a division) then :class:`NucleusSampler`."""
+    """Per-request repetition control (:class:`BatchRepetition`), temperature
+    (transformers' own, a division), then :class:`NucleusSampler`."""
     processors = ContinuousBatchingLogitsProcessorList(
         LogitsProcessorList([TemperatureLogitsWarper(default_temperature)]),
         per_request_processors=True,
     )
+    # Repetition control first, on the raw logits (as generate() does), then the draw.
+    processors.logits_processor.insert(0, BatchRepetition())
     processors.logits_processor.append(NucleusSampler())
-    processors.tensors_required += 1  # one argument row per per-request processor
+    processors.tensors_required += 2  # one argument row per per-request processor
     processors._retrieve_processors_kwargs()
     processors.do_processing = True
     return processors
