@@ -155,3 +155,19 @@ def test_the_suite_keeps_converted_models_out_of_the_users_cache() -> None:
     seen = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True,
                           check=True)
     assert seen.stdout.strip() == str(ours)  # every `parley` a test starts inherits it
+
+
+def test_check_names_a_misspelt_preset_and_the_closest_one(tmp_path: Path) -> None:
+    result = parley("check", str(bot_file(tmp_path, 'model = "smolm2-135m"')), timeout=120)
+    assert result.returncode == 2
+    err = result.stderr.decode()
+    assert "generation.model: unknown model preset 'smolm2-135m' (did you mean " \
+           "'smollm2-135m'?)" in err
+    assert "gemma3-270m" in err and "Traceback" not in err
+
+
+def test_check_accepts_a_hugging_face_id_with_a_note(tmp_path: Path) -> None:
+    path = bot_file(tmp_path, 'model = "HuggingFaceTB/SmolLM2-360M-Instruct"')
+    result = parley("check", str(path), timeout=120)
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"is a Hugging Face model id" in result.stderr
