@@ -37,10 +37,10 @@ def settings(url: str, prefix: str) -> object:
     })
 
 
-async def fill(url: str, prefix: str) -> None:
+async def fill(url: str, prefix: str, now: float = NOW) -> None:
     async with RedisState(url, prefix=prefix, bot="abot") as state:
         for ago, channel, user, policy, action in ENTRIES:
-            await state.record({"ts": f"{NOW - ago:.3f}", "channel": channel, "user": user,
+            await state.record({"ts": f"{now - ago:.3f}", "channel": channel, "user": user,
                                 "policy": policy, "action": action, "stage": "input",
                                 "scores": "{}", "hash": "h" * 32, "degraded": ""})
 
@@ -92,7 +92,8 @@ def test_parse_when() -> None:
 def test_the_command_prints_local_times_and_refuses_a_bad_time(
     redis_url: str, memory_prefix: str, tmp_path: Path
 ) -> None:
-    asyncio.run(fill(redis_url, memory_prefix))
+    now = time.time()  # the entries' times are relative to when the command runs
+    asyncio.run(fill(redis_url, memory_prefix, now))
     path = tmp_path / "abot.toml"
     path.write_text(f'[bot]\nname = "abot"\n[generation]\nbackend = "echo"\n'
                     f'[memory]\nbackend = "redis"\nurl = "{redis_url}"\n'
@@ -104,7 +105,7 @@ def test_the_command_prints_local_times_and_refuses_a_bad_time(
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 2
-    expected = datetime.fromtimestamp(NOW - 60).strftime("%Y-%m-%d %H:%M")
+    expected = datetime.fromtimestamp(now - 60).strftime("%Y-%m-%d %H:%M")
     assert lines[0].startswith(expected), lines[0]  # a readable time, not a stream id
     assert " web/ann flood" in lines[0] and " web/bob pii:email" in lines[1]
     bad = subprocess.run([*command, "--since", "last week"], capture_output=True, text=True,

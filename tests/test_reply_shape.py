@@ -5,6 +5,7 @@ more sentences than asked for. Unit checks, then the tiny model through both sch
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -125,7 +126,7 @@ def greedy_ids(model_dir: Path, processors: Sequence[Any] = (), max_new: int = 6
 
 
 def repeated_bigrams(ids: Sequence[int]) -> int:
-    return sum(n - 1 for n in Counter(zip(ids, ids[1:], strict=False)).values() if n > 1)
+    return sum(n - 1 for n in Counter(itertools.pairwise(ids)).values() if n > 1)
 
 
 def test_the_tiny_model_loops_and_the_ngram_ban_stops_it(tiny_model_dir: Path) -> None:
@@ -169,7 +170,7 @@ def test_the_model_setting_is_checked_before_anything_loads(tmp_path: Path) -> N
     assert check_model_spec("smollm2-135m", "x.toml") == "preset"
     assert check_model_spec("HuggingFaceTB/SmolLM2-360M-Instruct", "x.toml") == "hub"
     (tmp_path / "m").mkdir()
-    with pytest.raises(ConfigError, match="holds no config.json"):
+    with pytest.raises(ConfigError, match=r"holds no config\.json"):
         check_model_spec(str(tmp_path / "m"), "x.toml")
     (tmp_path / "m" / "config.json").write_text("{}")
     assert check_model_spec(str(tmp_path / "m"), "x.toml") == "path"
@@ -179,3 +180,21 @@ def test_the_model_setting_is_checked_before_anything_loads(tmp_path: Path) -> N
         check_model_spec("smolm2-135m", "x.toml")
     assert "unknown model preset 'smolm2-135m' (did you mean 'smollm2-135m'?)" in str(err.value)
     assert all(name in str(err.value) for name in PRESETS)
+
+
+def test_the_fleet_carries_the_reply_settings_to_its_workers() -> None:
+    import json
+
+    from core.generation.fleet.jobs import decode_job, encode_job
+
+    params = SamplingParams(max_new_tokens=50, repetition_penalty=1.2, no_repeat_ngram_size=3,
+                            finish_sentence=True, max_sentences=2)
+    request = GenerationRequest((ChatMessage("user", "hi"),), params)
+    assert decode_job({b"job": encode_job(request, 99.0)}).request.sampling == params
+    # A job from a front end that predates these settings: the defaults.
+    body = json.loads(encode_job(GenerationRequest((ChatMessage("user", "hi"),)), 1.0))
+    for key in ("repetition_penalty", "no_repeat_ngram_size", "finish_sentence",
+                "max_sentences"):
+        del body["sampling"][key]
+    old = decode_job({b"job": json.dumps(body).encode()}).request.sampling
+    assert old == SamplingParams()
