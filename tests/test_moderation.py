@@ -212,9 +212,12 @@ async def test_normal_chat_passes_with_allow_on_the_demo_config() -> None:
     settings = parse_settings({**demo.model_dump(exclude={"source", "adapters"}),
                                "generation": {"backend": "echo"}})
     async with build_engine(settings) as engine:
-        for text in ("hi!", "what can you do?", "this game kills me", "thanks, bye"):
+        for text in ("hi!", "what can you do?", "this game kills me", "thanks, bye",
+                     # everyday chat the classifier once flagged (the first-hour bench)
+                     "My legs are so sore.", "I want to start running.", "You know a lot!",
+                     "Which colour did I tell you I like?"):
             last = await collect(engine.handle(msg(text)))
-            assert (last.kind, last.action) == (ReplyKind.FINAL, "allow")
+            assert (last.kind, last.action) == (ReplyKind.FINAL, "allow"), (text, last)
 
 
 # -- violation score ------------------------------------------------------------------
