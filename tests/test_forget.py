@@ -6,7 +6,6 @@ import asyncio
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -16,6 +15,7 @@ from core.config import load_settings
 from core.engine import collect
 from core.memory.base import UserRef
 from core.types import IncomingMessage, ReplyKind
+from tests.support.redis_dump import dump_keys
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -25,26 +25,7 @@ SECRET = "my-secret-plan-4471"
 
 async def everything(client: Redis, prefix: str) -> dict[str, str]:
     """Every key under ``prefix`` with its whole value as text, whatever its type."""
-    dump = {}
-    async for key in client.scan_iter(f"{prefix}:*"):
-        kind = await client.type(key)
-        value: Any
-        if kind == "string":
-            value = await client.get(key)
-        elif kind == "list":
-            value = await client.lrange(key, 0, -1)
-        elif kind == "hash":
-            value = await client.hgetall(key)
-        elif kind == "set":
-            value = await client.smembers(key)
-        elif kind == "zset":
-            value = await client.zrange(key, 0, -1, withscores=True)
-        elif kind == "stream":
-            value = await client.xrange(key)
-        else:
-            value = kind
-        dump[key] = repr(value)
-    return dump
+    return await dump_keys(client, f"{prefix}:*")
 
 
 async def test_forget_leaves_nothing_about_the_user_in_redis(

@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import re
 from pathlib import Path
-from typing import Any
 
 from redis.asyncio import Redis
 
 from core.generation.base import GenerationRequest
 from core.testing import ChatHarness, ScriptedGenerator
+from tests.support.redis_dump import dump_keys
 
 REPO = Path(__file__).resolve().parents[1]
 ADMINS = {"discord": ["mod-1"], "telegram": ["mod-1"]}
@@ -117,27 +117,7 @@ async def test_a_conversation_never_waits_for_its_summary() -> None:
 
 async def scan(client: Redis, prefix: str) -> dict[str, str]:
     """Every key under ``prefix`` and everything in it, as text."""
-    found: dict[str, str] = {}
-    async for raw in client.scan_iter(match=f"{prefix}*", count=1000):
-        key = raw.decode()
-        kind = (await client.type(key)).decode()
-        value: Any
-        if kind == "string":
-            value = await client.get(key)
-        elif kind == "hash":
-            value = await client.hgetall(key)
-        elif kind == "list":
-            value = await client.lrange(key, 0, -1)
-        elif kind == "set":
-            value = await client.smembers(key)
-        elif kind == "zset":
-            value = await client.zrange(key, 0, -1, withscores=True)
-        elif kind == "stream":
-            value = await client.xrange(key)
-        else:
-            value = kind
-        found[key] = repr(value)
-    return found
+    return await dump_keys(client, f"{prefix}*")
 
 
 async def test_forget_leaves_nothing_about_the_user_in_redis_linked_accounts_included(
