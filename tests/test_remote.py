@@ -325,11 +325,19 @@ def _worker_file(tmp: Path, name: str, redis_url: str, queue: str, model: Path) 
     return path
 
 
-@pytest.mark.skipif(
-    os.environ.get("CI") == "true",
-    reason="flaky in the full suite: every job can end before a half-way reply is seen "
-           "(passes alone; see the stop-7 note). Runs outside CI.",
-)
+async def _half_way_replies(client: Redis, keys: QueueKeys, worker: str) -> tuple[int, int]:
+    """How many jobs ``worker`` holds, and how many of their replies have text but no end."""
+    pending = await client.xpending_range(keys.jobs, GROUP, "-", "+", 100, consumername=worker)
+    half_way = 0
+    for entry in pending:
+        [(_, fields)] = await client.xrange(keys.jobs, entry["message_id"], entry["message_id"])
+        reply_key = keys.reply(json.loads(fields[b"job"])["id"])
+        replies = [decode_reply(f) for _, f in await client.xrange(reply_key)]
+        if any(r.text for r in replies) and not any(r.finish_reason for r in replies):
+            half_way += 1
+    return len(pending), half_way
+
+
 async def test_a_killed_worker_s_jobs_are_answered_once_by_the_other(
     redis_url: str, queue: str, client: Redis, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -391,24 +399,29 @@ async def test_a_killed_worker_s_jobs_are_answered_once_by_the_other(
                             record["finals"] += 1
 
             tasks = [asyncio.ensure_future(consume(i)) for i in range(20)]
-            # Kill a worker while both hold jobs and one of its replies is half-way.
-            victim = None
-            while victim is None:
-                summary = await client.xpending(keys.jobs, GROUP)
-                assert time.monotonic() < deadline, ("no jobs in flight", summary, results)
-                assert not all(t.done() for t in tasks), ("every job ended first", results)
-                await asyncio.sleep(0.02)
-                held = {c["name"].decode() for c in summary["consumers"] or ()}
-                if len(held) < 2:
-                    continue
-                for rid, record in list(results.items()):
-                    if record["text"] and not record["finals"]:
-                        [(_, first)] = await client.xrange(keys.reply(rid), count=1)
-                        victim = decode_reply(first).worker
+            # Kill w1 while one of its replies is half-way. To catch that moment whatever
+            # the machine's load, w1 is frozen (SIGSTOP) as soon as it holds a job and then
+            # let run a few milliseconds at a time until a reply it writes is half-way.
+            victim = "w1"
+            frozen = False
+            try:
+                while True:
+                    held, half_way = await _half_way_replies(client, keys, victim)
+                    if half_way:
                         break
-            assert victim in procs
-            procs[victim].send_signal(signal.SIGKILL)
-            procs[victim].wait()
+                    assert time.monotonic() < deadline, ("no half-way reply", results)
+                    assert not all(t.done() for t in tasks), ("every job ended first", results)
+                    if frozen:
+                        procs[victim].send_signal(signal.SIGCONT)
+                        await asyncio.sleep(0.005)
+                    elif not held:
+                        await asyncio.sleep(0.001)
+                        continue
+                    procs[victim].send_signal(signal.SIGSTOP)
+                    frozen = True
+            finally:
+                procs[victim].send_signal(signal.SIGKILL)
+                procs[victim].wait()
             pending = await client.xpending_range(keys.jobs, GROUP, "-", "+", 100,
                                                   consumername=victim)
             orphans = set()
