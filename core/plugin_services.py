@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.errors import ParleyError
-from core.plugin_store import BucketStore, EmbeddedBuckets
+from core.plugin_store import Bounds, BucketStore, EmbeddedBuckets
 from core.redis_client import key_part
 from core.types import ConversationKey
 
@@ -63,9 +63,11 @@ class Bucket:
         """Delete the whole bucket; whether it existed."""
         return await self.store.drop(self.name) > 0
 
-    async def incr(self, field: str, by: int = 1) -> int:
-        """Add ``by`` to an integer field and return the new value."""
-        return await self.store.incr(self.name, field, by, self.ttl)
+    async def incr(self, field: str, by: int = 1, *, bounds: Bounds | None = None,
+                   start: int = 0) -> int:
+        """Add ``by`` to an integer field (``start`` if absent) and return the new value,
+        atomically (concurrent calls never lose one); clamped to ``bounds`` (low, high)."""
+        return await self.store.incr(self.name, field, by, self.ttl, bounds=bounds, start=start)
 
 
 def _bucket_name(namespace: str, scope: str, *parts: str) -> str:

@@ -18,6 +18,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 
 from core.config import BotSettings, MemorySection
 from core.errors import MemoryUnavailable
@@ -52,11 +53,20 @@ class BucketStore(Protocol):
     async def drop(self, *buckets: str) -> int:
         """Delete whole buckets; how many existed."""
 
-    async def incr(self, bucket: str, field: str, by: int, ttl: float | None) -> int:
-        """Add ``by`` to an integer value (0 if absent) and return it."""
+    async def incr(self, bucket: str, field: str, by: int, ttl: float | None, *,
+                   bounds: Bounds | None = None, start: int = 0) -> int:
+        """Add ``by`` to an integer value (``start`` if absent) and return it, in one
+        atomic step: two calls at once never lose an addition. With ``bounds``
+        ``(low, high)`` the result is clamped to them."""
 
 
 Clock = Callable[[], float]
+Bounds = tuple[int, int]
+
+
+def clamped(value: int, bounds: Bounds | None) -> int:
+    """``value`` within ``bounds`` (unchanged without them)."""
+    return value if bounds is None else max(bounds[0], min(bounds[1], value))
 
 
 class EmbeddedBuckets(ServiceBase):
@@ -107,10 +117,12 @@ class EmbeddedBuckets(ServiceBase):
         """See :class:`BucketStore`."""
         return sum(1 for b in buckets if self._live(b) is not None and self._buckets.pop(b))
 
-    async def incr(self, bucket: str, field: str, by: int, ttl: float | None) -> int:
-        """See :class:`BucketStore`."""
+    async def incr(self, bucket: str, field: str, by: int, ttl: float | None, *,
+                   bounds: Bounds | None = None, start: int = 0) -> int:
+        """See :class:`BucketStore`. Atomic because nothing here awaits between the read
+        and the write."""
         values = self._live(bucket) or {}
-        value = int(values.get(field, "0")) + by
+        value = clamped(int(values.get(field, str(start))) + by, bounds)
         await self.put(bucket, {field: str(value)}, ttl)
         return value
 
@@ -123,13 +135,16 @@ class RedisBuckets(ServiceBase):
         self.source = source
         self._base = f"{section.key_prefix}:{key_part(bot)}:plugin:"
         self._client: Redis | None = None
+        self._incr_script: AsyncScript | None = None
 
     async def _start(self) -> None:
         self._client = connect(self.section.url, timeout=self.section.timeout,
                                where=f"{self.source}: memory.url", socket_timeout=False)
+        # redis-py's Script runs EVALSHA and loads the script again on NOSCRIPT.
+        self._incr_script = self._client.register_script(_INCR)
 
     async def _stop(self) -> None:
-        client, self._client = self._client, None
+        client, self._client, self._incr_script = self._client, None, None
         if client is not None:
             await client.aclose()
 
@@ -186,9 +201,19 @@ class RedisBuckets(ServiceBase):
         async with self._failures("delete"), asyncio.timeout(self.section.timeout):
             return int(await self.client.delete(*(self.key(b) for b in buckets)))
 
-    async def incr(self, bucket: str, field: str, by: int, ttl: float | None) -> int:
+    async def incr(self, bucket: str, field: str, by: int, ttl: float | None, *,
+                   bounds: Bounds | None = None, start: int = 0) -> int:
         """See :class:`BucketStore`."""
         key = self.key(bucket)
+        if bounds is not None or start:
+            pexpire = -1 if ttl is None else max(1, int(ttl * 1000))
+            script = self._incr_script
+            if script is None:
+                raise RuntimeError("RedisBuckets is used before start() or after stop()")
+            async with self._failures("write"), asyncio.timeout(self.section.timeout):
+                value = await script(
+                    keys=[key], args=[field, by, start, *(bounds or ("", "")), pexpire])
+            return int(value)
         async with self._failures("write"), asyncio.timeout(self.section.timeout):
             async with self.client.pipeline(transaction=True) as pipe:
                 pipe.hincrby(key, field, by)
@@ -196,6 +221,20 @@ class RedisBuckets(ServiceBase):
                     pipe.pexpire(key, max(1, int(ttl * 1000)))
                 result = await pipe.execute()
         return int(result[0])
+
+
+# KEYS: the bucket. ARGV: field, by, start (when the field is absent), low, high ("" for
+# none), pexpire (-1: keep the bucket's expiry). HINCRBY cannot clamp, so read, add and
+# clamp run here, where nothing else runs in between.
+_INCR = """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+local value = (current and tonumber(current) or tonumber(ARGV[3])) + tonumber(ARGV[2])
+if ARGV[4] ~= '' then value = math.max(tonumber(ARGV[4]), value) end
+if ARGV[5] ~= '' then value = math.min(tonumber(ARGV[5]), value) end
+redis.call('HSET', KEYS[1], ARGV[1], value)
+if tonumber(ARGV[6]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[6]) end
+return value
+"""
 
 
 def _text(value: bytes | str) -> str:
