@@ -21,6 +21,7 @@ import pytest
 from aiohttp import web
 
 from bots.web.sessions import Session, SessionSigner
+from core.types import ConversationKey
 from tests.support.widget import (
     BOT,
     SECRET,
@@ -333,3 +334,28 @@ async def test_a_refused_token_is_renewed_and_the_conversation_kept() -> None:
         renewed = json.loads(await page.tab.evaluate(f"localStorage.getItem({key!r})"))
     assert renewed["token"] not in (expired, data["token"])
     assert renewed["conversation_id"] == data["conversation_id"]
+
+
+async def test_a_plugins_message_shows_live_and_after_a_reload_without_a_rating() -> None:
+    async with embedded(GatedEcho()) as page:
+        await page.open()
+        await page.say("hello there")
+        await page.wait_for(lambda ms: any(m["state"] == "final" for m in ms))
+        token = json.loads(await page.tab.evaluate(
+            "Object.entries(localStorage).find(([k]) => k.startsWith('parley:'))[1]"))["token"]
+        session = SessionSigner(BOT, SECRET, ttl=3600).verify(token)
+        engine = page.site.engine
+        # What a handoff agent's /reply does: the plugin API's send, on the web channel.
+        await engine.plugins.services.outbox.send(
+            ConversationKey(engine.name, "web", session.conversation_id),
+            "A colleague here: **hold** the dial.")
+        expected = [("user", "hello there", "sent"), ("bot", "hello there", "final"),
+                    ("bot", "A colleague here: hold the dial.", "message")]
+        for _ in range(2):
+            shown = await page.wait_for(lambda ms: len(ms) == 3)
+            assert [(m["role"], m["text"], m["state"]) for m in shown] == expected
+            message = page.tab.locator("#parley-widget .msg.bot[data-state=message]")
+            assert await message.locator("strong").inner_text() == "hold"
+            assert await message.locator(".rate").count() == 0  # nothing of the model's
+            await page.tab.reload()
+            await page.tab.locator("#parley-widget .launcher").wait_for()

@@ -7,6 +7,8 @@ Routes:
 - ``POST /api/v1/chat/stream``: the same request; the reply's events as they are made
   (``event: delta | final | notice | error``, each ``data`` a JSON object). A failure
   before the reply begins is answered as on ``/api/v1/chat``, with a JSON error status.
+- ``GET /api/v1/chat/messages?conversation_id=C&after=N``: what plugins sent into the
+  conversation on their own (the outbox), for callers with no socket open.
 - ``GET /healthz`` (alive), ``GET /readyz`` (the generator takes requests now, or why
   not), ``GET /metrics`` (Prometheus), and ``GET /`` (a demo page).
 - The embeddable widget: ``/widget.js``, sessions, the WebSocket API and feedback
@@ -41,6 +43,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from bots.web import routes, sse
+from bots.web.resume import StoreUnavailable
 from bots.web.settings import WidgetFields
 from core.api_keys import ApiKeys, KeyBusy, Unauthorized
 from core.config import ApiKeySection, BotSettings, unique_keys, validate_section
@@ -49,6 +52,7 @@ from core.errors import ConfigError
 from core.generation.base import readiness_of
 from core.plugins import Caller, RouteHandler
 from core.ports import ListenAddress
+from core.redis_client import key_part
 from core.streams import closing
 from core.types import IncomingMessage, ReplyEvent, ReplyKind
 
@@ -134,6 +138,7 @@ class WebAdapter:
             WebSettings, section, source=settings.source, prefix="adapters.web"
         )
         self._runner: web.AppRunner | None = None
+        self._unregister: Callable[[], None] | None = None
         self._stopped = asyncio.Event()
         self._mounted: list[web.RouteDef] = []
 
@@ -176,11 +181,17 @@ class WebAdapter:
                 ) from exc
             raise
         self._runner = runner
+        # Plugins' own messages (a handoff agent's answer) go through the widget's hub.
+        self._unregister = engine.plugins.services.outbox.register(
+            CHANNEL, runner.app[routes.HUB].deliver)
         log.info("bot %s: web adapter on http://%s:%d/", engine.name, self.config.host, self.port)
 
     async def stop(self) -> None:
         """Stop listening; replies in progress get a few seconds to finish. Idempotent."""
         runner, self._runner = self._runner, None
+        unregister, self._unregister = self._unregister, None
+        if unregister is not None:
+            unregister()
         try:
             if runner is not None:
                 await runner.cleanup()
@@ -211,6 +222,7 @@ def build_app(
     for path, handler in (("/api/v1/chat", _chat), ("/api/v1/chat/stream", _chat_stream)):
         app.router.add_post(path, handler)
         app.router.add_route("OPTIONS", path, _preflight)
+    app.router.add_get("/api/v1/chat/messages", _messages)
     app.router.add_routes(mounted)
     for route in engine.plugins.routes:
         app.router.add_route(route.method, route.path, _plugin_route(route.handler))
@@ -282,6 +294,39 @@ async def _stream_reply(request: web.Request, message: IncomingMessage) -> web.S
             await response.write(_sse(failed, message))
         await response.write_eof()
     return response
+
+
+async def _messages(request: web.Request) -> web.StreamResponse:
+    """What plugins sent into a conversation (e.g. a handoff agent's answers), after
+    ``after``: ``{"messages": [{"seq", "message_id", "text", "at"}], "last", "gap"}``.
+    Kept as long as the widget's reply events (``resume_ttl``, ``resume_events``)."""
+    with _caller(request) as tenant:
+        try:
+            fields = _Poll.model_validate({
+                "conversation_id": request.query.get("conversation_id", ""),
+                "after": int(request.query.get("after", "0"))})
+        except (ValidationError, ValueError):
+            raise _Refused(400, "give conversation_id and after (a number >= 0)") from None
+        scope = f"{tenant}:" if tenant else ""
+        ref = f"{CHANNEL}:{key_part(scope + fields.conversation_id)}"
+        try:
+            backlog = await request.app[routes.HUB].log.since(ref, fields.after)
+        except StoreUnavailable:
+            raise _Refused(503, "the conversation's messages cannot be read now",
+                           "unavailable") from None
+        messages = [{k: e[k] for k in ("seq", "message_id", "text", "at") if k in e}
+                    for e in backlog.entries if e["kind"] == "message"]
+        return web.json_response({"messages": messages, "last": backlog.last,
+                                  "gap": backlog.gap})
+
+
+class _Poll(BaseModel):
+    """The query of ``GET /api/v1/chat/messages``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    conversation_id: Id
+    after: int = Field(default=0, ge=0)
 
 
 async def _read_message(request: web.Request, tenant: str | None = None) -> IncomingMessage:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from bots.web.sessions import Session, SessionSigner
 from bots.web.settings import WidgetFields
 from core.engine import Engine
 from core.lifecycle import ServiceBase
+from core.plugin_services import DeliveryError
 from core.redis_client import key_part
 from core.streams import closing
 from core.types import ConversationKey, IncomingMessage, ReplyEvent, Turn
@@ -37,7 +39,8 @@ from core.types import ConversationKey, IncomingMessage, ReplyEvent, Turn
 log = logging.getLogger(__name__)
 
 CHANNEL = "web"
-TERMINAL = frozenset({"final", "notice", "error"})
+# "message": what a plugin sent into the conversation on its own (the outbox).
+TERMINAL = frozenset({"final", "notice", "error", "message"})
 STOP_TIMEOUT = 10.0  # seconds replies in progress get to finish when the hub stops
 SORRY = "Sorry, something went wrong. Please try again."
 
@@ -131,7 +134,10 @@ class ChatHub(ServiceBase):
     async def _reply(self, ref: str, message: IncomingMessage) -> None:
         mid = message.message_id
         writer = ReplyWriter(self.log, ref)
-        user: Entry | None = {"kind": "user", "message_id": mid, "text": message.text}
+        # "at": where a message the bot stores nothing of (relayed to people while the
+        # bot is paused) goes among the stored turns in a snapshot.
+        user: Entry | None = {"kind": "user", "message_id": mid, "text": message.text,
+                              "at": message.received_at}
         try:
             async with closing(self.engine.handle(message)) as events:
                 async for event in events:
@@ -164,17 +170,37 @@ class ChatHub(ServiceBase):
         self.log.tell(ref, {"kind": "error", "message_id": message_id, "text": SORRY,
                             "action": "allow", "code": "unavailable"})
 
+    async def deliver(self, key: ConversationKey, text: str) -> None:
+        """A plugin's own message into a web conversation (the outbox's sender).
+
+        It goes into the conversation's reply log like a reply's events: sockets open on
+        the conversation (on any front end) show it at once, and a widget that comes
+        back within ``resume_ttl`` finds it in its history. HTTP API callers read it with
+        ``GET /api/v1/chat/messages``.
+        """
+        entry: Entry = {"kind": "message", "message_id": "out-" + secrets.token_hex(8),
+                        "text": text, "action": "allow", "at": time.time()}
+        try:
+            await self.log.append(f"{CHANNEL}:{key_part(key.conversation_id)}", [entry])
+        except StoreUnavailable as exc:
+            raise DeliveryError(f"web: the message could not be kept: {exc}") from exc
+
     async def snapshot(self, session: Session) -> Snapshot:
         """The conversation for a widget that has nothing yet (a page load).
 
         The log is read before memory: a reply that finishes in between is then in both,
-        and the widget, which keys bubbles by message id, shows it once.
+        and the widget, which keys bubbles by message id, shows it once. What memory
+        does not hold but the widget showed (plugins' messages, messages relayed to
+        people while the bot was paused) comes from the log, in time order.
         """
         backlog = await self.log.since(self.ref(session), 0)
         memory = await self.engine.memory.load(self.key(session), session.user_id)
         done = {e["message_id"] for e in backlog.entries if e["kind"] in TERMINAL}
         in_flight = [e for e in backlog.entries if e["message_id"] not in done]
-        return Snapshot(_history(memory.turns), in_flight, backlog.last)
+        stored = {t.message_id for t in memory.turns if t.role == "user"}
+        return Snapshot(_merged(_history(memory.turns), memory.turns,
+                                _unstored(backlog.entries, stored)),
+                        in_flight, backlog.last)
 
     async def rate(self, session: Session, message_id: str, rating: Rating,
                    comment: str) -> bool:
@@ -187,6 +213,43 @@ class ChatHub(ServiceBase):
                 await self.feedback.put(self.ref(session), record)
                 return True
         return False
+
+
+def _unstored(entries: list[Entry], stored: set[str | None]) -> list[tuple[float, dict[str, Any]]]:
+    """What the widget showed that memory does not keep, as history turns with their
+    times: plugins' messages, and messages answered without a stored turn (commands,
+    refusals, failures, silence while a colleague has the conversation)."""
+    ends = {e["message_id"]: e for e in entries if e["kind"] in TERMINAL}
+    shown: list[tuple[float, dict[str, Any]]] = []
+    for e in entries:
+        mid = e["message_id"]
+        if e["kind"] == "message":
+            shown.append((e.get("at", 0.0), {"role": "assistant", "kind": "message",
+                                             "text": e["text"], "message_id": mid}))
+        elif e["kind"] == "user" and mid in ends and mid not in stored:
+            at = e.get("at", 0.0)
+            shown.append((at, {"role": "user", "text": e["text"], "message_id": mid}))
+            end = ends[mid]
+            if end.get("code") not in ("silent", "duplicate"):
+                shown.append((at, {"role": "assistant", "kind": end["kind"],
+                                   "text": end["text"], "message_id": mid}))
+    return shown
+
+
+def _merged(history: list[dict[str, Any]], turns: tuple[Turn, ...],
+            extra: list[tuple[float, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """``history`` (made from ``turns``) with ``extra`` placed among it by time."""
+    if not extra:
+        return history
+    # Each history item's time: its user turn's (an answer goes right after it).
+    times = iter([t.at for t in turns if t.role == "user"])
+    timed: list[tuple[float, dict[str, Any]]] = []
+    at = 0.0
+    for item in history:
+        if item["role"] == "user":
+            at = next(times, at)
+        timed.append((at, item))
+    return [item for _, item in sorted(timed + extra, key=lambda pair: pair[0])]
 
 
 def _history(turns: tuple[Turn, ...]) -> list[dict[str, Any]]:

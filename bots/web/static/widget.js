@@ -320,9 +320,10 @@
     b.final = true;
     b.dirty = false;
     b.node.dataset.state = state;
-    if (state === "final") {
+    if (state === "final" || state === "message") {
       render(b);
-      if (!b.node.querySelector(".rate")) b.node.append(rateBar(id));
+      // A plugin's message (a colleague's answer) is not the model's: nothing to rate.
+      if (state === "final" && !b.node.querySelector(".rate")) b.node.append(rateBar(id));
     } else {
       b.body.textContent = text;  // notices and errors are plain text
     }
@@ -341,7 +342,8 @@
       userBubble(id, text).node.dataset.state = "sent";
       return;
     }
-    if (ev.kind === "notice" && ev.code === "duplicate") return;
+    // "silent": the bot let the message pass without a word (e.g. to a colleague).
+    if (ev.kind === "notice" && (ev.code === "duplicate" || ev.code === "silent")) return;
     const b = botBubble(id);
     if (b.final && ev.kind !== "error") return;
     if (ev.kind === "delta") {
@@ -354,6 +356,8 @@
       schedule(b);
     } else if (ev.kind === "final") {
       finish(b, id, text, "final");
+    } else if (ev.kind === "message") {
+      finish(b, id, text, "message");
     } else if (ev.kind === "notice") {
       finish(b, id, text, "notice");
     } else if (ev.kind === "error") {
@@ -367,7 +371,13 @@
     for (const turn of frame.turns) {
       const id = String(turn.message_id);
       if (turn.role === "user") userBubble(id, String(turn.text)).node.dataset.state = "sent";
-      else finish(botBubble(id), id, String(turn.text), "final");
+      else {
+        // kind: "message" (a plugin's), "notice" or "error"; none for the model's replies.
+        const kind = ["message", "notice", "error"].includes(turn.kind) ? turn.kind : "final";
+        const b = botBubble(id);
+        finish(b, id, String(turn.text), kind);
+        if (kind === "error") b.node.classList.add("error");
+      }
     }
     // Replies still being made: their events so far (numbered up to frame.last).
     last = 0;
