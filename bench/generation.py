@@ -4,6 +4,16 @@
     python bench/generation.py --model gemma3-270m --concurrency 1,8,32 --requests 32
     python bench/generation.py --device cuda --concurrency 1,8,32,64 --requests 128
 
+On a machine that cannot carry a preset's weights, build the same architecture with
+seeded random weights from its small files (config, generation config, tokenizer: a few
+MB): the cost per token is the same, and greedy decoding of forced token counts works as
+with the real weights (the words are gibberish)::
+
+    python bench/generation.py --model smollm2-135m --save-architecture arch/smollm2-135m
+    # copy arch/ over, then there:
+    python bench/generation.py --model smollm2-135m --random-weights arch/smollm2-135m \
+        --device cuda --concurrency 1,8,32,64 --requests 128
+
 Prompts are multi-turn chats from the chitchat dataset (``pip install chitchat-dataset``).
 Both sides decode greedily and exactly ``--max-new-tokens`` tokens (``ignore_eos``), so
 they produce the same tokens; what differs is how many requests share each forward pass.
@@ -22,11 +32,21 @@ import json
 import random
 import time
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 
 from core.config import parse_settings
 from core.generation.base import ChatMessage, GenerationRequest, SamplingParams
 from core.generation.local.generator import LocalGenerator
-from core.generation.local.models import dtype_for, resolve_device
+from core.generation.local.models import (
+    PRESETS,
+    cache_dir,
+    dtype_for,
+    ensure_converted,
+    random_weights_model,
+    resolve_device,
+    save_architecture,
+)
 
 
 @dataclass
@@ -166,12 +186,31 @@ def report(name: str, elapsed: float, tokens: int, samples: list[Sample],
     return row
 
 
+def export_architecture(model: str, out: Path) -> None:
+    """Write ``model``'s config and tokenizer files (no weights) to ``out``."""
+    preset = PRESETS.get(model)
+    source = ensure_converted(preset, cache_dir(None)) if preset else Path(model).expanduser()
+    copied = save_architecture(source, out)
+    total = sum(path.stat().st_size for path in copied)
+    print(f"wrote {', '.join(path.name for path in copied)} ({total / 1e6:.1f} MB) to {out}")
+
+
 async def main(args: argparse.Namespace) -> None:
+    if args.save_architecture:
+        export_architecture(args.model, Path(args.save_architecture))
+        return
     prompts = chats(args.requests, args.turns)
     levels = [int(c) for c in args.concurrency.split(",")]
     # Random arrivals can bunch up past C: leave them room rather than queue them.
     widest = max([*levels, args.staggered, 2 * args.poisson])
-    common = {"model": args.model, "device": args.device, "dtype": args.dtype,
+    load = None
+    model = args.model
+    if args.random_weights:
+        # Both sides build the same seeded weights, so greedy decoding agrees between them.
+        model = args.random_weights
+        load = partial(random_weights_model, Path(args.random_weights), like=args.model,
+                       device=args.device, dtype=args.dtype)
+    common = {"model": model, "device": args.device, "dtype": args.dtype,
               "temperature": 0.0,
               "max_new_tokens": args.max_new_tokens, "timeout": 3600.0}
     sequential = parse_settings({"bot": {"name": "bench"},
@@ -181,16 +220,17 @@ async def main(args: argparse.Namespace) -> None:
         "batch_tokens": args.batch_tokens,
         "max_waiting": 4 * args.requests}})
     dtype = str(dtype_for(resolve_device(args.device), args.dtype)).removeprefix("torch.")
-    print(f"model={args.model} device={args.device} dtype={dtype} requests={len(prompts)} "
-          f"max_new_tokens={args.max_new_tokens} (greedy)", flush=True)
+    weights = " (random weights)" if args.random_weights else ""
+    print(f"model={args.model}{weights} device={args.device} dtype={dtype} "
+          f"requests={len(prompts)} max_new_tokens={args.max_new_tokens} (greedy)", flush=True)
     rows = []
-    async with LocalGenerator(sequential) as gen:
+    async with LocalGenerator(sequential, load=load) as gen:
         count = args.sequential_requests or len(prompts)
         await run(gen, prompts[:1], 1, 4)  # warm-up
         elapsed, tokens, samples = await run(gen, prompts[:count], 1, args.max_new_tokens)
         rows.append(report("sequential", elapsed, tokens, samples, None))
     baseline = float(rows[0]["tok_s"])
-    async with LocalGenerator(batched) as gen:
+    async with LocalGenerator(batched, load=load) as gen:
         await run(gen, prompts[:2], 2, 4)  # warm-up
         for level in levels:
             # Low concurrency levels need fewer requests for a steady figure.
@@ -248,4 +288,10 @@ if __name__ == "__main__":
                              "keeps about C in flight (needs C in --concurrency or --staggered)")
     parser.add_argument("--batch-tokens", type=int, default=512,
                         help="tokens per forward pass of the worker (prefill chunk)")
+    parser.add_argument("--random-weights", metavar="DIR",
+                        help="build --model's architecture from DIR/config.json with seeded "
+                             "random weights and DIR's tokenizer (see --save-architecture)")
+    parser.add_argument("--save-architecture", metavar="DIR",
+                        help="write --model's config and tokenizer files (no weights) to DIR "
+                             "and exit")
     asyncio.run(main(parser.parse_args()))

@@ -393,3 +393,25 @@ async def test_ignore_eos_generates_exactly_max_new_tokens(generator: LocalGener
     deltas = await collect(generator.stream(request(ENDS, 80, ignore_eos=True)))
     assert deltas[-1].finish_reason == "length"
     assert generator.tokens_generated - before == 80  # ... and goes on past its end here
+
+
+async def test_random_weights_of_an_architecture_decode_forced_tokens_alike(
+    tiny_model_dir: Path, tmp_path: Path,
+) -> None:
+    """bench/generation.py --random-weights: config and tokenizer files only, no weights;
+    both schedulers build the same seeded weights and so decode the same greedy tokens."""
+    arch = tmp_path / "arch"
+    copied = {p.name for p in models.save_architecture(tiny_model_dir, arch)}
+    assert "config.json" in copied and "tokenizer.json" in copied
+    assert not list(arch.glob("*.safetensors"))
+    replies = []
+    for batching in (False, True):
+        def load() -> models.LoadedModel:
+            return models.random_weights_model(arch, device="cpu", dtype="float32")
+        async with LocalGenerator(settings(arch, batching=batching), load=load) as gen:
+            before = gen.tokens_generated
+            deltas = await collect(gen.stream(request(ENDS, 24, ignore_eos=True)))
+            assert gen.tokens_generated - before == 24
+            assert deltas[-1].finish_reason == "length"
+            replies.append(text_of(deltas))
+    assert replies[0] == replies[1] and replies[0]

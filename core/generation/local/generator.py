@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from core.config import BotSettings, GenerationSection
 from core.errors import GenerationError, GeneratorBusy
 from core.generation.base import GenerationRequest, Readiness, TokenDelta, backend_settings
 from core.generation.local.batching import BatchingScheduler, BatchLimits
 from core.generation.local.hf.patch import Patch
-from core.generation.local.models import cache_dir, check_model_spec, load_model
+from core.generation.local.models import LoadedModel, cache_dir, check_model_spec, load_model
 from core.generation.local.prompt import context_window
 from core.generation.local.runner import HFRunner
 from core.generation.local.sequential import SequentialScheduler
@@ -41,10 +41,12 @@ log = logging.getLogger(__name__)
 class LocalGenerator(ServiceBase):
     """Generates in this process, on a model loaded from ``generation.model``."""
 
-    def __init__(self, settings: BotSettings, *, patches: Sequence[Patch] | None = None) -> None:
+    def __init__(self, settings: BotSettings, *, patches: Sequence[Patch] | None = None,
+                 load: Callable[[], LoadedModel] | None = None) -> None:
         self.settings: GenerationSection = settings.generation
         self.options = backend_settings(settings.generation, LocalSettings, source=settings.source)
         self._patches = patches  # the seam's patches; None: the default set
+        self._load_model = load  # None: load generation.model (benchmarks build their own)
         # A misspelt preset or a missing directory fails here, before anything loads.
         check_model_spec(self.settings.model, settings.source)
         self._scheduler: SequentialScheduler | BatchingScheduler | None = None
@@ -57,7 +59,7 @@ class LocalGenerator(ServiceBase):
 
     def _load(self) -> HFRunner:
         options = self.options
-        loaded = load_model(
+        loaded = self._load_model() if self._load_model is not None else load_model(
             self.settings.model, device=options.device, dtype=options.dtype,
             cache=cache_dir(options.cache_dir),
         )

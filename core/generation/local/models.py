@@ -184,19 +184,77 @@ def load_model(
             "Hugging Face model id (which needs network access unless already downloaded)"
         ) from exc
     log.info("loaded model %s on %s in %.1f s", spec, resolved, time.monotonic() - started)
+    return _loaded(spec, model, tokenizer, resolved, fmt, preset)
+
+
+def _loaded(spec: str, model: Any, tokenizer: Any, device: str, fmt: PromptFormat | None,
+            preset: Preset | None) -> LoadedModel:
     if fmt is None:
         fmt = "chat" if getattr(tokenizer, "chat_template", None) else "transcript"
     return LoadedModel(
         name=spec,
         model=model,
         tokenizer=tokenizer,
-        device=resolved,
+        device=device,
         prompt_format=fmt,
         end_token_ids=end_token_ids(tokenizer, model),
         max_positions=int(getattr(model.config, "max_position_embeddings", 2048) or 2048),
         repetition_penalty=preset.repetition_penalty if preset else 1.0,
         no_repeat_ngram_size=preset.no_repeat_ngram_size if preset else 0,
     )
+
+
+# What describes a model without its weights: its architecture, its generation defaults and
+# its tokenizer (a few MB, against hundreds for the weights).
+ARCHITECTURE_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json",
+    "merges.txt",
+)
+
+
+def save_architecture(model_dir: Path, out: Path) -> list[Path]:
+    """Copy the files of ``model_dir`` that :func:`random_weights_model` needs (config,
+    generation config, tokenizer) to ``out``, without the weights; the copied paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in ARCHITECTURE_FILES:
+        if (model_dir / name).exists():
+            copied.append(Path(shutil.copy2(model_dir / name, out / name)))
+    return copied
+
+
+def random_weights_model(
+    directory: Path, *, like: str | None = None, device: str = "auto", dtype: str = "auto",
+    seed: int = 0,
+) -> LoadedModel:
+    """A model of the architecture in ``directory/config.json`` with seeded random weights,
+    and the tokenizer saved beside it: the same shapes, and so the same cost per token,
+    as the trained model, on a machine that cannot carry the weights. ``like`` names the
+    preset whose prompt format and repetition defaults it takes.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    resolved = resolve_device(device)
+    preset = PRESETS.get(like) if like is not None else None
+    try:
+        tokenizer: Any = AutoTokenizer.from_pretrained(directory)
+        config = _without_quantization(AutoConfig.from_pretrained(directory))
+        torch.manual_seed(seed)
+        with torch.device(resolved):
+            model: Any = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+                config, dtype=dtype_for(resolved, dtype),
+                attn_implementation=attention_for(resolved),
+            )
+        if (directory / "generation_config.json").exists():
+            model.generation_config = GenerationConfig.from_pretrained(directory)
+        model = model.eval()
+    except Exception as exc:
+        raise GenerationError(f"cannot build a model from {directory}: {exc}; it needs "
+                              "config.json and the tokenizer's files") from exc
+    return _loaded(str(directory), model, tokenizer, resolved,
+                   preset.prompt_format if preset else None, preset)
 
 
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
