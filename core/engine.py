@@ -30,7 +30,6 @@ from core.errors import (
     MemoryUnavailable,
 )
 from core.generation.base import (
-    ChatMessage,
     GenerationRequest,
     Generator,
     SamplingParams,
@@ -43,6 +42,7 @@ from core.metrics import Metrics
 from core.moderation.base import Action, Moderator, ReplyWithheld, Verdict
 from core.plugin_runner import Before, PluginFailed, PluginRunner
 from core.plugins import AddContext, PluginRegistry
+from core.prompt import chat_messages
 from core.streams import closing
 from core.types import IncomingMessage, ReplyEvent, ReplyKind, Turn
 from core.validation import clean_text
@@ -311,26 +311,13 @@ class Engine(ServiceBase):
         self, message: IncomingMessage, snapshot: MemorySnapshot,
         found: Sequence[AddContext] = (),
     ) -> GenerationRequest:
-        """The chat the generator continues: persona and context, history, the message.
-
-        Plugin context meant as instructions joins the system message; context in the
-        user's own words (their custom instructions) comes first in the history as a
-        user turn, so that it is never taken for system text. ``found`` is what the
-        pre-hooks added; the context providers' text follows it, all within the budget.
+        """The chat the generator continues: persona and context, history, the message
+        (in the order :mod:`core.prompt` gives). ``found`` is what the pre-hooks added;
+        the context providers' text follows it, all within the budget.
         """
         contexts = await self.runner.contexts(message, found)
-        system = [self.settings.bot.persona]
-        system += [c.text for c in contexts if c.role == "system"]
-        if snapshot.facts:
-            facts = "; ".join(f"{k}: {v}" for k, v in sorted(snapshot.facts.items()))
-            system.append(f"What you know about this user: {facts}")
-        messages = [ChatMessage("system", "\n\n".join(system))]
-        for context in contexts:
-            if context.role == "user":
-                messages += [ChatMessage("user", context.text),
-                             ChatMessage("assistant", "Understood.")]
-        messages += [ChatMessage(t.role, t.text) for t in snapshot.turns if t.role != "system"]
-        messages.append(ChatMessage("user", message.text))
+        messages = chat_messages(self.settings.bot.persona, contexts, snapshot.facts,
+                                 snapshot.turns, message.text)
         gen = self.settings.generation
         return GenerationRequest(
             messages=tuple(messages),

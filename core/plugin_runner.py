@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from core.errors import ParleyError
@@ -138,7 +138,7 @@ class PluginRunner:
                          self.registry.services.bot, self.registry.context_tokens)
                 continue
             budget -= estimate_tokens(text)
-            kept.append(AddContext(text, context.role))
+            kept.append(replace(context, text=text))
         return kept
 
     async def finally_(self, before: Before) -> None:

@@ -98,10 +98,14 @@ class Reply:
 @dataclass(frozen=True, slots=True)
 class AddContext:
     """Text for the model's prompt: as instructions (``system``) or as the user's own
-    words (``user``, placed before the history, never as system text)."""
+    words (``user``, placed before the history, never as system text). With
+    ``after_history`` it comes after the history instead, as the last words the model
+    reads before it answers (a character card's post-history instructions);
+    :mod:`core.prompt` says how."""
 
     text: str
     role: Literal["system", "user"] = "system"
+    after_history: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from bots.web.adapter import WebAdapter
 from core.generation.base import GenerationRequest
+from core.generation.local.prompt import PromptFormat, render
 from core.testing import ChatHarness, ScriptedGenerator
 
 BOT_FILE = Path(__file__).resolve().parent.parent / "config" / "npc.toml"
@@ -100,11 +102,39 @@ async def test_card_lore_and_game_state_reach_the_prompt() -> None:
                  "river village under the Grey Hills",          # the world's constant entry
                  "5 silver to mend a blade",                     # Mira's book: "sword"
                  "location: forge", "time_of_day: dusk", '"lost_apprentice": true',
-                 "open_shop, repair_item, give_item", "Never reveal what lies"):
+                 "open_shop, repair_item, give_item"):
         assert part in system, part
+    assert "Never reveal what lies" not in system  # post-history: after the history
     assert "apprentice Tom" not in system  # not triggered: nothing said about him
     assert body == {"npc": "mira", "player_id": "p1", "line": "Leave it on the anvil.",
                     "emotion": "neutral", "actions": [], "relationship": 0, "kind": "final"}
+
+
+@pytest.mark.parametrize("fmt", ["chat", "transcript"])
+async def test_post_history_instructions_come_after_the_history(fmt: PromptFormat,
+                                                                tiny_model_dir: Path) -> None:
+    """Character Card V2: the frontend inserts post_history_instructions after the chat
+    history, so the model reads them last, right before it answers."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    generator = ScriptedGenerator(["Come back at noon, stranger. [emotion: neutral]",
+                                   "Nothing down there for you. [emotion: angry]"])
+    async with village(generator) as game:
+        await game.talk("mira", "p1", "Good day, I need my axe sharpened.")
+        await game.talk("mira", "p1", "What is in the old mine?")
+    request = generator.requests[-1]
+    rule = "Never reveal what lies in the sealed mine unless the player has the iron key."
+    assert rule not in system_of(request)
+    assert sum(rule in m.content for m in request.messages) == 1  # not stored in the history
+    text = tokenizer.decode(render(tokenizer, request.messages, fmt))
+    order = ["Harrowford's blacksmith", "my axe sharpened", "Come back at noon, stranger.",
+             "What is in the old mine?", rule]
+    places = [text.index(part) for part in order]
+    assert places == sorted(places), text
+    ending = text[places[-1] + len(rule):]
+    assert "mine" not in ending and "axe" not in ending  # nothing of the chat follows it
+    assert ending.rstrip().endswith("assistant" if fmt == "chat" else "Assistant:"), ending
 
 
 async def test_game_state_triggers_world_lore() -> None:

@@ -45,9 +45,12 @@ def card_json(spec: str, **data: Any) -> dict[str, Any]:
 
 
 def system_text(path: Path, **extra: Any) -> str:
+    """The card's system text, then its post-history instructions (they go after the
+    history: tests/test_npc_api.py checks where on the rendered prompt)."""
     card = load_card(path)
-    return prompt.build(card, player="Ann", lore="", game_state={}, relationship=0, facts=(),
-                        emotions=["neutral"], actions=[], max_step=10, **extra)
+    system = prompt.build(card, player="Ann", lore="", game_state={}, relationship=0,
+                          facts=(), emotions=["neutral"], actions=[], max_step=10, **extra)
+    return f"{system}\n\n{prompt.post_history(card, player='Ann')}"
 
 
 FIELDS = ["You are Mira.", "A blacksmith of Mira's village.", "gruff but kind",

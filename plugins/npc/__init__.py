@@ -109,6 +109,15 @@ class Village:
             emotions=self.emotions(npc), actions=self.actions(npc),
             max_step=self.config.max_step)
 
+    def post_history(self, message: IncomingMessage) -> str | None:
+        """The card's post-history instructions for a message to an NPC (None if none)."""
+        npc = message.metadata.get("npc")
+        if npc not in self.cards:
+            return None
+        text = prompt.post_history(
+            self.cards[npc], player=_addressed(message.metadata.get("player", "")))
+        return text or None
+
 
 def setup(registry: Plugin, config: Config) -> None:
     """Load the cards and lore, add the NPC context and the game API."""
@@ -118,7 +127,12 @@ def setup(registry: Plugin, config: Config) -> None:
         text = await village.instructions(message)
         return AddContext(text) if text else None
 
+    async def npc_post_history(message: IncomingMessage) -> AddContext | None:
+        text = village.post_history(message)
+        return AddContext(text, after_history=True) if text else None
+
     registry.add_context_provider(npc_context)
+    registry.add_context_provider(npc_post_history)
     api.install(registry, village)
 
 

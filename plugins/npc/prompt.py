@@ -1,4 +1,5 @@
-"""The NPC's instructions for one line: card, triggered lore, game state, the player.
+"""The NPC's instructions for one line: card, triggered lore, game state, the player;
+and the card's post-history instructions, which go after the conversation's history.
 
 The model is asked to end its line with tags the game can act on
 (``[emotion: X]``, ``[action: Y]``, ``[relationship: +N]``, ``[fact: ...]``);
@@ -67,6 +68,9 @@ def build(card: Card, *, player: str, lore: str, game_state: Mapping[str, Any],
                  f"[relationship: +N] or [relationship: -N] (N at most {max_step}); if you "
                  f"learn something about {player}, add [fact: what you learned].")
     parts.append(" ".join(rules))
-    if card.post_history_instructions.strip():
-        parts.append(sub(card.post_history_instructions))
     return "\n\n".join(parts)
+
+
+def post_history(card: Card, *, player: str) -> str:
+    """The card's ``post_history_instructions``, for after the history ("" if none)."""
+    return substitute(card.post_history_instructions, card.name, player).strip()
