@@ -69,7 +69,8 @@ log = logging.getLogger(__name__)
 
 READ_BLOCK = 0.5  # seconds one XREADGROUP waits; a stopping worker notices within it
 SOCKET_TIMEOUT = READ_BLOCK + 5.0
-ERROR_PAUSE = 1.0  # seconds a loop waits after a Redis failure before trying again
+ERROR_PAUSE = 1.0  # seconds a loop waits after Redis refused a command, before trying again
+RECONNECT_POLL = 0.05  # seconds between tries while Redis cannot be reached
 
 
 class Worker(ServiceBase):
@@ -266,15 +267,30 @@ class Worker(ServiceBase):
 
     async def _redis_trouble(self, what: str, exc: Exception) -> None:
         log.warning("worker %s: %s at %s failed: %s", self.name, what, self.where, exc)
-        if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
-            with contextlib.suppress(RedisError, OSError):
-                # Redis lost its data (a restart): the group and the scripts are gone.
+        if isinstance(exc, ResponseError) and "NOGROUP" not in str(exc):
+            await asyncio.sleep(ERROR_PAUSE)  # Redis answers but refuses: do not spin
+            return
+        # The connection broke, or Redis lost its data (NOGROUP): it may have restarted
+        # empty. Serve again as soon as it answers, with the group and scripts back.
+        await self._resync()
+
+    async def _resync(self) -> None:
+        """Wait until Redis answers, then make sure the stream, the consumer group and
+        the scripts exist (all idempotent); returns at once if they do."""
+        assert self._client is not None
+        tries = 0
+        while not self._stopping:
+            try:
                 await self._ensure_group()
-                assert self._client is not None
                 for script in self._scripts.values():
                     await self._client.script_load(script.script)
-                return
-        await asyncio.sleep(ERROR_PAUSE)
+            except (RedisError, OSError):
+                tries += 1
+                await asyncio.sleep(RECONNECT_POLL)
+                continue
+            if tries:
+                log.info("worker %s: redis at %s answers again; serving", self.name, self.where)
+            return
 
     async def _admit(self, entries: Sequence[tuple[str, dict[bytes, bytes], int]]) -> None:
         """Start the jobs of ``entries`` (id, fields, attempt) that are still wanted."""
