@@ -78,9 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from core.forget import forget
 
             gone = asyncio.run(forget(settings, args.channel, args.user))
-            print(f"forgot {args.channel} user {args.user!r}: {gone.memory} conversations "
-                  f"and facts, {gone.moderation} moderation records, {gone.dead_letters} "
-                  "dead letters")
+            stores = ", ".join(f"{name} {n}" for name, n in sorted(gone.by_store.items()))
+            print(f"forgot {args.channel} user {args.user!r}: {gone.total} records "
+                  f"({stores})")
             return 0
         if args.command == "chat":
             console = adapter_registry().get("console")(

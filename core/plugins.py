@@ -24,13 +24,14 @@ import asyncio
 import inspect
 import logging
 import shlex
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from core.errors import ParleyError
-from core.forget import ForgetsUsers
+from core.forget import ForgetsUsers, Forgetting, conversation_refs
 from core.lifecycle import ServiceBase
 from core.memory.base import UserRef
 from core.plugin_services import (
@@ -197,6 +198,7 @@ class PluginServices:
     window: int = 20  # turns memory keeps per conversation
     admins: Mapping[str, Sequence[str]] = field(default_factory=dict)
     outbox: Outbox = field(default_factory=Outbox)
+    forgetting: Forgetting = field(default_factory=Forgetting)
     metrics: Metrics | None = None
 
     def __post_init__(self) -> None:
@@ -443,26 +445,44 @@ class PluginRegistry(ServiceBase):
             return tuple(args.split())
 
     async def forget_user(self, channel: str, user_id: str) -> int:
+        """Delete everything the bot keeps about a user and every account linked to it
+        (see :meth:`forget_user_by_store`); how many records went."""
+        return sum((await self.forget_user_by_store(channel, user_id)).values())
+
+    async def forget_user_by_store(self, channel: str, user_id: str) -> dict[str, int]:
         """Delete everything the bot keeps about a user and every account linked to it:
-        what plugins' forget hooks delete, every plugin's per-user storage, memory, the
-        moderation state, their links. Returns how many records went."""
+        what plugins' forget hooks delete, every plugin's per-user storage, what the
+        hooks of the bot's forget service delete (adapters' stores; see
+        :mod:`core.forget`), plugins' state of the conversations they took part in, memory,
+        the moderation state, their links. Returns how many records went, by store."""
         services = self.services
         identities = await services.accounts.linked((channel, user_id))
         state = getattr(services.moderator, "state", None)
-        count = 0
+        counts: Counter[str] = Counter()
         for who_channel, who in identities:
+            user = UserRef(services.bot, who_channel, who)
             for hook in self._forget_hooks:
-                count += await hook.fn(who_channel, who)
-            count += await services.store.drop(*(
+                counts["plugins"] += await hook.fn(who_channel, who)
+            counts["plugins"] += await services.store.drop(*(
                 self.plugin(name).storage.user(who_channel, who).name
                 for name in [APP, *self._plugins]))
-            if services.memory is not None:
-                count += await services.memory.forget_user(UserRef(services.bot, who_channel,
-                                                                   who))
+            # The hooks learn the user's conversations from memory, which forgets last.
+            memory = services.memory
+            conversations = await memory.conversations(user) if memory is not None else []
+            counts.update(await services.forgetting.run(user, conversations))
+            # Plugins' state of those conversations goes with them (and any pause).
+            counts["plugins"] += await services.store.drop(*(
+                self.plugin(name).storage.conversation(key).name
+                for name in [APP, *self._plugins] for key in conversations))
+            for key in conversations:
+                counts["plugins"] += int(await services.pauses.resume(key))
+            if memory is not None:
+                counts["memory"] += await memory.forget_user(user)
             if isinstance(state, ForgetsUsers):
-                count += await state.forget_user(f"{who_channel}:{who}")
-        count += await services.accounts.unlink(identities)
-        return count
+                counts["moderation"] += await state.forget_user(
+                    f"{who_channel}:{who}", conversation_refs(conversations))
+        counts["links"] += await services.accounts.unlink(identities)
+        return dict(counts)
 
     async def emit(self, signal: str, message: IncomingMessage, data: Mapping[str, Any]) -> None:
         """Call every handler of ``signal`` (see :meth:`Plugin.on`), each contained."""

@@ -463,3 +463,24 @@ async def test_a_resume_while_redis_is_down_closes_the_socket_to_be_tried_again(
         assert frames[-1]["type"] == "error" and frames[-1]["code"] == "unavailable"
         ws = await opened(site, token)  # and once Redis is back, it works
         await ws.close()
+
+
+async def test_in_bot_forget_reaches_the_widgets_log_and_feedback() -> None:
+    """The adapter registers the hub's forget hook when it starts: ``/forget`` (the
+    registry's ``forget_user``) empties the reply log and the feedback, in process too."""
+    async with serving(gated_engine(widget_settings(), GatedEcho())) as site:
+        session = await site.session()
+        ws = await opened(site, session["token"])
+        await ws.send_json({"type": "message", "id": "m1", "text": "remember me"})
+        await frames_until(ws, final_of("m1"))
+        await ws.send_json({"type": "feedback", "message_id": "m1", "rating": "up"})
+        await frames_until(ws, lambda f: f["type"] == "feedback_saved")
+        await ws.close()
+        hub = site.adapter._runner.app[HUB]  # type: ignore[union-attr]
+        user = SessionSigner(BOT, SECRET, ttl=60).verify(session["token"])
+        ref = hub.ref(user)
+        assert (await hub.log.since(ref, 0)).entries and await hub.feedback.list(ref)
+        counts = await site.engine.plugins.forget_user_by_store("web", user.user_id)
+        assert counts["adapters.web"] == 2 and counts["memory"] >= 1
+        assert (await hub.log.since(ref, 0)).entries == []
+        assert await hub.feedback.list(ref) == []

@@ -45,6 +45,7 @@ from pydantic_core import PydanticCustomError
 from bots.web import routes, sse
 from bots.web.resume import StoreUnavailable
 from bots.web.settings import WidgetFields
+from bots.web.stores import WidgetStores
 from core.api_keys import ApiKeys, KeyBusy, Unauthorized
 from core.config import ApiKeySection, BotSettings, unique_keys, validate_section
 from core.engine import Engine, collect
@@ -182,9 +183,22 @@ class WebAdapter:
             raise
         self._runner = runner
         # Plugins' own messages (a handoff agent's answer) go through the widget's hub.
-        self._unregister = engine.plugins.services.outbox.register(
-            CHANNEL, runner.app[routes.HUB].deliver)
+        hub = runner.app[routes.HUB]
+        undo = [engine.plugins.services.outbox.register(CHANNEL, hub.deliver),
+                engine.plugins.services.forgetting.register("adapters.web", hub.forget_user)]
+
+        def unregister() -> None:
+            for step in undo:
+                step()
+
+        self._unregister = unregister
         log.info("bot %s: web adapter on http://%s:%d/", engine.name, self.config.host, self.port)
+
+    def user_data(self) -> WidgetStores | None:
+        """The widget's reply logs and feedback, for ``parley forget`` (None when they
+        live in this process: with the embedded memory backend)."""
+        stores = WidgetStores(self.settings, self.config)
+        return stores if stores.out_of_process else None
 
     async def stop(self) -> None:
         """Stop listening; replies in progress get a few seconds to finish. Idempotent."""

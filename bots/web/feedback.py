@@ -3,8 +3,9 @@
 Each record holds the reply it rates and the user message it answered, so a
 conversation's records can be exported as preference data as they are. A second rating
 of the same reply replaces the first. In Redis (``[memory] backend = "redis"``) under
-``{p}:{bot}:web:feedback:{ref}`` (a hash: message id -> JSON record, no expiry), in
-this process otherwise.
+``{p}:{bot}:web:feedback:{ref}`` (a hash: message id -> JSON record, no expiry), with
+``{p}:{bot}:web:feedback-by:{user}`` (a set of the refs a user rated in, for
+forgetting them), in this process otherwise.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -62,6 +64,20 @@ class FeedbackStore(ServiceBase):
         """The conversation's feedback, oldest first."""
         return sorted(self._records.get(ref, {}).values(), key=lambda f: f.at)
 
+    async def forget(self, user_id: str, refs: Sequence[str]) -> int:
+        """Delete the feedback of conversations ``refs`` and whatever ``user_id`` gave
+        anywhere else; how many records went."""
+        count = 0
+        for ref in list(self._records):
+            records = self._records[ref]
+            gone = [m for m, f in records.items() if ref in refs or f.user_id == user_id]
+            for message_id in gone:
+                del records[message_id]
+            count += len(gone)
+            if not records:
+                del self._records[ref]
+        return count
+
 
 class RedisFeedbackStore(FeedbackStore):
     """Feedback in Redis; see the module docstring."""
@@ -87,11 +103,34 @@ class RedisFeedbackStore(FeedbackStore):
             raise RuntimeError("RedisFeedbackStore is used before start() or after stop()")
         return self._client
 
+    def _by_user(self, user_id: str) -> str:
+        return f"{self._base[:-1]}-by:{key_part(user_id)}"
+
     async def put(self, ref: str, feedback: Feedback) -> None:
         """Keep ``feedback`` for conversation ``ref`` (replacing an earlier rating)."""
         record = json.dumps(feedback.to_dict(), ensure_ascii=False)
         async with self._failures("feedback"), asyncio.timeout(self.section.timeout):
-            await self._redis().hset(self._base + ref, feedback.message_id, record)
+            async with self._redis().pipeline(transaction=True) as pipe:
+                pipe.hset(self._base + ref, feedback.message_id, record)
+                # Which conversations the user rated in, for forgetting them: feedback
+                # has no expiry, so it outlives memory's record of the conversation.
+                pipe.sadd(self._by_user(feedback.user_id), ref)
+                await pipe.execute()
+
+    async def forget(self, user_id: str, refs: Sequence[str]) -> int:
+        """Delete the feedback of conversations ``refs`` and of those ``user_id`` rated
+        in; how many conversations' feedback went."""
+        client = self._redis()
+        index = self._by_user(user_id)
+        async with self._failures("feedback"), asyncio.timeout(self.section.timeout):
+            rated = {_text(r) for r in await client.smembers(index)}
+            keys = [self._base + ref for ref in sorted(rated | set(refs))]
+            async with client.pipeline(transaction=True) as pipe:
+                if keys:
+                    pipe.delete(*keys)
+                pipe.delete(index)
+                result = await pipe.execute()
+        return int(result[0]) if keys else 0
 
     async def list(self, ref: str) -> list[Feedback]:
         """The conversation's feedback, oldest first."""
@@ -101,6 +140,10 @@ class RedisFeedbackStore(FeedbackStore):
 
     def _failures(self, what: str) -> Any:
         return failures_as(StoreUnavailable, f"redis at {redact(self.section.url)}", what)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
 
 
 def new_feedback(message_id: str, rating: Rating, comment: str, prompt: str, reply: str,

@@ -17,18 +17,12 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from bots.web.feedback import FeedbackStore, Rating, RedisFeedbackStore, new_feedback
+from bots.web.feedback import FeedbackStore, Rating, new_feedback
 from bots.web.limits import RateLimiter
-from bots.web.resume import (
-    Entry,
-    MemoryReplyLog,
-    RedisReplyLog,
-    ReplyLog,
-    ReplyWriter,
-    StoreUnavailable,
-)
+from bots.web.resume import Entry, ReplyLog, ReplyWriter, StoreUnavailable
 from bots.web.sessions import Session, SessionSigner
 from bots.web.settings import WidgetFields
+from bots.web.stores import WidgetStores
 from core.engine import Engine
 from core.lifecycle import ServiceBase
 from core.plugin_services import DeliveryError
@@ -78,24 +72,18 @@ class ChatHub(ServiceBase):
             secret = secrets.token_urlsafe(32)
         self.signer = SessionSigner(engine.name, secret, ttl=config.session_ttl,
                                     identity_secret=config.identity_secret)
-        self.log: ReplyLog
-        self.feedback: FeedbackStore
-        if settings.memory.backend == "redis":
-            self.log = RedisReplyLog(settings.memory, engine.name, ttl=config.resume_ttl,
-                                     cap=config.resume_events, source=settings.source)
-            self.feedback = RedisFeedbackStore(settings.memory, engine.name,
-                                               source=settings.source)
-        else:
-            self.log = MemoryReplyLog(ttl=config.resume_ttl, cap=config.resume_events)
-            self.feedback = FeedbackStore()
+        self.stores = WidgetStores(settings, config)
+        self.log: ReplyLog = self.stores.log
+        self.feedback: FeedbackStore = self.stores.feedback
+        # A forget hook (core.forget): the reply logs and feedback of a user forgotten.
+        self.forget_user = self.stores.forget_user
         self.session_rate = RateLimiter(config.session_rate, config.rate_window)
         self.ip_rate = RateLimiter(config.ip_rate, config.rate_window)
         self.sockets: Counter[str] = Counter()  # open sockets per client address
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def _start(self) -> None:
-        await self.log.start()
-        await self.feedback.start()
+        await self.stores.start()
 
     async def _stop(self) -> None:
         tasks = set(self._tasks)
@@ -104,10 +92,7 @@ class ChatHub(ServiceBase):
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        try:
-            await self.feedback.stop()
-        finally:
-            await self.log.stop()
+        await self.stores.stop()
 
     @staticmethod
     def ref(session: Session) -> str:

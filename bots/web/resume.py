@@ -132,6 +132,10 @@ class ReplyLog(ServiceBase):
         """The kept entries numbered above ``after``, oldest first."""
         raise NotImplementedError
 
+    async def drop(self, refs: list[str]) -> int:
+        """Delete the logs of ``refs`` (a user is forgotten); how many there were."""
+        raise NotImplementedError
+
 
 def _backlog(numbered: list[tuple[int, Entry]], after: int, last: int) -> Backlog:
     entries = [{"seq": seq, **event} for seq, event in numbered if seq > after]
@@ -186,6 +190,10 @@ class MemoryReplyLog(ReplyLog):
         if kept is None:
             return _backlog([], after, 0)
         return _backlog(list(kept.entries), after, kept.last)
+
+    async def drop(self, refs: list[str]) -> int:
+        """Delete the logs of ``refs``; how many there were."""
+        return sum(self._logs.pop(ref, None) is not None for ref in refs)
 
 
 # KEYS: seq, log. ARGV: cap, ttl, channel, origin, ref, entries (JSON)...
@@ -298,6 +306,19 @@ class RedisReplyLog(ReplyLog):
             seq, _, encoded = _text(item).partition("\n")
             numbered.append((int(seq), json.loads(encoded)))
         return _backlog(numbered, after, int(last) if last is not None else 0)
+
+    async def drop(self, refs: list[str]) -> int:
+        """Delete the logs of ``refs`` (and their numbers); how many there were."""
+        if self._client is None:
+            raise RuntimeError("RedisReplyLog is used before start() or after stop()")
+        if not refs:
+            return 0
+        async with self._failures("forget"), asyncio.timeout(self.section.timeout):
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.delete(*(f"{self._base}log:{ref}" for ref in refs))
+                pipe.delete(*(f"{self._base}seq:{ref}" for ref in refs))
+                logs, _ = await pipe.execute()
+        return int(logs)
 
 
 def _text(value: bytes | str) -> str:

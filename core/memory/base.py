@@ -136,6 +136,10 @@ class MemoryStore(Protocol):
     async def set_fact(self, user: UserRef, name: str, value: str) -> None:
         """Remember a fact about a user (e.g. their name), across their conversations."""
 
+    async def conversations(self, user: UserRef) -> list[ConversationKey]:
+        """The conversations ``user`` took part in that are still kept (what
+        :meth:`forget_user` deletes), for other stores to forget theirs first."""
+
     async def forget_user(self, user: UserRef) -> int:
         """Delete everything kept about ``user``: the conversations they took part in
         (with their dedupe records), their facts and indexes; returns how many

@@ -193,32 +193,41 @@ class EmbeddedMemory(ServiceBase):
         """Store ``name = value`` in the user's facts."""
         self._facts.setdefault(user, {})[name] = value
 
+    def _mine(self, user: UserRef, now: float) -> tuple[set[ConversationKey], set[ConversationKey]]:
+        """The user's conversations with turns kept, and those with only a dedupe record."""
+        seen = {
+            key for key, record in self._seen.items()
+            if key.bot == user.bot and key.channel == user.channel
+            and record.by_user.get(user.user_id, 0.0) > now
+        }
+        kept = set()
+        for key in list(self._conversations):
+            if key.bot != user.bot or key.channel != user.channel:
+                continue
+            conv = self._live(key, now)
+            if conv is not None and (key in seen or any(
+                turn.user_id == user.user_id for turn in conv.turns
+            )):
+                kept.add(key)
+        return kept, seen - kept
+
+    async def conversations(self, user: UserRef) -> list[ConversationKey]:
+        """See :meth:`MemoryStore.conversations`."""
+        kept, seen = self._mine(user, self._now())
+        return sorted(kept | seen, key=str)
+
     async def forget_user(self, user: UserRef) -> int:
         """Delete the user's facts and every conversation holding their turns or replies.
 
         Returns the number of conversations plus the number of facts deleted.
         """
-        now = self._now()
-        mine = {
-            key for key, seen in self._seen.items()
-            if key.bot == user.bot and key.channel == user.channel
-            and seen.by_user.get(user.user_id, 0.0) > now
-        }
-        count = 0
-        for key in list(self._conversations):
-            if key.bot != user.bot or key.channel != user.channel:
-                continue
-            conv = self._live(key, now)
-            if conv is not None and (key in mine or any(
-                turn.user_id == user.user_id for turn in conv.turns
-            )):
-                del self._conversations[key]
-                mine.add(key)
-                count += 1
-        for key in mine:
+        kept, seen = self._mine(user, self._now())
+        for key in kept:
+            del self._conversations[key]
+        for key in kept | seen:
             self._seen.pop(key, None)
         facts = self._facts.pop(user, {})
-        return count + len(facts)
+        return len(kept) + len(facts)
 
 
 def create(settings: BotSettings) -> EmbeddedMemory:

@@ -37,6 +37,7 @@ import logging
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
+from urllib.parse import unquote
 
 from redis.asyncio import Redis
 
@@ -238,6 +239,18 @@ class RedisMemory(ServiceBase):
             raise RuntimeError("RedisMemory is used before start() or after stop()")
         async with self._failures("set_fact"), asyncio.timeout(self.section.timeout):
             await self._client.hset(self._facts(user), name, value)
+
+    async def conversations(self, user: UserRef) -> list[ConversationKey]:
+        """See :meth:`MemoryStore.conversations` (the user's index)."""
+        if self._client is None:
+            raise RuntimeError("RedisMemory is used before start() or after stop()")
+        async with self._failures("conversations"), asyncio.timeout(self.section.timeout):
+            refs = await self._client.smembers(self._index(user))
+        keys = []
+        for ref in sorted(_text(r) for r in refs):
+            channel, _, conversation = ref.partition(":")
+            keys.append(ConversationKey(user.bot, unquote(channel), unquote(conversation)))
+        return keys
 
     async def forget_user(self, user: UserRef) -> int:
         """Delete the user's facts and every conversation holding their data.

@@ -16,7 +16,7 @@ or a pipeline). Times come from the Redis server, so front ends with skewed cloc
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -176,15 +176,18 @@ class RedisState(ServiceBase):
         async with self._failures("unmute"):
             return bool(await self.client.delete(f"{self.base}mute:{key_part(user)}"))
 
-    async def forget_user(self, user: str) -> int:
+    async def forget_user(self, user: str, conversations: Sequence[str] = ()) -> int:
         """Delete ``user``'s rate window, score and mute, and their audit and escalation
-        entries (``user`` is ``{channel}:{user_id}``); how many records went."""
+        entries (``user`` is ``{channel}:{user_id}``), and the rate windows of
+        ``conversations`` (``{channel}:{conversation_id}``) they took part in; how many
+        records went."""
         channel, _, user_id = user.partition(":")
         part = key_part(user)
         async with self._failures("forget_user"):
             count = int(await self.client.delete(
                 f"{self.base}rate:u:{part}", f"{self.base}score:{part}",
-                f"{self.base}mute:{part}"))
+                f"{self.base}mute:{part}",
+                *(f"{self.base}rate:c:{key_part(c)}" for c in conversations)))
             for stream in ("audit", "escalations"):
                 start = "-"
                 while True:
