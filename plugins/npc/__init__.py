@@ -3,8 +3,9 @@
 ``[plugins.npc] cards = "DIR"`` makes every card file in DIR (V2/V3 JSON, PNG with a
 ``chara``/``ccv3`` chunk, or TOML) an NPC whose id is the file's stem; ``world`` names an
 optional lorebook all NPCs share. Games talk to NPCs over the web channel's server
-(:mod:`plugins.npc.api`, docs/npc.md); each (NPC, player) pair is a conversation of the
-bot's memory, with a relationship value and facts kept in the plugin's storage.
+(:mod:`plugins.npc.api` over HTTP, :mod:`plugins.npc.socket` over a WebSocket;
+docs/npc.md); each (NPC, player) pair is a conversation of the bot's memory, with a
+relationship value and facts kept in the plugin's storage.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.plugins import AddContext, Plugin
 from core.types import IncomingMessage
-from plugins.npc import api, prompt
+from plugins.npc import api, prompt, socket
 from plugins.npc.cards import Card, LoreEntry, load_cards, load_lorebook
 from plugins.npc.lore import select
 from plugins.npc.state import Players
@@ -133,7 +134,7 @@ def setup(registry: Plugin, config: Config) -> None:
 
     registry.add_context_provider(npc_context)
     registry.add_context_provider(npc_post_history)
-    api.install(registry, village)
+    socket.install(registry, api.install(registry, village))
 
 
 def _addressed(player: str) -> str:

@@ -5,6 +5,8 @@
   line, its emotion, the allowed actions and the relationship out.
 - ``POST /api/v1/npc/{npc}/talk/stream``: the same as Server-Sent Events: ``delta``
   events with the line as it is written, then ``final`` with the whole answer.
+- ``GET /api/v1/npc/ws``: a WebSocket for talk and barks, streamed
+  (:mod:`plugins.npc.socket`).
 - ``POST /api/v1/npc/{npc}/bark``: ``{"event", "game_state"?}``: an ambient line.
 - ``POST /api/v1/world/facts``: ``{"facts": [...], "replace"?}``: what every NPC knows
   from now on (the game publishes events: "the bridge burned"); ``GET`` lists them.
@@ -18,6 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
@@ -81,7 +85,7 @@ class WorldFacts(BaseModel):
     replace: bool = False
 
 
-class _Refused(Exception):
+class Refused(Exception):
     def __init__(self, status: int, reason: str, code: str = "bad_request") -> None:
         super().__init__(reason)
         self.status, self.reason, self.code = status, reason, code
@@ -91,9 +95,9 @@ def _error(status: int, reason: str, code: str) -> web.Response:
     return web.json_response({"error": reason, "code": code}, status=status)
 
 
-def install(plugin: Plugin, village: Village) -> None:
-    """Register the routes on ``plugin``."""
-    routes = _Routes(village)
+def install(plugin: Plugin, village: Village) -> Routes:
+    """Register the routes on ``plugin``; they are returned for the WebSocket's use."""
+    routes = Routes(village)
     plugin.add_route("GET", "/api/v1/npc", routes.guard(routes.list_npcs))
     plugin.add_route("POST", "/api/v1/npc/{npc}/talk", routes.guard(routes.talk))
     plugin.add_route("POST", "/api/v1/npc/{npc}/talk/stream", routes.guard(routes.talk_stream))
@@ -103,9 +107,10 @@ def install(plugin: Plugin, village: Village) -> None:
     plugin.add_route("GET", "/api/v1/npc/{npc}/players/{player}", routes.guard(routes.player))
     plugin.add_route("PUT", "/api/v1/npc/{npc}/players/{player}",
                      routes.guard(routes.put_player))
+    return routes
 
 
-class _Routes:
+class Routes:
     def __init__(self, village: Village) -> None:
         self.village = village
 
@@ -115,7 +120,7 @@ class _Routes:
         async def serve(request: web.Request, caller: Caller) -> web.StreamResponse:
             try:
                 return await handler(request, caller)  # type: ignore[no-any-return]
-            except _Refused as exc:
+            except Refused as exc:
                 return _error(exc.status, exc.reason, exc.code)
 
         return serve
@@ -123,7 +128,7 @@ class _Routes:
     def _npc(self, request: web.Request) -> str:
         npc = request.match_info["npc"]
         if npc not in self.village.cards:
-            raise _Refused(404, f"no NPC {npc!r}", "unknown_npc")
+            raise Refused(404, f"no NPC {npc!r}", "unknown_npc")
         return npc
 
     async def list_npcs(self, request: web.Request, caller: Caller) -> web.StreamResponse:
@@ -133,23 +138,32 @@ class _Routes:
     async def talk(self, request: web.Request, caller: Caller) -> web.StreamResponse:
         npc = self._npc(request)
         body = await _body(request, Talk)
-        message = self._message(caller, npc, body.player_id, body.text, body.game_state)
+        message = self.message(caller, npc, body.player_id, body.text, body.game_state)
         return await self._answer(npc, message, await collect(caller.engine.handle(message)))
 
     async def bark(self, request: web.Request, caller: Caller) -> web.StreamResponse:
         npc = self._npc(request)
-        body = await _body(request, Bark)
-        text = f"(Game event: {body.event}) Say one short line aloud, to nobody in particular."
-        message = self._message(caller, npc, BARK_PLAYER, text, body.game_state)
+        message = self.bark_message(caller, npc, await _body(request, Bark))
         return await self._answer(npc, message, await collect(caller.engine.handle(message)))
 
     async def talk_stream(self, request: web.Request, caller: Caller) -> web.StreamResponse:
         npc = self._npc(request)
         body = await _body(request, Talk)
-        message = self._message(caller, npc, body.player_id, body.text, body.game_state)
+        message = self.message(caller, npc, body.player_id, body.text, body.game_state)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                "Cache-Control": "no-cache"})
         await response.prepare(request)
+        async with aclosing(self.line_events(caller, npc, message)) as events:
+            async for kind, data in events:
+                await response.write(_sse(kind, data))
+        await response.write_eof()
+        return response
+
+    async def line_events(self, caller: Caller, npc: str,
+                          message: IncomingMessage) -> AsyncGenerator[tuple[str, dict[str, Any]]]:
+        """One line as the game sees it written: ``delta`` pieces (``{"text"}``; tags held
+        back, so the pieces joined are the final line), ``reset`` when the line starts over,
+        then ``final`` with the answer of a talk request, or ``error``."""
         async with closing(caller.engine.handle(message)) as events:
             raw, shown = "", ""
             async for event in events:
@@ -157,24 +171,27 @@ class _Routes:
                     raw += event.text
                     visible = reply.visible_prefix(raw)
                     if visible.startswith(shown) and len(visible) > len(shown):
-                        await response.write(_sse("delta", {"text": visible[len(shown):]}))
+                        yield "delta", {"text": visible[len(shown):]}
                         shown = visible
                 elif event.kind is ReplyKind.RESET:
                     raw, shown = "", ""
-                    await response.write(_sse("reset", {}))
+                    yield "reset", {}
                 elif event.kind in (ReplyKind.FINAL, ReplyKind.NOTICE, ReplyKind.ERROR):
                     status, answer = await self._result(npc, message, event)
                     line = str(answer.get("line", ""))
                     if status == 200 and line.startswith(shown) and len(line) > len(shown):
-                        await response.write(_sse("delta", {"text": line[len(shown):]}))
-                    await response.write(_sse("final" if status == 200 else "error", answer))
-        await response.write_eof()
-        return response
+                        yield "delta", {"text": line[len(shown):]}
+                    yield ("final" if status == 200 else "error"), answer
 
-    def _message(self, caller: Caller, npc: str, player: str, text: str,
+    def bark_message(self, caller: Caller, npc: str, body: Bark) -> IncomingMessage:
+        """The message that asks ``npc`` for an ambient line on a game event."""
+        text = f"(Game event: {body.event}) Say one short line aloud, to nobody in particular."
+        return self.message(caller, npc, BARK_PLAYER, text, body.game_state)
+
+    def message(self, caller: Caller, npc: str, player: str, text: str,
                  game_state: dict[str, Any]) -> IncomingMessage:
         if text.lstrip().startswith("/"):
-            raise _Refused(400, "text must not start with '/'")
+            raise Refused(400, "text must not start with '/'")
         scope = f"{caller.tenant}:" if caller.tenant else ""
         metadata = {"npc": npc, "player": player,
                     "game_state": json.dumps(game_state, ensure_ascii=False)}
@@ -239,7 +256,7 @@ class _Routes:
             await players.reset(npc, scope + player)
             memory = self.village.plugin.services.memory
             if memory is not None:
-                await memory.reset(self._message(
+                await memory.reset(self.message(
                     caller, npc, player, "reset", {}).key)
         state = await players.get(npc, scope + player)
         if body.relationship is not None or body.facts is not None:
@@ -254,24 +271,24 @@ def _player(request: web.Request) -> str:
     try:
         Talk(player_id=player, text="x")
     except ValidationError:
-        raise _Refused(400, "player_id: not a valid id") from None
+        raise Refused(400, "player_id: not a valid id") from None
     return player
 
 
 async def _body(request: web.Request, model: type[M]) -> M:
     if request.content_type != "application/json":
-        raise _Refused(415, "the body must be JSON (Content-Type: application/json)",
+        raise Refused(415, "the body must be JSON (Content-Type: application/json)",
                        "unsupported_media_type")
     try:
         data = json.loads(await request.read())
     except web.HTTPRequestEntityTooLarge:
-        raise _Refused(413, "the body is too large", "payload_too_large") from None
+        raise Refused(413, "the body is too large", "payload_too_large") from None
     except (ValueError, RecursionError):
-        raise _Refused(400, "the body is not valid JSON") from None
+        raise Refused(400, "the body is not valid JSON") from None
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise _Refused(400, problems(exc)) from None
+        raise Refused(400, problems(exc)) from None
 
 
 def _sse(kind: str, data: dict[str, Any]) -> bytes:
