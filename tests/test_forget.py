@@ -92,8 +92,7 @@ async def test_forget_reaches_the_widgets_logs_and_feedback_plugin_storage_and_l
     """A widget user with a reply log, feedback, custom instructions (plugin storage),
     and a linked Telegram account: after
     ``parley forget`` no key or value under the prefix names them or holds their words."""
-    from bots.web.adapter import WebAdapter
-    from tests.support.widget import final_of, frames_until
+    from tests.support.widget import final_of, frames_until, open_widget, serving_settings
 
     config = tmp_path / "bot.toml"
     config.write_text(
@@ -105,47 +104,34 @@ async def test_forget_reaches_the_widgets_logs_and_feedback_plugin_storage_and_l
         f'[adapters.web]\nport = 0\nsecret = "{"s" * 32}"\n',
         encoding="utf-8",
     )
-    settings = load_settings(config)
-    async with build_engine(settings) as engine:
-        adapter = WebAdapter(settings, settings.adapters["web"])
-        await adapter.start(engine)
-        try:
-            url = f"http://127.0.0.1:{adapter.port}"
-            async with aiohttp.ClientSession() as http:
-                users = []
-                for words, wish in ((f"my plan is {SECRET}", f"call me {SECRET}x"),
-                                    ("bob here, just browsing", "call me Bob")):
-                    async with http.post(url + "/api/v1/session", json={},
-                                         headers={"Origin": url}) as response:
-                        session = await response.json()
-                    ws = await http.ws_connect(url + "/api/v1/ws", origin=url, protocols=[
-                        "parley.v1", f"bearer.{session['token']}"])
-                    await ws.send_json({"type": "resume", "after": 0})
-                    await frames_until(ws, lambda f: f["type"] == "resumed")
-                    for i, text in enumerate((words, f"/instructions {wish}")):
-                        await ws.send_json({"type": "message", "id": f"m{i}", "text": text})
-                        await frames_until(ws, final_of(f"m{i}"))
-                    await ws.send_json({"type": "feedback", "message_id": "m0",
-                                        "rating": "down", "comment": f"{wish} comment"})
-                    await frames_until(ws, lambda f: f["type"] == "feedback_saved")
-                    users.append((session, ws))
-                carol, ws = users[0]
-                # A code from her Telegram account, where she talks too, links the two.
-                telegram = IncomingMessage(bot="wbot", channel="telegram",
-                                           conversation_id="tg-chat-31", user_id="tg-31",
-                                           message_id="t1", text="/link")
-                code = (await collect(engine.handle(telegram))).text.split()[4].rstrip(".")
-                await ws.send_json({"type": "message", "id": "m9", "text": f"/link {code}"})
-                assert "Linked" in next(f["text"] for f in await frames_until(
-                    ws, final_of("m9")) if f.get("kind") in ("final", "notice"))
-                said = IncomingMessage(bot="wbot", channel="telegram",
+    async with serving_settings(load_settings(config)) as (engine, _, url):
+        async with aiohttp.ClientSession() as http:
+            users = []
+            for words, wish in ((f"my plan is {SECRET}", f"call me {SECRET}x"),
+                                ("bob here, just browsing", "call me Bob")):
+                session, ws, _ = await open_widget(http, url)
+                for i, text in enumerate((words, f"/instructions {wish}")):
+                    await ws.send_json({"type": "message", "id": f"m{i}", "text": text})
+                    await frames_until(ws, final_of(f"m{i}"))
+                await ws.send_json({"type": "feedback", "message_id": "m0",
+                                    "rating": "down", "comment": f"{wish} comment"})
+                await frames_until(ws, lambda f: f["type"] == "feedback_saved")
+                users.append((session, ws))
+            carol, ws = users[0]
+            # A code from her Telegram account, where she talks too, links the two.
+            telegram = IncomingMessage(bot="wbot", channel="telegram",
                                        conversation_id="tg-chat-31", user_id="tg-31",
-                                       message_id="t2", text=f"on telegram {SECRET}")
-                assert (await collect(engine.handle(said))).kind is ReplyKind.FINAL
-                for _, socket in users:
-                    await socket.close()
-        finally:
-            await adapter.stop()
+                                       message_id="t1", text="/link")
+            code = (await collect(engine.handle(telegram))).text.split()[4].rstrip(".")
+            await ws.send_json({"type": "message", "id": "m9", "text": f"/link {code}"})
+            assert "Linked" in next(f["text"] for f in await frames_until(
+                ws, final_of("m9")) if f.get("kind") in ("final", "notice"))
+            said = IncomingMessage(bot="wbot", channel="telegram",
+                                   conversation_id="tg-chat-31", user_id="tg-31",
+                                   message_id="t2", text=f"on telegram {SECRET}")
+            assert (await collect(engine.handle(said))).kind is ReplyKind.FINAL
+            for _, socket in users:
+                await socket.close()
 
     carol_ids = [carol["conversation_id"], "tg-31", "tg-chat-31"]
     client = Redis.from_url(redis_url, decode_responses=True)

@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.support.widget import final_of, frames_until
+from tests.support.widget import final_of, frames_until, open_widget, serving_settings
 from tests.test_scale_out import REPO, free_port, wait_until_serving
 
 pytestmark = pytest.mark.timeout(180)
@@ -112,25 +112,13 @@ class Agent:
         return got
 
 
-async def widget_socket(http: aiohttp.ClientSession, url: str, token: str) -> Any:
-    """A widget's socket after a page load: (socket, the history it was given)."""
-    ws = await http.ws_connect(url + "/api/v1/ws", origin=url,
-                               protocols=["parley.v1", f"bearer.{token}"])
-    await ws.send_json({"type": "resume", "after": 0})
-    frames = await frames_until(ws, lambda f: f["type"] == "resumed")
-    return ws, next(f for f in frames if f["type"] == "history")
-
-
 async def test_a_colleague_answers_a_widget_user_through_the_handoff(
     tmp_path: Path, redis_url: str, memory_prefix: str
 ) -> None:
     with support_front_ends(tmp_path, redis_url, memory_prefix) as (user_url, agent_url):
         async with aiohttp.ClientSession() as http:
-            async with http.post(user_url + "/api/v1/session", json={},
-                                 headers={"Origin": user_url}) as response:
-                session = await response.json()
+            session, ws, _ = await open_widget(http, user_url)
             agent = Agent(http, agent_url)
-            ws, _ = await widget_socket(http, user_url, session["token"])
 
             await ws.send_json({"type": "message", "id": "m1", "text": "/human"})
             (handed,) = [f for f in await frames_until(ws, final_of("m1"))
@@ -158,7 +146,7 @@ async def test_a_colleague_answers_a_widget_user_through_the_handoff(
             await ws.close()
 
             # A page load (on the colleague's front end, even) shows the whole exchange.
-            ws, history = await widget_socket(http, agent_url, session["token"])
+            _, ws, history = await open_widget(http, agent_url, session["token"])
             assert [(t["role"], t.get("kind"), t["text"]) for t in history["turns"]] == [
                 ("user", None, "/human"),
                 ("assistant", "notice", handed["text"]),  # a command's: not in memory
@@ -176,25 +164,15 @@ async def test_a_colleague_answers_a_widget_user_through_the_handoff(
 async def test_messages_poll_needs_a_conversation_and_a_number(
     tmp_path: Path, redis_url: str, memory_prefix: str
 ) -> None:
-    from bots.web.adapter import WebAdapter
-    from core.app import build_engine
     from core.config import load_settings
 
-    port = free_port()
     settings = load_settings(support_config(tmp_path, "bot", redis_url=redis_url,
-                                            prefix=memory_prefix, port=port))
-    engine = build_engine(settings)
-    async with engine:
-        adapter = WebAdapter(settings, settings.adapters["web"])
-        await adapter.start(engine)
-        try:
-            async with aiohttp.ClientSession() as http:
-                base = f"http://127.0.0.1:{port}/api/v1/chat/messages"
-                for query in ({}, {"conversation_id": "agents", "after": "-1"},
-                              {"conversation_id": "agents", "after": "x"}):
-                    async with http.get(base, params=query) as response:
-                        assert response.status == 400, query
-                async with http.get(base, params={"conversation_id": "nobody"}) as response:
-                    assert await response.json() == {"messages": [], "last": 0, "gap": False}
-        finally:
-            await adapter.stop()
+                                            prefix=memory_prefix, port=free_port()))
+    async with serving_settings(settings) as (_, _, url), aiohttp.ClientSession() as http:
+        base = url + "/api/v1/chat/messages"
+        for query in ({}, {"conversation_id": "agents", "after": "-1"},
+                      {"conversation_id": "agents", "after": "x"}):
+            async with http.get(base, params=query) as response:
+                assert response.status == 400, query
+        async with http.get(base, params={"conversation_id": "nobody"}) as response:
+            assert await response.json() == {"messages": [], "last": 0, "gap": False}

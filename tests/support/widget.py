@@ -139,3 +139,32 @@ def final_of(message_id: str) -> Any:
     """A ``frames_until`` condition: the reply to ``message_id`` has ended."""
     return lambda f: (f.get("type") == "event" and f.get("message_id") == message_id
                       and f.get("kind") in ("final", "notice", "error"))
+
+
+@asynccontextmanager
+async def serving_settings(settings: BotSettings) -> AsyncIterator[tuple[Engine, WebAdapter, str]]:
+    """``settings``' own bot (``build_engine``) behind its ``[adapters.web]``, started;
+    yields the engine, the adapter and the server's URL."""
+    async with build_engine(settings) as engine:
+        adapter = WebAdapter(settings, settings.adapters["web"])
+        await adapter.start(engine)
+        try:
+            yield engine, adapter, f"http://127.0.0.1:{adapter.port}"
+        finally:
+            await adapter.stop()
+
+
+async def open_widget(http: aiohttp.ClientSession, url: str,
+                      token: str | None = None) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+    """A widget on the bot's own page: a new session (or ``token``'s), its socket
+    resumed from nothing; returns the session, the socket and the history it got."""
+    session: dict[str, Any] = {"token": token}
+    if token is None:
+        async with http.post(url + "/api/v1/session", json={},
+                             headers={"Origin": url}) as response:
+            session = await response.json()
+    ws = await http.ws_connect(url + "/api/v1/ws", origin=url,
+                               protocols=["parley.v1", f"bearer.{session['token']}"])
+    await ws.send_json({"type": "resume", "after": 0})
+    frames = await frames_until(ws, lambda f: f["type"] == "resumed")
+    return session, ws, next(f for f in frames if f["type"] == "history")
