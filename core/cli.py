@@ -1,4 +1,5 @@
-"""The ``parley`` command: run, chat, check, audit and forget for a bot's TOML file."""
+"""The ``parley`` command: run, chat, check, audit, forget and feedback for a bot's TOML
+file."""
 
 from __future__ import annotations
 
@@ -55,6 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     forget.add_argument("--channel", required=True, help="the user's channel (web, telegram...)")
     forget.add_argument("--user", required=True, help="the user's id on that channel")
 
+    feedback = sub.add_parser("feedback", help="export the ratings users gave replies")
+    feedback.add_argument("config", help="the bot's TOML file")
+    feedback.add_argument("--since", metavar="WHEN",
+                          help="ratings from then on: 30m, 2h, 7d ago, or 2026-11-29[T20:00]")
+    feedback.add_argument("--format", choices=["jsonl", "csv"], default="jsonl",
+                          help="JSON Lines (default) or CSV with a header")
+    feedback.add_argument("--output", metavar="FILE", help="write here instead of stdout")
+
     check = sub.add_parser("check", help="validate the bot's file and exit")
     check.add_argument("config", help="the bot's TOML file")
     return parser
@@ -82,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"forgot {args.channel} user {args.user!r}: {gone.total} records "
                   f"({stores})")
             return 0
+        if args.command == "feedback":
+            return _feedback(settings, args)
         if args.command == "chat":
             console = adapter_registry().get("console")(
                 settings,
@@ -131,6 +142,25 @@ def _audit(settings: BotSettings, args: argparse.Namespace) -> int:
                         since=since, until=until)
     return asyncio.run(print_audit(settings, limit=args.limit, escalations=args.escalations,
                                    as_json=args.json, where=where, utc=args.utc))
+
+
+def _feedback(settings: BotSettings, args: argparse.Namespace) -> int:
+    from core.feedback import collect, write
+    from core.moderation.audit_cli import parse_when
+
+    try:
+        since = parse_when(args.since) if args.since else None
+    except ValueError as exc:
+        print(f"parley feedback: {exc}", file=sys.stderr)
+        return 2
+    records = asyncio.run(collect(settings, since))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8", newline="") as out:
+            count = write(records, args.format, out)
+    else:
+        count = write(records, args.format, sys.stdout)
+    print(f"parley feedback: {count} ratings", file=sys.stderr)
+    return 0
 
 
 def _keep_access_log_off_the_terminal(level: str) -> None:

@@ -200,6 +200,11 @@ class WebAdapter:
         stores = WidgetStores(self.settings, self.config)
         return stores if stores.out_of_process else None
 
+    def feedback_source(self) -> WidgetStores | None:
+        """The widget's ratings, for ``parley feedback`` (None when they live in this
+        process: with the embedded memory backend)."""
+        return self.user_data()
+
     async def stop(self) -> None:
         """Stop listening; replies in progress get a few seconds to finish. Idempotent."""
         runner, self._runner = self._runner, None

@@ -64,6 +64,11 @@ class FeedbackStore(ServiceBase):
         """The conversation's feedback, oldest first."""
         return sorted(self._records.get(ref, {}).values(), key=lambda f: f.at)
 
+    async def everything(self, since: float | None = None) -> Sequence[tuple[str, Feedback]]:
+        """Every conversation's feedback (given at ``since`` or later): (ref, record)."""
+        return [(ref, f) for ref, records in self._records.items()
+                for f in records.values() if since is None or f.at >= since]
+
     async def forget(self, user_id: str, refs: Sequence[str]) -> int:
         """Delete the feedback of conversations ``refs`` and whatever ``user_id`` gave
         anywhere else; how many records went."""
@@ -117,6 +122,21 @@ class RedisFeedbackStore(FeedbackStore):
                 pipe.sadd(self._by_user(feedback.user_id), ref)
                 await pipe.execute()
 
+    async def everything(self, since: float | None = None) -> Sequence[tuple[str, Feedback]]:
+        """Every conversation's feedback (given at ``since`` or later): (ref, record)."""
+        client = self._redis()
+        found: list[tuple[str, Feedback]] = []
+        async with self._failures("feedback"):
+            async for raw_key in client.scan_iter(match=_glob_escape(self._base) + "*",
+                                                  count=1000):
+                key = _text(raw_key)
+                async with asyncio.timeout(self.section.timeout):
+                    raw = await client.hvals(key)
+                for record in (Feedback.from_dict(json.loads(r)) for r in raw):
+                    if since is None or record.at >= since:
+                        found.append((key[len(self._base):], record))
+        return found
+
     async def forget(self, user_id: str, refs: Sequence[str]) -> int:
         """Delete the feedback of conversations ``refs`` and of those ``user_id`` rated
         in; how many conversations' feedback went."""
@@ -140,6 +160,11 @@ class RedisFeedbackStore(FeedbackStore):
 
     def _failures(self, what: str) -> Any:
         return failures_as(StoreUnavailable, f"redis at {redact(self.section.url)}", what)
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally in a SCAN pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def _text(value: bytes | str) -> str:

@@ -1,18 +1,21 @@
 """The web widget's own stores of user data: the reply log and feedback, together.
 
-The widget's hub serves from them; ``parley forget`` opens them without the rest of the
-adapter (see :class:`core.forget.KeepsUserData`). Both live where memory lives: in Redis
+The widget's hub serves from them; ``parley forget`` and ``parley feedback`` open them
+without the rest of the adapter (:class:`core.forget.KeepsUserData`,
+:class:`core.feedback.KeepsFeedback`). Both live where memory lives: in Redis
 with ``[memory] backend = "redis"``, in this process otherwise.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from urllib.parse import unquote
 
 from bots.web.feedback import FeedbackStore, RedisFeedbackStore
 from bots.web.resume import MemoryReplyLog, RedisReplyLog, ReplyLog
 from bots.web.settings import WidgetFields
 from core.config import BotSettings
+from core.feedback import Rated
 from core.lifecycle import ServiceBase
 from core.memory.base import UserRef
 from core.redis_client import key_part
@@ -32,7 +35,7 @@ class WidgetStores(ServiceBase):
     def __init__(self, settings: BotSettings, config: WidgetFields) -> None:
         self.log: ReplyLog
         self.feedback: FeedbackStore
-        bot = settings.bot.name
+        self.bot = bot = settings.bot.name
         if settings.memory.backend == "redis":
             self.log = RedisReplyLog(settings.memory, bot, ttl=config.resume_ttl,
                                      cap=config.resume_events, source=settings.source)
@@ -59,6 +62,13 @@ class WidgetStores(ServiceBase):
             await self.feedback.stop()
         finally:
             await self.log.stop()
+
+    async def all_feedback(self, since: float | None = None) -> list[Rated]:
+        """Every rating kept (given at ``since`` or later), for ``parley feedback``."""
+        return sorted((Rated(self.bot, CHANNEL, unquote(ref.partition(":")[2]), f.message_id,
+                             f.user_id, f.rating, f.comment, f.prompt, f.reply, f.at)
+                       for ref, f in await self.feedback.everything(since)),
+                      key=lambda r: r.at)
 
     async def forget_user(self, user: UserRef, conversations: Sequence[ConversationKey]) -> int:
         """A forget hook: the reply logs and feedback of the web conversations the user
