@@ -64,6 +64,8 @@ class Apologies:
     empty: str = "Sorry, I don't have an answer to that."
     plugin: str = "Sorry, something went wrong on my side. Please try again."
     slow_down: str = "You're sending messages faster than I can answer. Please slow down."
+    # A channel's own failure while answering (an adapter's bug, its store failing).
+    internal: str = "Sorry, something went wrong. Please try again."
 
 
 

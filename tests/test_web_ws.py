@@ -360,7 +360,7 @@ async def test_a_crash_behind_the_engine_is_an_apology_a_log_line_and_a_metric(
         await ws.close()
         errors = site.engine.metrics.errors.labels(BOT, "web_reply")._value.get()
     assert [e["kind"] for e in got] == ["user", "typing", "error"]
-    assert got[-1]["code"] == "internal" and got[-1]["text"].startswith("Sorry")
+    assert got[-1]["code"] == "internal" and got[-1]["text"] == site.engine.apologies.internal
     assert errors == 1
     assert any("reply to web:" in r.getMessage() for r in caplog.records)
 

@@ -49,7 +49,6 @@ OUTBOX_SIZE = 1000
 # Message ids whose reply this process delivered: a redelivery of one is not answered
 # again (the engine's replay of it is dropped). More than a redelivery window holds.
 DELIVERED_SIZE = 10_000
-APOLOGY = "Sorry, something went wrong while answering. Please try again."
 # How long stop() lets replies in progress finish.
 SHUTDOWN_TIMEOUT = 10.0
 
@@ -258,7 +257,7 @@ class TelegramAdapter:
             # hears so at once, the log and the metric say what happened.
             log.exception("telegram: answering %s failed", message.message_id)
             engine.metrics.errors.labels(engine.name, "telegram").inc()
-            await reply.finish(APOLOGY)
+            await reply.finish(engine.apologies.internal)
 
     async def _unless_delivered(
         self, message: IncomingMessage, events: AsyncIterator[ReplyEvent]

@@ -309,7 +309,8 @@ async def _stream_reply(request: web.Request, message: IncomingMessage) -> web.S
             raise  # the client went; leaving the block closes the engine's stream
         except Exception:
             log.exception("web: reply to %s failed mid-stream", message.key)
-            failed = ReplyEvent(ReplyKind.ERROR, "Sorry, something went wrong.", code="internal")
+            failed = ReplyEvent(ReplyKind.ERROR, request.app[ENGINE].apologies.internal,
+                                code="internal")
             await response.write(_sse(failed, message))
         await response.write_eof()
     return response

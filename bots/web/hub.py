@@ -36,7 +36,6 @@ CHANNEL = "web"
 # "message": what a plugin sent into the conversation on its own (the outbox).
 TERMINAL = frozenset({"final", "notice", "error", "message"})
 STOP_TIMEOUT = 10.0  # seconds replies in progress get to finish when the hub stops
-SORRY = "Sorry, something went wrong. Please try again."
 
 
 def event_entry(event: ReplyEvent, message_id: str) -> Entry:
@@ -141,7 +140,8 @@ class ChatHub(ServiceBase):
             log.exception("web: reply to %s/%s failed", ref, mid)
             try:
                 await writer.drain()  # the apology comes after what was shown
-                failed = {"kind": "error", "message_id": mid, "text": SORRY, "action": "allow",
+                failed = {"kind": "error", "message_id": mid,
+                          "text": self.engine.apologies.internal, "action": "allow",
                           "code": "internal"}
                 await self.log.append(ref, [user, failed] if user is not None else [failed])
             except StoreUnavailable as exc:
@@ -152,8 +152,9 @@ class ChatHub(ServiceBase):
     def _failed(self, ref: str, message_id: str, stage: str, reason: str) -> None:
         log.warning("web: %s/%s: %s", ref, message_id, reason)
         self.engine.metrics.errors.labels(self.engine.name, stage).inc()
-        self.log.tell(ref, {"kind": "error", "message_id": message_id, "text": SORRY,
-                            "action": "allow", "code": "unavailable"})
+        self.log.tell(ref, {"kind": "error", "message_id": message_id,
+                            "text": self.engine.apologies.internal, "action": "allow",
+                            "code": "unavailable"})
 
     async def deliver(self, key: ConversationKey, text: str) -> None:
         """A plugin's own message into a web conversation (the outbox's sender).
