@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import bisect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import regex
+from pydantic import BaseModel
 
 from core.app import Adapter, AdapterFactory
+from core.config import BotSettings, validate_section
 
-__all__ = ["Adapter", "AdapterFactory", "split_message", "utf16_length"]
+__all__ = ["Adapter", "AdapterFactory", "adapter_settings", "split_message", "utf16_length"]
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def adapter_settings(model: type[M], settings: BotSettings, section: Mapping[str, Any],
+                     name: str) -> M:
+    """The adapter's ``[adapters.NAME]`` table validated against ``model``; a wrong
+    key fails as ``FILE: adapters.NAME.key: reason``."""
+    return validate_section(model, section, source=settings.source, prefix=f"adapters.{name}")
 
 # Preferred cut points, best first: between paragraphs, between lines, between words.
 _SEPARATORS = ("\n\n", "\n", " ")

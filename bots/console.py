@@ -17,7 +17,8 @@ import uuid
 from collections.abc import AsyncGenerator, Mapping
 from typing import IO, Any, Literal
 
-from core.config import BotSettings, Section, validate_section
+from bots.base import adapter_settings
+from core.config import BotSettings, Section
 from core.engine import Engine
 from core.streams import closing
 from core.types import IncomingMessage, ReplyEvent, ReplyKind
@@ -48,9 +49,7 @@ class ConsoleAdapter:
         stdout: IO[str] | None = None,
     ) -> None:
         self.settings = settings
-        self.config = validate_section(
-            ConsoleSettings, section, source=settings.source, prefix="adapters.console"
-        )
+        self.config = adapter_settings(ConsoleSettings, settings, section, "console")
         self._stdin = stdin
         self._stdout = stdout
         self._task: asyncio.Task[None] | None = None

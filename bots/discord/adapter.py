@@ -23,12 +23,13 @@ from typing import Any
 import discord
 from discord import app_commands
 
+from bots.base import adapter_settings
 from bots.discord.addressing import address
 from bots.discord.client import ParleyClient, api_base
 from bots.discord.config import DiscordSettings
 from bots.discord.surfaces import ChannelSurface, InteractionSurface
 from bots.streaming import StreamingReply, StreamLimits, Surface
-from core.config import BotSettings, validate_section
+from core.config import BotSettings
 from core.engine import Engine
 from core.errors import ConfigError, ParleyError
 from core.lanes import Lanes, SlowDown
@@ -54,9 +55,7 @@ class DiscordAdapter:
 
     def __init__(self, settings: BotSettings, section: Mapping[str, Any]) -> None:
         self.settings = settings
-        self.config = validate_section(
-            DiscordSettings, section, source=settings.source, prefix="adapters.discord"
-        )
+        self.config = adapter_settings(DiscordSettings, settings, section, CHANNEL)
         self.limits = StreamLimits(
             max_length=self.config.max_message_chars,
             edit_interval=self.config.edit_interval,

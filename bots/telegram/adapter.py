@@ -24,14 +24,14 @@ from telegram import BotCommand, Update
 from telegram.error import InvalidToken, TelegramError
 from telegram.ext import Application, ApplicationBuilder, ContextTypes, TypeHandler
 
-from bots.base import utf16_length
+from bots.base import adapter_settings, utf16_length
 from bots.streaming import StreamingReply, StreamLimits
 from bots.telegram.config import TelegramSettings
 from bots.telegram.intake import Intake
 from bots.telegram.outbound import Pacer, TelegramChat, call
 from bots.telegram.transport import SanitisingRequest
 from bots.telegram.updates import Addressed, addressed
-from core.config import BotSettings, validate_section
+from core.config import BotSettings
 from core.engine import Engine
 from core.errors import ConfigError
 from core.plugin_services import DeliveryError
@@ -60,9 +60,7 @@ class TelegramAdapter:
 
     def __init__(self, settings: BotSettings, section: Mapping[str, Any]) -> None:
         self.settings = settings
-        self.config = validate_section(
-            TelegramSettings, section, source=settings.source, prefix="adapters.telegram"
-        )
+        self.config = adapter_settings(TelegramSettings, settings, section, CHANNEL)
         self._app: Application[Any, Any, Any, Any, Any, Any] | None = None
         self._engine: Engine | None = None
         self._intake = Intake(self._handle)

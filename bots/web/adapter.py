@@ -42,12 +42,13 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from bots.base import adapter_settings
 from bots.web import routes, sse
 from bots.web.resume import StoreUnavailable
 from bots.web.settings import WidgetFields
 from bots.web.stores import WidgetStores
 from core.api_keys import ApiKeys, KeyBusy, Unauthorized
-from core.config import ApiKeySection, BotSettings, unique_keys, validate_section
+from core.config import ApiKeySection, BotSettings, unique_keys
 from core.engine import Engine, collect
 from core.errors import ConfigError
 from core.generation.base import readiness_of
@@ -135,9 +136,7 @@ class WebAdapter:
 
     def __init__(self, settings: BotSettings, section: Mapping[str, Any]) -> None:
         self.settings = settings
-        self.config = validate_section(
-            WebSettings, section, source=settings.source, prefix="adapters.web"
-        )
+        self.config = adapter_settings(WebSettings, settings, section, CHANNEL)
         self._runner: web.AppRunner | None = None
         self._unregister: Callable[[], None] | None = None
         self._stopped = asyncio.Event()
