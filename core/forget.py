@@ -4,7 +4,7 @@ What a bot keeps about a user lives in many places: memory (the conversations th
 part in, their facts), the moderation state, plugins' storage and linked accounts, an
 adapter's own stores (the web widget's reply logs and feedback), dead-lettered
 generation jobs. Nothing here knows their keys. Each part registers a
-:data:`ForgetHook` with the bot's :class:`Forgetting` (adapters when they start, see
+:data:`UserDataHook` with the bot's :class:`Forgetting` (adapters when they start, see
 :class:`KeepsUserData` for ``parley forget``); the plugin registry's ``forget_user``
 runs them for a user and every account linked to it, before memory forgets the
 conversations the hooks were told about.
@@ -28,7 +28,7 @@ from core.memory.base import UserRef, memory_backends
 from core.types import ConversationKey
 
 # (the user, the conversations they took part in that memory still keeps) -> records gone
-ForgetHook = Callable[[UserRef, Sequence[ConversationKey]], Awaitable[int]]
+UserDataHook = Callable[[UserRef, Sequence[ConversationKey]], Awaitable[int]]
 
 
 @runtime_checkable
@@ -52,7 +52,7 @@ class UserData(Protocol):
         """Disconnect."""
 
     async def forget_user(self, user: UserRef, conversations: Sequence[ConversationKey]) -> int:
-        """A :data:`ForgetHook`: delete what is kept about ``user`` and ``conversations``."""
+        """A :data:`UserDataHook`: delete what is kept about ``user`` and ``conversations``."""
 
 
 @runtime_checkable
@@ -69,9 +69,9 @@ class Forgetting:
     """The bot's forget service: named hooks, run in registration order."""
 
     def __init__(self) -> None:
-        self._hooks: dict[str, ForgetHook] = {}
+        self._hooks: dict[str, UserDataHook] = {}
 
-    def register(self, name: str, hook: ForgetHook) -> Callable[[], None]:
+    def register(self, name: str, hook: UserDataHook) -> Callable[[], None]:
         """Run ``hook`` whenever a user is forgotten; returns the undo."""
         if name in self._hooks:
             raise ValueError(f"a forget hook named {name!r} is registered already")
