@@ -9,14 +9,22 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from core.errors import ParleyError
+from core.forget import Forgetting
 from core.plugin_store import Bounds, BucketStore, EmbeddedBuckets
 from core.redis_client import key_part
 from core.types import ConversationKey
+
+if TYPE_CHECKING:
+    from core.generation.base import Generator
+    from core.memory.base import MemoryStore
+    from core.metrics import Metrics
+    from core.moderation.base import Moderator
 
 log = logging.getLogger(__name__)
 
@@ -201,3 +209,25 @@ class Accounts:
 def default_store() -> BucketStore:
     """The store a registry built without services uses: this process's memory."""
     return EmbeddedBuckets()
+
+
+@dataclass
+class PluginServices:
+    """What the bot lends its plugins; built once per bot (see ``core.app``)."""
+
+    bot: str = "bot"
+    store: BucketStore = field(default_factory=default_store)
+    memory: MemoryStore | None = None
+    generator: Generator | None = None
+    moderator: Moderator | None = None
+    base_dir: Path = field(default_factory=Path.cwd)  # the bot file's folder
+    conversation_ttl: float = 7 * 24 * 3600.0
+    window: int = 20  # turns memory keeps per conversation
+    admins: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    outbox: Outbox = field(default_factory=Outbox)
+    forgetting: Forgetting = field(default_factory=Forgetting)
+    metrics: Metrics | None = None
+
+    def __post_init__(self) -> None:
+        self.pauses = Pauses(self.store, self.bot)
+        self.accounts = Accounts(self.store)

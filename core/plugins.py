@@ -16,6 +16,10 @@ is its ``[plugins.NAME]`` table validated by the pydantic model the module expos
 
 Plugins are contained: a failure is logged and counted with the plugin's name and the
 user gets a short apology (see the engine). Loading is in :mod:`core.plugin_loader`.
+
+This module is the plugin API's one import: the registry and a plugin's handle live
+here, the handlers' vocabulary in :mod:`core.plugin_types` and the services in
+:mod:`core.plugin_services`, re-exported below.
 """
 
 from __future__ import annotations
@@ -26,184 +30,47 @@ import logging
 import shlex
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from typing import Any
 
 from core.errors import ParleyError
-from core.forget import ForgetsUsers, Forgetting, conversation_refs
+from core.forget import ForgetsUsers, conversation_refs
 from core.lifecycle import ServiceBase
 from core.memory.base import UserRef
-from core.plugin_services import (
-    Accounts,
-    Bucket,
-    Outbox,
-    Pauses,
-    Storage,
-    default_store,
+from core.plugin_services import Bucket, PluginServices, Storage
+from core.plugin_types import (
+    APP,
+    SILENT,
+    AddContext,
+    Caller,
+    Command,
+    CommandContext,
+    CommandError,
+    CommandHandler,
+    ContextProvider,
+    Exchange,
+    ForgetHook,
+    Hooked,
+    Lifecycle,
+    PostHook,
+    PreHook,
+    PreHookResult,
+    Reply,
+    Route,
+    RouteHandler,
+    SignalHandler,
+    Silence,
 )
-from core.plugin_store import BucketStore
-from core.types import ConversationKey, IncomingMessage, Turn
+from core.types import ConversationKey, IncomingMessage
 
-if TYPE_CHECKING:
-    from aiohttp import web
-
-    from core.engine import Engine
-    from core.generation.base import Generator
-    from core.memory.base import MemoryStore
-    from core.metrics import Metrics
-    from core.moderation.base import Moderator
+__all__ = [
+    "APP", "SILENT", "AddContext", "Caller", "Command", "CommandContext", "CommandError",
+    "CommandHandler", "ContextProvider", "Exchange", "ForgetHook", "Hooked", "Lifecycle",
+    "Plugin", "PluginRegistry", "PluginServices", "PluginStartError", "PostHook", "PreHook",
+    "PreHookResult", "Reply", "Route", "RouteHandler", "SignalHandler", "Silence",
+]
 
 log = logging.getLogger(__name__)
-
-APP = "app"  # the owner of what is registered on the registry itself, not via a plugin
-
-
-class CommandError(ParleyError):
-    """Raised by a command handler: its message is shown to the user (e.g. the usage)."""
-
-
-@dataclass(frozen=True, slots=True)
-class CommandContext:
-    """What a command handler gets: the message, its arguments, the bot's services."""
-
-    message: IncomingMessage
-    args: str
-    memory: MemoryStore
-    registry: PluginRegistry
-    argv: tuple[str, ...] = ()  # ``args`` split like a shell would (quotes group words)
-    admin: bool = False  # whether the sender is an admin of this channel
-    deferred: list[Callable[[], Awaitable[object]]] = field(default_factory=list)
-
-    @property
-    def key(self) -> ConversationKey:
-        """The conversation the command was sent in."""
-        return self.message.key
-
-    def after_reply(self, fn: Callable[[], Awaitable[object]]) -> None:
-        """Run ``fn()`` once the engine has recorded this command's answer (what must
-        come last, e.g. deleting the records that answering this very message wrote)."""
-        self.deferred.append(fn)
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """A pre-hook's answer. ``store=False`` answers without remembering the exchange;
-    ``metadata`` travels on the reply event (e.g. which FAQ entry answered)."""
-
-    text: str
-    metadata: Mapping[str, str] = field(default_factory=dict)
-    store: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class AddContext:
-    """Text for the model's prompt: as instructions (``system``) or as the user's own
-    words (``user``, placed before the history, never as system text). With
-    ``after_history`` it comes after the history instead, as the last words the model
-    reads before it answers (a character card's post-history instructions);
-    :mod:`core.prompt` says how."""
-
-    text: str
-    role: Literal["system", "user"] = "system"
-    after_history: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Exchange:
-    """What a post-hook sees: the message, the reply stored for it, and the turns the
-    conversation held before it (as the engine loaded them for this message)."""
-
-    message: IncomingMessage
-    reply: str
-    history: tuple[Turn, ...] = ()
-
-
-class Silence:
-    """A pre-hook's "say nothing": no reply, nothing stored. Use :data:`SILENT`."""
-
-    def __repr__(self) -> str:
-        return "SILENT"
-
-
-SILENT = Silence()
-
-CommandHandler = Callable[[CommandContext], Awaitable[str]]
-PreHookResult = Reply | AddContext | Silence | str | None
-PreHook = Callable[[IncomingMessage], Awaitable[PreHookResult]]
-PostHook = Callable[["Exchange"], Awaitable[None]]
-ContextProvider = Callable[[IncomingMessage], Awaitable["str | AddContext | None"]]
-ForgetHook = Callable[[str, str], Awaitable[int]]
-SignalHandler = Callable[[IncomingMessage, Mapping[str, Any]], Awaitable[None]]
-Lifecycle = Callable[[], Awaitable[None]]
-
-
-@dataclass(frozen=True, slots=True)
-class Caller:
-    """Who an HTTP route of a plugin serves: the bot's engine, and the tenant of the
-    request's API key (None when the server has no keys)."""
-
-    engine: Engine
-    tenant: str | None = None
-
-
-RouteHandler = Callable[["web.Request", Caller], Awaitable["web.StreamResponse"]]
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """An HTTP route a plugin serves on the web channel's server (behind its API keys)."""
-
-    method: str
-    path: str
-    handler: RouteHandler
-    plugin: str = APP
-
-F = TypeVar("F")
-
-
-@dataclass(frozen=True, slots=True)
-class Command:
-    """A ``/name`` the bot answers itself, without the model."""
-
-    name: str
-    handler: CommandHandler
-    help: str
-    usage: str = ""
-    admin: bool = False
-    plugin: str = APP
-
-
-@dataclass(frozen=True, slots=True)
-class Hooked(Generic[F]):
-    """A registered hook or provider and the plugin it belongs to."""
-
-    plugin: str
-    fn: F
-    when_paused: bool = False  # pre-hooks: also run while the bot is paused
-    max_tokens: int | None = None  # context providers: their own cap
-
-
-@dataclass
-class PluginServices:
-    """What the bot lends its plugins; built once per bot (see ``core.app``)."""
-
-    bot: str = "bot"
-    store: BucketStore = field(default_factory=default_store)
-    memory: MemoryStore | None = None
-    generator: Generator | None = None
-    moderator: Moderator | None = None
-    base_dir: Path = field(default_factory=Path.cwd)  # the bot file's folder
-    conversation_ttl: float = 7 * 24 * 3600.0
-    window: int = 20  # turns memory keeps per conversation
-    admins: Mapping[str, Sequence[str]] = field(default_factory=dict)
-    outbox: Outbox = field(default_factory=Outbox)
-    forgetting: Forgetting = field(default_factory=Forgetting)
-    metrics: Metrics | None = None
-
-    def __post_init__(self) -> None:
-        self.pauses = Pauses(self.store, self.bot)
-        self.accounts = Accounts(self.store)
 
 
 class Plugin:
