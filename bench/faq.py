@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from plugins.faq.knowledge import load_entries
-from plugins.faq.retrieval import Outcome, Thresholds, decide, scorers
+from plugins.faq.retrieval import Outcome, Thresholds, Vocabulary, decide, scorers
 from plugins.faq.settings import DEFAULT_THRESHOLDS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,8 +42,9 @@ def load_set(name: str) -> list[tuple[str, str | None]]:
 
 def tally(entries, scored, thresholds: Thresholds) -> Counter[str]:
     counts: Counter[str] = Counter()
-    for (_, expected), scores in scored:
-        match = decide(entries, scores, thresholds)
+    for (_, expected), (scores, second, unknown) in scored:
+        match = decide(entries, scores, thresholds, second_opinion=second,
+                       unknown_share=unknown)
         right = match.best is not None and match.best.id == expected
         if expected is None:
             counts[f"unans_{match.outcome.value}"] += 1
@@ -80,6 +81,9 @@ def main() -> None:
     parser.add_argument("--direct", type=float)
     parser.add_argument("--context", type=float)
     parser.add_argument("--margin", type=float)
+    parser.add_argument("--agreement", type=int, help="BM25 top-k the best entry must be in")
+    parser.add_argument("--unknown-words", type=float,
+                        help="most share of unknown topic words for a direct answer")
     parser.add_argument("--sweep", action="store_true", help="grid over thresholds, dev set")
     parser.add_argument("--show-misses", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
@@ -98,27 +102,33 @@ def main() -> None:
         direct=base.direct if args.direct is None else args.direct,
         context=base.context if args.context is None else args.context,
         margin=base.margin if args.margin is None else args.margin,
+        agreement=base.agreement if args.agreement is None else args.agreement,
+        unknown_words=base.unknown_words if args.unknown_words is None else args.unknown_words,
     )
+    vocabulary = Vocabulary(entries)
     print(f"retriever {args.retriever}: {len(entries)} entries, index built in {built:.2f} s; "
           f"thresholds direct {thresholds.direct}, context {thresholds.context}, "
-          f"margin {thresholds.margin}")
+          f"margin {thresholds.margin}, agreement {thresholds.agreement}, "
+          f"unknown words {thresholds.unknown_words}")
     names = ["dev", "tuning", "heldout"] if args.set == "all" else [args.set]
     if args.sweep:
         names = ["dev", "tuning"]  # never tune on the held-out set
     for name in names:
         rows = load_set(name)
         started = time.perf_counter()
-        scored = [(row, scorer.scores(row[0])) for row in rows]
+        scored = [(row, (scorer.scores(row[0]), scorer.second_opinion(row[0]),
+                         vocabulary.unknown_share(row[0]))) for row in rows]
         per_q = (time.perf_counter() - started) / len(rows) * 1000
         n_ans = sum(1 for _, e in rows if e is not None)
         if args.sweep:
-            sweep(entries, scored, n_ans, len(rows) - n_ans, base)
+            sweep(entries, scored, n_ans, len(rows) - n_ans)
             continue
         report(name, tally(entries, scored, thresholds), n_ans, len(rows) - n_ans)
         print(f"  {per_q:.2f} ms per question")
         if args.show_misses:
-            for (q, expected), scores in scored:
-                m = decide(entries, scores, thresholds)
+            for (q, expected), (scores, second, unknown) in scored:
+                m = decide(entries, scores, thresholds, second_opinion=second,
+                           unknown_share=unknown)
                 got = m.best.id if m.best else None
                 if (expected is None) != (m.outcome is Outcome.ABSTAIN) or (
                         expected is not None and got != expected):
@@ -126,14 +136,15 @@ def main() -> None:
                           f"want={expected}  {q!r}")
 
 
-def sweep(entries, scored, n_ans: int, n_un: int, base: Thresholds) -> None:
+def sweep(entries, scored, n_ans: int, n_un: int) -> None:
     """Print the best threshold settings on the dev set: most right, no wrong direct."""
     grid = [round(0.05 * i, 2) for i in range(2, 19)]
     results = []
-    for direct, context, margin in itertools.product(grid, grid, [0.0, 0.02, 0.04, 0.06, 0.1]):
+    for direct, context, margin, agreement, unknown in itertools.product(
+            grid, grid, [0.0, 0.02, 0.04, 0.06, 0.1], [0, 3], [0.4, 1.0]):
         if context > direct:
             continue
-        c = tally(entries, scored, Thresholds(direct, context, margin))
+        c = tally(entries, scored, Thresholds(direct, context, margin, agreement, unknown))
         right = (c["direct_right"] + c["context_right"]) / n_ans
         wrong = (c["direct_wrong"] + c["unans_direct"]) / (n_ans + n_un)
         abstained = c["unans_abstain"] / n_un
@@ -141,11 +152,13 @@ def sweep(entries, scored, n_ans: int, n_un: int, base: Thresholds) -> None:
         # Most right and abstained first, then most answered directly, then the widest
         # margin and highest thresholds (the safest of equals).
         results.append((wrong <= 0.02, round(right + abstained, 3), direct_right, margin,
-                        direct, context, right, wrong, abstained))
+                        direct, context, agreement, unknown, right, wrong, abstained))
     results.sort(reverse=True)
-    print("ok    direct context margin  right  wrong-direct  unans-abstained  direct-right")
-    for ok, _, dr, m, d, c, right, wrong, ab in results[:15]:
-        print(f"{ok!s:5} {d:.2f} {c:.2f} {m:.2f}  {right:.3f}  {wrong:.3f}  {ab:.3f}  {dr:.3f}")
+    print("ok    direct context margin agree unknown  right  wrong-direct  unans-abstained  "
+          "direct-right")
+    for ok, _, dr, m, d, c, a, u, right, wrong, ab in results[:15]:
+        print(f"{ok!s:5} {d:.2f} {c:.2f} {m:.2f} {a} {u:.1f}  {right:.3f}  {wrong:.3f}  "
+              f"{ab:.3f}  {dr:.3f}")
 
 
 if __name__ == "__main__":

