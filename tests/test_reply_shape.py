@@ -17,13 +17,13 @@ import torch
 from core.config import parse_settings
 from core.errors import ConfigError
 from core.generation.base import ChatMessage, GenerationRequest, SamplingParams, TokenDelta
-from core.generation.local.decoding import SentenceEnds, TokenSink
+from core.generation.local.decoding import TokenSink
 from core.generation.local.generator import LocalGenerator
 from core.generation.local.models import PRESETS, check_model_spec
 from core.generation.local.prompt import render
 from core.generation.local.repetition import ReplyRepetition, banned_tokens, penalize
-from core.generation.local.runner import reply_limits
 from core.generation.local.ticket import Ticket
+from core.generation.reply_shape import SentenceEnds, reply_limits
 
 LONG = "hi"  # greedy on the tiny model runs on past 400 tokens after this
 

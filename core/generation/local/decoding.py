@@ -5,19 +5,14 @@ Both are pure and model-agnostic, shared by every worker that streams from a tok
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from core.generation.base import FinishReason, TokenDelta
+from core.generation.reply_shape import SentenceEnds
 
 if TYPE_CHECKING:
     from core.generation.local.ticket import Ticket
-
-# A sentence ends at . ! ? or … (then any closing quotes, brackets or emphasis) followed
-# by whitespace: "3.5", "e.g.x" and "…" inside a word do not end one.
-_SENTENCE_END = re.compile("[.!?\u2026][\"'\u201d\u2019)\\]*_]*(?=\\s)")
-_TAIL_CHARS = 16  # enough to see an end split across pushes
 
 # Decoding restarts this many tokens back, so that tokenizers which decode a token
 # differently at the start of a sequence (SentencePiece's leading space) stay correct.
@@ -99,37 +94,6 @@ class StopMatcher:
                     best = size
                     break
         return best
-
-
-class SentenceEnds:
-    """Ends a reply at a sentence end: after ``max_sentences`` of them, or at the first
-    one once told to wrap up (the reply is close to its token limit).
-
-    Text up to the sentence end that ends the reply is shown; what follows is dropped.
-    """
-
-    def __init__(self, max_sentences: int | None = None) -> None:
-        self.max_sentences = max_sentences
-        self.count = 0
-        self.stopped = False
-        self._tail = ""
-
-    def push(self, text: str, *, wrapping_up: bool = False) -> str:
-        """The part of ``text`` to show; sets ``stopped`` when the reply ends in it."""
-        if self.stopped:
-            return ""
-        seen = self._tail + text
-        for end in _SENTENCE_END.finditer(seen):
-            # Only an end whose whitespace arrived now is new (the rest were counted).
-            if end.end() < len(self._tail):
-                continue
-            self.count += 1
-            limit = self.max_sentences is not None and self.count >= self.max_sentences
-            if wrapping_up or limit:
-                self.stopped = True
-                return text[: max(end.end() - len(self._tail), 0)]
-        self._tail = seen[-_TAIL_CHARS:]
-        return text
 
 
 class TokenSink:

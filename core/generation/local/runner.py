@@ -12,22 +12,9 @@ from core.generation.local.models import LoadedModel
 from core.generation.local.prompt import build_prompt, prompt_budget, transcript_stops
 from core.generation.local.repetition import ReplyRepetition
 from core.generation.local.ticket import Ticket
+from core.generation.reply_shape import reply_limits
 
 log = logging.getLogger(__name__)
-
-
-def reply_limits(sampling: SamplingParams) -> tuple[int, int | None]:
-    """The most tokens a reply may take, and from which token on it ends at its next
-    sentence end (None: it just stops at ``max_new_tokens``).
-
-    With ``finish_sentence``, a reply starts wrapping up at three quarters of
-    ``max_new_tokens`` and may run a quarter over to finish its sentence: ending
-    mid-word is what makes a chat reply look broken.
-    """
-    if not sampling.finish_sentence or sampling.ignore_eos:
-        return sampling.max_new_tokens, None
-    wrap_up_at = max(1, -(-3 * sampling.max_new_tokens // 4))
-    return sampling.max_new_tokens + sampling.max_new_tokens // 4, wrap_up_at
 
 
 class HFRunner:

@@ -1,13 +1,21 @@
 """The ``openai`` backend: any OpenAI-compatible chat server as the generator, streaming.
 
-vLLM, TGI, the llama.cpp server, a hosted API, or another Parley's ``parley worker``:
-``POST {generation.url}/chat/completions`` with ``stream: true``, and the Server-Sent
-Events of the answer turned into :class:`TokenDelta` s as they arrive.
+vLLM, TGI, the llama.cpp server, a hosted API, or another Parley's ``parley worker``,
+called through the official ``openai`` SDK (``pip install 'parley[openai]'``): it parses
+the Server-Sent Events, retries refused connections, timeouts, 429 and 5xx answers
+(after the server's ``Retry-After`` when it sends one) and applies the connect and read
+timeouts. What is Parley's own:
 
-Time limits: ``generation.timeout`` bounds the wait from sending the request to the
-first event of the answer (and, after that, any silence between two reads); the whole
-answer must arrive within ``total_timeout``. Closing the stream early closes the HTTP
-connection, which is how the server learns that nobody is listening any more.
+- time limits: the wait for the first piece of the answer, retries included, is bounded
+  by ``generation.timeout`` (past it the server is busy); the whole answer by
+  ``total_timeout``;
+- the bot's sampling settings, mapped onto the request (:func:`sampling_arguments`), and
+  chat-shaped endings (``finish_sentence``, ``max_sentences``) applied to the streamed
+  text as the local backend applies them to its tokens;
+- closing the stream early closes the HTTP connection, which is how the server learns
+  that nobody is listening any more; a finished answer leaves it for the next request;
+- every failure is a :class:`GenerationError` (``GeneratorBusy`` when the server is busy)
+  with the server's own message, so the engine can apologise.
 """
 
 from __future__ import annotations
@@ -17,25 +25,32 @@ import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-import aiohttp
 
 from core.config import BotSettings, GenerationSection
 from core.errors import ConfigError, GenerationError, GeneratorBusy
-from core.generation.base import FinishReason, GenerationRequest, TokenDelta, backend_settings
+from core.generation.base import (
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    TokenDelta,
+    backend_settings,
+)
+from core.generation.openai.penalties import presence_for_penalty
 from core.generation.openai.settings import OpenAISettings
+from core.generation.reply_shape import SentenceEnds, reply_limits
 from core.lifecycle import ServiceBase
+
+if TYPE_CHECKING:
+    from openai import AsyncOpenAI
 
 log = logging.getLogger(__name__)
 
-# The longest an answer may take from request to last event, whatever its pace.
-TOTAL_TIMEOUT = 600.0
 # What is kept of a server's error message in ours.
 MAX_ERROR_CHARS = 300
-# An event (or a JSON answer) bigger than this is not a chat chunk.
-MAX_EVENT_BYTES = 1024 * 1024
+# A JSON answer (from a server that ignores ``stream``) bigger than this is not a chat answer.
+MAX_ANSWER_BYTES = 1024 * 1024
 # How long the rest of a finished answer may take to arrive before the connection is
 # dropped rather than kept for the next request.
 WIND_DOWN_SECONDS = 1.0
@@ -43,281 +58,241 @@ _BUSY_STATUS = frozenset({429, 503})
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length"}
 
 
-class SSEDecoder:
-    """Splits a Server-Sent Events byte stream into the ``data`` of its events.
+def sampling_arguments(sampling: SamplingParams, repetition: str) -> dict[str, Any]:
+    """The request fields for ``sampling``: ``max_tokens`` (with the quarter a reply may
+    run over to finish its sentence), ``temperature``, ``top_p``, ``stop``, ``seed`` and
+    the repetition penalty as ``repetition`` says (see :class:`OpenAISettings`).
 
-    Follows the EventSource rules that matter here: lines end in LF, CR LF or CR;
-    ``:`` starts a comment (a keep-alive); a ``data`` field may span several lines,
-    joined by LF; a blank line ends an event; other fields (``event``, ``id``,
-    ``retry``) are ignored, except that the ``event`` name is kept for errors.
+    ``no_repeat_ngram_size`` has no counterpart in the API and is not sent.
     """
-
-    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
-        self._buffer = b""
-        self._data: list[str] = []
-        self._event = ""
-        self._size = 0
-        self._max = max_event_bytes
-
-    def feed(self, chunk: bytes) -> list[tuple[str, str]]:
-        """The ``(event name, data)`` of each event that ``chunk`` completes."""
-        self._buffer += chunk
-        events: list[tuple[str, str]] = []
-        while True:
-            cut = _line_end(self._buffer)
-            if cut is None:
-                break
-            end, after = cut
-            line, self._buffer = self._buffer[:end], self._buffer[after:]
-            event = self._line(line)
-            if event is not None:
-                events.append(event)
-        if len(self._buffer) + self._size > self._max:
-            raise GenerationError(f"the server sent an event over {self._max} bytes")
-        return events
-
-    def close(self) -> list[tuple[str, str]]:
-        """What a stream that ended without a final blank line still completes."""
-        events = self.feed(b"\n") if self._buffer else []
-        event = self._line(b"")
-        return [*events, event] if event is not None else events
-
-    def _line(self, raw: bytes) -> tuple[str, str] | None:
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise GenerationError("the server sent an event that is not UTF-8") from None
-        if not line:
-            if not self._data:
-                self._event = ""
-                return None
-            event = (self._event, "\n".join(self._data))
-            self._data, self._event, self._size = [], "", 0
-            return event
-        if line.startswith(":"):
-            return None
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "data":
-            self._data.append(value)
-            self._size += len(raw)
-        elif name == "event":
-            self._event = value
-        return None
+    limit, _ = reply_limits(sampling)
+    fields: dict[str, Any] = {
+        "max_tokens": limit, "temperature": sampling.temperature, "top_p": sampling.top_p,
+    }
+    if sampling.stop:
+        fields["stop"] = list(sampling.stop)
+    if sampling.seed is not None:
+        fields["seed"] = sampling.seed
+    penalty = sampling.repetition_penalty
+    if penalty is not None and penalty != 1.0 and not sampling.ignore_eos:
+        if repetition == "presence_penalty":
+            fields["presence_penalty"] = presence_for_penalty(penalty)
+        elif repetition == "repetition_penalty":
+            fields["repetition_penalty"] = penalty
+    return fields
 
 
-def _line_end(buffer: bytes) -> tuple[int, int] | None:
-    """Where the first line of ``buffer`` ends, and where the next one starts."""
-    lf, cr = buffer.find(b"\n"), buffer.find(b"\r")
-    if cr == -1 or (lf != -1 and lf < cr):
-        return (lf, lf + 1) if lf != -1 else None
-    if cr == len(buffer) - 1:
-        return None  # a CR LF may be split across chunks: wait for the next byte
-    return (cr, cr + 2) if buffer[cr + 1 : cr + 2] == b"\n" else (cr, cr + 1)
+class ReplyShape:
+    """``finish_sentence`` and ``max_sentences`` on streamed text: each content chunk counts
+    as one token (vLLM, llama.cpp, TGI and Parley stream one token per chunk)."""
+
+    def __init__(self, sampling: SamplingParams) -> None:
+        _, self.wrap_up_at = reply_limits(sampling)
+        wanted = self.wrap_up_at is not None or sampling.max_sentences is not None
+        self.ends = SentenceEnds(sampling.max_sentences) if wanted else None
+        self.count = 0
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """The part of ``text`` to show, and whether the reply ends with it."""
+        self.count += 1
+        if self.ends is None:
+            return text, False
+        wrapping_up = self.wrap_up_at is not None and self.count >= self.wrap_up_at
+        shown = self.ends.push(text, wrapping_up=wrapping_up)
+        return shown, self.ends.stopped
 
 
 class OpenAIGenerator(ServiceBase):
     """Streams chat completions from an OpenAI-compatible server at ``generation.url``."""
 
-    def __init__(self, settings: BotSettings, *, total_timeout: float = TOTAL_TIMEOUT) -> None:
+    def __init__(self, settings: BotSettings) -> None:
         section: GenerationSection = settings.generation
         self.options = backend_settings(section, OpenAISettings, source=settings.source)
-        url = (self.options.url or "").rstrip("/")
-        parts = urlsplit(url)
+        self.base_url = (self.options.url or "").rstrip("/")
+        parts = urlsplit(self.base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ConfigError(
                 f"{settings.source}: generation.url: the openai backend needs the server's "
                 f"base URL, e.g. \"http://127.0.0.1:8000/v1\" (got {self.options.url!r})"
             )
         self.settings = section
-        self.endpoint = f"{url}/chat/completions"
-        self.total_timeout = total_timeout
-        self._session: aiohttp.ClientSession | None = None
+        self.endpoint = f"{self.base_url}/chat/completions"
+        self._client: AsyncOpenAI | None = None
+        self._omit: Any = None  # the SDK's marker for a header not to send
 
     async def _start(self) -> None:
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=self.settings.timeout, sock_read=self.settings.timeout
+        try:
+            import openai
+        except ImportError:
+            raise GenerationError("the openai backend needs the openai package: "
+                                  "pip install 'parley[openai]'") from None
+        options = self.options
+        read = options.read_timeout or self.settings.timeout
+        # Nothing is taken from the environment: no OPENAI_API_KEY, organisation or project
+        # of whoever runs the bot goes to a server the bot's file did not name.
+        headers: dict[str, Any] = {"OpenAI-Organization": openai.Omit(),
+                                   "OpenAI-Project": openai.Omit()}
+        self._omit = openai.Omit()
+        self._client = openai.AsyncOpenAI(
+            base_url=self.base_url, api_key=options.api_key or "none", admin_api_key="",
+            max_retries=options.max_retries,
+            timeout=openai.Timeout(read, connect=options.connect_timeout),
+            default_headers=headers,
         )
-        self._session = aiohttp.ClientSession(timeout=timeout)
 
     async def _stop(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
 
-    def _headers(self, request: GenerationRequest) -> dict[str, str]:
-        headers = {"Accept": "text/event-stream"}
-        if self.options.api_key:
-            headers["Authorization"] = f"Bearer {self.options.api_key}"
-        if request.tenant:
-            headers["X-Parley-Tenant"] = request.tenant
-        return headers
-
-    def _body(self, request: GenerationRequest) -> dict[str, Any]:
-        sampling = request.sampling
-        body: dict[str, Any] = {
+    def _arguments(self, request: GenerationRequest) -> dict[str, Any]:
+        arguments: dict[str, Any] = {
             "model": self.settings.model,
             "messages": [{"role": m.role, "content": m.content} for m in request.messages],
             "stream": True,
-            "max_tokens": sampling.max_new_tokens,
-            "temperature": sampling.temperature,
-            "top_p": sampling.top_p,
+            **sampling_arguments(request.sampling, self.options.repetition),
         }
-        if sampling.stop:
-            body["stop"] = list(sampling.stop)
-        if sampling.seed is not None:
-            body["seed"] = sampling.seed
+        if arguments.pop("repetition_penalty", None) is not None:
+            # Not an OpenAI field: the SDK sends it as given in extra_body.
+            arguments["extra_body"] = {"repetition_penalty": request.sampling.repetition_penalty}
         if request.user:
             # Enough for the server to tell users apart (fairness, abuse reports) without
             # handing a platform's user id to a third party.
             who = f"{request.tenant}\0{request.user}".encode()
-            body["user"] = hashlib.sha256(who).hexdigest()[:32]
-        return body
+            arguments["user"] = hashlib.sha256(who).hexdigest()[:32]
+        headers: dict[str, Any] = {}
+        if request.tenant:
+            headers["X-Parley-Tenant"] = request.tenant
+        if not self.options.api_key:
+            # Without a key, no Authorization header (the SDK wants this said per request).
+            headers["Authorization"] = self._omit
+        arguments["extra_headers"] = headers
+        return arguments
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
         """The server's answer to ``request``, piece by piece; closing it hangs up."""
-        session = self._session
-        if session is None or not self.started:
+        client = self._client
+        if client is None or not self.started:
             raise GenerationError("the openai generator is not started")
-        deadline = asyncio.get_running_loop().time() + self.total_timeout
-        response: aiohttp.ClientResponse | None = None
-        reusable = False
+        import openai
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.total_timeout
+        first_by = min(deadline, loop.time() + self.settings.timeout)
+        shape = ReplyShape(request.sampling)
+        answer: Any = None
         try:
             try:
-                async with asyncio.timeout(min(self.settings.timeout, self.total_timeout)):
-                    response = await session.post(
-                        self.endpoint, json=self._body(request), headers=self._headers(request)
-                    )
-                    if response.status >= 400:
-                        raise await _http_error(response)
-                    if response.content_type == "application/json":
+                async with asyncio.timeout_at(first_by):
+                    answer = await client.chat.completions.create(**self._arguments(request))
+                    if answer.response.headers.get("content-type", "").startswith(
+                            "application/json"):
                         # A server that ignores ``stream`` answers with one object.
-                        whole = _completion(await _read(response, MAX_EVENT_BYTES))
-                    else:
-                        events = _EventReader(response)
-                        event = await events.next()
-            except aiohttp.ConnectionTimeoutError:
-                raise GenerationError(
-                    f"cannot connect to {self.endpoint}: timed out"
-                ) from None
+                        yield _completion(await answer.response.aread())
+                        return
+                    chunks = aiter(answer)
+                    chunk = await anext(chunks, None)
             except TimeoutError:
-                raise GeneratorBusy(
-                    f"no answer from {self.endpoint} within {self.settings.timeout:g} s"
-                ) from None
-            if response.content_type == "application/json":
-                reusable = True
-                yield whole
-                return
-            while event is not None:
-                if event[1].strip() == "[DONE]":
-                    yield TokenDelta("", finish_reason="stop")  # ended without a reason
-                    reusable = await events.read_to_end()
-                    return
-                delta = _chunk(*event)
+                raise GeneratorBusy(f"no answer from {self.endpoint} within "
+                                    f"{self.settings.timeout:g} s") from None
+            while chunk is not None:
+                delta = _delta_of(chunk)
                 if delta is not None:
-                    yield delta
+                    text, ended = shape.push(delta.text) if delta.text else ("", False)
+                    if ended:  # the reply's last sentence: the server need not go on
+                        yield TokenDelta(text.rstrip(), finish_reason="stop")
+                        return
+                    yield TokenDelta(text, finish_reason=delta.finish_reason)
                     if delta.finish_reason is not None:
-                        reusable = await events.read_to_end()
+                        await _wind_down(chunks)
                         return
                 try:
                     async with asyncio.timeout_at(deadline):
-                        event = await events.next()
-                except aiohttp.ServerTimeoutError:
-                    raise GenerationError(
-                        f"{self.endpoint} went silent for {self.settings.timeout:g} s"
-                    ) from None
+                        chunk = await anext(chunks, None)
                 except TimeoutError:
-                    raise GenerationError(
-                        f"the answer from {self.endpoint} took over {self.total_timeout:g} s"
-                    ) from None
+                    raise GenerationError(f"the answer from {self.endpoint} took over "
+                                          f"{self.options.total_timeout:g} s") from None
             raise GenerationError(f"{self.endpoint} ended the stream before the answer ended")
-        except aiohttp.ClientConnectorError as exc:
-            reason = exc.os_error.strerror or exc.os_error
-            raise GenerationError(f"cannot connect to {self.endpoint}: {reason}") from None
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise GenerationError(
-                f"connection to {self.endpoint} failed: {str(exc) or type(exc).__name__}"
-            ) from None
+        except openai.APIStatusError as exc:
+            text = (f"{self.endpoint} answered HTTP {exc.status_code}: "
+                    f"{_error_message(exc.body) or exc.message}")
+            raise (GeneratorBusy(text) if exc.status_code in _BUSY_STATUS
+                   else GenerationError(text)) from None
+        except openai.APITimeoutError:
+            if answer is None:
+                raise GeneratorBusy(f"no answer from {self.endpoint} within "
+                                    f"{self.settings.timeout:g} s") from None
+            read = self.options.read_timeout or self.settings.timeout
+            raise GenerationError(f"{self.endpoint} went silent for {read:g} s") from None
+        except openai.APIConnectionError as exc:
+            reason = _cause(exc)
+            if answer is None:
+                raise GenerationError(f"cannot connect to {self.endpoint}: {reason}") from None
+            raise GenerationError(f"connection to {self.endpoint} failed mid-answer: "
+                                  f"{reason}") from None
+        except openai.APIError as exc:  # an ``error`` event in the stream
+            raise GenerationError(f"the server failed mid-answer: "
+                                  f"{_error_message(exc.body) or _cut(exc.message)}") from None
+        except UnicodeDecodeError:
+            raise GenerationError("the server sent an event that is not UTF-8") from None
+        except ValueError as exc:  # an event whose data is not JSON
+            raise GenerationError(f"the server sent a chunk that is not JSON: {exc}") from None
         finally:
-            if response is not None:
-                # An answer read to its end leaves a connection to reuse; an unfinished one
-                # is closed, which is how the server learns that nobody is listening.
-                if reusable:
-                    response.release()
-                else:
-                    response.close()
+            if answer is not None:
+                # Read to its end, the answer has left its connection to reuse already;
+                # an unfinished one is closed, which is how the server learns that nobody
+                # is listening.
+                await answer.close()
 
 
-class _EventReader:
-    """The events of a streamed response, one at a time."""
-
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
-        self._content = response.content
-        self._decoder = SSEDecoder()
-        self._ready: list[tuple[str, str]] = []
-        self._ended = False
-
-    async def next(self) -> tuple[str, str] | None:
-        """The next ``(event name, data)``; None once the stream has ended."""
-        while not self._ready and not self._ended:
-            chunk = await self._content.readany()
-            if chunk:
-                self._ready = self._decoder.feed(chunk)
-            else:
-                self._ended = True
-                self._ready = self._decoder.close()
-        return self._ready.pop(0) if self._ready else None
-
-    async def read_to_end(self) -> bool:
-        """Skip what follows the answer's end (``[DONE]``, usage); True if the body ended."""
-        try:
-            async with asyncio.timeout(WIND_DOWN_SECONDS):
-                while await self.next() is not None:
-                    pass
-        except (TimeoutError, aiohttp.ClientError, GenerationError):
-            return False
-        return True
-
-
-async def _read(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The body of ``response``, or its first ``limit`` bytes."""
-    body = b""
-    while len(body) < limit and (chunk := await response.content.readany()):
-        body += chunk
-    return body[:limit]
-
-
-def _chunk(name: str, data: str) -> TokenDelta | None:
-    """The delta a ``chat.completion.chunk`` event carries, if any; raises on nonsense."""
+async def _wind_down(chunks: AsyncIterator[Any]) -> None:
+    """Read what follows the answer's end (usage, ``[DONE]``) so that the connection can
+    be reused; give up after a moment (the caller then closes it)."""
     try:
-        chunk = json.loads(data)
-    except (ValueError, RecursionError):
-        raise GenerationError(f"the server sent a chunk that is not JSON: {_cut(data)}") from None
-    if not isinstance(chunk, dict):
-        raise GenerationError(f"the server sent a chunk that is not an object: {_cut(data)}")
-    if name == "error" or "error" in chunk:
-        raise GenerationError(f"the server failed mid-answer: {_error_message(chunk)}")
-    choices = chunk.get("choices")
+        async with asyncio.timeout(WIND_DOWN_SECONDS):
+            async for _ in chunks:
+                pass
+    except Exception:  # the answer is complete; only the reuse is lost
+        log.debug("the end of an answer did not arrive cleanly; closing its connection")
+
+
+def _delta_of(chunk: Any) -> TokenDelta | None:
+    """The delta a ``chat.completion.chunk`` carries, if any; raises on nonsense.
+
+    The SDK builds chunks without validating them, so the shape is checked here.
+    """
+    if isinstance(chunk, list | str | int | float | bool):
+        raise GenerationError(f"the server sent a chunk that is not an object: {_dump(chunk)}")
+    choices = getattr(chunk, "choices", None)
     if not isinstance(choices, list):
-        raise GenerationError(f"the server sent a chunk without choices: {_cut(data)}")
+        raise GenerationError(f"the server sent a chunk without choices: {_cut(_dump(chunk))}")
     for choice in choices:  # only choice 0 is asked for; a usage chunk has none
-        if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+        if getattr(choice, "index", 0) not in (0, None):
             continue
-        delta = choice.get("delta") or {}
-        content = delta.get("content") if isinstance(delta, dict) else None
-        reason = choice.get("finish_reason")
-        if not isinstance(delta, dict) or not isinstance(content, str | None) or not (
-            reason is None or isinstance(reason, str)
-        ):
-            raise GenerationError(f"the server sent a malformed chunk: {_cut(data)}")
+        delta = getattr(choice, "delta", None)
+        content = getattr(delta, "content", None)
+        reason = getattr(choice, "finish_reason", None)
+        if isinstance(delta, str | int | float | list) or not isinstance(content, str | None) \
+                or not isinstance(reason, str | None):
+            raise GenerationError(f"the server sent a malformed chunk: {_cut(_dump(chunk))}")
         if content or reason is not None:
             return TokenDelta(content or "", finish_reason=_finish(reason))
     return None
 
 
+def _dump(chunk: Any) -> str:
+    to_dict = getattr(chunk, "to_dict", None)
+    try:
+        return json.dumps(to_dict(warnings=False) if to_dict is not None else chunk)
+    except (TypeError, ValueError):
+        return repr(chunk)
+
+
 def _completion(body: bytes) -> TokenDelta:
     """The one delta of a whole ``chat.completion`` object (a server that ignored ``stream``)."""
     try:
+        if len(body) > MAX_ANSWER_BYTES:
+            raise ValueError
         answer = json.loads(body.decode("utf-8"))
         choice = answer["choices"][0]
         content = choice["message"].get("content") or ""
@@ -334,22 +309,21 @@ def _finish(reason: str | None) -> FinishReason | None:
     return None if reason is None else _FINISH.get(reason, "stop")
 
 
-async def _http_error(response: aiohttp.ClientResponse) -> GenerationError:
-    try:
-        body = await _read(response, 64 * 1024)
-    except aiohttp.ClientError:
-        body = b""
-    try:
-        parsed: Any = json.loads(body.decode("utf-8"))
-    except (ValueError, RecursionError):
-        parsed = None
-    message = _error_message(parsed) if isinstance(parsed, dict) else _cut(body)
-    text = f"{response.url} answered HTTP {response.status}: {message or response.reason}"
-    return GeneratorBusy(text) if response.status in _BUSY_STATUS else GenerationError(text)
+def _cause(exc: BaseException) -> str:
+    """What really went wrong under the SDK's "Connection error."."""
+    cause = exc.__cause__
+    while cause is not None and cause.__cause__ is not None and not str(cause):
+        cause = cause.__cause__
+    return _cut(str(cause) or type(cause).__name__) if cause is not None else _cut(str(exc))
 
 
-def _error_message(body: dict[str, Any]) -> str:
-    """The message of an OpenAI-style error object (or of the shapes others use)."""
+def _error_message(body: object) -> str:
+    """The message of an OpenAI-style error object (or of the shapes others use); the SDK
+    hands over the ``error`` object itself, or the body's text."""
+    if isinstance(body, str):
+        return _cut(body)
+    if not isinstance(body, dict):
+        return ""
     error = body.get("error", body.get("detail", body.get("message", body)))
     if isinstance(error, dict):
         error = error.get("message", error)

@@ -50,6 +50,7 @@ from core.generation.base import (
     TokenDelta,
     readiness_of,
 )
+from core.generation.openai.penalties import penalty_for_presence
 from core.streams import closing
 from core.types import Role
 
@@ -135,17 +136,25 @@ class CompletionIn(_Strict):
     user: Annotated[Text, Field(max_length=256)] | None = None
     # Accepted at the values that mean "off", since some clients always send them.
     n: Literal[1] | None = None
-    presence_penalty: Annotated[float, Field(ge=0.0, le=0.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=0.0, le=0.0)] | None = None
+    # Repetition control on the reply's own tokens: OpenAI's presence_penalty (read back
+    # as the multiplicative penalty the openai backend mapped it from), or the
+    # repetition_penalty field of vLLM, TGI and llama.cpp. Unset: the model's default.
+    presence_penalty: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    repetition_penalty: Annotated[float, Field(ge=1.0, le=3.0)] | None = None
 
     def sampling(self) -> SamplingParams:
         """The sampling settings, with OpenAI's defaults where the request says nothing."""
+        penalty = self.repetition_penalty
+        if penalty is None and self.presence_penalty:
+            penalty = penalty_for_presence(self.presence_penalty)
         return SamplingParams(
             max_new_tokens=self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             stop=tuple(self.stop or ()),
             seed=self.seed,
+            repetition_penalty=penalty,
         )
 
 
