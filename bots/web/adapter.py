@@ -47,6 +47,7 @@ from bots.web import routes, sse
 from bots.web.resume import StoreUnavailable
 from bots.web.settings import WidgetFields
 from bots.web.stores import WidgetStores
+from core import jsoncodec
 from core.api_keys import ApiKeys, KeyBusy, Unauthorized
 from core.config import ApiKeySection, BotSettings, unique_keys
 from core.engine import Engine, collect
@@ -365,7 +366,7 @@ async def _read_message(request: web.Request, tenant: str | None = None) -> Inco
     except web.HTTPRequestEntityTooLarge:
         raise too_large from None
     try:
-        data = json.loads(body.decode("utf-8"))
+        data = jsoncodec.loads(body.decode("utf-8"))
     except UnicodeDecodeError:
         raise _Refused(400, "the body is not valid UTF-8") from None
     except (ValueError, RecursionError):
@@ -406,16 +407,17 @@ def _reply_body(event: ReplyEvent, message: IncomingMessage) -> dict[str, str]:
 
 def _json_reply(event: ReplyEvent, message: IncomingMessage) -> web.Response:
     if event.kind is not ReplyKind.ERROR:
-        return web.json_response(_reply_body(event, message))
+        return web.json_response(_reply_body(event, message), dumps=jsoncodec.dumps)
     status = _ERROR_STATUS.get(event.code or "", 500)
     if status == 400:
         return _error_response(400, event.text, event.code or "bad_request")
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status in (429, 503) else None
-    return web.json_response(_reply_body(event, message), status=status, headers=headers)
+    return web.json_response(_reply_body(event, message), status=status, headers=headers,
+                             dumps=jsoncodec.dumps)
 
 
 def _sse(event: ReplyEvent, message: IncomingMessage) -> bytes:
-    data = json.dumps(_reply_body(event, message), ensure_ascii=False)
+    data = jsoncodec.dumps(_reply_body(event, message))
     return f"event: {event.kind.value}\ndata: {data}\n\n".encode()
 
 

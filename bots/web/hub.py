@@ -19,7 +19,7 @@ from typing import Any
 
 from bots.web.feedback import FeedbackStore, Rating, new_feedback
 from bots.web.limits import RateLimiter
-from bots.web.resume import Entry, ReplyLog, ReplyWriter, StoreUnavailable
+from bots.web.resume import TERMINAL, Entry, ReplyLog, ReplyWriter, StoreUnavailable
 from bots.web.sessions import Session, SessionSigner
 from bots.web.settings import WidgetFields
 from bots.web.stores import WidgetStores
@@ -33,8 +33,6 @@ from core.types import ConversationKey, IncomingMessage, ReplyEvent, Turn
 log = logging.getLogger(__name__)
 
 CHANNEL = "web"
-# "message": what a plugin sent into the conversation on its own (the outbox).
-TERMINAL = frozenset({"final", "notice", "error", "message"})
 STOP_TIMEOUT = 10.0  # seconds replies in progress get to finish when the hub stops
 
 

@@ -22,7 +22,6 @@ number that means something else.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 import time
@@ -34,6 +33,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from core import jsoncodec
 from core.config import MemorySection
 from core.errors import ParleyError
 from core.lifecycle import ServiceBase
@@ -42,6 +42,12 @@ from core.redis_client import ScriptPipeline, connect, failures_as, key_part, lo
 log = logging.getLogger(__name__)
 
 Entry = dict[str, Any]  # one event as the widget gets it, with its "seq"
+# The kinds that end a reply; "message": what a plugin sent into the conversation on its
+# own (the outbox).
+TERMINAL = frozenset({"final", "notice", "error", "message"})
+# How long the first event of a batch may wait for more (deltas come a few at a time)
+# before it is appended: one append (and one frame per socket) instead of several.
+LINGER_SECONDS = 0.01
 
 
 class StoreUnavailable(ParleyError):
@@ -294,7 +300,7 @@ class RedisReplyLog(ReplyLog):
         return [f"{self._base}seq:{ref}", f"{self._base}log:{ref}"]
 
     async def _append(self, ref: str, events: list[Entry]) -> int:
-        encoded = [json.dumps(e, ensure_ascii=False, separators=(",", ":")) for e in events]
+        encoded = [jsoncodec.dumpb(e) for e in events]
         args = [self.cap, self.ttl, self.channel, self._origin, ref, *encoded]
         return int(await self._run("append", self._keys(ref), args))
 
@@ -304,7 +310,7 @@ class RedisReplyLog(ReplyLog):
         numbered = []
         for item in raw:
             seq, _, encoded = _text(item).partition("\n")
-            numbered.append((int(seq), json.loads(encoded)))
+            numbered.append((int(seq), jsoncodec.loads(encoded)))
         return _backlog(numbered, after, int(last) if last is not None else 0)
 
     async def drop(self, refs: list[str]) -> int:
@@ -328,16 +334,21 @@ def _text(value: bytes | str) -> str:
 class ReplyWriter:
     """Appends one reply's events to the log in order, without making the reply wait.
 
-    Events written while an append is on its way go together in the next one, so a
-    reply costs a few round trips to Redis, not one per delta. A failed append is
-    raised by the next :meth:`write` or by :meth:`drain`.
+    An event that ends the reply is appended at once with whatever waits before it;
+    others wait up to ``linger`` seconds for company, and events written while an
+    append is on its way go together in the next one. So a quick reply costs one
+    append (one round trip to Redis, one frame to each socket), a streamed one about
+    one per ``linger``, never one per delta. A failed append is raised by the next
+    :meth:`write` or by :meth:`drain`.
     """
 
-    def __init__(self, log: ReplyLog, ref: str) -> None:
+    def __init__(self, log: ReplyLog, ref: str, *, linger: float = LINGER_SECONDS) -> None:
         self.log = log
         self.ref = ref
+        self.linger = linger
         self._pending: list[Entry] = []
         self._flushing: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._error: Exception | None = None
 
     def write(self, event: Entry) -> None:
@@ -345,7 +356,18 @@ class ReplyWriter:
         if self._error is not None:
             raise self._error
         self._pending.append(event)
-        if self._flushing is None or self._flushing.done():
+        if self._flushing is not None and not self._flushing.done():
+            return  # the append on its way takes this one next
+        if event.get("kind") in TERMINAL:
+            self._flush_now()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.linger, self._flush_now)
+
+    def _flush_now(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._pending and (self._flushing is None or self._flushing.done()):
             self._flushing = asyncio.create_task(self._flush())
 
     async def _flush(self) -> None:
@@ -358,6 +380,7 @@ class ReplyWriter:
 
     async def drain(self) -> None:
         """Wait until everything written is in the log."""
+        self._flush_now()
         if self._flushing is not None:
             await self._flushing
         if self._error is not None:

@@ -28,16 +28,16 @@ Server to client::
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from bots.web.hub import TERMINAL, ChatHub
+from bots.web.hub import ChatHub
 from bots.web.resume import Entry, StoreUnavailable, Subscription
 from bots.web.sessions import Session, TokenRejected
+from core import jsoncodec
 from core.errors import MemoryUnavailable
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class _Socket:
         """Send one frame, unless the socket is closing."""
         if not self.ws.closed:
             try:
-                await self.ws.send_str(json.dumps(frame, ensure_ascii=False))
+                await self.ws.send_frame(jsoncodec.dumpb(frame), WSMsgType.TEXT)
             except ConnectionError:
                 pass  # the peer went; the read loop ends on its own
 
@@ -122,7 +122,7 @@ class _Socket:
 
     async def _frame(self, data: str, sub: Subscription) -> None:
         try:
-            frame = json.loads(data)
+            frame = jsoncodec.loads(data)
         except (ValueError, RecursionError):
             frame = None
         if not isinstance(frame, dict):
@@ -227,9 +227,10 @@ class _Socket:
     async def _forward_all(self, sub: Subscription) -> None:
         while True:
             first = await sub.get()
-            if first is None or first.get("kind") not in TERMINAL:
-                # Deltas come a few at a time: a moment's wait sends them in one frame,
-                # which saves the server, the network and the browser a lot of work.
+            if first is None:
+                # Another front end appended: a moment's wait lets a few of its appends
+                # be read back together. (This process's events come already batched by
+                # its ReplyWriter, one append per few deltas: they go out at once.)
                 await asyncio.sleep(COALESCE_SECONDS)
             ready = [first, *sub.ready()]
             out: list[Entry] = []

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from core import jsoncodec
 from core.config import BotSettings
 from core.registry import Registry
 from core.types import ConversationKey, Turn
@@ -32,14 +32,13 @@ class StoredReply:
 
     def dumps(self) -> str:
         """The compact JSON a backend stores."""
-        return json.dumps([self.kind, self.text, self.action, self.code],
-                          separators=(",", ":"), ensure_ascii=False)
+        return jsoncodec.dumps([self.kind, self.text, self.action, self.code])
 
     @classmethod
     def loads(cls, raw: str | bytes) -> StoredReply:
         """Inverse of :meth:`dumps`; raises ``ValueError`` on a malformed record."""
         try:
-            kind, text, action, code = json.loads(raw)
+            kind, text, action, code = jsoncodec.loads(raw)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"malformed stored reply: {exc}") from None
         if not all(isinstance(v, str) for v in (kind, text, action)) or not (

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
@@ -41,6 +40,7 @@ from urllib.parse import unquote
 
 from redis.asyncio import Redis
 
+from core import jsoncodec
 from core.config import BotSettings, MemorySection
 from core.errors import MemoryUnavailable
 from core.lifecycle import ServiceBase
@@ -199,7 +199,7 @@ class RedisMemory(ServiceBase):
         turns = []
         for raw in raw_turns:
             try:
-                turns.append(Turn.from_dict(json.loads(raw)))
+                turns.append(Turn.from_dict(jsoncodec.loads(raw)))
             except (ValueError, TypeError, AttributeError):
                 # A hash and a length, never the stored text: logs outlive forget_user.
                 log.warning("memory: skipping a malformed turn in %s: %d bytes, sha256 %s",
@@ -218,7 +218,7 @@ class RedisMemory(ServiceBase):
         args: list[Any] = [len(users)]
         for user in sorted(users):
             args += [user, self._index(UserRef(key.bot, key.channel, user))]
-        args += [json.dumps(t.to_dict(), separators=(",", ":")) for t in turns]
+        args += [jsoncodec.dumpb(t.to_dict()) for t in turns]
         return args
 
     async def append(self, key: ConversationKey, turns: Sequence[Turn]) -> None:

@@ -1,0 +1,459 @@
+"""Parley beside its peers, in one run, driven by one load generator.
+
+Four servers, each its own process on this machine, one after the other (``--rounds``
+repeats the whole sequence, so a change in the machine's load shows as a spread
+instead of favouring one side):
+
+- ``parley-ws``: ``parley run`` over the widget's WebSocket API, the whole pipeline
+  per message: a signed session per client, numbered events kept in Redis for resuming,
+  Redis memory (a private redis-server on a unix socket), config/demo.toml's moderation
+  filters (flood limits raised: a closed loop of 64 clients would rightly trip them),
+  the echo generator;
+- ``opsdroid-ws``: opsdroid 0.31, its websocket connector (``max-connections`` raised
+  from its default of 10) and an echo skill (``match_regex``), in a throw-away
+  virtualenv this script makes (``setuptools<81`` for its ``pkg_resources``);
+- ``parley-http``: the same Parley bot through ``POST /api/v1/chat``;
+- ``aiohttp-http``: a bare aiohttp server echoing the same JSON: the transport's ceiling.
+
+Each client sends its next message once the reply to the last one has arrived. Every
+reply is checked to be the one asked for: a reply to the wrong client (or with the
+wrong text) counts as an error. Reported per server: messages/s, latency p50/p99 (send
+to end of reply), CPU per message of the server process and of redis-server (from
+/proc: load on the machine inflates wall-clock figures far more than these), errors.
+
+    python bench/peers.py                                    # 64 clients, 3,000 each
+    python bench/peers.py --rounds 3 --opsdroid-venv /tmp/opsdroid-venv
+    python bench/peers.py --only parley-ws,opsdroid-ws
+    python bench/peers.py --loop asyncio                     # Parley on the stdlib loop
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+from redis import Redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.pipeline import private_redis
+
+SERVERS = ("parley-ws", "opsdroid-ws", "parley-http", "aiohttp-http")
+ORIGIN = "http://bench.local"
+ECHO_SKILL = '''
+from opsdroid.matchers import match_regex
+from opsdroid.skill import Skill
+
+
+class Echo(Skill):
+    @match_regex(r"(?s).*")
+    async def echo(self, message):
+        await message.respond(message.text)
+'''
+
+AIOHTTP_ECHO = '''
+import sys
+from aiohttp import web
+
+
+async def chat(request):
+    body = await request.json()
+    return web.json_response({"kind": "final", "text": body["text"], "action": "allow",
+                              "conversation_id": body["conversation_id"],
+                              "message_id": body.get("message_id", "")})
+
+
+app = web.Application()
+app.router.add_post("/api/v1/chat", chat)
+app.router.add_get("/healthz", lambda request: web.json_response({"status": "ok"}))
+loop = None
+if sys.argv[2] == "uvloop":
+    import uvloop
+    loop = uvloop.new_event_loop()
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None,
+            loop=loop)
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def wait_http(url: str, proc: subprocess.Popen[bytes], seconds: float = 120.0) -> None:
+    """Wait until ``url`` answers (any status), or fail if the server died."""
+    deadline = time.monotonic() + seconds
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"the server exited with {proc.returncode}")
+            with contextlib.suppress(aiohttp.ClientError):
+                async with http.get(url):
+                    return
+            await asyncio.sleep(0.2)
+    raise SystemExit(f"{url} did not answer within {seconds:.0f} s")
+
+
+@contextlib.contextmanager
+def running(args: list[str], log: Path,
+            env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """The server ``args`` as a child process, its output in ``log``."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def opsdroid_venv(path: Path) -> Path:
+    """A virtualenv with opsdroid 0.31 at ``path``, made unless it is there already."""
+    python = path / "bin" / "python"
+    if not (path / "bin" / "opsdroid").exists():
+        print(f"making a virtualenv for opsdroid in {path} (a few minutes)...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "opsdroid==0.31.0",
+                        "setuptools<81"], check=True)
+    return path
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class Misrouted(Exception):
+    """A reply that is not the one its client asked for."""
+
+
+# A started server: its base URL, its process, and the processes whose CPU is counted.
+Server = tuple[str, "subprocess.Popen[bytes]", list[int]]
+# One client: set up its connection, then ``send(text) -> awaitable``, which raises
+# Misrouted for a wrong reply.
+Send = Callable[[str], Awaitable[None]]
+Client = Callable[[aiohttp.ClientSession, str, int], Awaitable[Send]]
+
+
+async def parley_ws_client(http: aiohttp.ClientSession, base: str, n: int) -> Send:
+    async with http.post(base + "/api/v1/session", json={},
+                         headers={"Origin": ORIGIN}) as response:
+        token = (await response.json())["token"]
+    ws = await http.ws_connect(base.replace("http", "ws") + "/api/v1/ws",
+                               protocols=("parley.v1", f"bearer.{token}"), origin=ORIGIN)
+    await ws.send_json({"type": "resume", "after": 0})
+    while (await ws.receive_json())["type"] != "resumed":
+        pass
+    counter = 0
+
+    async def send(text: str) -> None:
+        nonlocal counter
+        counter += 1
+        mid = f"m{n}x{counter}"
+        await ws.send_json({"type": "message", "id": mid, "text": text})
+        while True:
+            frame = json.loads((await ws.receive()).data)
+            if frame.get("type") == "error":
+                raise Misrouted(f"refused: {frame}")
+            for event in frame.get("events", ()):
+                if event["kind"] in ("final", "notice", "error"):
+                    if (event["message_id"], event["kind"], event["text"]) != (mid, "final",
+                                                                               text):
+                        raise Misrouted(f"{event} for {mid}")
+                    return
+
+    return send
+
+
+async def opsdroid_ws_client(http: aiohttp.ClientSession, base: str, n: int) -> Send:
+    async with http.post(base + "/connector/websocket") as response:
+        if response.status != 200:
+            raise SystemExit(f"opsdroid refused a socket: {response.status}")
+        sock = json.loads(await response.text())["socket"]
+    ws = await http.ws_connect(base.replace("http", "ws") + f"/connector/websocket/{sock}")
+
+    async def send(text: str) -> None:
+        await ws.send_str(json.dumps({"message": text, "user": f"u{n}", "socket": sock}))
+        reply = await ws.receive()
+        if reply.data != text:
+            raise Misrouted(f"{reply.data!r} for {text!r}")
+
+    return send
+
+
+async def http_client(http: aiohttp.ClientSession, base: str, n: int) -> Send:
+    counter = 0
+
+    async def send(text: str) -> None:
+        nonlocal counter
+        counter += 1
+        mid = f"m{n}x{counter}"
+        async with http.post(base + "/api/v1/chat", json={
+            "conversation_id": f"c{n}", "user_id": f"u{n}", "text": text, "message_id": mid,
+        }) as response:
+            body = await response.json()
+        if (response.status, body.get("message_id"), body.get("text")) != (200, mid, text):
+            raise Misrouted(f"{response.status} {body} for {mid}")
+
+    return send
+
+
+@dataclass
+class Result:
+    """One server's figures in one round."""
+
+    rate: float
+    latencies: list[float]
+    errors: int
+    server_cpu: float  # seconds, over the measured messages
+    redis_cpu: float
+    messages: int
+    notes: list[str] = field(default_factory=list)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def drive(base: str, client: Client, pids: list[int], args: argparse.Namespace
+                ) -> Result:
+    """Warm up, then send ``args.messages`` and measure."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=args.clients * 2)
+    ) as http:
+        senders = await asyncio.gather(*(client(http, base, n) for n in range(args.clients)))
+
+        async def run(total: int, record: bool) -> None:
+            left = total
+
+            async def one(n: int, send: Send) -> None:
+                nonlocal left
+                i = 0
+                while left > 0:
+                    left -= 1
+                    i += 1
+                    started = time.perf_counter()
+                    try:
+                        await send(f"hello number {i} from client {n}, how are you today?")
+                    except Misrouted as exc:
+                        errors.append(str(exc))
+                    if record:
+                        latencies.append(time.perf_counter() - started)
+
+            await asyncio.gather(*(one(n, s) for n, s in enumerate(senders)))
+
+        await run(args.warmup, record=False)
+        errors.clear()
+        before = [cpu_seconds(pid) for pid in pids]
+        started = time.perf_counter()
+        await run(args.messages, record=True)
+        elapsed = time.perf_counter() - started
+        after = [cpu_seconds(pid) for pid in pids]
+    used = [b - a for a, b in zip(before, after, strict=True)] + [0.0]
+    return Result(len(latencies) / elapsed, latencies, len(errors), used[0], used[1],
+                  len(latencies), errors[:3])
+
+
+def parley_config(folder: Path, port: int, redis_url: str) -> Path:
+    """The bench bot: Redis memory, the demo's moderation filters, the echo generator."""
+    demo = (Path(__file__).resolve().parent.parent / "config" / "demo.toml").read_text()
+    thresholds = next(line for line in demo.splitlines() if line.startswith("thresholds"))
+    path = folder / "peers.toml"
+    path.write_text(f"""
+[bot]
+name = "peers"
+
+[generation]
+backend = "echo"
+
+[memory]
+backend = "redis"
+url = "{redis_url}"
+key_prefix = "peers-{secrets.token_hex(4)}"
+timeout = 10.0  # the machine is shared: a slow moment must not become an error
+
+[moderation]
+backend = "filters"
+{thresholds}
+# A closed loop of clients sends hundreds a second per conversation; flood control
+# still runs (and costs what it costs) with limits it cannot reach.
+user_rate = 1000000000
+conversation_rate = 1000000000
+
+[adapters.web]
+host = "127.0.0.1"
+port = {port}
+secret = "{secrets.token_hex(16)}"
+allowed_origins = ["{ORIGIN}"]
+session_rate = 1000000000
+ip_rate = 1000000000
+max_sockets_per_ip = 100000
+""")
+    return path
+
+
+@contextlib.contextmanager
+def parley_server(folder: Path, loop: str) -> Iterator[Server]:
+    port = free_port()
+    with private_redis() as redis_url:
+        redis_pid = int(Redis.from_url(redis_url).info("server")["process_id"])
+        config = parley_config(folder, port, redis_url)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        # From the working directory's checkout (run it in another to compare two).
+        command = [sys.executable, "-m", "core.cli", "run", str(config), "--adapter", "web"]
+        if loop != "auto":
+            command[3:3] = ["--loop", loop]
+        with running(command, folder / "parley.log", env) as proc:
+            yield f"http://127.0.0.1:{port}", proc, [proc.pid, redis_pid]
+
+
+@contextlib.contextmanager
+def opsdroid_server(folder: Path, venv: Path, clients: int) -> Iterator[Server]:
+    port = free_port()
+    skill = folder / "echo_skill.py"
+    skill.write_text(ECHO_SKILL)
+    config = folder / "opsdroid.yaml"
+    config.write_text(f"""
+logging:
+  level: error
+  console: false
+welcome-message: false
+web:
+  host: 127.0.0.1
+  port: {port}
+connectors:
+  websocket:
+    max-connections: {clients * 4}
+skills:
+  echo:
+    path: {skill}
+""")
+    env = {**os.environ, "HOME": str(folder)}  # opsdroid keeps its own files under ~
+    command = [str(venv / "bin" / "opsdroid"), "start", "-f", str(config)]
+    with running(command, folder / "opsdroid.log", env) as proc:
+        yield f"http://127.0.0.1:{port}", proc, [proc.pid]
+
+
+@contextlib.contextmanager
+def aiohttp_server(folder: Path, loop: str) -> Iterator[Server]:
+    port = free_port()
+    script = folder / "echo_server.py"
+    script.write_text(AIOHTTP_ECHO)
+    with running([sys.executable, str(script), str(port), loop], folder / "aiohttp.log") as proc:
+        yield f"http://127.0.0.1:{port}", proc, [proc.pid]
+
+
+async def bench(name: str, folder: Path, args: argparse.Namespace, venv: Path | None
+                ) -> Result:
+    loop = "uvloop" if args.loop == "auto" else args.loop
+    if name == "opsdroid-ws":
+        assert venv is not None
+        server = opsdroid_server(folder, venv, args.clients)
+        health, client = "/", opsdroid_ws_client
+    elif name == "aiohttp-http":
+        server = aiohttp_server(folder, loop)
+        health, client = "/healthz", http_client
+    else:
+        server = parley_server(folder, args.loop)
+        health = "/healthz"
+        client = parley_ws_client if name == "parley-ws" else http_client
+    with server as (base, proc, pids):
+        await wait_http(base + health, proc)
+        return await drive(base, client, pids, args)
+
+
+def report(results: dict[str, list[Result]], args: argparse.Namespace) -> None:
+    load = os.getloadavg()
+    print(f"\n{args.clients} clients, {args.messages} messages per server and round (after "
+          f"{args.warmup} to warm up), {args.rounds} round(s); load average now "
+          f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} CPUs")
+    print(f"  {'server':<13} {'msg/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'server µs/msg':>14} {'redis µs/msg':>13} {'errors':>7}")
+    for name, rounds in results.items():
+        for r in rounds:
+            ms = [1000 * percentile(r.latencies, q) for q in (0.5, 0.99)]
+            redis = f"{1e6 * r.redis_cpu / r.messages:13.0f}" if r.redis_cpu else f"{'-':>13}"
+            print(f"  {name:<13} {r.rate:8,.0f} {ms[0]:8.1f} {ms[1]:8.1f} "
+                  f"{1e6 * r.server_cpu / r.messages:14.0f} {redis} {r.errors:7d}")
+            for note in r.notes:
+                print(f"      e.g. {note[:160]}")
+
+    def cpu(name: str) -> float:
+        return statistics.median((r.server_cpu + r.redis_cpu) / r.messages
+                                 for r in results[name])
+
+    def rate(name: str) -> float:
+        return statistics.median(r.rate for r in results[name])
+
+    for mine, peer in (("parley-ws", "opsdroid-ws"), ("parley-http", "aiohttp-http")):
+        if mine in results and peer in results:
+            print(f"  {mine} / {peer}: {rate(mine) / rate(peer):.2f}x messages/s, "
+                  f"{cpu(mine) / cpu(peer):.2f}x CPU per message (server + redis, medians)")
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The load generator's loop: uvloop where installed, to leave the servers more CPU."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--messages", type=int, default=3000)
+    parser.add_argument("--warmup", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--only", help=f"comma-separated, of {', '.join(SERVERS)}")
+    parser.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
+                        help="Parley's event loop (and the bare aiohttp server's)")
+    parser.add_argument("--opsdroid-venv", help="make (or reuse) opsdroid's virtualenv here")
+    args = parser.parse_args()
+    names = [n for n in SERVERS if args.only is None or n in args.only.split(",")]
+    results: dict[str, list[Result]] = {name: [] for name in names}
+    with tempfile.TemporaryDirectory(prefix="parley-peers-") as tmp:
+        venv = None
+        if "opsdroid-ws" in names:
+            venv = opsdroid_venv(Path(args.opsdroid_venv) if args.opsdroid_venv
+                                 else Path(tmp) / "venv")
+        for round_ in range(args.rounds):
+            for name in names:
+                folder = Path(tmp) / f"{name}-{round_}"
+                folder.mkdir()
+                with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+                    result = runner.run(bench(name, folder, args, venv))
+                results[name].append(result)
+                print(f"round {round_ + 1} {name}: {result.rate:,.0f} messages/s, "
+                      f"{result.errors} errors", flush=True)
+    report(results, args)
+
+
+if __name__ == "__main__":
+    main()
