@@ -142,7 +142,7 @@ class Engine(ServiceBase):
                 return
             message = replace(message, text=text)
             try:
-                async with self.lanes.enter(message):
+                async with self.lanes.enter(message, self._admit):
                     claim = Claim(self.memory, message, secrets.token_hex(8),
                                   self.settings.memory.lease)
                     try:
@@ -155,11 +155,30 @@ class Engine(ServiceBase):
             except SlowDown as exc:
                 outcome = "slow_down"
                 log.debug("bot %s: refused before the lane: %s", self.name, exc)
-                yield ReplyEvent(ReplyKind.ERROR, self.apologies.slow_down, code="slow_down")
+                yield ReplyEvent(ReplyKind.ERROR, exc.reply or self.apologies.slow_down,
+                                 action=exc.action, code="slow_down")
         finally:
             self.metrics.messages.labels(self.name, message.channel, outcome).inc()
             if outcome in ("answered", "command"):
                 self.metrics.reply_seconds.labels(self.name).observe(time.monotonic() - started)
+
+    async def _admit(self, message: IncomingMessage) -> SlowDown | None:
+        """Moderation's rate limits, asked before the message waits for its turn: a
+        refusal (counted like any moderation decision), or None."""
+        verdict = await self.moderator.admit(message)
+        if verdict is None:
+            return None
+        self._count_verdict(message, verdict)
+        return SlowDown(f"{message.key}: moderation refused it ({verdict.reason})",
+                        reply=verdict.reply, action=verdict.action.value)
+
+    def _count_verdict(self, message: IncomingMessage, verdict: Verdict) -> None:
+        if verdict.action is not Action.ALLOW:
+            self.metrics.moderation.labels(
+                self.name, message.channel, "input", verdict.action.value).inc()
+        for category in verdict.categories:
+            self.metrics.moderation_categories.labels(
+                self.name, message.channel, "input", category).inc()
 
     async def _pipeline(
         self, message: IncomingMessage, claim: Claim
@@ -175,12 +194,7 @@ class Engine(ServiceBase):
                 return
             assert begun.snapshot is not None
             verdict = await self._check_input(message)
-            if verdict.action is not Action.ALLOW:
-                self.metrics.moderation.labels(
-                    self.name, message.channel, "input", verdict.action.value).inc()
-            for category in verdict.categories:
-                self.metrics.moderation_categories.labels(
-                    self.name, message.channel, "input", category).inc()
+            self._count_verdict(message, verdict)
             if not verdict.action.answers:
                 refused = ReplyEvent(ReplyKind.NOTICE, verdict.reply or "",
                                      action=verdict.action, code="moderated")

@@ -19,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 from core.errors import GeneratorBusy, MemoryUnavailable, ParleyError
 from core.memory.base import Begun, MemoryStore
@@ -37,7 +38,16 @@ POLL_CAP = 0.05
 
 class SlowDown(ParleyError):
     """A message refused before it waited: too many queued in its conversation or in
-    flight for its user."""
+    flight for its user, or over a rate limit (``reply`` then says which)."""
+
+    def __init__(self, reason: str, reply: str | None = None, action: str = "allow") -> None:
+        super().__init__(reason)
+        self.reply = reply
+        self.action = action  # what moderation did, when it refused
+
+
+# Asked once a message holds its place in the lane: a refusal to raise, or None.
+Admit = Callable[[IncomingMessage], Awaitable[SlowDown | None]]
 
 
 class _Lane:
@@ -64,9 +74,12 @@ class Lanes:
         return len(self._lanes)
 
     @asynccontextmanager
-    async def enter(self, message: IncomingMessage) -> AsyncIterator[None]:
+    async def enter(self, message: IncomingMessage, admit: Admit | None = None
+                    ) -> AsyncIterator[None]:
         """Hold ``message``'s lane; raises :class:`SlowDown` at once, before waiting,
-        when its lane or its user has too many messages already."""
+        when its lane or its user has too many messages already, or when ``admit``
+        (rate limits) refuses it; ``admit`` is asked while the message keeps its place
+        in the lane, so arrival order holds however long it takes to answer."""
         key, who = message.key, (message.channel, message.user_id)
         lane = self._lanes.get(key)
         if lane is not None and lane.users > self.max_queued:
@@ -79,8 +92,11 @@ class Lanes:
         lane.users += 1
         self._in_flight[who] = flying + 1
         try:
-            async with lane.lock:
+            await self._acquire(lane.lock, message, admit)
+            try:
                 yield
+            finally:
+                lane.lock.release()
         finally:
             lane.users -= 1
             if lane.users == 0:
@@ -90,6 +106,35 @@ class Lanes:
                 self._in_flight[who] = left
             else:
                 del self._in_flight[who]
+
+
+    @staticmethod
+    async def _acquire(lock: asyncio.Lock, message: IncomingMessage, admit: Admit | None
+                       ) -> None:
+        """Take ``lock`` in arrival order, refusing (SlowDown) if ``admit`` does."""
+        if admit is None:
+            await lock.acquire()
+            return
+        if not lock.locked():
+            await lock.acquire()  # free: taken at once, without yielding to the loop
+            waiting: asyncio.Task[Literal[True]] | None = None
+        else:
+            # Queue for the lock now, then ask while queued: a refusal comes at once,
+            # not after the messages ahead are answered.
+            waiting = asyncio.ensure_future(lock.acquire())
+        try:
+            refusal = await admit(message)
+            if refusal is not None:
+                raise refusal
+            if waiting is not None:
+                await waiting
+        except BaseException:
+            if waiting is None or (waiting.done() and not waiting.cancelled()
+                                   and waiting.exception() is None):
+                lock.release()
+            elif waiting is not None:
+                waiting.cancel()  # the lock passes the turn on to the next waiter
+            raise
 
 
 @dataclass(slots=True)

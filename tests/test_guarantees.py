@@ -177,6 +177,36 @@ async def test_a_flood_on_one_conversation_is_refused_at_once(memory: dict[str, 
         assert 'outcome="slow_down"} 294.0' in text
 
 
+async def test_a_flood_over_the_rate_limit_is_refused_before_the_lane(
+    memory: dict[str, Any],
+) -> None:
+    gate = Gate()
+    gate.opened.clear()
+    config = settings(memory, bot={"max_queued": 100, "max_in_flight_per_user": 100},
+                      moderation={"backend": "filters", "input_filters": ["flood"],
+                                  "user_rate": 3, "user_window": 600,
+                                  "points": {"flood": 0}})  # no warnings or mute here
+    async with engine_on(config, gate) as engine:
+        tasks = [asyncio.create_task(collect(engine.handle(message(f"m{i}"))))
+                 for i in range(10)]
+        await gate.started.wait()
+        # The seven over the limit are told while the first reply is still held: they
+        # never waited behind it (10 s is only a guard against waiting forever).
+        refused = await asyncio.wait_for(asyncio.gather(*tasks[3:]), timeout=10)
+        assert {(r.kind, r.code, r.action) for r in refused} == {
+            (ReplyKind.ERROR, "slow_down", "block")}
+        assert refused[0].text == config.moderation.flood_reply
+        gate.opened.set()
+        answered = await asyncio.gather(*tasks[:3])
+        assert [r.text for r in answered] == ["m0", "m1", "m2"]
+        assert [text for role, text in await stored(engine) if role == "user"] == [
+            "m0", "m1", "m2"]
+        text = engine.metrics.render().decode()
+        assert 'outcome="slow_down"} 7.0' in text
+        assert ('parley_moderation_findings_total{bot="gbot",category="flood",channel="test",'
+                'direction="input"} 7.0') in text
+
+
 async def test_one_user_cannot_fill_every_lane(memory: dict[str, Any]) -> None:
     gate = Gate()
     gate.opened.clear()

@@ -41,11 +41,13 @@ async def test_flood_control_is_shared_by_two_engines(redis_url: str, memory_pre
     async with build_engine(settings) as one, build_engine(settings) as two:
         assert isinstance(one.moderator, FilterModerator)
         assert isinstance(one.moderator.state, RedisState)
-        actions = []
+        replies = []
         for i in range(6):
             engine = (one, two)[i % 2]
-            actions.append((await collect(engine.handle(msg(f"hello {i}")))).action)
-        assert actions == ["allow"] * 4 + ["block"] * 2
+            replies.append(await collect(engine.handle(msg(f"hello {i}"))))
+        assert [r.action for r in replies] == ["allow"] * 4 + ["block"] * 2
+        # Over the limit is "slow down" (HTTP 429), told before the message waits.
+        assert {(r.kind, r.code) for r in replies[4:]} == {(ReplyKind.ERROR, "slow_down")}
         other = await collect(two.handle(msg("hello", user="u2", conv="c2")))
         assert other.action == "allow"
 

@@ -368,6 +368,25 @@ async def test_failures_behind_the_engine_are_503_with_an_apology(
             assert body["text"].startswith("Sorry")
 
 
+async def test_a_flood_is_429_with_retry_after() -> None:
+    settings = make_settings().model_copy(update={"moderation": parse_settings({
+        "bot": {"name": BOT},
+        "moderation": {"backend": "filters", "input_filters": ["flood"], "user_rate": 2},
+    }).moderation})
+    async with serving(build_engine(settings)) as site:
+        for i in range(2):
+            async with site.chat(msg(f"hello {i}")) as response:
+                assert response.status == 200
+        async with site.chat(msg("hello again")) as response:
+            assert response.status == 429
+            assert int(response.headers["Retry-After"]) > 0
+            body = await response.json()
+        assert (body["code"], body["action"]) == ("slow_down", "block")
+        assert body["text"] == settings.moderation.flood_reply
+        assert [t.text for t in await site.turns("c1")] == ["hello 0", "hello 0",
+                                                           "hello 1", "hello 1"]
+
+
 async def test_client_leaving_a_stream_cancels_the_generation() -> None:
     generator = Stalling()
     async with serving(engine_with(generator)) as site:

@@ -57,6 +57,13 @@ class ReplyWithheld(ParleyError):
 class Moderator(Protocol):
     """Checks what users say before the bot acts, and what the bot says before users see it."""
 
+    async def admit(self, message: IncomingMessage) -> Verdict | None:
+        """Count ``message`` against the sender's rate limits before it waits for its
+        conversation: ``None`` lets it on (to :meth:`check_input`), a refusal is answered
+        at once as "slow down" (HTTP 429), with the verdict's ``reply``.
+        """
+        ...
+
     async def check_input(self, message: IncomingMessage) -> Verdict:
         """Decide what to do with an incoming message."""
         ...
@@ -74,6 +81,10 @@ class Moderator(Protocol):
 
 class PassThroughModerator:
     """Allows everything; the seam where real filters plug in."""
+
+    async def admit(self, message: IncomingMessage) -> Verdict | None:
+        """Admit the message: no rate limits."""
+        return None
 
     async def check_input(self, message: IncomingMessage) -> Verdict:
         """Allow the message unchanged."""

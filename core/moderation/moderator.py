@@ -35,7 +35,7 @@ from core.moderation.normalise import Normalised, confusables, normalise
 from core.moderation.pii import PiiDetector
 from core.moderation.policy import Decision, Finding, apply_score, base_action, reply_for
 from core.moderation.spam import check_spam
-from core.moderation.state import Limits, MemoryState, ModerationState
+from core.moderation.state import Admission, Limits, MemoryState, ModerationState
 from core.moderation.terms import TermFilter
 from core.types import IncomingMessage
 
@@ -112,6 +112,7 @@ class FilterModerator(ServiceBase):
         self.counts: Counter[str] = Counter()  # "action:block", "failure:classifier", ...
         self._base = Path(settings.source).parent if settings.source != "<memory>" else None
         self._channels: dict[str, _Channel] = {}
+        self._admitted: dict[tuple[str, str, str, str], Admission] = {}
         for channel in ("", *self.section.channels):
             policy = self._channel(channel).policy  # checks the input filters' names
             for name in policy.output_filters:
@@ -257,12 +258,43 @@ class FilterModerator(ServiceBase):
         if why is not None:
             run.findings.append(Finding("spam", why, source="spam"))
 
+    async def admit(self, message: IncomingMessage) -> Verdict | None:
+        """Flood control before the conversation's lane (see :class:`Moderator`): over the
+        limits, and with a policy that refuses floods, the refusal is decided, scored and
+        audited as a ``flood`` finding of :meth:`check_input` was; otherwise the count is
+        kept for the message's ``flood`` step, so it is counted once.
+        """
+        channel = self._channel(message.channel)
+        step = next((s for s in channel.steps if s.name == "flood"), None)
+        if step is None:
+            return None
+        try:
+            async with asyncio.timeout(step.timeout):
+                admission = await self._count(message, channel)
+        except Exception:
+            return None  # the flood step tries again, and fails open or closed as set
+        limits = channel.limits
+        finding = Finding("flood", score=float(admission.user_count), source="flood")
+        if (admission.muted_for > 0 or base_action(channel.policy, [finding]).action.answers
+                or (admission.user_count <= limits.user_rate
+                    and admission.conversation_count <= limits.conversation_rate)):
+            self._admitted[_admitted_key(message)] = admission
+            while len(self._admitted) > _ADMITTED_MAX:
+                del self._admitted[next(iter(self._admitted))]
+            return None
+        text = normalise(message.text)
+        run = _Run(message, channel.policy, text, text.clean, findings=[finding])
+        return await self._decide(run, channel.policy)
+
+    def _count(self, msg: IncomingMessage, channel: _Channel) -> Awaitable[Admission]:
+        return self.state.admit(f"{msg.channel}:{msg.user_id}",
+                                f"{msg.channel}:{msg.conversation_id}", channel.limits)
+
     async def _flood(self, run: _Run, channel: _Channel) -> None:
         msg = run.message
-        admission = await self.state.admit(
-            f"{msg.channel}:{msg.user_id}", f"{msg.channel}:{msg.conversation_id}",
-            channel.limits,
-        )
+        admission = self._admitted.pop(_admitted_key(msg), None)
+        if admission is None:  # not admitted first (a direct call)
+            admission = await self._count(msg, channel)
         run.muted_for = admission.muted_for
         if (admission.user_count > channel.limits.user_rate
                 or admission.conversation_count > channel.limits.conversation_rate):
@@ -358,6 +390,13 @@ class FilterModerator(ServiceBase):
 
 
 OUTPUT_FILTERS = ("terms", "classifier", "pii", "leak")
+# Counts taken by admit() wait here for the message's flood step; a message refused
+# between the two (a full lane, a redelivery) leaves its count, dropped oldest first.
+_ADMITTED_MAX = 10_000
+
+
+def _admitted_key(message: IncomingMessage) -> tuple[str, str, str, str]:
+    return (message.channel, message.conversation_id, message.user_id, message.message_id)
 
 
 def raise_unknown(source: str, key: str, name: str, known: Mapping[str, object]) -> None:
