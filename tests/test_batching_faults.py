@@ -28,6 +28,8 @@ from core.generation.local.generator import LocalGenerator
 from core.generation.local.hf.attention import VarlenAttention
 from core.generation.local.hf.patch import default_patches
 from core.generation.local.hf.scheduler import NewcomersFirstSchedule
+from core.generation.local.models import LoadedModel, load_model
+from core.generation.local.sequential import SequentialScheduler
 from core.types import IncomingMessage
 
 LONG = "hi"  # the tiny model runs on past 400 tokens after this
@@ -106,6 +108,59 @@ async def test_patches_that_do_not_fit_are_switched_off_with_one_warning(
     assert supervisor.transformers_version() in warnings[0]
     assert "attention (" in warnings[0] and "scheduler (" in warnings[0]
     assert "cumulative_seqlens_q" in warnings[0]
+
+
+def without_paged_attention(model_dir: Path, batch_sizes: list[int]) -> LoadedModel:
+    """The tiny model as an architecture without paged attention would behave: its forward
+    raises whenever it is handed a paged cache (the batching manager's only way to call
+    it, patched or not) and works as ever otherwise; records the batch of each call."""
+    loaded = load_model(str(model_dir), device="cpu", dtype="float32")
+
+    def forward(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        if "block_table" in kwargs:  # the paged cache's page table
+            raise NotImplementedError("this model has no paged attention")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        batch_sizes.append(int(ids.shape[0]))
+
+    loaded.model.register_forward_pre_hook(forward, with_kwargs=True)
+    return loaded
+
+
+async def test_when_even_the_bare_manager_fails_requests_are_served_one_at_a_time(
+    tiny_model_dir: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    prompts = ["orders and refunds", "Hello there", "opening hours"]
+    expected = [greedy_reference(tiny_model_dir, p, 20) for p in prompts]
+    batch_sizes: list[int] = []
+    caplog.set_level(logging.WARNING)
+    gen = LocalGenerator(settings(tiny_model_dir),
+                         load=lambda: without_paged_attention(tiny_model_dir, batch_sizes))
+    async with gen:
+        assert isinstance(gen._scheduler, SequentialScheduler)
+        assert gen.readiness().ready
+        log: list[tuple[int, str | None]] = []
+
+        async def ask(i: int) -> str:
+            text = ""
+            async for delta in gen.stream(request(prompts[i], 20, user=f"u{i}")):
+                log.append((i, delta.finish_reason))
+                text += delta.text
+            return text
+
+        batch_sizes.clear()
+        replies = await asyncio.gather(*(ask(i) for i in range(len(prompts))))
+    assert replies == expected
+    # One at a time: each reply ends before the next one's first piece, every forward
+    # pass holds one sequence.
+    order = [i for i, _ in log]
+    assert order == sorted(order, key=order.index) and len(set(order)) == 3
+    assert [i for i in dict.fromkeys(order)] == [i for i, reason in log if reason]
+    assert batch_sizes and set(batch_sizes) == {1}
+    fallback = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+                and "one request at a time" in r.getMessage()]
+    assert len(fallback) == 1
+    assert supervisor.transformers_version() in fallback[0]
+    assert "no paged attention" in fallback[0]
 
 
 @contextmanager
