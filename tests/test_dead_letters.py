@@ -91,7 +91,7 @@ async def test_parley_forget_deletes_a_user_s_dead_letters(
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         out, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 0, err.decode()
-        assert b"1 dead letters" in out
+        assert b"dead_letters 1" in out
         left = await letters(client, settings.generation.queue)
         assert sorted(f[b"user"] for f in left) == [b"telegram:carol", b"web:bob"]
         assert not any(b"secret of web:carol" in f[b"job"] for f in left)
