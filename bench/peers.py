@@ -25,6 +25,11 @@ to end of reply), CPU per message of the server process and of redis-server (fro
     python bench/peers.py --rounds 3 --opsdroid-venv /tmp/opsdroid-venv
     python bench/peers.py --only parley-ws,opsdroid-ws
     python bench/peers.py --loop asyncio                     # Parley on the stdlib loop
+    python bench/peers.py --only parley-ws --py-spy /tmp/prof  # and where its CPU goes
+
+``--py-spy DIR`` records the Parley server with py-spy (``pip install py-spy``; it adds a
+few per cent of CPU) while the measured messages run and prints the CPU per message by
+stage (bench/stages.py).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import contextlib
 import json
 import os
 import secrets
+import signal
 import socket
 import statistics
 import subprocess
@@ -51,6 +57,7 @@ from redis import Redis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.pipeline import private_redis
+from bench.stages import table
 
 SERVERS = ("parley-ws", "opsdroid-ws", "parley-http", "aiohttp-http")
 ORIGIN = "http://bench.local"
@@ -237,9 +244,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def drive(base: str, client: Client, pids: list[int], args: argparse.Namespace
-                ) -> Result:
-    """Warm up, then send ``args.messages`` and measure."""
+async def drive(base: str, client: Client, pids: list[int], args: argparse.Namespace,
+                profile: Path | None = None) -> Result:
+    """Warm up, then send ``args.messages`` and measure (and profile the server into
+    ``profile``)."""
     latencies: list[float] = []
     errors: list[str] = []
     async with aiohttp.ClientSession(
@@ -268,11 +276,21 @@ async def drive(base: str, client: Client, pids: list[int], args: argparse.Names
 
         await run(args.warmup, record=False)
         errors.clear()
+        spy = None
+        if profile is not None:
+            spy = await asyncio.create_subprocess_exec(
+                "py-spy", "record", "--pid", str(pids[0]), "--format", "raw", "--output",
+                str(profile), "--rate", "200", "--nonblocking",
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            await asyncio.sleep(2.0)  # attached
         before = [cpu_seconds(pid) for pid in pids]
         started = time.perf_counter()
         await run(args.messages, record=True)
         elapsed = time.perf_counter() - started
         after = [cpu_seconds(pid) for pid in pids]
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            await spy.wait()
     used = [b - a for a, b in zip(before, after, strict=True)] + [0.0]
     return Result(len(latencies) / elapsed, latencies, len(errors), used[0], used[1],
                   len(latencies), errors[:3])
@@ -381,9 +399,15 @@ async def bench(name: str, folder: Path, args: argparse.Namespace, venv: Path | 
         server = parley_server(folder, args.loop)
         health = "/healthz"
         client = parley_ws_client if name == "parley-ws" else http_client
+    profile = None
+    if args.py_spy and name.startswith("parley"):
+        profile = Path(args.py_spy) / f"{folder.name}.txt"
     with server as (base, proc, pids):
         await wait_http(base + health, proc)
-        return await drive(base, client, pids, args)
+        result = await drive(base, client, pids, args, profile)
+    if profile is not None and profile.exists():
+        print(table(profile, 1e6 * result.server_cpu / result.messages))
+    return result
 
 
 def report(results: dict[str, list[Result]], args: argparse.Namespace) -> None:
@@ -435,6 +459,7 @@ def main() -> None:
     parser.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
                         help="Parley's event loop (and the bare aiohttp server's)")
     parser.add_argument("--opsdroid-venv", help="make (or reuse) opsdroid's virtualenv here")
+    parser.add_argument("--py-spy", metavar="DIR", help="profile Parley into DIR (py-spy)")
     args = parser.parse_args()
     names = [n for n in SERVERS if args.only is None or n in args.only.split(",")]
     results: dict[str, list[Result]] = {name: [] for name in names}
