@@ -12,7 +12,8 @@ log grew), in this process otherwise. Key layout (``{p}`` is ``memory.key_prefix
 
     {p}:{bot}:web:seq:{ref}     string  the last sequence number given out
     {p}:{bot}:web:log:{ref}     list    "{seq}\\n{json}", oldest first, capped
-    {p}:{bot}:web:events        channel "{origin}\\n{ref}\\n{seq}" on every append
+    {p}:{bot}:web:events        channel "{origin}\\n{ref}\\n{seq}" on every append, when
+                                another front end listens (PUBSUB NUMSUB in the script)
 
 Numbers start at the current time in microseconds when a log is new (or expired), so
 they keep growing even across an expiry: a widget's old number is then a gap, never a
@@ -202,23 +203,26 @@ class MemoryReplyLog(ReplyLog):
         return sum(self._logs.pop(ref, None) is not None for ref in refs)
 
 
-# KEYS: seq, log. ARGV: cap, ttl, channel, origin, ref, entries (JSON)...
+# KEYS: seq, log. ARGV: cap, ttl, channel, origin, ref, listeners, entries (JSON)...
 _APPEND = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
   local t = redis.call('TIME')
   redis.call('SET', KEYS[1], t[1] .. string.format('%06d', tonumber(t[2])))
 end
-local n = #ARGV - 5
+local n = #ARGV - 6
 local last = redis.call('INCRBY', KEYS[1], n)
 local first = last - n + 1
 for i = 1, n do
   -- %d: a plain concatenation would write a number this big as 1.79e+15.
-  redis.call('RPUSH', KEYS[2], string.format('%d', first + i - 1) .. '\\n' .. ARGV[5 + i])
+  redis.call('RPUSH', KEYS[2], string.format('%d', first + i - 1) .. '\\n' .. ARGV[6 + i])
 end
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[1]), -1)
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
-redis.call('PUBLISH', ARGV[3], ARGV[4] .. '\\n' .. ARGV[5] .. '\\n' .. string.format('%d', last))
+-- Only when another front end listens: ARGV[6] is how many listeners this one is.
+if redis.call('PUBSUB', 'NUMSUB', ARGV[3])[2] > tonumber(ARGV[6]) then
+  redis.call('PUBLISH', ARGV[3], ARGV[4] .. '\\n' .. ARGV[5] .. '\\n' .. string.format('%d', last))
+end
 return first
 """
 # KEYS: seq, log.
@@ -241,6 +245,8 @@ class RedisReplyLog(ReplyLog):
         self._client: Redis | None = None
         self._pipeline: ScriptPipeline | None = None
         self._listener: asyncio.Task[None] | None = None
+        # Subscribed to the pokes: then an append pokes only when someone else listens.
+        self._listening = False
 
     async def _start(self) -> None:
         client = connect(self.section.url, timeout=self.section.timeout,
@@ -258,6 +264,7 @@ class RedisReplyLog(ReplyLog):
         if listener is not None:
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
+        self._listening = False
         client, self._client = self._client, None
         self._pipeline = None
         if client is not None:
@@ -269,6 +276,7 @@ class RedisReplyLog(ReplyLog):
             try:
                 async with client.pubsub() as pubsub:
                     await pubsub.subscribe(self.channel)
+                    self._listening = True
                     if not ready.done():
                         ready.set_result(None)
                     async for message in pubsub.listen():
@@ -280,6 +288,7 @@ class RedisReplyLog(ReplyLog):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                self._listening = False
                 # Sockets then learn of other front ends' events only when they resume.
                 log.warning("web: resume pub/sub on %s failed: %s; retrying",
                             redact(self.section.url), exc)
@@ -301,7 +310,8 @@ class RedisReplyLog(ReplyLog):
 
     async def _append(self, ref: str, events: list[Entry]) -> int:
         encoded = [jsoncodec.dumpb(e) for e in events]
-        args = [self.cap, self.ttl, self.channel, self._origin, ref, *encoded]
+        args = [self.cap, self.ttl, self.channel, self._origin, ref, int(self._listening),
+                *encoded]
         return int(await self._run("append", self._keys(ref), args))
 
     async def since(self, ref: str, after: int) -> Backlog:
