@@ -95,12 +95,16 @@ async def evaluate(moderator: FilterModerator, name: str, rows: list[dict[str, A
           + ", ".join(f"{k} {v}" for k, v in langs.most_common()))
     results: dict[str, float] = {}
     for category in CATEGORIES:
+        if not total[category]:
+            continue
         recall = right[category] / total[category] if total[category] else float("nan")
         results[category] = recall
         mark = "ok" if recall >= GOALS["recall"] else "below goal"
         print(f"  recall {category:10} {recall:.3f}  ({right[category]}/{total[category]})"
               f"   goal >= {GOALS['recall']:.2f}  {mark}")
     for label in ("benign", "edgy"):
+        if not total[label]:
+            continue
         fp = total[label] - right[label]
         rate = fp / total[label] if total[label] else float("nan")
         results[f"fp_{label}"] = rate
@@ -114,14 +118,17 @@ async def evaluate(moderator: FilterModerator, name: str, rows: list[dict[str, A
 
 
 async def run(args: argparse.Namespace) -> None:
-    dev, heldout = load("dev.jsonl"), load("heldout.jsonl")
+    dev = load("dev.jsonl") + load("dev_chat.jsonl")
+    heldout, everyday = load("heldout.jsonl"), load("everyday_heldout.jsonl")
     moderator = FilterModerator(settings(args.redis_url, args.classifier))
     async with moderator:
         await evaluate(moderator, "development set (tuned on)", dev, args.show_misses)
         if args.heldout:
             # Totals only; its misses are never printed, so nothing is tuned on it.
             await evaluate(moderator, "HELD-OUT set (never tuned on)", heldout, False)
-        rows = dev + heldout
+            await evaluate(moderator, "HELD-OUT everyday chat (never tuned on)", everyday,
+                           False)
+        rows = dev + heldout + everyday
         wall: list[float] = []
         cpu: list[float] = []
         for r in range(args.rounds):

@@ -2,29 +2,36 @@
 
     python bench/train_moderation.py [--out core/moderation/ngram_model.json.gz]
 
-Reads bench/data/moderation/dev.jsonl (``--chitchat N`` adds N ordinary English chat
-messages of the chitchat-dataset package as benign examples: tried with 3,000, it cut
-English false alarms but taught the model that French, Spanish, German and Chinese are
-abusive -- most non-English examples are -- so it is off). The held-out set is opened
-for one thing: dropping development samples that nearly repeat a held-out one
-(character-trigram Jaccard >= 0.6), so the held-out figures are not inflated by
-near-copies. Its labels and per-item results are never looked at.
+Reads the development set: bench/data/moderation/dev.jsonl (labelled messages) and
+dev_chat.jsonl (everyday chat, benign, in English, French, Spanish, German, Chinese,
+Italian, Portuguese and Dutch: greetings, questions to the bot, fitness, food and gaming
+talk), plus ``--chitchat N`` (2,000 by default) ordinary English messages of the
+chitchat-dataset package as benign examples. English chat alone once taught the model
+that French, Spanish, German and Chinese are abusive (most non-English examples were);
+with everyday chat in those languages beside it, it does not. The held-out sets
+(heldout.jsonl, everyday_heldout.jsonl) are opened for one thing: dropping development
+samples that nearly repeat a held-out one (character-trigram Jaccard >= 0.6), so the
+held-out figures are not inflated by near-copies. Their labels and per-item results are
+never looked at.
 
-One logistic regression per category (one against the rest), on binary features
-L2-normalised (as :class:`core.moderation.ngram.NgramModel` evaluates them). C and the
-thresholds come from 5-fold cross-validation on the development set, chosen together
-so that the false alarms of all categories at once stay within 1 % of benign and 2.5 %
-of edgy messages (see :func:`choose_thresholds`; an earlier per-category budget let the
-categories' false alarms add up to 3.5 % and 9 % in cross-validation), not below 0.5.
-Needs scikit-learn and numpy (installed with the ``moderation`` extra).
+One logistic regression per category (one against the rest) on the features of
+:func:`core.moderation.ngram.features` -- character n-grams of each distinct word, the
+words and word pairs -- counted and scaled by one over the root of the count (as
+:class:`core.moderation.ngram.NgramModel` evaluates them). C and the thresholds come
+from 5-fold cross-validation on the development set, chosen together so that the false
+alarms of all categories at once stay within 1 % of benign messages, 0.5 % of everyday
+chat and 2.5 % of edgy messages (see :func:`choose_thresholds`), not below 0.5. Needs
+scikit-learn and numpy (installed with the ``moderation`` extra); about two minutes.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +42,8 @@ from core.moderation.normalise import normalise
 from core.moderation.spam import check_spam
 
 DATA = Path(__file__).resolve().parent / "data" / "moderation"
+# Never trained or tuned on; opened only to drop development near-copies of their texts.
+HELDOUT = ("heldout.jsonl", "everyday_heldout.jsonl")
 CATEGORIES = ("insult", "threat", "hate", "sexual", "selfharm", "spam", "injection")
 # Thresholds are not set below this (in hundredths).
 MIN_THRESHOLD = 50
@@ -43,6 +52,14 @@ MIN_THRESHOLD = 50
 # classifier gets half of the goals (0.02 benign, 0.05 edgy).
 BUDGET_BENIGN = 0.01
 BUDGET_EDGY = 0.025
+# Everyday chat (tag "chat": greetings, questions, fitness and gaming talk, in several
+# languages) is most of what a bot reads: a false alarm there is the costliest.
+BUDGET_CHAT = 0.005
+# Ordinary English chat from the chitchat-dataset package, as benign examples: without
+# it, "you" reads as an insult (most messages with "you" in the labelled sets are).
+CHITCHAT = 2000
+CLASS_WEIGHT = "balanced"  # tried None: cross-validated recall 0.18 instead of 0.32
+C_GRID = (3.0, 10.0)
 
 
 def trigrams(text: str) -> set[str]:
@@ -81,26 +98,36 @@ def chitchat(count: int) -> list[dict[str, Any]]:
 
 
 def matrix(rows: list[dict[str, Any]], vocab: dict[str, int] | None = None) -> Any:
+    """Feature counts, each row scaled by one over the root of its known features' count
+    (as :class:`core.moderation.ngram.NgramModel` evaluates them); and the vocabulary:
+    features of at least two training messages."""
     import numpy as np
     from scipy.sparse import csr_matrix
 
-    feats = [features(r["text"]) for r in rows]
+    feats = [row_features(r["text"]) for r in rows]
     if vocab is None:
-        counts: dict[str, int] = {}
+        counts: Counter[str] = Counter()
         for f in feats:
-            for name in f:
-                counts[name] = counts.get(name, 0) + 1
+            counts.update(f.keys())
         vocab = {name: i for i, name in enumerate(sorted(n for n, c in counts.items() if c >= 2))}
     indptr, indices, data = [0], [], []
     for f in feats:
-        known = sorted(vocab[n] for n in f if n in vocab)
-        indices += known
-        data += [1.0 / np.sqrt(len(known))] * len(known) if known else []
+        known = sorted((vocab[n], c) for n, c in f.items() if n in vocab)
+        total = sum(c for _, c in known)
+        indices += [i for i, _ in known]
+        data += [c / np.sqrt(total) for _, c in known]
         indptr.append(len(indices))
     return csr_matrix((data, indices, indptr), shape=(len(rows), len(vocab))), vocab
 
 
+@functools.cache
+def row_features(text: str) -> Counter[str]:
+    """The features of a training text, counted (computed once per text)."""
+    return Counter(features(text))
+
+
 def train(rows: list[dict[str, Any]], c: float) -> tuple[dict[str, int], Any, Any]:
+    """One logistic regression per category; the vocabulary, weights and intercepts."""
     import numpy as np
     from sklearn.linear_model import LogisticRegression
 
@@ -108,7 +135,7 @@ def train(rows: list[dict[str, Any]], c: float) -> tuple[dict[str, int], Any, An
     coefs, intercepts = [], []
     for category in CATEGORIES:
         y = np.array([r["label"] == category for r in rows])
-        model = LogisticRegression(C=c, class_weight="balanced", max_iter=2000)
+        model = LogisticRegression(C=c, class_weight=CLASS_WEIGHT, max_iter=2000)
         model.fit(x, y)
         coefs.append(model.coef_[0])
         intercepts.append(model.intercept_[0])
@@ -116,6 +143,7 @@ def train(rows: list[dict[str, Any]], c: float) -> tuple[dict[str, int], Any, An
 
 
 def cross_scores(rows: list[dict[str, Any]], c: float, folds: int = 5) -> Any:
+    """Each row's scores from the model trained on the other folds."""
     import numpy as np
 
     scores = np.zeros((len(rows), len(CATEGORIES)))
@@ -140,6 +168,7 @@ def choose_thresholds(rows: list[dict[str, Any]], scores: Any) -> tuple[dict[str
     import numpy as np
 
     benign = np.array([r["label"] == "benign" for r in rows])
+    chat = np.array([r["label"] == "benign" and r.get("tag") == "chat" for r in rows])
     edgy = np.array([r["label"] == "edgy" for r in rows])
     positive = {c: np.array([r["label"] == c for r in rows]) for c in CATEGORIES}
     thresholds = dict.fromkeys(CATEGORIES, 0.95)
@@ -149,6 +178,7 @@ def choose_thresholds(rows: list[dict[str, Any]], scores: Any) -> tuple[dict[str
         for j, category in enumerate(CATEGORIES):
             flagged |= scores[:, j] >= trial[category]
         return (flagged[benign].mean() <= BUDGET_BENIGN
+                and flagged[chat].mean() <= BUDGET_CHAT
                 and flagged[edgy].mean() <= BUDGET_EDGY)
 
     def recall(category: str, threshold: float) -> float:
@@ -177,23 +207,26 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1]
                                              / "core" / "moderation" / "ngram_model.json.gz"))
-    parser.add_argument("--chitchat", type=int, default=0,
+    parser.add_argument("--chitchat", type=int, default=CHITCHAT,
                         help="add this many chitchat-dataset messages as benign (see above)")
     args = parser.parse_args()
     load = lambda name: [json.loads(line) for line in  # noqa: E731
                          (DATA / name).read_text(encoding="utf-8").splitlines() if line]
-    rows = load("dev.jsonl")
-    heldout_texts = [r["text"] for r in load("heldout.jsonl")]
+    rows = load("dev.jsonl") + load("dev_chat.jsonl")
+    heldout_texts = [r["text"] for name in HELDOUT for r in load(name)]
+    before = len(rows)
     rows = decontaminated(rows, heldout_texts)
+    print(f"dropped {before - len(rows)} development messages that nearly copy a held-out one")
     # Floods within a message are the spam rules' job; taught them, the model learns that
     # "hi" is spam. It learns promotional spam only.
-    rows = [r for r in rows if not (r["label"] == "spam" and check_spam(r["text"]))]
+    rows = [r for r in rows
+            if not (r["label"] == "spam" and check_spam(r["text"]) in ("run", "repeat"))]
     if args.chitchat:
         rows += chitchat(args.chitchat)
     print(f"training samples: {len(rows)} (development set without near-copies of held-out "
           "messages or in-message floods)")
     best = None
-    for c in (3.0, 10.0, 30.0):
+    for c in C_GRID:
         thresholds, recall = choose_thresholds(rows, cross_scores(rows, c))
         print(f"C={c:<5} cross-validated mean recall {recall:.3f} at thresholds {thresholds}")
         if best is None or recall > best[0]:
@@ -211,7 +244,8 @@ def main() -> None:
     blob = gzip.compress(json.dumps(model, ensure_ascii=False, sort_keys=True).encode(), 9,
                          mtime=0)
     Path(args.out).write_bytes(blob)
-    print(f"C={c}: {len(weights)} features, {len(blob) / 1024:.0f} KiB -> {args.out}")
+    print(f"C={c}: {len(weights)} features, "
+          f"{len(blob) / 1024:.0f} KiB -> {args.out}")
 
 
 if __name__ == "__main__":

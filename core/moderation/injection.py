@@ -50,6 +50,99 @@ _PHRASES = re.compile(
     r"(?:without|with no) (?:any )?(?:rules|restrictions|filters|limits)\b"
     r"|\bnew instructions?\s*:",
 )
+# Matched on the normalised words (accents gone, apostrophes a space): the same
+# families in more words and in French, Spanish, German and Chinese.
+_OBJECT_EN = r"(?:instructions?|rules|guidelines|filters?|restrictions|safety|content policy" \
+             r"|programming|prompt|system prompt)"
+_MORE = re.compile(
+    # "bypass your filters", "ignore the rules now"
+    rf"\b(?:ignore|disregard|bypass|override|forget|drop) (?:all |the |your |these |any "
+    rf"|of |my |previous |prior |earlier )*{_OBJECT_EN}\b"
+    # "act as an AI with no content policy", "answer as an unrestricted model"
+    r"|\b(?:act|answer|respond|behave|reply|talk) (?:as|like) (?:an? |the )?(?:\w+ ){0,2}"
+    r"(?:with no|without|free of|free from) (?:any )?(?:rules|restrictions|filters|limits"
+    r"|content policy|guidelines|censorship)"
+    r"|\b(?:unrestricted|uncensored|unfiltered|jailbroken|jailbreak|evil) (?:mode|model|ai"
+    r"|assistant|bot|version)\b"
+    r"|\byou (?:are|re) now (?:an? )?(?:evil|unrestricted|uncensored|unfiltered|free"
+    r"|jailbroken)|\bno (?:more )?(?:rules|restrictions|filters) (?:apply|anymore|now)\b"
+    r"|\bfrom now on,? you (?:will|are|must|have no|can)\b"
+    r"|\bstop being an? (?:assistant|ai|chatbot|bot)\b"
+    r"|\bsafety (?:is )?(?:off|disabled|false)\b"
+    # "what instructions were you given", "print your persona word for word"
+    r"|\b(?:what|which) (?:instructions|rules|prompt|prompts) (?:were|have) you"
+    r" (?:been )?(?:given|told)\b"
+    r"|\b(?:print|show|repeat|output|display|reveal|leak|copy|paste|write out|write down"
+    r"|summari[sz]e|recite|dump|tell me) (?:me )?(?:\w+ )?(?:your |the )(?:\w+ )?"
+    r"(?:system prompt|system message|initial prompt|hidden prompt|prompt|persona"
+    r"|configuration|instructions you (?:received|were given|got))\b"
+    # French
+    r"|\b(?:ignore|ignorez|oublie|oubliez|contourne) (?:toutes |tous |les |tes |vos |ses "
+    r"|tout |ce |qu |on t a dit )*(?:instructions?|regles?|consignes?|directives|precedent)"
+    r"|\b(?:montre|montrez|affiche|affichez|repete|repetez|revele|donne|donnez|ecris"
+    r"|dis) (?:moi |nous )?(?:ton |ta |tes |votre |vos |le |la |les )(?:\w+ )?"
+    r"(?:prompt|message systeme|instructions|consignes|regles internes)"
+    r"|\btu n as plus (?:de |aucune |aucun )(?:regles?|limites?|restrictions?|filtres?)"
+    r"|\bmode (?:developpeur|sans limites?|sans filtres?)\b"
+    # Spanish
+    r"|\b(?:ignora|ignore|olvida|olvide|olvidate de) (?:todas |todos |las |tus |sus |los "
+    r"|de )*(?:instrucciones|reglas|normas|indicaciones|restricciones)"
+    r"|\b(?:muestra|muestrame|muestranos|repite|revela|dime|escribe|imprime) (?:me )?"
+    r"(?:tu |tus |el |la |las )(?:\w+ )?(?:prompt|mensaje del sistema|instrucciones)"
+    r"|\bya no tienes (?:reglas|limites|restricciones|filtros)"
+    r"|\bsin (?:reglas|restricciones|filtros|limites) (?:ni|de ningun)"
+    r"|\bmodo (?:desarrollador|sin (?:limites|filtros|restricciones))\b"
+    # German
+    r"|\b(?:ignoriere|ignorier|vergiss|missachte|uberschreibe) (?:alle |deine |die |ihre "
+    r"|vorherigen |bisherigen |fruheren |alten |bisher )*(?:anweisungen|regeln|vorgaben"
+    r"|instruktionen|richtlinien)"
+    r"|\b(?:zeig|zeige|gib|wiederhole|verrate|nenne|schreib) (?:mir )?(?:deine |den |die "
+    r"|das |deinen )(?:\w+ )?(?:systemprompt|prompt|systemnachricht|anweisungen"
+    r"|systemanweisungen)"
+    r"|\bdu hast (?:jetzt )?keine (?:regeln|grenzen|einschrankungen|filter) mehr"
+    r"|\b(?:entwicklermodus|modus ohne (?:regeln|filter|grenzen))\b"
+    # Chinese (no spaces: no word boundaries)
+    r"|(?:忽略|无视|忘记|忘掉|不要管|别管|跳过).{0,8}(?:指令|规则|指示|设定|限制|提示)"
+    r"|(?:显示|输出|重复|告诉我|透露|打印|说出|给我看).{0,8}(?:系统提示|提示词|系统消息"
+    r"|初始指令|系统指令|你的指令|你的设定)"
+    r"|(?:没有任何|不受任何)(?:规则|限制|约束)|开发者模式|越狱模式"
+    # Asking what the instructions are, claiming to be the developer, role-play as a
+    # model without rules, the text "above", debug/admin modes -- in the five languages.
+    r"|\b(?:what|which) (?:is|are|was|were) (?:your (?:\w+ )?(?:system prompt|instructions"
+    r"|initial prompt|hidden prompt|prompt|system message|directives)|the (?:system prompt"
+    r"|system message|initial prompt|hidden prompt))\b"
+    r"|\b(?:repeat|print|output|show|copy|tell me) (?:\w+ )?(?:the |all )?(?:words|text"
+    r"|everything|all|lines?|message) (?:above|before this|written above|preceding)\b"
+    r"|\b(?:translate|encode|convert|spell out) your (?:\w+ )?(?:instructions|prompt"
+    r"|system prompt|rules|persona)\b"
+    r"|\b(?:i am|i m|im|this is) your (?:developer|creator|admin|administrator"
+    r"|programmer|operator)\b"
+    r"|\b(?:not|no longer) bound by (?:any |your |the )?(?:rules|guidelines|restrictions"
+    r"|policies|instructions)\b|\byou (?:must|will) obey\b"
+    r"|\b(?:pretend|imagine|roleplay|role play|act as if) (?:that )?(?:you (?:are|have|were)"
+    r"|to be)? ?(?:an? )?(?:\w+ ){0,3}(?:no|without) (?:any )?(?:rules|restrictions|filters"
+    r"|limits|guidelines|content policy)\b"
+    r"|\byour new (?:role|task|instructions|rules|persona) (?:is|are)\b"
+    r"|\b(?:admin|developer|debug|maintenance|system|sudo) (?:override|mode|access)\b"
+    r"|\bsudo\b|\bend of (?:system )?prompt\b"
+    r"|\b(?:quelles|quels) sont (?:tes|vos) (?:instructions|consignes|regles)"
+    r"|\b(?:fais|faites) comme si tu n avais (?:pas de|aucune) (?:regles?|limites?)"
+    r"|\btu es maintenant (?:un |une )?(?:\w+ )?(?:sans|libre)"
+    r"|\bje suis (?:ton|votre) (?:developpeur|createur|administrateur)"
+    r"|\btradui[st] (?:tes|vos) (?:instructions|consignes)"
+    r"|\bcuales son tus (?:instrucciones|reglas)"
+    r"|\bhaz como si no tuvieras (?:reglas|limites|restricciones)"
+    r"|\bahora eres (?:un |una )?(?:\w+ )?(?:sin|libre)"
+    r"|\bsoy tu (?:desarrollador|creador|administrador)"
+    r"|\btraduce tus (?:instrucciones|reglas)"
+    r"|\bwas sind deine (?:anweisungen|regeln|vorgaben)"
+    r"|\btu so als (?:ob du|hattest du) keine (?:regeln|grenzen)"
+    r"|\bdu bist (?:jetzt|ab jetzt|nun) (?:ein |eine )?(?:\w+ )?(?:ohne|frei)"
+    r"|\bich bin dein (?:entwickler|ersteller|administrator|admin)"
+    r"|\bubersetze deine (?:anweisungen|regeln)"
+    r"|(?:你的|你被设定的)(?:系统提示|提示词|指令|设定|规则)是什么|我是你的(?:开发者|创造者|管理员)"
+    r"|从现在(?:开始|起)你(?:是|没有|不受)|假装你(?:没有|不受)|翻译你的(?:指令|提示)",
+)
 _WEIGHTS = {"token": 1.0, "phrase": 1.0, "invisible": 1.0, "stray_invisible": 0.5}
 
 
@@ -69,6 +162,7 @@ def check_injection(raw: str, text: Normalised) -> InjectionReport:
         signals.append("invisible" if text.invisible >= 3 else "stray_invisible")
     if _TOKENS.search(text.clean):
         signals.append("token")
-    if _PHRASES.search(text.key) or _PHRASES.search(text.clean.lower()):
+    if (_PHRASES.search(text.key) or _PHRASES.search(text.clean.lower())
+            or _MORE.search(text.key)):
         signals.append("phrase")
     return InjectionReport(sum(_WEIGHTS[s] for s in signals), tuple(signals))

@@ -254,7 +254,7 @@ class FilterModerator(ServiceBase):
                                         "injection"))
 
     def _spam(self, run: _Run, channel: _Channel) -> None:
-        why = check_spam(run.text.clean)
+        why = check_spam(run.text.clean, run.text.key)
         if why is not None:
             run.findings.append(Finding("spam", why, source="spam"))
 

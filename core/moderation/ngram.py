@@ -20,8 +20,8 @@ import gzip
 import json
 import math
 import re
+from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
 from importlib import resources
 from itertools import pairwise
 from typing import Any
@@ -57,29 +57,58 @@ def signals(clean: str) -> list[str]:
     return found
 
 
-def features(text: str | Normalised) -> set[str]:
-    """The features of ``text``: character 2- to 4-grams of its matching keys (with word
-    boundaries), CJK characters, words, word pairs and :func:`signals`."""
-    norm = text if isinstance(text, Normalised) else normalise(text)
-    key = f" {norm.key} "
-    found: set[str] = set()
-    for size in (2, 3, 4):
-        found.update(key[i:i + size] for i in range(len(key) - size + 1))
-    found.update(c for c in key if _cjk(c))
-    found.update(f"w:{w}" for w in norm.words)
-    found.update(f"b:{a} {b}" for a, b in pairwise(norm.words))
-    found.update(signals(norm.clean))
+def word_features(word: str) -> list[str]:
+    """The features of one normalised word: its character 2- to 4-grams with word
+    boundaries (`` wo``, ``rd ``), the word itself (``w:word``) and, for Chinese and
+    other CJK runs, each character."""
+    padded = f" {word} "
+    found = [padded[i:i + size] for size in (2, 3, 4) for i in range(len(padded) - size + 1)]
+    found.append(f"w:{word}")
+    if not word.isascii():
+        found += [c for c in word if _cjk(c)]
     return found
 
 
-@dataclass(frozen=True, slots=True)
-class NgramModel:
-    """Weights per feature (one per category), intercepts and thresholds."""
+def features(text: str | Normalised) -> list[str]:
+    """The features of ``text``, with repeats: :func:`word_features` of each distinct
+    normalised word, each distinct pair of neighbouring words (``b:a b``) and
+    :func:`signals`. A word or pair said again adds nothing (a long message that repeats
+    itself scores as it would once).
 
-    categories: tuple[str, ...]
-    weights: Mapping[str, tuple[float, ...]]
-    intercepts: tuple[float, ...]
-    thresholds: Mapping[str, float]
+    Every feature belongs to one word or one pair, so a message's features are the sum
+    of its words' -- which is what lets :class:`NgramModel` cache them by word and the
+    output guard score a growing reply one new word at a time (:class:`ScoreWindow`).
+    """
+    norm = text if isinstance(text, Normalised) else normalise(text)
+    found: list[str] = []
+    for word in dict.fromkeys(norm.words):
+        found += word_features(word)
+    found += dict.fromkeys(f"b:{a} {b}" for a, b in pairwise(norm.words))
+    found += signals(norm.clean)
+    return found
+
+
+# A word's (or pair's) part of a score: the summed weights of its known features per
+# category (None if it has none) and how many known features it has.
+_Part = tuple[tuple[float, ...] | None, int]
+_CACHE_WORDS = 20_000  # words whose parts are kept (cleared when full)
+
+
+class NgramModel:
+    """Weights per feature (one per category), intercepts and thresholds.
+
+    A text's features are counted and scaled by one over the square root of how many
+    known features it has (as in training), so its score is a sum of its words' parts
+    divided by the root of their sizes: each word's part is computed once and cached.
+    """
+
+    def __init__(self, categories: tuple[str, ...], weights: Mapping[str, tuple[float, ...]],
+                 intercepts: tuple[float, ...], thresholds: Mapping[str, float]) -> None:
+        self.categories = categories
+        self.weights = weights
+        self.intercepts = intercepts
+        self.thresholds = thresholds
+        self._words: dict[str, _Part] = {}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> NgramModel:
@@ -92,17 +121,100 @@ class NgramModel:
             dict(data["thresholds"]),
         )
 
-    def scores(self, text: str | Normalised) -> dict[str, float]:
-        """The probability of each category for ``text``."""
+    def _sum(self, names: list[str]) -> _Part:
         weights = self.weights
-        known = [weights[f] for f in features(text) if f in weights]
+        known = [weights[f] for f in names if f in weights]
+        if not known:
+            return None, 0
+        return tuple(map(math.fsum, zip(*known, strict=True))), len(known)
+
+    def word_part(self, word: str) -> _Part:
+        """``word``'s part of a score (cached)."""
+        part = self._words.get(word)
+        if part is None:
+            part = self._sum(word_features(word))
+            if len(self._words) >= _CACHE_WORDS:
+                self._words.clear()
+            self._words[word] = part
+        return part
+
+    def pair_part(self, first: str, second: str) -> _Part:
+        """The part of the pair of neighbouring words ``first second``."""
+        weights = self.weights.get(f"b:{first} {second}")
+        return (weights, 1) if weights is not None else (None, 0)
+
+    def probabilities(self, parts: list[_Part]) -> dict[str, float]:
+        """The probability of each category for a text made of ``parts``."""
+        vectors = [v for v, _ in parts if v is not None]
+        known = sum(n for _, n in parts)
         if not known:
             return {c: _sigmoid(b) for c, b in zip(self.categories, self.intercepts, strict=True)}
-        # Binary features, L2-normalised over the known ones (as in training); the
-        # columns are summed by zip/sum, in C, not weight by weight.
-        scale = 1.0 / math.sqrt(len(known))
+        scale = 1.0 / math.sqrt(known)
         return {c: _sigmoid(b + scale * math.fsum(column)) for c, b, column
-                in zip(self.categories, self.intercepts, zip(*known, strict=True), strict=True)}
+                in zip(self.categories, self.intercepts, zip(*vectors, strict=True),
+                       strict=True)}
+
+    def scores(self, text: str | Normalised) -> dict[str, float]:
+        """The probability of each category for ``text``; 0 for a single word (other
+        than a run of Chinese): too little for this model, and the term lists' job."""
+        norm = text if isinstance(text, Normalised) else normalise(text)
+        words = norm.words
+        if len(words) < 2 and not (words and len(words[0]) >= 3 and _cjk(words[0][0])):
+            return dict.fromkeys(self.categories, 0.0)
+        parts = [self.word_part(w) for w in dict.fromkeys(words)]
+        parts += [self.pair_part(a, b) for a, b in dict.fromkeys(pairwise(words))]
+        parts.append(self._sum(signals(norm.clean)))
+        return self.probabilities(parts)
+
+
+class ScoreWindow:
+    """Scores of the last ``size`` words of a growing text, fed piece by piece: each
+    piece costs its own words, not the whole window again (for the output guard).
+
+    Pieces should end at a word boundary; the raw-text :func:`signals` (links, shouting:
+    spam's) are not part of a window's score.
+    """
+
+    def __init__(self, model: NgramModel, size: int) -> None:
+        self._model = model
+        self._size = size
+        self._order: deque[tuple[str, str]] = deque()  # (word, pair key) in the window
+        self._counts: dict[str, int] = {}  # how often each word or pair is in it
+        self._sums = [0.0] * len(model.categories)
+        self._known = 0
+        self._last: str | None = None
+
+    def feed(self, text: str) -> dict[str, float]:
+        """Add ``text`` (the next piece) and return the window's scores."""
+        for word in normalise(text).words:
+            pair = f"{self._last} {word}" if self._last is not None else ""
+            self._last = word
+            self._order.append((word, pair))
+            self._count(word, 1)
+            self._count(pair, 1)
+            if len(self._order) > self._size:
+                old, old_pair = self._order.popleft()
+                self._count(old, -1)
+                self._count(old_pair, -1)
+        return self._model.probabilities([(tuple(self._sums), self._known)])
+
+    def _count(self, name: str, step: int) -> None:
+        # A word or pair counts once however often it is in the window (as features()).
+        if not name:
+            return
+        before = self._counts.get(name, 0)
+        self._counts[name] = before + step
+        if before == (0 if step > 0 else 1):
+            if " " in name:
+                first, _, second = name.partition(" ")
+                vector, count = self._model.pair_part(first, second)
+            else:
+                vector, count = self._model.word_part(name)
+            if vector is not None:
+                self._sums = [s + step * v for s, v in zip(self._sums, vector, strict=True)]
+            self._known += step * count
+        if not self._counts[name]:
+            del self._counts[name]
 
 
 def _sigmoid(x: float) -> float:
@@ -145,6 +257,10 @@ class NgramClassifier(ServiceBase):
     def score_normalised(self, text: Normalised) -> dict[str, float]:
         """:meth:`score_now` of a message already normalised (saves doing it twice)."""
         return self._loaded().scores(text)
+
+    def window(self, size: int) -> ScoreWindow:
+        """A :class:`ScoreWindow` of the last ``size`` words (for the output guard)."""
+        return ScoreWindow(self._loaded(), size)
 
     async def score(self, text: str) -> dict[str, float]:
         """See :meth:`score_now`."""

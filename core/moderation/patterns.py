@@ -195,7 +195,8 @@ SELFHARM = (
     r"\b(?:commit|committing|thinking about|thinking of|considering) suicide\b",
     r"\b(?:don t|dont|do not) (?:want|wanna) to (?:live|be alive|exist|wake up|be here)"
     r"(?: anymore| any more)?\b",
-    r"\bno (?:reason|point) (?:to|in) (?:live|living|keep living|going on)\b",
+    r"\b(?:no|(?:don t|dont|do not|can t|cant|cannot) (?:see|find|have) (?:a|any)) (?:reason"
+    r"|point) (?:to|in|for) (?:live|living|keep living|going on|being alive)\b",
     r"\b(?:better off|be better) (?:dead|without me)\b|\bwould miss me if\b",
     r"\b(?:how many|which|what) (?:pills|tablets|sleeping pills|meds) (?:\w+ ){0,6}?"
     r"(?:die|overdose|lethal|not wake|kill)",

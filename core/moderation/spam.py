@@ -1,9 +1,13 @@
-"""Spam and flood within one message: a character or a word repeated over and over.
+"""Spam within one message: a character or a word repeated over and over, and promotion.
 
-Promotional spam (links, "free nitro", "earn $5000 a week") is the classifier's job;
-what is left here is what needs no model: a run of one character (``aaaaaaaa…``, an emoji
-pasted thirty times) or a message that is mostly one word or phrase repeated. Flooding
-across messages is the ``flood`` filter (rate limits).
+What needs no model: a run of one character (``aaaaaaaa…``, an emoji pasted thirty
+times), a message that is mostly one word or phrase repeated, and promotion -- two or
+more of its marks at once, in English, French, Spanish, German and Chinese: a link; easy
+money (an amount with "earn", "a day", "guaranteed"); something free (nitro, robux, gift
+cards, followers); a call to act (click here, DM me, subscribe, add me on WhatsApp); a
+trade that lives on spam (casino, bonus, crypto returns, cheap replicas, followers for
+sale). One mark alone is ordinary chat ("is there a free trial?", "here's the link").
+Flooding across messages is the ``flood`` filter (rate limits).
 """
 
 from __future__ import annotations
@@ -17,8 +21,85 @@ _MIN_WORDS = 6
 _FEW = 4
 
 
-def check_spam(text: str) -> str | None:
-    """Why ``text`` is spam (``run`` or ``repeat``), or None."""
+_LINK = re.compile(r"https?://|www\.|\b[\w-]+\.(?:com|net|org|xyz|top|biz|ru|cn|click|gg|io"
+                   r"|ly|info|site|online|shop|store|live|link|win|vip|cc|tk)(?:/\S*)?\b"
+                   r"|\b(?:bit\.ly|t\.me|wa\.me|discord\.gg)/", re.IGNORECASE)
+_MARKS = {
+    "money": re.compile(
+        r"\b(?:earn|make money|gagnez|gagner de l argent|gana dinero|ganar dinero|gana"
+        r"|verdiene|geld verdienen|passive income|get rich|revenu passif|dinero facil"
+        r"|argent facile|schnell geld)\b"
+        r"|\d[\d,.]*\s?(?:[$€£¥]|k|dollars?|euros?|usd|eur)?\s?(?:per|a|/|par|al|pro|im) ?"
+        r"(?:day|week|month|jour|mois|semaine"
+        r"|dia|mes|tag|monat|woche)\b"
+        r"|\b(?:guaranteed|garanti|garantiza|garantiert)\w*\b"
+        r"|月入|日入|日赚|月赚|赚钱|轻松赚|躺赚|兼职",
+        re.IGNORECASE),
+    "free": re.compile(
+        r"\b(?:free|gratuit|gratuits?|gratis|kostenlos|gratuitement)\w* (?:\w+ )?"
+        r"(?:nitro|robux|vbucks|v bucks|skins?|gift|gifts|cards?|iphone|followers|likes"
+        r"|coins|gems|money|cash|crypto|bitcoin|prize|cadeau|cadeaux|regalo|regalos"
+        r"|geschenk|geschenke|premio|prix|preis|abonnes|seguidores)"
+        r"|\b(?:gifts?|cadeaux?|regalos?|geschenke?|prizes?|prix|premios?|preis) (?:\w+ )?"
+        r"(?:free|gratuits?|gratis|kostenlos)\b"
+        r"|\b(?:claim|reclame|reclama|hol dir|win|gagne|gana|gewinne)\w* (?:\w+ ){0,2}"
+        r"(?:prize|reward|gift|prix|premio|preis|cadeau|regalo|geschenk|iphone|nitro)"
+        r"|\bgiveaway\b|免费|领取|红包|中奖"
+        # "you are the 1000000th visitor", "you have won"
+        r"|\b\d+(?:st|nd|rd|th|e|eme|o|a|ste|te) (?:visitor|visiteur|visitante|besucher)"
+        r"|\byou (?:have |ve )?won\b|\bvous avez gagne|\bhas ganado|\bdu hast gewonnen"
+        r"|恭喜",
+        re.IGNORECASE),
+    "act": re.compile(
+        r"\b(?:click|tap) (?:here|now|the link|this link|below)|\blink in (?:bio|profile)"
+        r"|\b(?:dm|pm|message|text|inbox) me\b|\b(?:add|contact) me on\b"
+        r"|\b(?:whatsapp|telegram|wechat)\b|\bsign up now|\border now|\bbuy now"
+        r"|\bjoin (?:now|my|our) (?:server|discord|channel|group)?"
+        r"|\b(?:subscribe|abonne|abonnez|suscribete|suscribanse|abonniere|abonniert)\w*"
+        r"|\bfollow (?:for|4) follow|\bcliquez|\bclique ici|\binscris toi|\binscrivez"
+        r"|\bhaz clic|\bhaga clic|\bregistrate|\bhier klicken|\bjetzt (?:anmelden"
+        r"|registrieren|kaufen|klicken)|\bmelde dich"
+        r"|点击|加我|加微信|私信|关注|扫码|注册",
+        re.IGNORECASE),
+    "trade": re.compile(
+        r"\b(?:casino|casinos|bonus|betting|jackpot|poker online|crypto|bitcoin"
+        r"|forex|nft|investment|investir|inversion|investition|replicas?|rolex|viagra|cialis"
+        r"|seo|followers|abonnes|seguidores|follower|loans?|prestamo|kredit|pills?"
+        r"|apuestas|wetten|paris sportifs|onlyfans|webcam|sexy|xxx|nudes)\b"
+        r"|\bhot (?:girls|singles|moms|women|babes)\b|\blose \d+ ?(?:kg|kilos?|lbs|pounds)\b"
+        r"|\b\d+\s?% (?:bonus|return|rendement|retorno|rendite|off|de descuento)"
+        r"|赌场|博彩|彩金|投资|粉丝|代购|贷款|返利",
+        re.IGNORECASE),
+    # Bargains and jobs that spam sells.
+    "deal": re.compile(
+        r"\b(?:cheap|cheapest|best price|lowest price|limited offer|discount|pas cher|prix bas"
+        r"|barato|baratos|baratas|billig|billige|gunstig|work from home|travail a domicile"
+        r"|trabaja desde casa|trabajo desde casa|heimarbeit|no experience|sans experience"
+        r"|sin experiencia|ohne erfahrung)\b|低价|便宜|特价|优惠|在家工作",
+        re.IGNORECASE),
+}
+_SHOUT = 12  # letters, at least 70 % capitals: shouting
+
+
+_TWICE = ("act", "free")  # found twice, these count twice ("subscribe ... subscribe")
+
+
+def promotion(text: str, key: str = "") -> list[str]:
+    """The marks of promotion in ``text`` or its normalised words ``key`` (see the
+    module docstring)."""
+    found = ["link"] if _LINK.search(text) else []
+    for name, pattern in _MARKS.items():
+        hits = max(len(pattern.findall(text)), len(pattern.findall(key)) if key else 0)
+        found += [name] * min(hits, 2 if name in _TWICE else 1)
+    letters = [c for c in text if c.isalpha() and c.isascii()]
+    if len(letters) >= _SHOUT and sum(c.isupper() for c in letters) >= 0.7 * len(letters):
+        found.append("shout")
+    return found
+
+
+def check_spam(text: str, key: str | None = None) -> str | None:
+    """Why ``text`` is spam (``run``, ``repeat`` or ``promotion``), or None; ``key`` is
+    its normalised words (accents gone), if known."""
     if len(text) >= RUN and _RUN.search(text):
         return "run"
     words = text.casefold().split()
@@ -27,4 +108,7 @@ def check_spam(text: str) -> str | None:
         # A few words over and over ("lol lol lol ..."), or one word half the message.
         if len(set(words)) <= _FEW or top * 2 >= len(words):
             return "repeat"
+    marks = promotion(text, key if key is not None and key != text.lower() else "")
+    if len(marks) >= 2:
+        return "promotion"
     return None
