@@ -46,7 +46,7 @@ from bots.base import adapter_settings
 from bots.web import routes, sse
 from bots.web.resume import StoreUnavailable
 from bots.web.settings import WidgetFields
-from bots.web.stores import WidgetStores
+from bots.web.stores import CHANNEL, WidgetStores, ref_of
 from core import jsoncodec
 from core.api_keys import ApiKeys, KeyBusy, Unauthorized
 from core.config import ApiKeySection, BotSettings, unique_keys
@@ -55,13 +55,11 @@ from core.errors import ConfigError
 from core.generation.base import readiness_of
 from core.plugins import Caller, RouteHandler
 from core.ports import ListenAddress
-from core.redis_client import key_part
 from core.streams import closing
 from core.types import IncomingMessage, ReplyEvent, ReplyKind
 
 log = logging.getLogger(__name__)
 
-CHANNEL = "web"
 MAX_ID_CHARS = 256
 RETRY_AFTER_SECONDS = 5
 # How long stop() lets replies in progress finish before it cuts them off.
@@ -328,7 +326,7 @@ async def _messages(request: web.Request) -> web.StreamResponse:
         except (ValidationError, ValueError):
             raise _Refused(400, "give conversation_id and after (a number >= 0)") from None
         scope = f"{tenant}:" if tenant else ""
-        ref = f"{CHANNEL}:{key_part(scope + fields.conversation_id)}"
+        ref = ref_of(scope + fields.conversation_id)
         try:
             backlog = await request.app[routes.HUB].log.since(ref, fields.after)
         except StoreUnavailable:

@@ -22,17 +22,15 @@ from bots.web.limits import RateLimiter
 from bots.web.resume import TERMINAL, Entry, ReplyLog, ReplyWriter, StoreUnavailable
 from bots.web.sessions import Session, SessionSigner
 from bots.web.settings import WidgetFields
-from bots.web.stores import WidgetStores
+from bots.web.stores import CHANNEL, WidgetStores, ref_of
 from core.engine import Engine
 from core.lifecycle import ServiceBase
 from core.plugin_services import DeliveryError
-from core.redis_client import key_part
 from core.streams import closing
 from core.types import ConversationKey, IncomingMessage, ReplyEvent, Turn
 
 log = logging.getLogger(__name__)
 
-CHANNEL = "web"
 STOP_TIMEOUT = 10.0  # seconds replies in progress get to finish when the hub stops
 
 
@@ -94,7 +92,7 @@ class ChatHub(ServiceBase):
     @staticmethod
     def ref(session: Session) -> str:
         """The conversation's reference in keys, as memory spells it."""
-        return f"{CHANNEL}:{key_part(session.conversation_id)}"
+        return ref_of(session.conversation_id)
 
     def key(self, session: Session) -> ConversationKey:
         """The engine's key of the session's conversation."""
@@ -165,7 +163,7 @@ class ChatHub(ServiceBase):
         entry: Entry = {"kind": "message", "message_id": "out-" + secrets.token_hex(8),
                         "text": text, "action": "allow", "at": time.time()}
         try:
-            await self.log.append(f"{CHANNEL}:{key_part(key.conversation_id)}", [entry])
+            await self.log.append(ref_of(key.conversation_id), [entry])
         except StoreUnavailable as exc:
             raise DeliveryError(f"web: the message could not be kept: {exc}") from exc
 
