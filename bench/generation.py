@@ -170,7 +170,7 @@ async def run_poisson(
 
 
 def report(name: str, elapsed: float, tokens: int, samples: list[Sample],
-           baseline: float | None) -> dict[str, float | str]:
+           baseline: float | None, cpu: float) -> dict[str, float | str]:
     rate = tokens / elapsed
     ttft = [s.ttft for s in samples]
     tpot = [s.tpot for s in samples if s.tpot is not None]
@@ -179,10 +179,12 @@ def report(name: str, elapsed: float, tokens: int, samples: list[Sample],
         "tok_s": round(rate, 2), "ratio": round(rate / baseline, 2) if baseline else 1.0,
         "ttft_p50": round(pct(ttft, 0.5), 3), "ttft_p99": round(pct(ttft, 0.99), 3),
         "tpot_p50": round(pct(tpot, 0.5), 4), "tpot_p99": round(pct(tpot, 0.99), 4),
+        "cpu_ms_per_tok": round(1000 * cpu / max(1, tokens), 2),
     }
     print(f"{name:<14} {tokens:>6} tok {elapsed:>8.1f} s {rate:>9.1f} tok/s  "
           f"x{row['ratio']:<6} TTFT p50 {row['ttft_p50']:.3f}s p99 {row['ttft_p99']:.3f}s  "
-          f"TPOT p50 {row['tpot_p50']:.4f}s p99 {row['tpot_p99']:.4f}s", flush=True)
+          f"TPOT p50 {row['tpot_p50']:.4f}s p99 {row['tpot_p99']:.4f}s  "
+          f"CPU {row['cpu_ms_per_tok']} ms/tok", flush=True)
     return row
 
 
@@ -196,6 +198,10 @@ def export_architecture(model: str, out: Path) -> None:
 
 
 async def main(args: argparse.Namespace) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.save_architecture:
         export_architecture(args.model, Path(args.save_architecture))
         return
@@ -227,29 +233,35 @@ async def main(args: argparse.Namespace) -> None:
     async with LocalGenerator(sequential, load=load) as gen:
         count = args.sequential_requests or len(prompts)
         await run(gen, prompts[:1], 1, 4)  # warm-up
+        cpu = time.process_time()
         elapsed, tokens, samples = await run(gen, prompts[:count], 1, args.max_new_tokens)
-        rows.append(report("sequential", elapsed, tokens, samples, None))
+        rows.append(report("sequential", elapsed, tokens, samples, None,
+                           time.process_time() - cpu))
     baseline = float(rows[0]["tok_s"])
     async with LocalGenerator(batched, load=load) as gen:
         await run(gen, prompts[:2], 2, 4)  # warm-up
         for level in levels:
             # Low concurrency levels need fewer requests for a steady figure.
             count = min(len(prompts), max(level, args.sequential_requests or len(prompts)))
+            cpu = time.process_time()
             elapsed, tokens, samples = await run(gen, prompts[:count], level,
                                                  args.max_new_tokens)
-            rows.append(report(f"worker c={level}", elapsed, tokens, samples, baseline))
+            rows.append(report(f"worker c={level}", elapsed, tokens, samples, baseline,
+                               time.process_time() - cpu))
         if args.staggered:
             # Arrivals spread over one request's duration at the lone rate, so that each
             # newcomer joins a batch already running; first-token latency is counted
             # once the batch is full (every request after the first wave).
             level = args.staggered
             lone = args.max_new_tokens / baseline
+            cpu = time.process_time()
             elapsed, tokens, samples = await run(
                 gen, prompts[: min(len(prompts), 3 * level)], level, args.max_new_tokens,
                 stagger=lone / level,
             )
             steady = [s for s in samples if s.order >= level]
-            rows.append(report(f"staggered c={level}", elapsed, tokens, steady, baseline))
+            rows.append(report(f"staggered c={level}", elapsed, tokens, steady, baseline,
+                               time.process_time() - cpu))
         if args.poisson:
             # Arrivals at random at the rate that keeps about C requests in flight, given
             # the throughput measured at concurrency C (or the staggered run).
@@ -260,10 +272,12 @@ async def main(args: argparse.Namespace) -> None:
             if measured is None:
                 raise SystemExit(f"--poisson {level} needs --concurrency or --staggered {level}")
             rate = measured / args.max_new_tokens  # requests/s served with C in flight
+            cpu = time.process_time()
             elapsed, tokens, samples, mean = await run_poisson(
                 gen, prompts[: min(len(prompts), 4 * level)], rate, args.max_new_tokens)
             steady = [s for s in samples if s.order >= level]
-            rows.append(report(f"poisson ~{mean:.1f}", elapsed, tokens, steady, baseline))
+            rows.append(report(f"poisson ~{mean:.1f}", elapsed, tokens, steady, baseline,
+                               time.process_time() - cpu))
     print("JSON " + json.dumps({"args": vars(args), "rows": rows}))
 
 
@@ -288,6 +302,10 @@ if __name__ == "__main__":
                              "keeps about C in flight (needs C in --concurrency or --staggered)")
     parser.add_argument("--batch-tokens", type=int, default=512,
                         help="tokens per forward pass of the worker (prefill chunk)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (default: torch's). On a CPU shared with other "
+                             "work, 1: idle threads spin, and generate() with 2 threads on a "
+                             "crowded 2-core machine spent 7x the CPU of 1")
     parser.add_argument("--random-weights", metavar="DIR",
                         help="build --model's architecture from DIR/config.json with seeded "
                              "random weights and DIR's tokenizer (see --save-architecture)")

@@ -296,3 +296,35 @@ def test_nucleus_sampler_draws_from_exactly_the_nucleus() -> None:
     # top_p = 1 keeps every candidate, and only the 3 candidates, about evenly.
     assert sum(1 for c in counts[2] if c) == 3
     assert all(abs(c / draws - 1 / 3) < 0.03 for c in counts[2] if c)
+
+
+async def test_a_shared_persona_is_computed_once(tiny_model_dir: Path) -> None:
+    """Prefix sharing: the persona's KV-cache pages are computed by the first request and
+    reused by the next ones (the model computes fewer tokens); replies do not change."""
+    persona = ChatMessage("system", "You are a helpful test model for orders, refunds and "
+                                    "delivery times. Customers ask about opening hours.")
+    asks = ["hello", "orders", "refunds", "fox"]
+    results = {}
+    for sharing in (False, True):
+        async with LocalGenerator(settings(tiny_model_dir, prefix_sharing=sharing,
+                                           kv_page_tokens=16)) as gen:
+            before = gen.token_counts()
+            replies = []
+            for ask in asks:
+                job = GenerationRequest((persona, ChatMessage("user", ask)),
+                                        SamplingParams(max_new_tokens=20, temperature=0.0),
+                                        tenant="bot", user="u")
+                replies.append("".join(d.text for d in await collect(gen.stream(job))))
+            after = gen.token_counts()
+        assert before.computed is not None and after.computed is not None
+        results[sharing] = (replies, after.prompt - before.prompt,
+                            after.shared_prompt - before.shared_prompt,
+                            after.computed - before.computed, after.generated - before.generated)
+    (plain, prompt, shared, computed_off, generated), (with_sharing, *rest) = (
+        results[False], results[True])
+    assert with_sharing == plain
+    assert rest[:2] == [prompt, shared] and rest[3] == generated
+    page = 16
+    assert shared >= 3 * 2 * page  # requests 2-4 begin like the one before, for pages
+    assert computed_off == prompt + generated - len(asks)  # every token, but each last one
+    assert rest[2] <= computed_off - 3 * 2 * page  # the shared pages were not recomputed

@@ -39,6 +39,13 @@ from core.generation.local.ticket import Ticket
 log = logging.getLogger(__name__)
 
 
+def page_size_for(device: str) -> int:
+    """KV-cache page size: small pages let prefix sharing reuse more of a short persona
+    (measured on CPU: 16 computed 25 % fewer tokens per message than 64 for the demo bot);
+    GPU attention kernels prefer larger pages."""
+    return 64 if device.startswith("cuda") else 16
+
+
 @dataclass(frozen=True, slots=True)
 class BatchLimits:
     """How much the scheduler takes on."""
@@ -47,9 +54,10 @@ class BatchLimits:
     max_waiting: int = 256  # requests waiting for a slot; beyond that, "busy"
     max_per_user: int = 4  # requests one user may have running
     kv_cache_tokens: int | None = None  # KV cache size; default: max_batch * 1024 tokens
-    page_size: int = 64  # tokens per KV-cache page
+    page_size: int | None = None  # tokens per KV-cache page; None: 16 on CPU, 64 on GPU
     max_batch_tokens: int = 512  # tokens per forward pass (bounds prefill chunks)
     newcomers_first: bool = True  # prompts get a step of their own (see hf/scheduler.py)
+    prefix_sharing: bool = True  # prompt pages already in the KV cache are not recomputed
 
 
 @dataclass(slots=True)
@@ -93,6 +101,17 @@ class BatchingScheduler:
         return len(self._running)
 
     @property
+    def tokens_computed(self) -> int | None:
+        """Tokens the model's forward passes computed, as the schedule counts them (None
+        when the schedule patch is switched off)."""
+        supervisor = self._supervisor
+        for patch in supervisor.patches if supervisor is not None else ():
+            tokens = getattr(patch, "tokens", None)  # the schedule's (hf/scheduler.py)
+            if tokens is not None:
+                return int(tokens.computed)
+        return None
+
+    @property
     def patches(self) -> list[str]:
         """The names of the seam's patches the manager runs with (after the self-check)."""
         supervisor = self._supervisor
@@ -115,7 +134,9 @@ class BatchingScheduler:
         limits = self.limits
         spec = ManagerSupervisor.spec_for(
             runner, max_batch=limits.max_batch, kv_cache_tokens=limits.kv_cache_tokens,
-            page_size=limits.page_size, max_batch_tokens=limits.max_batch_tokens,
+            page_size=limits.page_size or page_size_for(runner.loaded.device),
+            max_batch_tokens=limits.max_batch_tokens,
+            prefix_sharing=limits.prefix_sharing,
         )
         patches = (self._patches if self._patches is not None
                    else default_patches(newcomers_first=limits.newcomers_first))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 
 from core.config import BotSettings, GenerationSection
 from core.errors import GenerationError, GeneratorBusy
@@ -36,6 +37,18 @@ from core.generation.local.ticket import Ticket
 from core.lifecycle import ServiceBase
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCounts:
+    """Prompt tokens asked for, how many of them began like the bot's previous prompt,
+    tokens generated, and tokens the model computed (None: not counted; one at a time,
+    every prompt token and every generated token but the last is computed)."""
+
+    prompt: int
+    shared_prompt: int
+    generated: int
+    computed: int | None
 
 
 class LocalGenerator(ServiceBase):
@@ -56,6 +69,16 @@ class LocalGenerator(ServiceBase):
         """Tokens the model has produced since start, cancelled requests included."""
         runner = self._scheduler.runner if self._scheduler is not None else None
         return runner.tokens_generated if runner is not None else 0
+
+    def token_counts(self) -> TokenCounts:
+        """What the model has done since start (the probe's few tokens included)."""
+        scheduler = self._scheduler
+        runner = scheduler.runner if scheduler is not None else None
+        if runner is None:
+            return TokenCounts(0, 0, 0, None)
+        computed = scheduler.tokens_computed if isinstance(scheduler, BatchingScheduler) else None
+        return TokenCounts(runner.prompt_tokens, runner.shared_prompt_tokens,
+                           runner.tokens_generated, computed)
 
     def _load(self) -> HFRunner:
         options = self.options
@@ -84,7 +107,8 @@ class LocalGenerator(ServiceBase):
         batching = BatchingScheduler(self._load, BatchLimits(
             max_batch=settings.max_batch, max_waiting=settings.max_waiting,
             max_per_user=settings.max_per_user, kv_cache_tokens=settings.kv_cache_tokens,
-            max_batch_tokens=settings.batch_tokens,
+            max_batch_tokens=settings.batch_tokens, prefix_sharing=settings.prefix_sharing,
+            page_size=settings.kv_page_tokens,
         ), self._patches)
         try:
             await batching.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 from typing import Any
 
 from core.generation.base import SamplingParams
@@ -16,6 +17,8 @@ from core.generation.reply_shape import reply_limits
 
 log = logging.getLogger(__name__)
 
+MAX_TENANTS_REMEMBERED = 1024  # bots whose last prompt is kept to count shared prefixes
+
 
 class HFRunner:
     """Runs one job at a time on a transformers model (the model step)."""
@@ -24,6 +27,27 @@ class HFRunner:
         self.loaded = loaded
         self.context = context
         self.tokens_generated = 0
+        # Prompt tokens asked for, and how many of them began like the bot's previous
+        # prompt (its persona and instructions: what prefix sharing can compute once).
+        self.prompt_tokens = 0
+        self.shared_prompt_tokens = 0
+        self._last_prompt: dict[str, list[int]] = {}
+        self._counting = threading.Lock()
+
+    def count_prompt(self, tenant: str, ids: list[int]) -> None:
+        """Count ``ids`` and the prefix they share with ``tenant``'s previous prompt."""
+        with self._counting:
+            previous = self._last_prompt.pop(tenant, [])
+            shared = 0
+            for a, b in zip(previous, ids, strict=False):
+                if a != b:
+                    break
+                shared += 1
+            self.prompt_tokens += len(ids)
+            self.shared_prompt_tokens += shared
+            if len(self._last_prompt) >= MAX_TENANTS_REMEMBERED:
+                self._last_prompt.pop(next(iter(self._last_prompt)))
+            self._last_prompt[tenant] = ids
 
     def repetition(self, sampling: SamplingParams) -> tuple[float, int]:
         """The request's repetition penalty and no-repeat n-gram size, or the model's."""
@@ -49,6 +73,7 @@ class HFRunner:
             log.debug("request %s: dropped %d messages (truncated: %s) to fit %d tokens",
                       job.request.request_id, prompt.dropped, prompt.truncated, budget)
         max_new = max(1, min(limit, self.context - len(prompt.ids)))
+        self.count_prompt(job.request.tenant, prompt.ids)
         stops = sampling.stop
         if loaded.prompt_format == "transcript":
             stops += transcript_stops()

@@ -26,3 +26,9 @@ class LocalSettings(Section):
     max_per_user: int = Field(default=4, ge=1)
     kv_cache_tokens: int | None = Field(default=None, ge=256)
     batch_tokens: int = Field(default=512, ge=64, le=65536)  # tokens per forward pass
+    # Prompt pages (64 tokens) already in the KV cache, such as a bot's persona, are
+    # reused instead of computed again (transformers' block sharing).
+    prefix_sharing: bool = True
+    # Tokens per KV-cache page: prefix sharing reuses whole pages only, so a persona shorter
+    # than a page is computed for every conversation. Unset: 16 on a CPU, 64 on a GPU.
+    kv_page_tokens: int | None = Field(default=None, ge=8, le=1024)

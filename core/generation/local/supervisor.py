@@ -67,7 +67,8 @@ class ManagerSupervisor:
 
     @staticmethod
     def spec_for(runner: HFRunner, *, max_batch: int, kv_cache_tokens: int | None,
-                 page_size: int, max_batch_tokens: int) -> ManagerSpec:
+                 page_size: int, max_batch_tokens: int,
+                 prefix_sharing: bool = True) -> ManagerSpec:
         """The manager's sizes for ``runner``'s model and these limits."""
         loaded = runner.loaded
         cache_tokens = kv_cache_tokens or max_batch * min(runner.context, 1024)
@@ -76,6 +77,7 @@ class ManagerSupervisor:
             max_batch_tokens=max_batch_tokens, max_requests=max_batch,
             pad_token_id=loaded.tokenizer.pad_token_id or 0,
             attention=str(loaded.model.config._attn_implementation),
+            prefix_sharing=prefix_sharing,
         )
 
     async def open(self) -> None:

@@ -45,6 +45,7 @@ class ManagerSpec:
     # The model's attention implementation as loaded; restored before every start, since
     # the attention patch leaves the model on one that only a manager can run.
     attention: str
+    prefix_sharing: bool = True  # pages of a prompt already in the cache are reused
 
 
 def start_manager(model: Any, spec: ManagerSpec, patches: Sequence[Patch]) -> Any:
@@ -76,7 +77,7 @@ def start_manager(model: Any, spec: ManagerSpec, patches: Sequence[Patch]) -> An
         "max_batch_tokens": spec.max_batch_tokens,
         "max_requests_per_batch": spec.max_requests, "max_memory_percent": 0.9,
         "per_request_processors": True,
-        "allow_block_sharing": True,  # a bot's shared system prompt is cached once
+        "allow_block_sharing": spec.prefix_sharing,  # a bot's persona is computed once
         "scheduler_type": "fifo",
     }
     for patch in patches:

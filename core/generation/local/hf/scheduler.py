@@ -33,10 +33,26 @@ from core.generation.local.hf.patch import Patch
 NAME = "parley_newcomers_first"
 
 
+class StepTokens:
+    """Tokens the model's forward passes have computed (prompt tokens found in the KV
+    cache by prefix sharing are not computed), counted by the schedule as it plans steps."""
+
+    def __init__(self) -> None:
+        self.computed = 0
+
+
 class NewcomersFirst(FIFOScheduler):
     """FIFO, except that waiting prompts get a step of their own (see the module doc)."""
 
+    tokens: StepTokens | None = None  # set by NewcomersFirstSchedule after start
+
     def schedule_batch(self, token_budget: int, cache_budget: int) -> tuple[Any, bool, int, int]:
+        planned = self._plan(token_budget, cache_budget)
+        if self.tokens is not None and planned[0]:
+            self.tokens.computed += int(planned[2])  # the step's query tokens
+        return planned
+
+    def _plan(self, token_budget: int, cache_budget: int) -> tuple[Any, bool, int, int]:
         prompts = [state for state in self.active_requests.values()
                    if state.status == RequestStatus.PREFILLING]
         if not self.block_new_requests:
@@ -58,6 +74,9 @@ class NewcomersFirstSchedule(Patch):
     name = "scheduler"
     uses = "SCHEDULER_MAPPING, FIFOScheduler._process_candidates and its helpers"
 
+    def __init__(self) -> None:
+        self.tokens = StepTokens()  # across every manager this patch is applied to
+
     def configure(self, generation: dict[str, Any], batching: dict[str, Any]) -> None:
         """Name the schedule in the batching config."""
         SCHEDULER_MAPPING[NAME] = NewcomersFirst
@@ -68,3 +87,4 @@ class NewcomersFirstSchedule(Patch):
         scheduler = manager.batch_processor.scheduler
         if not isinstance(scheduler, NewcomersFirst):
             raise TypeError(f"the manager schedules with {type(scheduler).__name__}")
+        scheduler.tokens = self.tokens
