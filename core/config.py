@@ -46,6 +46,9 @@ class BotSection(Section):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     persona: str = "You are a helpful assistant."
+    # Example exchanges, [user, assistant] pairs, that the model sees before the
+    # conversation (few-shot turns): how the persona answers (core/prompt.py).
+    examples: tuple[tuple[str, str], ...] = Field(default=(), max_length=8)
     max_message_chars: int = Field(default=4000, ge=1, le=100_000)
     # Back-pressure before a conversation's lane: messages of one conversation waiting
     # in this process behind the one being answered, and messages of one user in flight

@@ -332,8 +332,9 @@ class Engine(ServiceBase):
         the context providers' text follows it, all within the budget.
         """
         contexts = await self.runner.contexts(message, found)
-        messages = chat_messages(self.settings.bot.persona, contexts, snapshot.facts,
-                                 snapshot.turns, message.text)
+        bot = self.settings.bot
+        messages = chat_messages(bot.persona, contexts, snapshot.facts, snapshot.turns,
+                                 message.text, bot.examples)
         gen = self.settings.generation
         return GenerationRequest(
             messages=tuple(messages),

@@ -7,7 +7,10 @@ the oldest history to fit; this module decides what the chat says and in which o
    the bot knows about the user;
 2. context in the user's own words (custom instructions), as a user turn the bot
    acknowledges: it is never taken for system text;
-3. the conversation's stored turns, then the new message;
+3. the bot's example exchanges (``[bot] examples``, few-shot turns showing how the
+   persona answers), then the conversation's stored turns, then the new message; when
+   the chat is too long for the model, the generator drops the oldest turns first, so
+   examples go before any of the conversation does;
 4. context meant to come *after* the history (a character card's
    ``post_history_instructions``, as the Character Card V2 spec says): it ends the
    newest user message, so it is the last thing the model reads before it answers,
@@ -32,6 +35,7 @@ def chat_messages(
     facts: Mapping[str, str],
     turns: Sequence[Turn],
     text: str,
+    examples: Sequence[tuple[str, str]] = (),
 ) -> list[ChatMessage]:
     """The messages of one request, in the order the module docstring gives."""
     system = [persona]
@@ -44,6 +48,8 @@ def chat_messages(
         if context.role == "user" and not context.after_history:
             messages += [ChatMessage("user", context.text),
                          ChatMessage("assistant", ACKNOWLEDGED)]
+    for asked, answered in examples:
+        messages += [ChatMessage("user", asked), ChatMessage("assistant", answered)]
     messages += [ChatMessage(t.role, t.text) for t in turns if t.role != "system"]
     after = [c.text for c in contexts if c.after_history]
     messages.append(ChatMessage("user", "\n\n".join([text, *after])))
