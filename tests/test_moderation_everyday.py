@@ -4,13 +4,20 @@ n-gram model), no mocks."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from core.config import parse_settings
-from core.moderation.base import Action
+from core.moderation.base import Action, ReplyWithheld
+from core.moderation.guard import GuardConfig, guard_stream
 from core.moderation.moderator import FilterModerator
 from core.moderation.ngram import ScoreWindow, load_model
 from core.types import IncomingMessage
@@ -84,3 +91,58 @@ def test_the_guard_window_scores_as_the_whole_text_does() -> None:
     for piece in reply.split(" "):
         scores = small.feed(piece + " ")
     assert scores == pytest.approx(model.scores(" ".join(reply.split(" ")[-12:])), abs=0.2)
+
+
+SAFE = ["the", "park", "was", "sunny", "and", "we", "walked", "home", "after", "lunch",
+        "my", "sister", "likes", "tea", "with", "lemon", "then", "slept", "early"]
+THREAT = "I will find you and hurt you"
+
+
+@hsettings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(words=st.lists(st.sampled_from(SAFE), min_size=0, max_size=50), at=st.integers(0, 50),
+       ends=st.lists(st.integers(0, 50), max_size=6),
+       cuts=st.lists(st.integers(0, 10_000), max_size=40))
+def test_the_guard_s_classifier_window_never_shows_a_whole_flagged_sentence(
+    words: list[str], at: int, ends: list[int], cuts: list[int]
+) -> None:
+    # The classifier alone (no terms): each released piece is fed to the n-gram model's
+    # windows, sentence by sentence, and scored before it is shown, whatever the token
+    # boundaries; a threatening sentence among safe ones is withheld (not averaged away).
+    for end in ends:
+        if end < len(words):
+            words[end] += "."
+    at = min(at, len(words))
+    if at and not words[at - 1].endswith("."):
+        words[at - 1] += "."
+    model = load_model()
+    config = GuardConfig(terms=None, pii=None, classify=_never, threshold=0.5,
+                         hold_chars=60, replacement="-", fail_closed=True, timeout=1.0,
+                         thresholds=model.thresholds,
+                         window=lambda size: ScoreWindow(model, size))
+    words.insert(at, THREAT + ".")
+    text = " ".join(words) + "."
+    points = sorted({c % (len(text) + 1) for c in cuts} | {0, len(text)})
+    pieces = [text[a:b] for a, b in itertools.pairwise(points) if b > a]
+
+    async def source() -> AsyncIterator[str]:
+        for piece in pieces:
+            yield piece
+
+    async def report(*args: Any) -> None:
+        pass
+
+    async def run() -> tuple[str, bool]:
+        shown: list[str] = []
+        try:
+            async for piece in guard_stream(source(), config, report):
+                shown.append(piece)
+        except ReplyWithheld:
+            return "".join(shown), True
+        return "".join(shown), False
+
+    shown, withheld = asyncio.run(run())
+    assert withheld and THREAT not in shown
+
+
+async def _never(text: str) -> float:
+    raise AssertionError("the window scores the reply, not classify()")

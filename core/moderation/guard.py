@@ -17,9 +17,11 @@ Before a piece is released the whole held text, plus the end of what was shown, 
 checked: a blocklisted term anywhere in it withholds the reply (:class:`ReplyWithheld`);
 so does a run of ``leak_chars`` characters of the system text, or the canary; the
 classifier scores the reply's last :data:`CLASSIFY_CHARS` characters up to the release
-point; personal data is masked,
-and a release point never cuts through it. Nothing is released that has not passed
-every check, so a flagged span is never shown.
+point (a classifier with an incremental window, like the built-in n-gram model, is fed
+each released piece, sentence by sentence, and scores its last :data:`CLASSIFY_WORDS` words
+and the sentence on its own, so a release costs its own words); personal data is masked,
+and a release point never cuts through it. Nothing is released that has not passed every
+check, so a flagged span is never shown.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
+from typing import Protocol
 
 from core.moderation.base import ReplyWithheld
 from core.moderation.classifier import Scores, by_category
@@ -43,14 +47,24 @@ log = logging.getLogger(__name__)
 LOOKAHEAD = 2  # whole words always held back (an e-mail's "name (at) host...")
 TAIL = 48  # characters held back in a run-on without any word boundary
 CLASSIFY_CHARS = 200  # how much of the reply, up to the release point, the classifier reads
+CLASSIFY_WORDS = 40  # the same for a classifier that scores a window of words (about as much)
+# ... and the current sentence on its own (up to this many words), so one bad sentence
+# amid good ones is not averaged away.
+SENTENCE_WORDS = 40
+_SENTENCE = re.compile(r"(?<=[.!?;\u3002\uff01\uff1f\n])\s*")
+_SENTENCE_END = re.compile(r"[.!?;\u3002\uff01\uff1f\n]\s*$")
 # A piece is released once it has this many characters or ends a clause: a word at a
-# time would check (and classify) the reply once per word.
-MIN_PIECE = 12
+# time would check (and classify) the reply once per word. 12 before: twice the checks
+# for pieces a user cannot tell apart at reading speed.
+MIN_PIECE = 24
+MIN_CLAUSE = 12  # a clause end releases a shorter piece, but not a tiny one
+FIRST_PIECE = 12  # the first piece: as soon as it ends a clause or has this many
 _CLAUSE_END = re.compile(r"[.,;:!?\u3002\uff0c\uff01\uff1f\n][\"')\]\u201d\u2019]*\s*$")
 # Release units: a CJK character (Chinese has no spaces), or a run of other non-spaces,
 # each with the spaces after it.
 _UNIT = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af][ \t]*|[^\s\u2e80-\u9fff\uac00-\ud7af]+\s*"
                    r"|\s+")
+_BREAK = re.compile(r"[\s\u2e80-\u9fff\uac00-\ud7af]")  # what can complete a unit
 _CJK_LOOKAHEAD = 6  # characters: the longest Chinese term
 # A unit that may belong to personal data still arriving: digits with separators, a
 # "+", "(", or a short group of capitals and digits (IBAN "NL91 ABNA 0417").
@@ -77,6 +91,18 @@ class GuardConfig:
     thresholds: Mapping[str, float] | None = None  # by category, over ``threshold``
     leak: LeakDetector | None = None
     phrase_words: int = LOOKAHEAD  # the most words a blocked phrase has
+    # The classifier's incremental window, if it has one (``window(size)``: an object
+    # whose ``feed(piece)`` adds the piece and scores the last ``size`` words): each
+    # release then costs its own words, not the last CLASSIFY_CHARS again.
+    window: Callable[[int], ScoreWindow] | None = None
+
+
+class ScoreWindow(Protocol):
+    """Scores of the last words of a growing text (see ``GuardConfig.window``)."""
+
+    def feed(self, text: str) -> Mapping[str, float]:
+        """Add ``text`` and return the scores of the window."""
+        ...
 
 
 # Called with the findings of a withheld or masked reply, the action, the filters that
@@ -90,6 +116,10 @@ class _Shown:
 
     tail: str = ""
     text: str = ""
+    # The classifier's windows, fed what is released: the reply's last words, and the
+    # sentence being released (renewed at each sentence end).
+    window: ScoreWindow | None = None
+    sentence: ScoreWindow | None = None
 
 
 async def guard_stream(
@@ -98,6 +128,9 @@ async def guard_stream(
     """``stream`` with nothing flagged ever passed on; see the module docstring."""
     pending = ""
     shown = _Shown()
+    if config.window is not None and config.classify is not None:
+        shown.window = config.window(CLASSIFY_WORDS)
+        shown.sentence = config.window(SENTENCE_WORDS)
     masked: list[Finding] = []
     degraded: list[str] = []
     async for piece in stream:
@@ -129,7 +162,7 @@ def _advance(shown: _Shown, segment: str) -> None:
 def _may_release(piece: str, pending: str, config: GuardConfig) -> bool:
     """Whether ``piece`` can have completed something: a space or a CJK character in it,
     or a run-on past ``hold_chars``."""
-    return (any(c.isspace() or _cjk(c) for c in piece) or len(pending) > config.hold_chars)
+    return _BREAK.search(piece) is not None or len(pending) > config.hold_chars
 
 
 def release_point(pending: str, shown: str, config: GuardConfig) -> int:
@@ -150,7 +183,13 @@ def release_point(pending: str, shown: str, config: GuardConfig) -> int:
             return len(pending) - TAIL
         return 0
     cut = sum(len(u) for u in units[:len(units) - held])
-    if cut < MIN_PIECE and not _CLAUSE_END.search(pending[:cut]):
+    # The first piece goes as soon as it ends a clause or has FIRST_PIECE characters
+    # (the time to the first word is what a user feels); later pieces are longer, as
+    # each release costs a round of checks.
+    if not shown:
+        if cut < FIRST_PIECE and not _CLAUSE_END.search(pending[:cut]):
+            return 0
+    elif cut < MIN_PIECE and not (cut >= MIN_CLAUSE and _CLAUSE_END.search(pending[:cut])):
         return 0
     return cut
 
@@ -223,15 +262,37 @@ async def _check(
     if config.classify is not None and segment.strip():
         # The reply's recent text, not the sentence fragment alone: a few words score
         # wildly ("Most people" reads as hate), a few sentences score steadily.
-        await _classify((shown.text + segment)[-CLASSIFY_CHARS:], config, report, degraded)
+        if shown.window is not None:
+            for sentence in _SENTENCE.split(segment):
+                if sentence:
+                    await _classify(sentence, config, report, degraded,
+                                    partial(_fed, shown, config))
+        else:
+            await _classify((shown.text + segment)[-CLASSIFY_CHARS:], config, report,
+                            degraded)
     masked.extend(Finding("pii", span.kind, source="pii") for span in spans)
     return PiiDetector.mask(segment, spans), cut
 
 
-async def _classify(text: str, config: GuardConfig, report: Report, degraded: list[str]) -> None:
+def _fed(shown: _Shown, config: GuardConfig, text: str) -> dict[str, float]:
+    """``text`` (part of one sentence) fed to the reply's and the sentence's windows;
+    each category's higher score of the two."""
+    assert shown.window is not None and shown.sentence is not None
+    scores = dict(shown.window.feed(text))
+    for category, score in shown.sentence.feed(text).items():
+        scores[category] = max(score, scores.get(category, 0.0))
+    if _SENTENCE_END.search(text) and config.window is not None:
+        shown.sentence = config.window(SENTENCE_WORDS)
+    return scores
+
+
+async def _classify(text: str, config: GuardConfig, report: Report, degraded: list[str],
+                    feed: Callable[[str], Scores] | None = None) -> None:
     assert config.classify is not None
     try:
-        if config.classify_now is not None:
+        if feed is not None:
+            scores = feed(text)
+        elif config.classify_now is not None:
             scores = config.classify_now(text)
         else:
             async with asyncio.timeout(config.timeout):

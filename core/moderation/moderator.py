@@ -372,6 +372,7 @@ class FilterModerator(ServiceBase):
             timeout=policy.filter_timeout,
             leak=leak,
             phrase_words=terms.phrase_words if terms is not None else 1,
+            window=getattr(classifier, "window", None) if "classifier" in filters else None,
         )
 
         async def report(

@@ -136,6 +136,9 @@ def normalise(text: str) -> Normalised:
 def words_of(text: str) -> list[str]:
     """The matching keys of ``text``'s words, in order."""
     folded = fold(text)
+    # Runs of one letter are rare: looked for once, in the whole text with leetspeak
+    # folded (a superset of where a word can have one), instead of in every word.
+    runs = _LONG_RUNS.search(folded.translate(_LEET)) is not None
     words: list[str] = []
     singles: list[str] = []  # letters of a word spelled out one by one
     gap: str | None = None  # the one character between them ("f.u.c.k": ".")
@@ -147,7 +150,8 @@ def words_of(text: str) -> list[str]:
         word = raw.translate(_LEET) if not raw.isdigit() else raw
         if not word:
             continue
-        word = _LONG_RUNS.sub(r"\1", word)
+        if runs:
+            word = _LONG_RUNS.sub(r"\1", word)
         if len(word) == 1 and word.isalpha():
             if len(singles) == 1 and len(between) == 1 and gap is None:
                 gap = between
@@ -159,8 +163,9 @@ def words_of(text: str) -> list[str]:
             words += _joined(singles)
             singles, gap = [word], None
             continue
-        words += _joined(singles)
-        singles, gap = [], None
+        if singles:
+            words += _joined(singles)
+            singles, gap = [], None
         words.append(word)
     words += _joined(singles)
     return words

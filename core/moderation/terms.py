@@ -22,6 +22,7 @@ from core.moderation.patterns import PatternFilter
 
 # The category of terms from a bot's own lists, unless written ``category:term``.
 CUSTOM = "blocklist"
+_SEEN_WORDS = 20_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +41,7 @@ class _Compiled:
     phrases: list[tuple[str, str]] = field(default_factory=list)
 
     def add(self, term: str, category: str) -> None:
+        self.seen.clear()
         star_start, star_end = term.startswith("*"), term.endswith("*")
         # Words are keyed as messages are: look-alikes folded, long runs squeezed.
         body = " ".join(words_of(term.strip("*")))
@@ -60,20 +62,36 @@ class _Compiled:
         if short != body and len(body) >= 5 and " " not in body:
             self.add("*" * star_start + short + "*" * star_end, category)
 
+    # Each word's verdict, kept: chat repeats its words, and a word is looked up once
+    # instead of against every prefix and infix each time (cleared when full).
+    seen: dict[str, TermHit | None] = field(default_factory=dict)
+
     def find(self, words: Sequence[str], allowed: set[str]) -> TermHit | None:
+        seen = self.seen
         for word in words:
             if word in allowed:
                 continue
-            category = self.words.get(word)
+            if word in seen:
+                hit = seen[word]
+            else:
+                if len(seen) >= _SEEN_WORDS:
+                    seen.clear()
+                hit = seen[word] = self._word(word)
+            if hit is not None:
+                return hit
+        return None
+
+    def _word(self, word: str) -> TermHit | None:
+        category = self.words.get(word)
+        if category is not None:
+            return TermHit(word, category)
+        for size, starts in self.prefixes.items():
+            category = starts.get(word[:size])
             if category is not None:
-                return TermHit(word, category)
-            for size, starts in self.prefixes.items():
-                category = starts.get(word[:size])
-                if category is not None:
-                    return TermHit(word[:size] + "*", category)
-            for part, category in self.infixes:
-                if part in word:
-                    return TermHit(f"*{part}*", category)
+                return TermHit(word[:size] + "*", category)
+        for part, category in self.infixes:
+            if part in word:
+                return TermHit(f"*{part}*", category)
         return None
 
 
