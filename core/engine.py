@@ -22,6 +22,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 
+from prometheus_client import Counter
+
 from core.config import BotSettings
 from core.errors import (
     GenerationError,
@@ -93,6 +95,11 @@ class Engine(ServiceBase):
         self.moderator = moderator
         self.plugins = plugins
         self.metrics = metrics or Metrics()
+        # Bound once: prometheus_client's labels() takes a lock and builds a key on
+        # every call, and these are counted for every message.
+        self._reply_seconds = self.metrics.reply_seconds.labels(self.name)
+        self._first_token_seconds = self.metrics.first_token_seconds.labels(self.name)
+        self._outcomes: dict[tuple[str, str], Counter] = {}
         self.apologies = apologies or Apologies()
         self.lanes = Lanes(max_queued=settings.bot.max_queued,
                            max_in_flight=settings.bot.max_in_flight_per_user)
@@ -158,9 +165,13 @@ class Engine(ServiceBase):
                 yield ReplyEvent(ReplyKind.ERROR, exc.reply or self.apologies.slow_down,
                                  action=exc.action, code="slow_down")
         finally:
-            self.metrics.messages.labels(self.name, message.channel, outcome).inc()
+            counted = self._outcomes.get((message.channel, outcome))
+            if counted is None:
+                counted = self._outcomes[message.channel, outcome] = self.metrics.messages.labels(
+                    self.name, message.channel, outcome)
+            counted.inc()
             if outcome in ("answered", "command"):
-                self.metrics.reply_seconds.labels(self.name).observe(time.monotonic() - started)
+                self._reply_seconds.observe(time.monotonic() - started)
 
     async def _admit(self, message: IncomingMessage) -> SlowDown | None:
         """Moderation's rate limits, asked before the message waits for its turn: a
@@ -247,9 +258,7 @@ class Engine(ServiceBase):
                             yield ReplyEvent(ReplyKind.RESET, action=verdict.action)
                         continue
                     if not pieces:
-                        self.metrics.first_token_seconds.labels(self.name).observe(
-                            time.time() - message.received_at
-                        )
+                        self._first_token_seconds.observe(time.time() - message.received_at)
                     pieces.append(piece)
                     yield ReplyEvent(ReplyKind.DELTA, piece, action=verdict.action)
         except ReplyWithheld as withheld:
