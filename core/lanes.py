@@ -107,7 +107,6 @@ class Lanes:
             else:
                 del self._in_flight[who]
 
-
     @staticmethod
     async def _acquire(lock: asyncio.Lock, message: IncomingMessage, admit: Admit | None
                        ) -> None:
