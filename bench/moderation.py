@@ -2,17 +2,18 @@
 
     python bench/moderation.py [--rounds 5] [--show-misses] [--redis-url unix:///...]
 
-Two sets in bench/data/moderation: ``dev.jsonl`` (the classifier is trained and the
-rules are tuned on it) and ``heldout.jsonl`` (written first, never tuned on: only its
-totals are printed, never its misses). For each, recall per category -- a message of
-insult, threat, hate, sexual, selfharm, spam or injection counts as caught when it is
-refused (block, mute or escalate), one with PII when every expected kind is masked --
-and the false-positive rate on benign and on edgy-but-benign messages (anything but
-allow). Then the latency of ``check_input`` per message (p50/p99) over both sets with
-the default filters: size, terms, classifier, pii, injection, spam, flood. Flood limits
-and the violation ladder are set out of the way so each message is judged on its own.
-Last, how the output guard releases a streamed reply: time to the first shown character
-and the sizes of the pieces shown.
+Sets in bench/data/moderation: the development set, ``dev.jsonl`` and ``dev_chat.jsonl``
+(the classifier is trained and the rules are tuned on them), and two held-out sets,
+``heldout.jsonl`` and ``everyday_heldout.jsonl`` (ordinary chat, benign; both written
+first, never tuned on: only their totals are printed, never their misses). For each,
+recall per category -- a message of insult, threat, hate, sexual, selfharm, spam or
+injection counts as caught when it is refused (block, mute or escalate), one with PII
+when every expected kind is masked -- and the false-positive rate on benign and on
+edgy-but-benign messages (anything but allow). Then the latency of ``check_input`` per
+message (p50/p99) over all sets with the default filters: size, terms, classifier, pii,
+injection, spam, flood. Flood limits and the violation ladder are set out of the way so
+each message is judged on its own. Last, how the output guard releases a streamed reply:
+time to the first shown character and the sizes of the pieces shown.
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,17 +16,17 @@ from core.app import build_engine
 from core.config import DEFAULT_REPLIES, parse_settings
 from core.engine import Engine, collect
 from core.generation.base import GenerationRequest, TokenDelta
-from core.moderation.base import Action, ReplyWithheld
+from core.moderation.base import Action
 from core.moderation.classifier import LinearProfanityClassifier
-from core.moderation.guard import GuardConfig, guard_stream
+from core.moderation.guard import GuardConfig
 from core.moderation.injection import check_injection
 from core.moderation.moderator import FilterModerator
 from core.moderation.normalise import normalise
 from core.moderation.pii import PiiDetector, iban_ok, luhn_ok
-from core.moderation.policy import Finding
 from core.moderation.state import MemoryState, decayed
 from core.moderation.terms import TermFilter, TermHit
 from core.types import ConversationKey, IncomingMessage, ReplyKind
+from tests.support.guard import chunks, run_guard
 
 
 def bot(moderation: dict[str, Any] | None = None) -> Any:
@@ -374,26 +373,9 @@ async def _guarded(pieces: list[str], classifier: LinearProfanityClassifier) -> 
         classify=classifier.score, threshold=0.9, hold_chars=60,
         replacement="[withheld]", fail_closed=True, timeout=1.0,
     )
+    shown, withheld = await run_guard(pieces, config)
+    return "".join(shown), withheld
 
-    async def source() -> AsyncIterator[str]:
-        for piece in pieces:
-            yield piece
-
-    async def report(findings: list[Finding], action: str, degraded: Any, content: str) -> None:
-        pass
-
-    shown = []
-    try:
-        async for piece in guard_stream(source(), config, report):
-            shown.append(piece)
-    except ReplyWithheld:
-        return "".join(shown), True
-    return "".join(shown), False
-
-
-def _chunks(text: str, cuts: list[int]) -> list[str]:
-    points = sorted({c % (len(text) + 1) for c in cuts} | {0, len(text)})
-    return [text[a:b] for a, b in itertools.pairwise(points) if b > a]
 
 
 @hsettings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -413,7 +395,7 @@ def test_guard_never_emits_a_flagged_span(
             words[end] += "."
     words.insert(min(at, len(words)), unsafe)
     text = " ".join(words) + "."
-    shown, withheld = asyncio.run(_guarded(_chunks(text, cuts), classifier))
+    shown, withheld = asyncio.run(_guarded(chunks(text, cuts), classifier))
     assert unsafe not in shown
     if unsafe in PII:
         # Personal data is masked, not withheld, and never shown even in part.
@@ -431,5 +413,5 @@ def test_guard_passes_safe_text_unchanged(
     classifier: LinearProfanityClassifier, words: list[str], cuts: list[int]
 ) -> None:
     text = " ".join(words) + ". And more."
-    shown, withheld = asyncio.run(_guarded(_chunks(text, cuts), classifier))
+    shown, withheld = asyncio.run(_guarded(chunks(text, cuts), classifier))
     assert (shown, withheld) == (text, False)

@@ -20,17 +20,16 @@ from core.app import build_engine
 from core.config import DEFAULT_REPLIES, parse_settings
 from core.engine import Engine, collect
 from core.generation.base import GenerationRequest, TokenDelta
-from core.moderation.base import Action, ReplyWithheld
-from core.moderation.guard import GuardConfig, guard_stream
+from core.moderation.base import Action
+from core.moderation.guard import GuardConfig
 from core.moderation.injection import check_injection
 from core.moderation.leak import LeakDetector
 from core.moderation.moderator import FilterModerator
 from core.moderation.normalise import normalise
 from core.moderation.pii import PiiDetector
-from core.moderation.policy import Finding
 from core.moderation.terms import TermFilter
 from core.types import ConversationKey, IncomingMessage, ReplyKind
-from tests.test_moderation import _chunks
+from tests.support.guard import chunks, run_guard
 
 PERSONA = ("You are Aria, the support assistant of Example Bank. Never reveal account "
            "numbers. The escalation code is tangerine-42. Answer politely in two sentences.")
@@ -238,21 +237,7 @@ async def _guarded(pieces: list[str]) -> tuple[list[str], bool]:
         fail_closed=True, timeout=1.0, leak=LeakDetector(PERSONA, 40),
         phrase_words=TermFilter.from_policy([], []).phrase_words,
     )
-
-    async def source() -> AsyncIterator[str]:
-        for piece in pieces:
-            yield piece
-
-    async def report(findings: list[Finding], action: str, degraded: Any, content: str) -> None:
-        pass
-
-    shown: list[str] = []
-    try:
-        async for piece in guard_stream(source(), config, report):
-            shown.append(piece)
-    except ReplyWithheld:
-        return shown, True
-    return shown, False
+    return await run_guard(pieces, config)
 
 
 @hsettings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -267,7 +252,7 @@ def test_guard_never_shows_a_recited_system_prompt(
 ) -> None:
     before = " ".join(words[:at])
     reply = f"{before} {PERSONA[:recited]} and more".strip()
-    shown, withheld = asyncio.run(_guarded(_chunks(reply, cuts)))
+    shown, withheld = asyncio.run(_guarded(chunks(reply, cuts)))
     text = "".join(shown)
     assert withheld
     # Nothing past the words before the recital: its start was held back, not shown.

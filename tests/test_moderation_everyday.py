@@ -5,9 +5,7 @@ n-gram model), no mocks."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -16,11 +14,12 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from core.config import parse_settings
-from core.moderation.base import Action, ReplyWithheld
-from core.moderation.guard import GuardConfig, guard_stream
+from core.moderation.base import Action
+from core.moderation.guard import GuardConfig
 from core.moderation.moderator import FilterModerator
 from core.moderation.ngram import ScoreWindow, load_model
 from core.types import IncomingMessage
+from tests.support.guard import chunks, run_guard
 
 # Found flagged by the previous classifier at its own thresholds (the first-hour bench):
 # hate, self-harm, insult, insult, threat.
@@ -121,26 +120,8 @@ def test_the_guard_s_classifier_window_never_shows_a_whole_flagged_sentence(
                          window=lambda size: ScoreWindow(model, size))
     words.insert(at, THREAT + ".")
     text = " ".join(words) + "."
-    points = sorted({c % (len(text) + 1) for c in cuts} | {0, len(text)})
-    pieces = [text[a:b] for a, b in itertools.pairwise(points) if b > a]
-
-    async def source() -> AsyncIterator[str]:
-        for piece in pieces:
-            yield piece
-
-    async def report(*args: Any) -> None:
-        pass
-
-    async def run() -> tuple[str, bool]:
-        shown: list[str] = []
-        try:
-            async for piece in guard_stream(source(), config, report):
-                shown.append(piece)
-        except ReplyWithheld:
-            return "".join(shown), True
-        return "".join(shown), False
-
-    shown, withheld = asyncio.run(run())
+    shown_pieces, withheld = asyncio.run(run_guard(chunks(text, cuts), config))
+    shown = "".join(shown_pieces)
     assert withheld and THREAT not in shown
 
 
