@@ -159,7 +159,7 @@ class NgramModel:
         than a run of Chinese): too little for this model, and the term lists' job."""
         norm = text if isinstance(text, Normalised) else normalise(text)
         words = norm.words
-        if len(words) < 2 and not (words and len(words[0]) >= 3 and _cjk(words[0][0])):
+        if len(words) < 2 and not (words and _scored_alone(words[0])):
             return dict.fromkeys(self.categories, 0.0)
         parts = [self.word_part(w) for w in dict.fromkeys(words)]
         parts += [self.pair_part(a, b) for a, b in dict.fromkeys(pairwise(words))]
@@ -196,6 +196,8 @@ class ScoreWindow:
                 old, old_pair = self._order.popleft()
                 self._count(old, -1)
                 self._count(old_pair, -1)
+        if len(self._order) < 2 and not (self._order and _scored_alone(self._order[0][0])):
+            return dict.fromkeys(self._model.categories, 0.0)  # as NgramModel.scores
         return self._model.probabilities([(tuple(self._sums), self._known)])
 
     def _count(self, name: str, step: int) -> None:
@@ -215,6 +217,12 @@ class ScoreWindow:
             self._known += step * count
         if not self._counts[name]:
             del self._counts[name]
+
+
+def _scored_alone(word: str) -> bool:
+    """Whether a text of this one word is scored: a run of Chinese (a sentence without
+    spaces) is; a word of other scripts is the term lists' job."""
+    return len(word) >= 3 and _cjk(word[0])
 
 
 def _sigmoid(x: float) -> float:
