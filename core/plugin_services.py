@@ -77,6 +77,12 @@ class Bucket:
         atomically (concurrent calls never lose one); clamped to ``bounds`` (low, high)."""
         return await self.store.incr(self.name, field, by, self.ttl, bounds=bounds, start=start)
 
+    async def extend(self, field: str, items: Sequence[str], *, cap: int,
+                     start: Sequence[str] = ()) -> list[str]:
+        """Add the ``items`` not yet in a list of strings (``start`` if absent), keep its
+        last ``cap``, and return it, atomically (concurrent calls never lose an item)."""
+        return await self.store.extend(self.name, field, items, cap, self.ttl, start=start)
+
 
 def _bucket_name(namespace: str, scope: str, *parts: str) -> str:
     return ":".join([key_part(namespace), scope, *(key_part(p) for p in parts)])

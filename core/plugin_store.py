@@ -12,8 +12,9 @@ one round trip (a command, or ``MULTI`` for write + expire).
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
@@ -58,6 +59,12 @@ class BucketStore(Protocol):
         """Add ``by`` to an integer value (``start`` if absent) and return it, in one
         atomic step: two calls at once never lose an addition. With ``bounds``
         ``(low, high)`` the result is clamped to them."""
+
+    async def extend(self, bucket: str, field: str, items: Sequence[str], cap: int,
+                     ttl: float | None, *, start: Sequence[str] = ()) -> list[str]:
+        """Add the ``items`` not yet in a field holding a JSON list of strings (``start``
+        if absent), keep its last ``cap``, and return it, in one atomic step: two calls
+        at once never lose an item."""
 
 
 Clock = Callable[[], float]
@@ -126,6 +133,16 @@ class EmbeddedBuckets(ServiceBase):
         await self.put(bucket, {field: str(value)}, ttl)
         return value
 
+    async def extend(self, bucket: str, field: str, items: Sequence[str], cap: int,
+                     ttl: float | None, *, start: Sequence[str] = ()) -> list[str]:
+        """See :class:`BucketStore`. Atomic as :meth:`incr` is."""
+        raw = (self._live(bucket) or {}).get(field)
+        kept = [str(i) for i in json.loads(raw)] if raw is not None else list(start)
+        kept += [i for i in dict.fromkeys(items) if i not in kept]
+        kept = kept[-cap:] if cap > 0 else []
+        await self.put(bucket, {field: json.dumps(kept)}, ttl)
+        return kept
+
 
 class RedisBuckets(ServiceBase):
     """A :class:`BucketStore` on Redis: one hash per bucket under the memory prefix."""
@@ -135,16 +152,17 @@ class RedisBuckets(ServiceBase):
         self.source = source
         self._base = f"{section.key_prefix}:{key_part(bot)}:plugin:"
         self._client: Redis | None = None
-        self._incr_script: AsyncScript | None = None
+        self._scripts: dict[str, AsyncScript] = {}
 
     async def _start(self) -> None:
         self._client = connect(self.section.url, timeout=self.section.timeout,
                                where=f"{self.source}: memory.url", socket_timeout=False)
         # redis-py's Script runs EVALSHA and loads the script again on NOSCRIPT.
-        self._incr_script = self._client.register_script(_INCR)
+        self._scripts = {name: self._client.register_script(source)
+                         for name, source in (("incr", _INCR), ("extend", _EXTEND))}
 
     async def _stop(self) -> None:
-        client, self._client, self._incr_script = self._client, None, None
+        client, self._client, self._scripts = self._client, None, {}
         if client is not None:
             await client.aclose()
 
@@ -201,17 +219,30 @@ class RedisBuckets(ServiceBase):
         async with self._failures("delete"), asyncio.timeout(self.section.timeout):
             return int(await self.client.delete(*(self.key(b) for b in buckets)))
 
+    def _script(self, name: str) -> AsyncScript:
+        script = self._scripts.get(name)
+        if script is None:
+            raise RuntimeError("RedisBuckets is used before start() or after stop()")
+        return script
+
+    async def extend(self, bucket: str, field: str, items: Sequence[str], cap: int,
+                     ttl: float | None, *, start: Sequence[str] = ()) -> list[str]:
+        """See :class:`BucketStore`."""
+        pexpire = -1 if ttl is None else max(1, int(ttl * 1000))
+        async with self._failures("write"), asyncio.timeout(self.section.timeout):
+            raw = await self._script("extend")(
+                keys=[self.key(bucket)],
+                args=[field, cap, pexpire, json.dumps(list(start)), json.dumps(list(items))])
+        return [str(i) for i in json.loads(_text(raw))]
+
     async def incr(self, bucket: str, field: str, by: int, ttl: float | None, *,
                    bounds: Bounds | None = None, start: int = 0) -> int:
         """See :class:`BucketStore`."""
         key = self.key(bucket)
         if bounds is not None or start:
             pexpire = -1 if ttl is None else max(1, int(ttl * 1000))
-            script = self._incr_script
-            if script is None:
-                raise RuntimeError("RedisBuckets is used before start() or after stop()")
             async with self._failures("write"), asyncio.timeout(self.section.timeout):
-                value = await script(
+                value = await self._script("incr")(
                     keys=[key], args=[field, by, start, *(bounds or ("", "")), pexpire])
             return int(value)
         async with self._failures("write"), asyncio.timeout(self.section.timeout):
@@ -234,6 +265,27 @@ if ARGV[5] ~= '' then value = math.min(tonumber(ARGV[5]), value) end
 redis.call('HSET', KEYS[1], ARGV[1], value)
 if tonumber(ARGV[6]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[6]) end
 return value
+"""
+
+
+# KEYS: the bucket. ARGV: field, cap, pexpire (-1: keep the bucket's expiry), start and
+# items (JSON lists of strings). Returns the list kept, as JSON.
+_EXTEND = """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+local kept = cjson.decode(current or ARGV[4])
+local seen = {}
+for _, item in ipairs(kept) do seen[item] = true end
+for _, item in ipairs(cjson.decode(ARGV[5])) do
+  if not seen[item] then table.insert(kept, item); seen[item] = true end
+end
+local cap = tonumber(ARGV[2])
+local out = {}
+for i = math.max(1, #kept - cap + 1), #kept do table.insert(out, kept[i]) end
+-- cjson writes an empty table as {}; the field must stay a list.
+local encoded = #out == 0 and '[]' or cjson.encode(out)
+redis.call('HSET', KEYS[1], ARGV[1], encoded)
+if tonumber(ARGV[3]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+return encoded
 """
 
 

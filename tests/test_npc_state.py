@@ -1,8 +1,8 @@
-"""A player's relationship with an NPC under concurrent lines: no change is lost.
+"""A player's state with an NPC under concurrent lines: no change is lost.
 
-Each line moves the relationship with one atomic, clamped increment (a Lua script on
-Redis; in the embedded store nothing awaits between the read and the write), so lines
-that finish at the same moment all count.
+Each line moves the relationship with one atomic, clamped increment and adds its facts
+with one atomic extend (Lua scripts on Redis; in the embedded store nothing awaits
+between the read and the write), so lines that finish at the same moment all count.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 import pytest
 
 from core.testing import ChatHarness, ScriptedGenerator
-from plugins.npc.state import Players
+from plugins.npc.state import Players, PlayerState
 from tests.test_npc_api import BOT_FILE, village
 
 
@@ -41,6 +41,26 @@ async def test_concurrent_moves_all_count_and_clamp(backend: str, redis_url: str
         results = await asyncio.gather(*(kept.moved("mira", "p2", 2, ()) for _ in range(10)))
         assert sorted(r.relationship for r in results) == list(range(2, 21, 2))
         assert (await kept.get("oskar", "p1")).relationship == 0
+
+
+@pytest.mark.parametrize("backend", ["redis", "embedded"])
+async def test_concurrent_facts_are_all_kept_once_and_capped(backend: str, redis_url: str,
+                                                             memory_prefix: str) -> None:
+    url, prefix = (redis_url, memory_prefix) if backend == "redis" else (None, None)
+    async with players(url, prefix) as kept:
+        await asyncio.gather(*(kept.moved("mira", "p1", 1, (f"fact {n}", "likes swords"))
+                               for n in range(12)))
+        state = await kept.get("mira", "p1")
+        assert state.relationship == 12
+        assert sorted(state.facts) == sorted({"likes swords", *(f"fact {n}" for n in range(12))})
+        await asyncio.gather(*(kept.moved("mira", "p1", 0, (f"later {n}",)) for n in range(30)))
+        state = await kept.get("mira", "p1")
+        assert len(state.facts) == 20 and len(set(state.facts)) == 20  # max_facts, newest
+        assert all(f.startswith("later") for f in state.facts)
+        await kept.put("mira", "p1", PlayerState(5, ("carries a letter",)))
+        assert await kept.get("mira", "p1") == PlayerState(5, ("carries a letter",))
+        await kept.reset("mira", "p1")
+        assert await kept.get("mira", "p1") == PlayerState()
 
 
 async def test_a_state_kept_before_the_relationship_had_its_own_field_still_counts(

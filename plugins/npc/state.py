@@ -2,8 +2,10 @@
 
 Kept in the plugin's per-user storage (Redis with the Redis memory, so it survives
 restarts and is shared by every front end; ``/forget`` deletes it): per NPC, a field
-``NPC`` with the facts and a field ``NPC/relationship`` with the value, which lines move
-with one atomic, clamped increment (two lines finishing together both count).
+``NPC/relationship`` with the value, which lines move with one atomic, clamped increment,
+and a field ``NPC/facts`` with the facts, which lines extend in one atomic step, so two
+lines finishing together both count. (A field ``NPC`` with both is the older layout,
+still read.)
 """
 
 from __future__ import annotations
@@ -58,46 +60,45 @@ class Players:
     async def get(self, npc: str, player: str) -> PlayerState:
         """The state of ``player`` with ``npc`` (fresh if none is kept)."""
         values = await self._bucket(player).items()
-        # Before the relationship had a field of its own it was kept with the facts.
-        state = PlayerState.from_dict(values.get(npc))
+        state = PlayerState.from_dict(values.get(npc))  # the older layout, if any
         value = values.get(_relationship(npc))
-        if isinstance(value, int):
-            state = PlayerState(clamp(value), state.facts)
-        return state
+        facts = values.get(_facts(npc))
+        return PlayerState(
+            clamp(value) if isinstance(value, int) else state.relationship,
+            tuple(str(f) for f in facts) if isinstance(facts, list) else state.facts)
 
     async def put(self, npc: str, player: str, state: PlayerState) -> PlayerState:
         """Replace the state (the relationship clamped, facts capped); returns what is kept."""
         kept = PlayerState(clamp(state.relationship), state.facts[-self._max_facts:])
-        await self._bucket(player).update({npc: kept.to_dict(),
-                                           _relationship(npc): kept.relationship})
+        await self._bucket(player).update({_relationship(npc): kept.relationship,
+                                           _facts(npc): list(kept.facts)})
         return kept
 
     async def reset(self, npc: str, player: str) -> None:
         """Forget ``player``'s state with ``npc``."""
-        await self._bucket(player).delete(npc, _relationship(npc))
+        await self._bucket(player).delete(npc, _relationship(npc), _facts(npc))
 
     async def moved(self, npc: str, player: str, change: int,
                     facts: tuple[str, ...]) -> PlayerState:
-        """Apply what a line changed: the relationship moved (atomically, so a line
-        finishing at the same moment never undoes this one's change), new facts learned."""
-        state = await self.get(npc, player)
+        """Apply what a line changed: the relationship moved and new facts learned, each in
+        one atomic step, so a line finishing at the same moment never undoes this one's."""
+        state = await self.get(npc, player)  # the start values, if the fields are absent
         bucket = self._bucket(player)
-        relationship = state.relationship
+        relationship, kept = state.relationship, state.facts
         if change:
             relationship = await bucket.incr(_relationship(npc), change, bounds=(LOW, HIGH),
                                              start=state.relationship)
-        new_facts = tuple(f for f in facts if f not in state.facts)
-        if not new_facts:
-            return PlayerState(relationship, state.facts)
-        # Facts are still read, extended and written: two lines that both teach the NPC
-        # something at the same moment can keep only one of them.
-        kept = (state.facts + new_facts)[-self._max_facts:]
-        # The relationship written beside them only counts while its own field is absent
-        # (a state kept before that field existed).
-        await bucket.set(npc, PlayerState(relationship, kept).to_dict())
+        if facts:
+            kept = tuple(await bucket.extend(_facts(npc), facts, cap=self._max_facts,
+                                             start=state.facts))
         return PlayerState(relationship, kept)
 
 
 def _relationship(npc: str) -> str:
     """The field of ``npc``'s relationship value (an NPC id, a file's stem, has no ``/``)."""
     return f"{npc}/relationship"
+
+
+def _facts(npc: str) -> str:
+    """The field of the facts ``npc`` learned about the player."""
+    return f"{npc}/facts"
