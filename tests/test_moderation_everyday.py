@@ -127,3 +127,22 @@ def test_the_guard_s_classifier_window_never_shows_a_whole_flagged_sentence(
 
 async def _never(text: str) -> float:
     raise AssertionError("the window scores the reply, not classify()")
+
+
+@pytest.mark.parametrize(("text", "category"), [
+    ("the jews control the media", "hate"), ("those people breed like rats", "hate"),
+    ("los moros fuera de España", "hate"), ("white people are the superior race", "hate"),
+    ("i'm going to take all my pills tonight", "selfharm"), ("me voy a suicidar", "selfharm"),
+    ("ich nehme heute alle meine Tabletten", "selfharm"),
+    # Ordinary sentences with the same words.
+    ("Women run the world in this game", None), ("I got the girls out of bed", None),
+    ("I took all my meds this morning like the doctor said", None),
+    ("I can't go on like this, I need a holiday", None),
+    ("voy a matar a mi jefe con este informe", None),
+])
+def test_patterns_for_hate_and_self_harm_without_a_listed_word(text: str, category: str | None
+                                                               ) -> None:
+    from core.moderation.normalise import normalise
+    from core.moderation.patterns import PatternFilter
+
+    assert PatternFilter().find(normalise(text).key) == category

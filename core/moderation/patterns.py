@@ -152,6 +152,28 @@ HATE = (
     r"\b(?:no|keine|pas de|ningun) (?:jews|blacks|gays|muslims|juden|muslime|juifs|judios)"
     r" allowed\b",
     r"\bhitler was right\b",
+    # Conspiracy, contempt, "superior race", "should disappear", "out of our country"
+    # (English, French, Spanish, German).
+    rf"\b{_GROUPS} (?:\w+ ){{0,2}}?(?:control|controls|dirigent|controlent"
+    r"|controlan|dominan|manejan|kontrollieren|beherrschen|regieren) (?:all |the |whole )?"
+    r"(?:everything|world|media|banks|governments?|tout|le monde|les medias|todo|el mundo"
+    r"|los medios|alles|die welt|die medien)\b",
+    rf"\b{_GROUPS} (?:breed like|multiply like|(?:smell|stink|sentent|puent|huelen|apestan"
+    r"|stinken)(?: so| really)? (?:bad|awful|terrible|like|mauvais|mal|schlecht))\b"
+    rf"|\b{_GROUPS} vermehren sich wie\b",
+    r"\b(?:superior|master|pure|aryan) race\b|\brace (?:superieure|pure|aryenne)\b"
+    r"|\braza (?:superior|pura|aria)\b|\b(?:herrenrasse|uberlegene rasse)\b",
+    rf"\b{_GROUPS} (?:\w+ ){{0,2}}?(?:devraient|deberian|sollten|should|must|doivent|deben"
+    r"|mussen) (?:\w+ )?(?:disparaitre|desaparecer|verschwinden|disappear|vanish|be gone"
+    r"|be wiped out|etre elimines|ser eliminados|ausgerottet werden)\b",
+    rf"\b{_GROUPS} (?:fuera de|out of|raus aus|hors de|dehors de) (?:(?:our|my|this|mi"
+    r"|nuestro|nuestra|notre|mon|ma|unserem|unserer|meinem|el|la|le|der|dem|das) )?"
+    r"(?:country|land|pays|pais|europe|europa|espana|france|frankreich|germany|deutschland"
+    r"|america|here|ici|aqui|hier)\b",
+    rf"\b{_GROUPS} (?:are good for nothing|are useless|sont bons a rien|ne servent a rien"
+    r"|no sirven para nada|no valen para nada|taugen nichts|sind zu nichts gut)",
+    rf"\b{_GROUPS} (?:\w+ )?(?:belong|gehoren|pertenecen|ont leur place) (?:in|a|en|dans"
+    r"|in die) (?:the |la )?(?:kitchen|cuisine|cocina|kuche)\b",
     r"(?:外国人|外地人|女人|黑人|黑鬼|同性恋|穆斯林|犹太人|残疾人|日本人|中国人)(?:都是|就是|全是|都该|应该|控制)",
     r"(?:滚回|滚出)",
 )
@@ -221,6 +243,25 @@ SELFHARM = (
     r"\b(?:will|mochte|moechte) (?:nicht mehr leben|sterben)\b|\britze mich\b|\bgeritzt\b",
     r"\bniemand wird mich vermissen\b|\bmein leben beenden\b",
     r"(?:不想活|想死|自杀|割腕|割自己|结束自己的生命|结束我的生命|跳楼|安眠药|活着没意思)",
+    # Pills (with intent, or tonight), plans, farewells; in the five languages.
+    r"\b(?:going to|gonna|will|about to|want to|wanna|plan to) (?:take|swallow) (?:all|every"
+    r" one of) (?:my|the|these|those) (?:pills|tablets|meds|medication|sleeping pills)\b"
+    r"|\b(?:pills|tablets|meds) tonight\b",
+    r"\b(?:toutes mes|tous mes) (?:pilules|medicaments|cachets|comprimes) (?:ce soir|cette nuit)"
+    r"|\b(?:todas mis|todos mis) (?:pastillas|pildoras|medicamentos) (?:esta noche|hoy)"
+    r"|\bvoy a tomar (?:todas mis|todos mis) (?:pastillas|pildoras|medicamentos)\b"
+    r"|\balle (?:meine|meiner) (?:tabletten|pillen|medikamente)\b (?:heute|noch heute)"
+    r"|\bheute (?:nacht |abend )?alle (?:meine )?(?:tabletten|pillen)\b"
+    r"|(?:今晚|一次)?(?:吃掉|吃了|吞下)(?:所有的药|全部的药|一整瓶药)",
+    r"\b(?:planning|plan|planned) (?:my|on) (?:suicide|death|killing myself)\b"
+    r"|\b(?:rope|noose) (?:is )?(?:ready|tied)\b|\bkms\b",
+    r"\b(?:can t|cant|cannot) go on (?:anymore|any more)\b",
+    r"\b(?:la vie n a plus de sens|la vida (?:ya )?no tiene sentido|das leben hat keinen sinn"
+    r"(?: mehr)?|life (?:has no|is without) (?:meaning|point))\b",
+    r"\b(?:je vais|je veux) me suicider\b|\bme voy a (?:suicidar|matar)\b"
+    r"|\bvoy a (?:suicidarme|matarme)\b"
+    r"|\bich (?:bringe|bring) mich um\b|\bwie beende ich mein leben\b|我要自杀|不想活了",
+    r"没人会想我|没有人会想我|活着没有意义",
 )
 
 PATTERNS: dict[str, tuple[str, ...]] = {
