@@ -47,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -296,10 +297,18 @@ async def drive(base: str, client: Client, pids: list[int], args: argparse.Names
                   len(latencies), errors[:3])
 
 
+def demo_moderation() -> str:
+    """config/demo.toml's [moderation] keys (its per-channel tables aside), as TOML."""
+    with open(Path(__file__).resolve().parent.parent / "config" / "demo.toml", "rb") as f:
+        section = tomllib.load(f)["moderation"]
+    return "\n".join(f"{key} = {json.dumps(value)}" for key, value in section.items()
+                     if key != "channels" and not isinstance(value, dict)) + "\n" + "\n".join(
+        f"{key} = {{ {', '.join(f'{k} = {json.dumps(v)}' for k, v in value.items())} }}"
+        for key, value in section.items() if key != "channels" and isinstance(value, dict))
+
+
 def parley_config(folder: Path, port: int, redis_url: str) -> Path:
     """The bench bot: Redis memory, the demo's moderation filters, the echo generator."""
-    demo = (Path(__file__).resolve().parent.parent / "config" / "demo.toml").read_text()
-    thresholds = next(line for line in demo.splitlines() if line.startswith("thresholds"))
     path = folder / "peers.toml"
     path.write_text(f"""
 [bot]
@@ -315,8 +324,7 @@ key_prefix = "peers-{secrets.token_hex(4)}"
 timeout = 10.0  # the machine is shared: a slow moment must not become an error
 
 [moderation]
-backend = "filters"
-{thresholds}
+{demo_moderation()}
 # A closed loop of clients sends hundreds a second per conversation; flood control
 # still runs (and costs what it costs) with limits it cannot reach.
 user_rate = 1000000000
