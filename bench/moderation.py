@@ -33,7 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.config import parse_settings
-from core.moderation.base import Action, Verdict
+from core.moderation.base import Action, ReplyWithheld, Verdict
 from core.moderation.moderator import FilterModerator
 from core.types import IncomingMessage
 
@@ -204,6 +204,40 @@ async def stream_release(token_chars: int, token_ms: float) -> None:
           f"largest {sizes[-1]}")
 
 
+async def guard_false_alarms(count: int) -> None:
+    """How many ordinary chat turns the output guard withholds, streamed word by word as
+    replies with the default filters: ``count`` turns of the chitchat-dataset package,
+    from its 1,001st conversation on (the trainer's benign examples come from the first
+    conversations)."""
+    import chitchat_dataset
+
+    turns: list[str] = []
+    for i, convo in enumerate(chitchat_dataset.Dataset().values()):
+        if i >= 1000:
+            turns += [" ".join(m["text"] for m in group) for group in convo["messages"]]
+        if len(turns) >= count:
+            break
+    moderator = FilterModerator(settings(None, "ngram"))
+    withheld: Counter[str] = Counter()
+    async with moderator:
+        msg = message("hi", 0)
+        for turn in turns[:count]:
+
+            async def source(turn: str = turn) -> AsyncIterator[str]:
+                for word in turn.split(" "):
+                    yield word + " "
+
+            try:
+                async for _ in moderator.guard(msg, source()):
+                    pass
+            except ReplyWithheld as exc:
+                withheld[":".join(exc.reason.split(":")[:2])] += 1
+    total = sum(withheld.values())
+    print(f"\noutput guard on {count} ordinary chat turns (chitchat-dataset) streamed as replies:"
+          f" {total} withheld ({total / count:.1%})"
+          + "".join(f"; {name} {n}" for name, n in withheld.most_common()))
+
+
 def main() -> None:
     """Parse arguments and run the evaluation."""
     parser = argparse.ArgumentParser(description=__doc__,
@@ -216,9 +250,13 @@ def main() -> None:
     parser.add_argument("--classifier", default="ngram",
                         help="ngram (default), profanity-check or none")
     parser.add_argument("--redis-url", help="keep the state in this Redis (e.g. unix:///...)")
+    parser.add_argument("--guard-chat", type=int, default=0, metavar="N",
+                        help="also stream N ordinary chat turns through the output guard")
     args = parser.parse_args()
     asyncio.run(run(args))
     asyncio.run(stream_release(4, 25.0))
+    if args.guard_chat:
+        asyncio.run(guard_false_alarms(args.guard_chat))
 
 
 if __name__ == "__main__":
