@@ -25,12 +25,13 @@ import json
 import logging
 import re
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib.resources import files
 from typing import Annotated, Any
 
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import (
     AfterValidator,
@@ -126,6 +127,9 @@ ENGINE = web.AppKey("engine", Engine)
 CONFIG = web.AppKey("web_settings", WebSettings)
 KEYS = web.AppKey("web_api_keys", ApiKeys)
 PAGE = web.AppKey("page", bytes)
+# Every open WebSocket of the app (the widget's, plugins' such as the NPC socket): closed
+# with 1001 when the server shuts down, instead of holding the shutdown for its timeout.
+SOCKETS = web.AppKey("sockets", weakref.WeakSet[web.WebSocketResponse])
 
 
 class WebAdapter:
@@ -230,7 +234,9 @@ def build_app(
     app[CONFIG] = config
     app[KEYS] = ApiKeys(config.api_keys)
     app[PAGE] = page
+    app[SOCKETS] = weakref.WeakSet()
     app.on_response_prepare.append(_add_headers)
+    app.on_shutdown.append(_close_sockets)
     routes.install(app, engine, config)
     app.router.add_get("/", _index)
     app.router.add_get("/healthz", _healthz)
@@ -456,7 +462,17 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return web.json_response({"error": "internal error", "code": "internal"}, status=500)
 
 
+async def _close_sockets(app: web.Application) -> None:
+    """Say goodbye (1001, going away) on every open WebSocket: a socket's handler then
+    ends by itself, and a widget reconnects (to another front end, or after a restart)."""
+    sockets: list[web.WebSocketResponse] = [*app[SOCKETS]]
+    await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+                           for ws in sockets), return_exceptions=True)
+
+
 async def _add_headers(request: web.Request, response: web.StreamResponse) -> None:
+    if isinstance(response, web.WebSocketResponse):
+        request.app[SOCKETS].add(response)
     response.headers["X-Content-Type-Options"] = "nosniff"
     origin = request.headers.get("Origin")
     allowed = request.app[CONFIG].cors_origins
