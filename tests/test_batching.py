@@ -115,6 +115,27 @@ async def test_a_request_that_cannot_start_in_time_is_busy_and_dropped(
         await running.aclose()
 
 
+async def test_only_the_manager_s_thread_keeps_running_the_model(tiny_model_dir: Path) -> None:
+    # A thread that ran the model keeps an OpenMP team while it lives; a second live team
+    # (the self-check's forward pass on the loop's executor thread did this) stops idle
+    # OpenMP workers from spinning and made every decode step pay wake-ups (c=1: 35 ->
+    # 20 tok/s on 2 cores). Every thread that ran a forward pass must be gone, but one.
+    import threading
+
+    from torch.nn.modules.module import register_module_forward_pre_hook
+
+    ran: set[threading.Thread] = set()
+    handle = register_module_forward_pre_hook(
+        lambda module, args: ran.add(threading.current_thread()))
+    try:
+        async with LocalGenerator(settings(tiny_model_dir, max_batch=4)) as gen:
+            await collect(gen.stream(request("hello there", 8)))
+            alive = [t.name for t in ran if t.is_alive()]
+    finally:
+        handle.remove()
+    assert len(alive) == 1 and "generation_loop" in alive[0], alive
+
+
 async def test_a_newcomer_is_prefilled_in_a_step_of_its_own(tiny_model_dir: Path) -> None:
     async with LocalGenerator(settings(tiny_model_dir, max_batch=4)) as gen:
         manager_scheduler = scheduler(gen)._manager.batch_processor.scheduler
