@@ -415,3 +415,22 @@ async def test_random_weights_of_an_architecture_decode_forced_tokens_alike(
             assert deltas[-1].finish_reason == "length"
             replies.append(text_of(deltas))
     assert replies[0] == replies[1] and replies[0]
+
+
+async def test_in_own_thread_hands_back_the_result_or_the_error_and_the_thread_ends() -> None:
+    import threading
+
+    from core.threads import in_own_thread
+
+    def who() -> threading.Thread:
+        return threading.current_thread()
+
+    def fail() -> None:
+        raise ValueError("no")
+
+    ran = await in_own_thread(who)
+    assert ran is not threading.current_thread()
+    ran.join(5)
+    assert not ran.is_alive()
+    with pytest.raises(ValueError, match="no"):
+        await in_own_thread(fail)

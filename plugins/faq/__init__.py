@@ -15,11 +15,11 @@ starts, off the event loop; each question is scored on a worker thread.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from core.errors import ConfigError
 from core.plugins import AddContext, Plugin, PreHookResult, Reply
+from core.threads import in_own_thread
 from core.types import IncomingMessage
 from plugins.faq.knowledge import Entry, load_entries
 from plugins.faq.retrieval import Match, Outcome, Scorer, Vocabulary, decide, scorers
@@ -44,12 +44,15 @@ def setup(registry: Plugin, config: FaqSettings) -> None:
     metrics = registry.services.metrics
 
     async def start() -> None:
-        scorer.append(await asyncio.to_thread(factory, entries, config.model))
+        # Model work on threads that end (core/threads.py): a lasting thread that ran
+        # torch would slow the generation worker's every step.
+        scorer.append(await in_own_thread(factory, entries, config.model, name="parley-faq"))
 
     async def answer(message: IncomingMessage) -> PreHookResult:
         if not scorer:
             return None
-        scores, second = await asyncio.to_thread(_opinions, scorer[0], message.text)
+        scores, second = await in_own_thread(_opinions, scorer[0], message.text,
+                                             name="parley-faq")
         unknown = vocabulary.unknown_share(message.text)
         match = decide(entries, scores, thresholds, top=config.context_entries,
                        second_opinion=second, unknown_share=unknown)

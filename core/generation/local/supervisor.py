@@ -16,11 +16,10 @@ import asyncio
 import importlib.metadata
 import logging
 import math
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from core.errors import GenerationError
 from core.generation.base import Readiness
@@ -33,8 +32,8 @@ from core.generation.local.hf.manager import (
 from core.generation.local.hf.patch import Patch
 from core.generation.local.runner import HFRunner
 from core.generation.local.selfcheck import Reference, open_manager, probe, reference
+from core.threads import in_own_thread
 
-_T = TypeVar("_T")
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL = 0.1  # seconds between two looks at the manager's thread
@@ -88,7 +87,9 @@ class ManagerSupervisor:
         Raises :class:`GenerationError` when even the manager's own path fails.
         """
         loaded = self.runner.loaded
-        self._reference = await _in_own_thread(reference, loaded.model, loaded.tokenizer)
+        # On a thread that ends: see core/threads.py.
+        self._reference = await in_own_thread(reference, loaded.model, loaded.tokenizer,
+                                              name="parley-selfcheck")
         opened = await open_manager(self._start, self._stop, self._reference, self.patches)
         self.manager, self.patches = opened.manager, opened.patches
         if opened.switched_off:
@@ -176,35 +177,3 @@ class ManagerSupervisor:
             reason = f"the restarted generation loop failed its self-check: {failed}"
             log.error("%s", reason)
 
-
-async def _in_own_thread(fn: Callable[..., _T], *args: Any) -> _T:
-    """``fn(*args)`` on a thread of its own that ends with it (not the loop's executor).
-
-    A thread that runs the model keeps an OpenMP thread team for as long as it lives. With
-    a second team alive (say, on the executor's thread after the self-check's forward
-    pass), the OpenMP runtime counts more threads than cores and stops letting idle
-    workers spin between parallel regions, and the manager's thread then pays a wake-up
-    for each of the hundreds of small regions of a decode step (measured on 2 cores:
-    c=1 at 20 tok/s instead of 35, c=8 at 90 instead of 165).
-    """
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[_T] = loop.create_future()
-
-    def settle(result: _T | None, error: BaseException | None) -> None:
-        if done.done():
-            return
-        if error is not None:
-            done.set_exception(error)
-        else:
-            done.set_result(result)  # type: ignore[arg-type]
-
-    def run() -> None:
-        try:
-            result = fn(*args)
-        except BaseException as exc:  # handed to the awaiting task
-            loop.call_soon_threadsafe(settle, None, exc)
-        else:
-            loop.call_soon_threadsafe(settle, result, None)
-
-    threading.Thread(target=run, name="parley-selfcheck", daemon=True).start()
-    return await done
