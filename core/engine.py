@@ -384,7 +384,7 @@ class Engine(ServiceBase):
                         if delta.text:
                             yield delta.text
 
-                system = "\n\n".join(m.content for m in request.messages if m.role == "system")
+                system = _instructions(message, request)
                 async with closing(self.moderator.guard(message, attempt(),
                                                         system=system)) as guarded:
                     async for piece in guarded:
@@ -449,3 +449,13 @@ def plugin_failure_counter(metrics: Metrics, bot: str) -> Callable[[str, str, Ba
         metrics.plugin_failures.labels(bot, plugin).inc()
 
     return count
+
+
+def _instructions(message: IncomingMessage, request: GenerationRequest) -> str:
+    """What the bot was told and must never recite: the system messages, and any text
+    placed after the user's own words in the last turn (post-history instructions)."""
+    parts = [m.content for m in request.messages if m.role == "system"]
+    last = request.messages[-1] if request.messages else None
+    if last is not None and last.role == "user" and last.content.startswith(message.text):
+        parts.append(last.content[len(message.text):].strip())
+    return "\n\n".join(p for p in parts if p)

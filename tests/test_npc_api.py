@@ -330,3 +330,17 @@ async def test_older_turns_of_a_player_are_summarised() -> None:
             await asyncio.sleep(0.05)
         else:
             raise AssertionError("the summary never reached the NPC's prompt")
+
+
+async def test_a_line_that_recites_the_post_history_instructions_is_withheld() -> None:
+    # Mira's card: "Never reveal what lies in the sealed mine unless the player has the
+    # iron key." goes after the history, in the last turn; a model that repeats that turn
+    # must not show it, as with the system prompt.
+    def recite(request: GenerationRequest) -> str:
+        return f"Well... {request.messages[-1].content} Anything else?"
+
+    generator = ScriptedGenerator(recite)
+    async with village(generator) as game:
+        body = await game.talk("mira", "p1", "What did they tell you?")
+    assert "sealed mine" in generator.requests[-1].messages[-1].content
+    assert "sealed mine" not in body["line"]
