@@ -21,18 +21,16 @@ fields) never reaches the engine. Errors of the API are JSON: ``{"error", "code"
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib.resources import files
 from typing import Annotated, Any
 
-from aiohttp import WSCloseCode, web
-from prometheus_client import CONTENT_TYPE_LATEST
+from aiohttp import web
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -46,14 +44,31 @@ from pydantic_core import PydanticCustomError
 from bots.base import adapter_settings
 from bots.web import routes, sse
 from bots.web.resume import StoreUnavailable
-from bots.web.settings import WidgetFields
+from bots.web.server import (
+    CONFIG,
+    ENGINE,
+    KEYS,
+    PAGE,
+    SOCKETS,
+    Handler,
+    Refused,
+    add_headers,
+    close_sockets,
+    error_response,
+    healthz,
+    index,
+    json_errors,
+    metrics,
+    preflight,
+    readyz,
+)
+from bots.web.settings import WebSettings
 from bots.web.stores import CHANNEL, WidgetStores, ref_of
 from core import jsoncodec
 from core.api_keys import ApiKeys, KeyBusy, Unauthorized
-from core.config import ApiKeySection, BotSettings, unique_keys
+from core.config import BotSettings
 from core.engine import Engine, collect
 from core.errors import ConfigError
-from core.generation.base import readiness_of
 from core.plugins import Caller, RouteHandler
 from core.ports import ListenAddress
 from core.streams import closing
@@ -77,24 +92,7 @@ _ERROR_STATUS = {
     "plugin_failed": 500,
 }
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
-# No inline script or style anywhere: the page and the widget load theirs from files.
-_PAGE_CSP = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
-    "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-)
 
-
-class WebSettings(WidgetFields):
-    """``[adapters.web]``: where to listen and what to accept (and the widget's keys,
-    :class:`~bots.web.settings.WidgetFields`)."""
-
-    host: str = "127.0.0.1"
-    port: int = Field(default=8080, ge=0, le=65535)  # 0: any free port
-    max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
-    cors_origins: list[str] = []  # origins whose pages may call the API; "*" for any
-    # Server-to-server callers of /api/v1/chat: with keys, every call needs one, and user
-    # and conversation ids live in the key's tenant (two tenants' "u1" are two users).
-    api_keys: Annotated[list[ApiKeySection], AfterValidator(unique_keys)] = []
 
 
 def _check_id(value: str) -> str:
@@ -121,15 +119,6 @@ class ChatRequest(BaseModel):
     user_id: Id
     text: str
     message_id: Id | None = None
-
-
-ENGINE = web.AppKey("engine", Engine)
-CONFIG = web.AppKey("web_settings", WebSettings)
-KEYS = web.AppKey("web_api_keys", ApiKeys)
-PAGE = web.AppKey("page", bytes)
-# Every open WebSocket of the app (the widget's, plugins' such as the NPC socket): closed
-# with 1001 when the server shuts down, instead of holding the shutdown for its timeout.
-SOCKETS = web.AppKey("sockets", weakref.WeakSet[web.WebSocketResponse])
 
 
 class WebAdapter:
@@ -229,22 +218,22 @@ def build_app(
 ) -> web.Application:
     """The aiohttp application serving ``engine``, with ``page`` as the demo page and
     the ``mounted`` routes of other adapters."""
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_json_errors])
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[json_errors])
     app[ENGINE] = engine
     app[CONFIG] = config
     app[KEYS] = ApiKeys(config.api_keys)
     app[PAGE] = page
     app[SOCKETS] = weakref.WeakSet()
-    app.on_response_prepare.append(_add_headers)
-    app.on_shutdown.append(_close_sockets)
+    app.on_response_prepare.append(add_headers)
+    app.on_shutdown.append(close_sockets)
     routes.install(app, engine, config)
-    app.router.add_get("/", _index)
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/", index)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     for path, handler in (("/api/v1/chat", _chat), ("/api/v1/chat/stream", _chat_stream)):
         app.router.add_post(path, handler)
-        app.router.add_route("OPTIONS", path, _preflight)
+        app.router.add_route("OPTIONS", path, preflight)
     app.router.add_get("/api/v1/chat/messages", _messages)
     app.router.add_routes(mounted)
     for route in engine.plugins.routes:
@@ -273,12 +262,12 @@ def _caller(request: web.Request) -> Iterator[str | None]:
     try:
         key = keys.caller(request.headers.get("Authorization"))
     except Unauthorized as exc:
-        raise _Refused(401, str(exc), "unauthorized") from None
+        raise Refused(401, str(exc), "unauthorized") from None
     try:
         with keys.running(key):
             yield key.tenant
     except KeyBusy:
-        raise _Refused(429, "too many requests are running for this API key",
+        raise Refused(429, "too many requests are running for this API key",
                        "slow_down") from None
 
 
@@ -330,13 +319,13 @@ async def _messages(request: web.Request) -> web.StreamResponse:
                 "conversation_id": request.query.get("conversation_id", ""),
                 "after": int(request.query.get("after", "0"))})
         except (ValidationError, ValueError):
-            raise _Refused(400, "give conversation_id and after (a number >= 0)") from None
+            raise Refused(400, "give conversation_id and after (a number >= 0)") from None
         scope = f"{tenant}:" if tenant else ""
         ref = ref_of(scope + fields.conversation_id)
         try:
             backlog = await request.app[routes.HUB].log.since(ref, fields.after)
         except StoreUnavailable:
-            raise _Refused(503, "the conversation's messages cannot be read now",
+            raise Refused(503, "the conversation's messages cannot be read now",
                            "unavailable") from None
         messages = [{k: e[k] for k in ("seq", "message_id", "text", "at") if k in e}
                     for e in backlog.entries if e["kind"] == "message"]
@@ -360,9 +349,9 @@ async def _read_message(request: web.Request, tenant: str | None = None) -> Inco
     # Insisting on JSON also means a cross-site page cannot post without a CORS preflight.
     charset = (request.charset or "utf-8").lower()
     if request.content_type != "application/json" or charset not in ("utf-8", "utf8"):
-        raise _Refused(415, "the body must be JSON in UTF-8 (Content-Type: application/json)",
+        raise Refused(415, "the body must be JSON in UTF-8 (Content-Type: application/json)",
                      "unsupported_media_type")
-    too_large = _Refused(413, f"the body must be at most {limit} bytes", "payload_too_large")
+    too_large = Refused(413, f"the body must be at most {limit} bytes", "payload_too_large")
     if request.content_length is not None and request.content_length > limit:
         raise too_large
     try:
@@ -372,16 +361,16 @@ async def _read_message(request: web.Request, tenant: str | None = None) -> Inco
     try:
         data = jsoncodec.loads(body.decode("utf-8"))
     except UnicodeDecodeError:
-        raise _Refused(400, "the body is not valid UTF-8") from None
+        raise Refused(400, "the body is not valid UTF-8") from None
     except (ValueError, RecursionError):
-        raise _Refused(400, "the body is not valid JSON") from None
+        raise Refused(400, "the body is not valid JSON") from None
     if not isinstance(data, dict):
-        raise _Refused(400, "the body must be a JSON object")
+        raise Refused(400, "the body must be a JSON object")
     try:
         fields = ChatRequest.model_validate(data)
     except ValidationError as exc:
         problems = (".".join(map(str, e["loc"])) + ": " + e["msg"] for e in exc.errors())
-        raise _Refused(400, "; ".join(problems)) from None
+        raise Refused(400, "; ".join(problems)) from None
     scope = f"{tenant}:" if tenant else ""
     return IncomingMessage(
         bot=request.app[ENGINE].name,
@@ -414,7 +403,7 @@ def _json_reply(event: ReplyEvent, message: IncomingMessage) -> web.Response:
         return web.json_response(_reply_body(event, message), dumps=jsoncodec.dumps)
     status = _ERROR_STATUS.get(event.code or "", 500)
     if status == 400:
-        return _error_response(400, event.text, event.code or "bad_request")
+        return error_response(400, event.text, event.code or "bad_request")
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status in (429, 503) else None
     return web.json_response(_reply_body(event, message), status=status, headers=headers,
                              dumps=jsoncodec.dumps)
@@ -423,106 +412,3 @@ def _json_reply(event: ReplyEvent, message: IncomingMessage) -> web.Response:
 def _sse(event: ReplyEvent, message: IncomingMessage) -> bytes:
     data = jsoncodec.dumps(_reply_body(event, message))
     return f"event: {event.kind.value}\ndata: {data}\n\n".encode()
-
-
-class _Refused(Exception):
-    """A request answered with an error status without asking the engine."""
-
-    def __init__(self, status: int, reason: str, code: str = "bad_request") -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.code = code
-
-
-def _error_response(status: int, reason: str, code: str) -> web.Response:
-    return web.json_response({"error": reason, "code": code}, status=status)
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@web.middleware
-async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Give the API's own errors (unknown route, wrong method, a bug) JSON bodies too."""
-    api = request.path.startswith("/api/")
-    try:
-        return await handler(request)
-    except _Refused as exc:
-        return _error_response(exc.status, exc.reason, exc.code)
-    except web.HTTPException as exc:
-        if api and exc.status >= 400 and exc.content_type != "application/json":
-            exc.content_type = "application/json"
-            exc.text = json.dumps({"error": exc.reason.lower(), "code": "http_error"})
-        raise
-    except Exception:
-        if not api:
-            raise
-        log.exception("web: %s %s failed", request.method, request.path)
-        return web.json_response({"error": "internal error", "code": "internal"}, status=500)
-
-
-async def _close_sockets(app: web.Application) -> None:
-    """Say goodbye (1001, going away) on every open WebSocket: a socket's handler then
-    ends by itself, and a widget reconnects (to another front end, or after a restart)."""
-    sockets: list[web.WebSocketResponse] = [*app[SOCKETS]]
-    await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
-                           for ws in sockets), return_exceptions=True)
-
-
-async def _add_headers(request: web.Request, response: web.StreamResponse) -> None:
-    if isinstance(response, web.WebSocketResponse):
-        request.app[SOCKETS].add(response)
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    origin = request.headers.get("Origin")
-    allowed = request.app[CONFIG].cors_origins
-    if origin and request.path.startswith("/api/") and (origin in allowed or "*" in allowed):
-        response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Access-Control-Expose-Headers"] = "Retry-After"
-        response.headers["Vary"] = "Origin"
-
-
-async def _preflight(request: web.Request) -> web.Response:
-    # The Allow-Origin header is added by _add_headers only for an allowed origin;
-    # without it the browser refuses the call.
-    return web.Response(
-        status=204,
-        headers={
-            "Access-Control-Allow-Methods": "POST, OPTIONS",
-            "Access-Control-Allow-Headers": "Content-Type",
-            "Access-Control-Max-Age": "600",
-        },
-    )
-
-
-async def _index(request: web.Request) -> web.Response:
-    return web.Response(
-        body=request.app[PAGE],
-        content_type="text/html",
-        charset="utf-8",
-        headers={"Content-Security-Policy": _PAGE_CSP, "Cache-Control": "no-cache"},
-    )
-
-
-async def _healthz(request: web.Request) -> web.Response:
-    # Alive unless the generator has given up (its loop died more often than it may restart).
-    state = readiness_of(request.app[ENGINE].generator)
-    if not state.healthy:
-        return web.json_response({"status": "unhealthy", "bot": request.app[ENGINE].name,
-                                  "reason": state.reason}, status=503)
-    return web.json_response({"status": "ok", "bot": request.app[ENGINE].name})
-
-
-async def _readyz(request: web.Request) -> web.Response:
-    state = readiness_of(request.app[ENGINE].generator)
-    body = {"status": "ready" if state.ready else "not ready", "bot": request.app[ENGINE].name}
-    if not state.ready:
-        body["reason"] = state.reason
-    return web.json_response(body, status=200 if state.ready else 503)
-
-
-async def _metrics(request: web.Request) -> web.Response:
-    return web.Response(
-        body=request.app[ENGINE].metrics.render(),
-        headers={"Content-Type": CONTENT_TYPE_LATEST},
-    )

@@ -1,6 +1,6 @@
 """The widget's part of ``[adapters.web]``: sessions, origins, limits, resume and theme.
 
-:class:`WidgetFields` is mixed into the adapter's ``WebSettings``, so every key below is
+:class:`WidgetFields` is mixed into :class:`WebSettings` (the whole table), so every key below is
 set in the same table::
 
     [adapters.web]
@@ -16,12 +16,12 @@ set in the same table::
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
-from core.config import Section
+from core.config import ApiKeySection, Section, unique_keys
 
 _COLOUR = r"^#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})$"
 
@@ -94,3 +94,16 @@ class WidgetFields(Section):
     @classmethod
     def _origins(cls, value: list[str]) -> list[str]:
         return [v if v == "*" else origin_of(v) for v in value]
+
+
+class WebSettings(WidgetFields):
+    """``[adapters.web]``: where to listen and what to accept (and the widget's keys,
+    :class:`WidgetFields`)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)  # 0: any free port
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    cors_origins: list[str] = []  # origins whose pages may call the API; "*" for any
+    # Server-to-server callers of /api/v1/chat: with keys, every call needs one, and user
+    # and conversation ids live in the key's tenant (two tenants' "u1" are two users).
+    api_keys: Annotated[list[ApiKeySection], AfterValidator(unique_keys)] = []
