@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -365,13 +367,19 @@ async def test_a_crash_behind_the_engine_is_an_apology_a_log_line_and_a_metric(
     assert any("reply to web:" in r.getMessage() for r in caplog.records)
 
 
-async def test_redis_down_mid_conversation_tells_the_socket_and_recovers(
-        redis_server: Any, memory_prefix: str) -> None:
+@asynccontextmanager
+async def _on_redis(redis_server: Any, memory_prefix: str) -> AsyncIterator[tuple[Any, str]]:
+    """The widget's bot on a (re)started redis-server with short timeouts, and a session."""
     redis_server.start()
     memory = {"backend": "redis", "url": redis_server.url, "key_prefix": memory_prefix,
               "timeout": 0.5}
     async with serving(gated_engine(widget_settings(memory), GatedEcho())) as site:
-        token = (await site.session())["token"]
+        yield site, (await site.session())["token"]
+
+
+async def test_redis_down_mid_conversation_tells_the_socket_and_recovers(
+        redis_server: Any, memory_prefix: str) -> None:
+    async with _on_redis(redis_server, memory_prefix) as (site, token):
         ws = await opened(site, token)
         redis_server.kill()
         try:
@@ -444,11 +452,7 @@ async def test_resuming_past_what_is_kept_sends_the_whole_conversation_again() -
 
 async def test_a_resume_while_redis_is_down_closes_the_socket_to_be_tried_again(
         redis_server: Any, memory_prefix: str) -> None:
-    redis_server.start()
-    memory = {"backend": "redis", "url": redis_server.url, "key_prefix": memory_prefix,
-              "timeout": 0.5}
-    async with serving(gated_engine(widget_settings(memory), GatedEcho())) as site:
-        token = (await site.session())["token"]
+    async with _on_redis(redis_server, memory_prefix) as (site, token):
         redis_server.kill()
         try:
             async with site.socket(token) as ws:
