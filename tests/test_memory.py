@@ -511,6 +511,7 @@ async def test_keys_live_under_prefix_and_bot_and_expire(
         f"{p}:seen:dis%3Acord:c%3A1",
         f"{p}:seenby:dis%3Acord:c%3A1",
         f"{p}:user:dis%3Acord:u%3A1:convs",
+        f"{p}:ver:dis%3Acord:c%3A1",
     ]  # the lease went with the reply
     for k in keys:
         ttl = await raw.ttl(k)
@@ -520,6 +521,63 @@ async def test_keys_live_under_prefix_and_bot_and_expire(
             assert 0 < ttl <= 50, k
         else:
             assert 0 < ttl <= 100, k
+
+
+async def answered(store: MemoryStore, message_id: str, *said: str, user: str = "alice",
+                   key: ConversationKey = KEY) -> list[str]:
+    """Claim ``key`` for ``message_id``, store ``said`` as its turns; the window it saw."""
+    begun = await store.begin(key, message_id, user, f"t-{message_id}")
+    assert begun.snapshot is not None
+    await store.finish(key, message_id, user, f"t-{message_id}",
+                       turns(*said, user=user), StoredReply("final", "ok"))
+    return texts(begun.snapshot)
+
+
+async def test_a_front_ends_window_cache_follows_every_other_writer(
+    redis_backend: Backend, raw: Redis
+) -> None:
+    here = await redis_backend.open(window=3)
+    there = await redis_backend.open(window=2)  # a front end with a smaller window
+    assert await answered(here, "m1", "a", "b") == []
+    assert await answered(here, "m2") == ["a", "b"]
+    assert await answered(there, "m3", "c") == ["a", "b"]  # trims to 2: b, c
+    assert await answered(here, "m4") == ["b", "c"]
+    await there.reset(KEY)
+    assert await answered(here, "m5", "d") == []
+    await there.append(KEY, turns("e", "f", user="bob"))
+    assert await answered(here, "m6") == ["e", "f"]  # trimmed to 2 by the other
+    # An older front end pushes without keeping the version.
+    conv = f"{redis_backend.prefix}:bot:conv:web:conv-1"
+    await raw.rpush(conv, '{"role":"user","text":"g","user_id":"carol"}')
+    assert await answered(here, "m7") == ["e", "f", "g"]
+    await raw.delete(conv)  # as its TTL would
+    assert await answered(here, "m8", "h") == []
+    assert await answered(here, "m9") == ["h"]
+    assert await there.forget_user(alice()) == 1
+    assert await answered(here, "m10") == []
+
+
+async def test_begin_decodes_only_the_turns_pushed_since_it_last_looked(
+    redis_backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    here = await redis_backend.open(window=20)
+    there = await redis_backend.open(window=20)
+    for i in range(5):
+        await answered(here, f"m{i}", f"q{i}", f"a{i}")
+    await answered(there, "other", "x")
+    decoded = 0
+    original = Turn.from_dict
+
+    def counting(data: Any) -> Turn:
+        nonlocal decoded
+        decoded += 1
+        return original(data)
+
+    monkeypatch.setattr(Turn, "from_dict", counting)
+    assert len(await answered(here, "next", "y")) == 11
+    assert decoded == 1  # only the other front end's turn
+    assert len(await answered(here, "after")) == 12
+    assert decoded == 1  # its own turns it knew
 
 
 async def test_malformed_turns_are_skipped_with_a_warning(

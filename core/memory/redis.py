@@ -5,6 +5,7 @@ percent-encoded, so a ``:`` inside an id cannot make two keys collide; ``{ref}``
 ``{channel}:{conversation_id}`` and ``{who}`` is ``{channel}:{user_id}``)::
 
     {p}:{bot}:conv:{ref}         list  the window of turns, JSON, oldest first
+    {p}:{bot}:ver:{ref}          string  the window's version, for front ends' caches
     {p}:{bot}:members:{ref}      hash  user id -> that user's index key, for each user
                                        whose turns (or replies) are kept
     {p}:{bot}:seen:{ref}         zset  message id -> end of its dedupe window (ms)
@@ -16,11 +17,17 @@ percent-encoded, so a ``:`` inside an id cannot make two keys collide; ``{ref}``
     {p}:{bot}:facts:{who}        hash  facts about a user; no TTL, gone on forget_user
     {p}:{bot}:user:{who}:convs   set   refs of the conversations holding the user's data
 
-A conversation, its members hash and the index of every member get the same TTL, set
-together on every load and append, so an index outlives every conversation it points
-to and ``forget_user`` finds them all. Dedupe records live for the redelivery window
+A conversation, its version, its members hash and the index of every member get the
+same TTL, set together on every append and on a load once a tenth of the TTL (at most a
+minute) has run down, so an index outlives every conversation it points to and
+``forget_user`` finds them all. Dedupe records live for the redelivery window
 (``memory.dedupe_window``, at most ``memory.dedupe_max`` ids per conversation); the
 lease and queue for a lease (``memory.lease``).
+
+Each front end keeps the windows it read last (:class:`WindowCache`), and ``begin``
+sends the version it holds: Redis answers with only the turns pushed since (none, when
+this front end wrote them itself), or the whole window when the version is unknown to
+it (another epoch: a reset, a forget, an expiry, a writer that kept no version).
 
 Every call is one round trip: one command, or one Lua script (:mod:`core.memory.redis_scripts`).
 The scripts touch keys they derive from stored data, and the per-message ones name their
@@ -33,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import secrets
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -75,7 +83,8 @@ class RedisMemory(ServiceBase):
     leaves every pooled connection stale); ``append`` and ``set_fact`` are not.
     """
 
-    def __init__(self, section: MemorySection, *, source: str = "<memory>") -> None:
+    def __init__(self, section: MemorySection, *, source: str = "<memory>",
+                 cache_size: int = 2048) -> None:
         self.section = section
         self.source = source
         self.where = redact(section.url)
@@ -83,6 +92,9 @@ class RedisMemory(ServiceBase):
         self._pipeline: ScriptPipeline | None = None
         self._lease_ms = int(section.lease * 1000)
         self._dedupe_ms = int(section.dedupe_window * 1000)
+        # A load refreshes the conversation's TTL once this much of it has run down.
+        self._slack_ms = min(60_000, int(section.ttl * 100))
+        self._windows = WindowCache(section.window, cache_size)
 
     async def _start(self) -> None:
         client = connect(self.section.url, timeout=self.section.timeout,
@@ -148,13 +160,18 @@ class RedisMemory(ServiceBase):
         """Claim the conversation for ``message_id`` in one round trip; see the protocol."""
         base, ref = self._base(key.bot), self._ref(key)
         facts = f"{base}facts:{key_part(key.channel)}:{key_part(user_id)}"
+        where = base + ref
+        cached = self._windows.get(where)
         reply = await self._run(
             "begin", (),
             [base, ref, facts, message_id, token, self._lease_ms, STALE_WAITER_MS,
-             self.section.window, self.section.ttl],
+             self.section.window, self.section.ttl, self._slack_ms,
+             "?" if cached is None else cached.version],
         )
         if reply[0] == 1:
-            return Begun(snapshot=self._snapshot(key, reply[1], reply[2]))
+            turns = self._windows.update(where, cached, reply[1], reply[2], reply[3],
+                                         reply[4], key)
+            return Begun(snapshot=MemorySnapshot(turns, _facts(reply[5])))
         if reply[0] == 2:
             try:
                 return Begun(replay=StoredReply.loads(reply[1]))
@@ -170,12 +187,14 @@ class RedisMemory(ServiceBase):
     ) -> None:
         """Store ``turns`` and the reply, release the lease: one atomic round trip."""
         s = self.section
+        base, ref = self._base(key.bot), self._ref(key)
         # The message's user is indexed even when no turn is stored (a command's answer
         # is kept in the dedupe record), so forget_user finds it.
-        args = [self._base(key.bot), self._ref(key), message_id, token, reply.dumps(),
-                user_id, self._dedupe_ms, s.dedupe_max, s.window, s.ttl,
-                *self._turn_args(key, turns, user_id)]
-        await self._run("finish", (), args)
+        args = [base, ref, message_id, token, reply.dumps(), user_id, self._dedupe_ms,
+                s.dedupe_max, s.window, s.ttl, *self._turn_args(key, turns, user_id)]
+        stored = await self._run("finish", (), args)
+        if stored[0] == 1 and turns:
+            self._windows.pushed(base + ref, stored[1], stored[2], stored[3], turns)
 
     async def abort(self, key: ConversationKey, message_id: str, token: str) -> None:
         """Release the pending id, the lease and a place in the queue held by ``token``."""
@@ -189,35 +208,26 @@ class RedisMemory(ServiceBase):
 
     async def load(self, key: ConversationKey, user_id: str) -> MemorySnapshot:
         """The last ``window`` turns and the user's facts; refreshes the TTL."""
-        raw_turns, raw_facts = await self._run(
-            "load", self._load_keys(key, user_id), [self.section.window, self.section.ttl]
-        )
-        return self._snapshot(key, raw_turns, raw_facts)
-
-    @staticmethod
-    def _snapshot(key: ConversationKey, raw_turns: Any, raw_facts: Any) -> MemorySnapshot:
-        turns = []
-        for raw in raw_turns:
-            try:
-                turns.append(Turn.from_dict(jsoncodec.loads(raw)))
-            except (ValueError, TypeError, AttributeError):
-                # A hash and a length, never the stored text: logs outlive forget_user.
-                log.warning("memory: skipping a malformed turn in %s: %d bytes, sha256 %s",
-                            key, len(raw), _digest(raw))
-        facts = {
-            _text(raw_facts[i]): _text(raw_facts[i + 1]) for i in range(0, len(raw_facts), 2)
-        }
-        return MemorySnapshot(tuple(turns), facts)
+        keys = [*self._keys(key, "conv", "members", "ver"),
+                self._facts(UserRef(key.bot, key.channel, user_id))]
+        _, _, _, raw_turns, raw_facts = await self._run(
+            "load", keys, [self.section.window, self.section.ttl, self._slack_ms])
+        turns = tuple(t for t in _decoded(raw_turns, key) if t is not None)
+        return MemorySnapshot(turns, _facts(raw_facts))
 
     def _turn_args(
         self, key: ConversationKey, turns: Sequence[Turn], extra_user: str | None = None
     ) -> list[Any]:
+        # Per user: their index key, and whether one of their turns stays in the window
+        # (the script then needs not look for them in it).
+        fresh = {t.user_id for t in turns[-self.section.window:] if t.user_id is not None}
         users = {t.user_id for t in turns if t.user_id is not None}
         if extra_user:
             users.add(extra_user)
         args: list[Any] = [len(users)]
         for user in sorted(users):
-            args += [user, self._index(UserRef(key.bot, key.channel, user))]
+            args += [user, self._index(UserRef(key.bot, key.channel, user)),
+                     1 if user in fresh else 0]
         args += [jsoncodec.dumpb(t.to_dict()) for t in turns]
         return args
 
@@ -226,12 +236,14 @@ class RedisMemory(ServiceBase):
         if not turns:
             return
         s = self.section
-        await self._run("append", self._keys(key, "conv", "members", "seenby"),
-                        [s.window, s.ttl, self._ref(key), *self._turn_args(key, turns)])
+        await self._run("append", self._keys(key, "conv", "members", "seenby", "ver"),
+                        [s.window, s.ttl, self._ref(key), secrets.token_hex(8),
+                         *self._turn_args(key, turns)])
 
     async def reset(self, key: ConversationKey) -> None:
         """Delete the conversation's turns (its dedupe record stays)."""
-        await self._run("reset", self._keys(key, "conv", "members"), [self._ref(key)])
+        await self._run("reset", self._keys(key, "conv", "members", "ver"), [self._ref(key)])
+        self._windows.drop(self._base(key.bot) + self._ref(key))
 
     async def set_fact(self, user: UserRef, name: str, value: str) -> None:
         """Store ``name = value`` in the user's facts."""
@@ -259,7 +271,109 @@ class RedisMemory(ServiceBase):
         """
         count = await self._run("forget_user", [self._index(user), self._facts(user)],
                                 [self._base(user.bot)])
+        # Nothing of theirs stays in this process either (the cache is checked against
+        # Redis before use, so this is for their privacy, not for correctness).
+        self._windows.clear()
         return int(count)
+
+
+class _Window:
+    """A conversation's window as this front end last read or wrote it."""
+
+    __slots__ = ("items", "turns", "version")
+
+    def __init__(self, version: str, items: list[Turn | None]) -> None:
+        self.version = version
+        self.items = items  # one per stored turn, None for a malformed one
+        self.turns = tuple(t for t in items if t is not None)
+
+
+class WindowCache:
+    """The windows of the ``size`` conversations used last, each with its version in
+    Redis (see :mod:`core.memory.redis_scripts`): a front end decodes only the turns
+    pushed since it last looked, and none of those it pushed itself."""
+
+    def __init__(self, window: int, size: int) -> None:
+        self.window = window
+        self.size = size
+        self._entries: dict[str, _Window] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, where: str) -> _Window | None:
+        """The cached window of conversation ``where``, if any."""
+        return self._entries.get(where)
+
+    def update(self, where: str, cached: _Window | None, version: bytes, length: int,
+               tail: int, raw: Sequence[bytes], key: ConversationKey) -> tuple[Turn, ...]:
+        """The window after a load that sent ``cached``'s version and got ``raw`` (the
+        turns since, when ``tail``; else the whole window) at ``version``."""
+        current = version.decode()
+        if tail and cached is not None:
+            if not raw:
+                self._touch(where, cached)
+                return cached.turns
+            items = cached.items + _decoded(raw, key)
+        else:
+            items = _decoded(raw, key)
+        keep = min(self.window, length)
+        if len(items) > keep:
+            del items[:len(items) - keep]
+        entry = _Window(current, items)
+        if current == "?":
+            self._entries.pop(where, None)  # written by something that kept no version
+        else:
+            self._touch(where, entry)
+        return entry.turns
+
+    def pushed(self, where: str, before: bytes, after: bytes, length: int,
+               turns: Sequence[Turn]) -> None:
+        """``turns`` were pushed onto version ``before`` of the window, making it
+        ``after``: the cached window follows if it was ``before``."""
+        cached = self._entries.get(where)
+        if cached is None:
+            return
+        if cached.version != before.decode():
+            del self._entries[where]
+            return
+        items: list[Turn | None] = [*cached.items, *turns]
+        keep = min(self.window, length)
+        if len(items) > keep:
+            del items[:len(items) - keep]
+        self._entries[where] = _Window(after.decode(), items)
+
+    def drop(self, where: str) -> None:
+        """Forget the window of ``where``."""
+        self._entries.pop(where, None)
+
+    def clear(self) -> None:
+        """Forget every window."""
+        self._entries.clear()
+
+    def _touch(self, where: str, entry: _Window) -> None:
+        entries = self._entries
+        entries.pop(where, None)
+        entries[where] = entry
+        if len(entries) > self.size:
+            del entries[next(iter(entries))]
+
+
+def _decoded(raw_turns: Sequence[bytes], key: ConversationKey) -> list[Turn | None]:
+    turns: list[Turn | None] = []
+    for raw in raw_turns:
+        try:
+            turns.append(Turn.from_dict(jsoncodec.loads(raw)))
+        except (ValueError, TypeError, AttributeError):
+            # A hash and a length, never the stored text: logs outlive forget_user.
+            log.warning("memory: skipping a malformed turn in %s: %d bytes, sha256 %s",
+                        key, len(raw), _digest(raw))
+            turns.append(None)
+    return turns
+
+
+def _facts(raw_facts: Sequence[bytes]) -> dict[str, str]:
+    return {_text(raw_facts[i]): _text(raw_facts[i + 1]) for i in range(0, len(raw_facts), 2)}
 
 
 def _digest(value: bytes | str) -> str:

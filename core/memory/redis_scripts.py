@@ -17,19 +17,63 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-_LOAD_FN = """
-local function load(conv, members, facts, window, ttl)
-  local turns = redis.call('LRANGE', conv, -tonumber(window), -1)
-  if redis.call('EXPIRE', conv, ttl) == 1 then
-    redis.call('EXPIRE', members, ttl)
-    for _, idx in ipairs(redis.call('HVALS', members)) do redis.call('EXPIRE', idx, ttl) end
+# The window's version, for the front ends' caches of it: '{epoch}:{n}', n counting the
+# turns pushed since the epoch began (a fresh epoch, named by the writer's token, when a
+# write finds no valid version); '' for an empty window; '?' for turns written by
+# something that kept no version (never equal to what a cache holds). The `ver` key
+# keeps '{epoch}:{n}:{newest turn}': a writer that pushed without updating it (an older
+# front end) left another turn last, and the version is then '?'.
+_VERSION_FN = """
+local function version(conv, ver)
+  local v = redis.call('GET', ver)
+  if v then
+    local epoch, n, last = string.match(v, '^([^:]*):(%d+):(.*)$')
+    if epoch and redis.call('LINDEX', conv, -1) == last then return epoch, tonumber(n) end
   end
-  return {turns, redis.call('HGETALL', facts)}
+  if redis.call('EXISTS', conv) == 0 then return nil, 0 end
+  return nil, -1
+end
+local function version_text(epoch, n)
+  if epoch then return epoch .. ':' .. n end
+  return n == 0 and '' or '?'
 end
 """
 
-# KEYS: conv, members, facts. ARGV: window, ttl.
-LOAD = _LOAD_FN + "return load(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])"
+# Loads the window for a caller that has version `have` of it cached: only the turns
+# pushed since, when that is enough ({current version, length, 1, new turns, facts}),
+# else the whole window ({current version, length, 0, turns, facts}). Refreshes the
+# conversation's TTL once it has run down by `slack` ms (members, indexes and version
+# with it), so most loads cost one PTTL instead of an EXPIRE per key.
+_LOAD_FN = _VERSION_FN + """
+local function load(conv, members, ver, facts, window, ttl, slack, have)
+  window = tonumber(window)
+  local epoch, n = version(conv, ver)
+  local current = version_text(epoch, n)
+  local llen = redis.call('LLEN', conv)
+  local turns, tail = nil, 0
+  if have == current and current ~= '?' then
+    turns, tail = {}, 1
+  elseif epoch and have ~= '' then
+    local had_epoch, had = string.match(have, '^([^:]*):(%d+)$')
+    had = tonumber(had)
+    if had_epoch == epoch and had < n and n - had <= math.min(window, llen) then
+      turns, tail = redis.call('LRANGE', conv, had - n, -1), 1
+    end
+  end
+  if not turns then turns = redis.call('LRANGE', conv, -window, -1) end
+  if redis.call('PTTL', conv) < tonumber(ttl) * 1000 - tonumber(slack)
+      and redis.call('EXPIRE', conv, ttl) == 1 then
+    redis.call('EXPIRE', ver, ttl)
+    redis.call('EXPIRE', members, ttl)
+    for _, idx in ipairs(redis.call('HVALS', members)) do redis.call('EXPIRE', idx, ttl) end
+  end
+  return {current, llen, tail, turns, redis.call('HGETALL', facts)}
+end
+"""
+
+# KEYS: conv, members, ver, facts. ARGV: window, ttl, slack ms.
+LOAD = _LOAD_FN + """
+return load(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], '?')"""
 
 # Drops ids whose window ended (from seen and replies).
 _EXPIRE_IDS_FN = """
@@ -49,8 +93,10 @@ local base, ref = ARGV[1], ARGV[2]
 local function key(kind) return base .. kind .. ':' .. ref end
 """
 
-# ARGV: '{p}:{bot}:', ref, facts key, message id, token, lease ms, stale ms, window, ttl.
-# {1, turns, facts}: claimed; {2, reply}: answered before; {0}: wait (queued).
+# ARGV: '{p}:{bot}:', ref, facts key, message id, token, lease ms, stale ms, window, ttl,
+#       slack ms, the version of the window the caller has cached ('?': none).
+# {1, version, length, tail?, turns, facts}: claimed (see load); {2, reply}: answered
+# before; {0}: wait (queued).
 BEGIN = _NOW + _KEYS_FN + _EXPIRE_IDS_FN + _LOAD_FN + """
 local seen, replies, lease = key('seen'), key('replies'), key('lease')
 local queue, beats = key('queue'), key('beats')
@@ -88,8 +134,9 @@ if redis.call('PTTL', seen) < lease_ms then
   redis.call('PEXPIRE', seen, lease_ms)
   redis.call('PEXPIRE', replies, lease_ms)
 end
-local loaded = load(key('conv'), key('members'), ARGV[3], ARGV[8], ARGV[9])
-return {1, loaded[1], loaded[2]}
+local loaded = load(key('conv'), key('members'), key('ver'), ARGV[3], ARGV[8], ARGV[9],
+                    ARGV[10], ARGV[11])
+return {1, loaded[1], loaded[2], loaded[3], loaded[4], loaded[5]}
 """
 
 _WRONG_FN = """
@@ -99,40 +146,63 @@ local function wrong(key, kind)
 end
 """
 
-# Appends turns (ARGV from `first`: n, n x (user id, index key), turns as JSON) to conv,
-# trims to the window and keeps members and user indexes in step: a user stays a member
-# while their turns are in the window or their replies in the dedupe record (seenby).
-_APPEND_FN = _WRONG_FN + """
-local function append(conv, members, seenby, window, ttl, ref, first, now)
+# Appends turns (ARGV from `first`: n, n x (user id, index key, '1' if one of the user's
+# turns is among the pushed ones that stay in the window), turns as JSON) to conv, trims
+# to the window and keeps members and user indexes in step: a user stays a member while
+# their turns are in the window or their replies in the dedupe record (seenby). The
+# window is decoded only to look for a member that is neither (in a one-user
+# conversation, never). Returns an error text, or nil, the version before and after
+# (see _VERSION_FN; `epoch` names a fresh one) and the window's length.
+_APPEND_FN = _WRONG_FN + _VERSION_FN + """
+local function append(conv, members, seenby, ver, window, ttl, ref, first, now, epoch)
   local n = tonumber(ARGV[first])
-  local bad = wrong(conv, 'list') or wrong(members, 'hash')
-  for i = 0, n - 1 do bad = bad or wrong(ARGV[first + 2 + 2 * i], 'set') end
-  for _, idx in ipairs(bad and {} or redis.call('HVALS', members)) do
-    bad = bad or wrong(idx, 'set')
+  local bad = wrong(conv, 'list') or wrong(members, 'hash') or wrong(ver, 'string')
+  for i = 0, n - 1 do bad = bad or wrong(ARGV[first + 2 + 3 * i], 'set') end
+  local known = {}
+  local pairs_ = bad and {} or redis.call('HGETALL', members)
+  for i = 1, #pairs_, 2 do
+    known[pairs_[i]] = pairs_[i + 1]
+    bad = bad or wrong(pairs_[i + 1], 'set')
   end
   if bad then return bad end
   -- Nothing is written above this line.
+  local fresh = {}
   for i = 0, n - 1 do
-    redis.call('HSET', members, ARGV[first + 1 + 2 * i], ARGV[first + 2 + 2 * i])
+    local user, idx = ARGV[first + 1 + 3 * i], ARGV[first + 2 + 3 * i]
+    if known[user] ~= idx then redis.call('HSET', members, user, idx) end
+    known[user] = idx
+    fresh[user] = ARGV[first + 3 + 3 * i] == '1'
   end
-  local pushed = false
-  for i = first + 1 + 2 * n, #ARGV do redis.call('RPUSH', conv, ARGV[i]) pushed = true end
-  local present = {}
-  if pushed then
+  local had, count = version(conv, ver)
+  local before = version_text(had, count)
+  if not had then count = 0 else epoch = had end
+  local pushed = 0
+  for i = first + 1 + 3 * n, #ARGV do
+    redis.call('RPUSH', conv, ARGV[i])
+    pushed = pushed + 1
+  end
+  local present = nil
+  if pushed > 0 then
     redis.call('LTRIM', conv, -window, -1)
-    for _, raw in ipairs(redis.call('LRANGE', conv, 0, -1)) do
-      local ok, turn = pcall(cjson.decode, raw)
-      if ok and type(turn) == 'table' and type(turn.user_id) == 'string' then
-        present[turn.user_id] = true
-      end
-    end
+    count = count + pushed
+    redis.call('SET', ver, epoch .. ':' .. count .. ':' .. ARGV[#ARGV], 'EX', ttl)
   end
-  local pairs_ = redis.call('HGETALL', members)
-  for i = 1, #pairs_, 2 do
-    local user, idx = pairs_[i], pairs_[i + 1]
-    local kept = present[user] or not pushed  -- without a push nothing left the window
+  for user, idx in pairs(known) do
+    local kept = pushed == 0 or fresh[user]  -- without a push nothing left the window
     if not kept then
       kept = (tonumber(redis.call('ZSCORE', seenby, user)) or 0) > now
+    end
+    if not kept then
+      if not present then
+        present = {}
+        for _, raw in ipairs(redis.call('LRANGE', conv, 0, -1)) do
+          local ok, turn = pcall(cjson.decode, raw)
+          if ok and type(turn) == 'table' and type(turn.user_id) == 'string' then
+            present[turn.user_id] = true
+          end
+        end
+      end
+      kept = present[user]
     end
     if kept then
       redis.call('SADD', idx, ref)
@@ -142,22 +212,26 @@ local function append(conv, members, seenby, window, ttl, ref, first, now)
       redis.call('HDEL', members, user)
     end
   end
-  if pushed then redis.call('EXPIRE', conv, ttl) end
+  if pushed > 0 then redis.call('EXPIRE', conv, ttl) end
   redis.call('EXPIRE', members, ttl)
+  local after = pushed > 0 and (epoch .. ':' .. count) or before
+  return nil, before, after, redis.call('LLEN', conv)
 end
 """
 
-# KEYS: conv, members, seenby.
-# ARGV: window, ttl, ref, n, n x (user id, index key), turns (JSON).
+# KEYS: conv, members, seenby, ver.
+# ARGV: window, ttl, ref, epoch, n, n x (user id, index key, fresh), turns (JSON).
 APPEND = _NOW + _APPEND_FN + """
-local bad = append(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[1]), ARGV[2], ARGV[3], 4, now)
+local bad = append(KEYS[1], KEYS[2], KEYS[3], KEYS[4], tonumber(ARGV[1]), ARGV[2], ARGV[3],
+                   5, now, ARGV[4])
 if bad then return redis.error_reply(bad) end
 return 1
 """
 
 # ARGV: '{p}:{bot}:', ref, message id, token, reply, user id, dedupe ms, max ids, window,
-#       ttl, n, n x (user id, index key), turns (JSON).
-# 1: stored; 0: stored before (a repeat after success).
+#       ttl, n, n x (user id, index key, fresh), turns (JSON).
+# {1, version before, version after, length} (see _APPEND_FN): stored; {0}: stored
+# before (a repeat after success).
 FINISH = _NOW + _KEYS_FN + _EXPIRE_IDS_FN + _APPEND_FN + """
 local seen, replies, lease, seenby = key('seen'), key('replies'), key('lease'), key('seenby')
 local id, token, dedupe_ms, cap = ARGV[3], ARGV[4], tonumber(ARGV[7]), tonumber(ARGV[8])
@@ -165,12 +239,14 @@ local function release()
   if redis.call('GET', lease) == token then redis.call('DEL', lease) end
 end
 local state = redis.call('HGET', replies, id)
-if state and string.sub(state, 1, 2) == 'd:' then release() return 0 end
+if state and string.sub(state, 1, 2) == 'd:' then release() return {0} end
 local bad = wrong(seen, 'zset') or wrong(replies, 'hash') or wrong(seenby, 'zset')
 if bad then return redis.error_reply(bad) end
 redis.call('ZADD', seenby, now + dedupe_ms, ARGV[6])
 redis.call('PEXPIRE', seenby, dedupe_ms)
-bad = append(key('conv'), key('members'), seenby, tonumber(ARGV[9]), ARGV[10], ref, 11, now)
+local before, after, length
+bad, before, after, length = append(key('conv'), key('members'), seenby, key('ver'),
+                                    tonumber(ARGV[9]), ARGV[10], ref, 11, now, token)
 if bad then return redis.error_reply(bad) end
 expire_ids(seen, replies, now)
 redis.call('HSET', replies, id, 'd:' .. ARGV[5])
@@ -183,7 +259,7 @@ end
 redis.call('PEXPIRE', seen, dedupe_ms)
 redis.call('PEXPIRE', replies, dedupe_ms)
 release()
-return 1
+return {1, before, after, length}
 """
 
 # ARGV: '{p}:{bot}:', ref, message id, token.
@@ -215,9 +291,10 @@ end
 return 1
 """
 
-# KEYS: conv, members. ARGV: ref.
+# KEYS: conv, members, ver. ARGV: ref.
 RESET = """
 for _, idx in ipairs(redis.call('HVALS', KEYS[2])) do redis.call('SREM', idx, ARGV[1]) end
+redis.call('DEL', KEYS[3])
 return redis.call('DEL', KEYS[1], KEYS[2])
 """
 
@@ -228,7 +305,8 @@ for _, ref in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local members = base .. 'members:' .. ref
   for _, idx in ipairs(redis.call('HVALS', members)) do redis.call('SREM', idx, ref) end
   count = count + redis.call('EXISTS', base .. 'conv:' .. ref)
-  redis.call('DEL', base .. 'conv:' .. ref, members, base .. 'seen:' .. ref,
+  redis.call('DEL', base .. 'conv:' .. ref, members, base .. 'ver:' .. ref,
+             base .. 'seen:' .. ref,
              base .. 'replies:' .. ref, base .. 'seenby:' .. ref)
 end
 count = count + redis.call('HLEN', KEYS[2])
