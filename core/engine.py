@@ -16,8 +16,9 @@ plugin become a short apology to the user, a log line and a counter.
 
 from __future__ import annotations
 
+import itertools
 import logging
-import secrets
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -44,7 +45,7 @@ from core.metrics import Metrics
 from core.moderation.base import Action, Moderator, ReplyWithheld, Verdict
 from core.plugin_runner import Before, PluginFailed, PluginRunner
 from core.plugins import AddContext, PluginRegistry
-from core.prompt import chat_messages
+from core.prompt import HistoryMessages, chat_messages
 from core.streams import closing
 from core.types import IncomingMessage, ReplyEvent, ReplyKind, Turn
 from core.validation import clean_text
@@ -104,6 +105,15 @@ class Engine(ServiceBase):
         self.lanes = Lanes(max_queued=settings.bot.max_queued,
                            max_in_flight=settings.bot.max_in_flight_per_user)
         self.runner = PluginRunner(plugins, memory, timeout=settings.plugins.timeout)
+        gen = settings.generation
+        self._sampling = SamplingParams(
+            max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+            repetition_penalty=gen.repetition_penalty,
+            no_repeat_ngram_size=gen.no_repeat_ngram_size,
+            finish_sentence=gen.finish_sentence, max_sentences=gen.max_sentences,
+        )
+        self._history = HistoryMessages()
+        self._ids = unique_ids()
 
     @property
     def name(self) -> str:
@@ -140,6 +150,7 @@ class Engine(ServiceBase):
         """
         started = time.monotonic()
         outcome = "error"
+        last: ReplyEvent | None = None
         try:
             try:
                 text = clean_text(message.text, self.settings.bot.max_message_chars)
@@ -147,16 +158,15 @@ class Engine(ServiceBase):
                 outcome = "invalid"
                 yield ReplyEvent(ReplyKind.ERROR, exc.reason, code="invalid_input")
                 return
-            message = replace(message, text=text)
+            if text != message.text:
+                message = replace(message, text=text)
             try:
                 async with self.lanes.enter(message, self._admit):
-                    claim = Claim(self.memory, message, secrets.token_hex(8),
-                                  self.settings.memory.lease)
+                    claim = Claim(self.memory, message, self._ids(), self.settings.memory.lease)
                     try:
-                        async for event in self._pipeline(message, claim):
-                            if event.is_last:
-                                outcome = _outcome(event)
-                            yield event
+                        async with closing(self._pipeline(message, claim)) as events:
+                            async for last in events:
+                                yield last
                     finally:
                         await claim.release()
             except SlowDown as exc:
@@ -165,6 +175,8 @@ class Engine(ServiceBase):
                 yield ReplyEvent(ReplyKind.ERROR, exc.reply or self.apologies.slow_down,
                                  action=exc.action, code="slow_down")
         finally:
+            if last is not None and last.is_last:
+                outcome = _outcome(last)
             counted = self._outcomes.get((message.channel, outcome))
             if counted is None:
                 counted = self._outcomes[message.channel, outcome] = self.metrics.messages.labels(
@@ -194,41 +206,89 @@ class Engine(ServiceBase):
     async def _pipeline(
         self, message: IncomingMessage, claim: Claim
     ) -> AsyncIterator[ReplyEvent]:
+        """Everything after the lane: the answer, or an apology for what failed. One
+        async generator streams the reply, down to each attempt of the generator (every
+        level of them costs each event of every message)."""
         try:
-            # Dedupe, the lease and the conversation's memory in one round trip; a
-            # message then refused or answered by a command just leaves the snapshot.
-            begun = await claim.begin(time.monotonic() + self.settings.generation.timeout)
-            if begun.replay is not None:
-                stored = begun.replay
-                yield ReplyEvent(ReplyKind(stored.kind), stored.text, action=stored.action,
-                                 code="duplicate")
+            ready = await self._prepare(message, claim)
+            if isinstance(ready, ReplyEvent):
+                yield ready
                 return
-            assert begun.snapshot is not None
-            verdict = await self._check_input(message)
-            self._count_verdict(message, verdict)
-            if not verdict.action.answers:
-                refused = ReplyEvent(ReplyKind.NOTICE, verdict.reply or "",
-                                     action=verdict.action, code="moderated")
-                await self._finish(message, claim, refused)
-                if verdict.action is Action.ESCALATE:
-                    # For plugins that bring people in (handoff).
-                    await self.plugins.emit("moderation.escalate",
-                                            replace(message, text=verdict.text),
-                                            {"categories": ",".join(verdict.categories)})
-                yield refused
+            message, verdict, request, history = ready
+            action = verdict.action
+            yield ReplyEvent(ReplyKind.TYPING, action=action)
+            pieces: list[str] = []
+            try:
+                # Each attempt of the generator (a remote job reclaimed after its worker
+                # died starts a new one) runs through a fresh output guard, so nothing
+                # the guard held back from an abandoned attempt leaks into the next.
+                async with closing(self.generator.stream(request)) as deltas:
+                    iterator = aiter(deltas)
+                    carry: TokenDelta | None = None
+                    system = _instructions(message, request)
+                    while True:
+                        restarted = False
+
+                        async def attempt() -> AsyncIterator[str]:
+                            nonlocal carry, restarted
+                            if carry is not None and carry.text:
+                                yield carry.text
+                            carry = None
+                            async for delta in iterator:
+                                if delta.restart:
+                                    carry, restarted = delta, True
+                                    return
+                                if delta.text:
+                                    yield delta.text
+
+                        guarded = self.moderator.guard(message, attempt(), system=system)
+                        async with closing(guarded) as stream:
+                            async for piece in stream:
+                                if restarted:
+                                    break  # what the guard flushed of the abandoned attempt
+                                if not pieces:
+                                    self._first_token_seconds.observe(
+                                        time.time() - message.received_at)
+                                pieces.append(piece)
+                                yield ReplyEvent(ReplyKind.DELTA, piece, action=action)
+                        if not restarted:
+                            break
+                        # A remote worker died mid-reply and another started over: the
+                        # user is told to drop what they saw, so they see one answer.
+                        if pieces:
+                            pieces.clear()
+                            yield ReplyEvent(ReplyKind.RESET, action=action)
+            except ReplyWithheld as withheld:
+                self.metrics.moderation.labels(
+                    self.name, message.channel, "output", Action.BLOCK.value).inc()
+                for category in withheld.categories:
+                    self.metrics.moderation_categories.labels(
+                        self.name, message.channel, "output", category).inc()
+                # The output guard flagged the reply part-way: what was shown was safe,
+                # but the answer is replaced as a whole.
+                if pieces:
+                    yield ReplyEvent(ReplyKind.RESET, action=Action.BLOCK)
+                final = ReplyEvent(ReplyKind.FINAL, withheld.text, action=Action.BLOCK,
+                                   code="moderated")
+                await self._finish(message, claim, final, withheld.text)
+                yield final
                 return
-            message = replace(message, text=verdict.text)
-            before = await self.runner.before(message)
-            if before.reply is not None or before.silent:
-                yield await self._answer_before(message, verdict, before, claim,
-                                                begun.snapshot.turns)
+            reply = "".join(pieces).strip()
+            if not reply:
+                self.metrics.errors.labels(self.name, "empty_reply").inc()
+                yield ReplyEvent(ReplyKind.ERROR, self.apologies.empty, action=action,
+                                 code="empty_reply")
                 return
-            yield ReplyEvent(ReplyKind.TYPING, action=verdict.action)
-            request = await self.build_request(message, begun.snapshot, before.contexts)
-            async with closing(self._reply(message, verdict, request, claim,
-                                           begun.snapshot.turns)) as events:
-                async for event in events:
-                    yield event
+            notice = ""
+            if action is Action.WARN and verdict.reply:
+                # The warning goes to the user, not into the conversation's memory.
+                notice = f"\n\n{verdict.reply}"
+            final = ReplyEvent(ReplyKind.FINAL, reply + notice, action=action)
+            await self._finish(message, claim, final, reply)
+            self.runner.after(message, reply, history)
+            if notice:
+                yield ReplyEvent(ReplyKind.DELTA, notice, action=action)
+            yield final
         except MemoryUnavailable as exc:
             yield self._failure(message, "memory", exc, self.apologies.memory,
                                 "memory_unavailable")
@@ -241,57 +301,39 @@ class Engine(ServiceBase):
             yield self._failure(message, "plugin", exc, self.apologies.plugin,
                                 "plugin_failed")
 
-    async def _reply(
-        self, message: IncomingMessage, verdict: Verdict, request: GenerationRequest,
-        claim: Claim, history: Sequence[Turn] = (),
-    ) -> AsyncIterator[ReplyEvent]:
-        """Stream the generated reply, then remember it; raises what memory or model raise."""
-        pieces: list[str] = []
-        try:
-            async with closing(self._generate(message, request)) as stream:
-                async for piece in stream:
-                    if piece is None:
-                        # A remote worker died mid-reply and another started over: the
-                        # user is told to drop what they saw, so they see one answer.
-                        if pieces:
-                            pieces.clear()
-                            yield ReplyEvent(ReplyKind.RESET, action=verdict.action)
-                        continue
-                    if not pieces:
-                        self._first_token_seconds.observe(time.time() - message.received_at)
-                    pieces.append(piece)
-                    yield ReplyEvent(ReplyKind.DELTA, piece, action=verdict.action)
-        except ReplyWithheld as withheld:
-            self.metrics.moderation.labels(
-                self.name, message.channel, "output", Action.BLOCK.value).inc()
-            for category in withheld.categories:
-                self.metrics.moderation_categories.labels(
-                    self.name, message.channel, "output", category).inc()
-            # The output guard flagged the reply part-way: what was shown was safe, but
-            # the answer is replaced as a whole.
-            if pieces:
-                yield ReplyEvent(ReplyKind.RESET, action=Action.BLOCK)
-            final = ReplyEvent(ReplyKind.FINAL, withheld.text, action=Action.BLOCK,
-                               code="moderated")
-            await self._finish(message, claim, final, withheld.text)
-            yield final
-            return
-        reply = "".join(pieces).strip()
-        if not reply:
-            self.metrics.errors.labels(self.name, "empty_reply").inc()
-            yield ReplyEvent(ReplyKind.ERROR, self.apologies.empty, action=verdict.action,
-                             code="empty_reply")
-            return
-        notice = ""
-        if verdict.action is Action.WARN and verdict.reply:
-            # The warning goes to the user, not into the conversation's memory.
-            notice = f"\n\n{verdict.reply}"
-        final = ReplyEvent(ReplyKind.FINAL, reply + notice, action=verdict.action)
-        await self._finish(message, claim, final, reply)
-        self.runner.after(message, reply, history)
-        if notice:
-            yield ReplyEvent(ReplyKind.DELTA, notice, action=verdict.action)
-        yield final
+    async def _prepare(
+        self, message: IncomingMessage, claim: Claim
+    ) -> ReplyEvent | tuple[IncomingMessage, Verdict, GenerationRequest, Sequence[Turn]]:
+        """Claim, moderate, run commands and pre-hooks: the message's whole answer (a
+        replay, a refusal, a command's reply), or what to generate from."""
+        # Dedupe, the lease and the conversation's memory in one round trip; a message
+        # then refused or answered by a command just leaves the snapshot.
+        begun = await claim.begin(time.monotonic() + self.settings.generation.timeout)
+        if begun.replay is not None:
+            stored = begun.replay
+            return ReplyEvent(ReplyKind(stored.kind), stored.text, action=stored.action,
+                              code="duplicate")
+        assert begun.snapshot is not None
+        verdict = await self._check_input(message)
+        self._count_verdict(message, verdict)
+        if not verdict.action.answers:
+            refused = ReplyEvent(ReplyKind.NOTICE, verdict.reply or "",
+                                 action=verdict.action, code="moderated")
+            await self._finish(message, claim, refused)
+            if verdict.action is Action.ESCALATE:
+                # For plugins that bring people in (handoff).
+                await self.plugins.emit("moderation.escalate",
+                                        replace(message, text=verdict.text),
+                                        {"categories": ",".join(verdict.categories)})
+            return refused
+        if verdict.text != message.text:
+            message = replace(message, text=verdict.text)
+        before = await self.runner.before(message)
+        if before.reply is not None or before.silent:
+            return await self._answer_before(message, verdict, before, claim,
+                                             begun.snapshot.turns)
+        request = await self.build_request(message, begun.snapshot, before.contexts)
+        return message, verdict, request, begun.snapshot.turns
 
     async def _check_input(self, message: IncomingMessage) -> Verdict:
         """Moderation's verdict on ``message``. A known command's name is the bot's own
@@ -343,57 +385,15 @@ class Engine(ServiceBase):
         contexts = await self.runner.contexts(message, found)
         bot = self.settings.bot
         messages = chat_messages(bot.persona, contexts, snapshot.facts, snapshot.turns,
-                                 message.text, bot.examples)
-        gen = self.settings.generation
+                                 message.text, bot.examples,
+                                 history=self._history(message.key, snapshot.turns))
         return GenerationRequest(
             messages=tuple(messages),
-            sampling=SamplingParams(
-                max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
-                repetition_penalty=gen.repetition_penalty,
-                no_repeat_ngram_size=gen.no_repeat_ngram_size,
-                finish_sentence=gen.finish_sentence, max_sentences=gen.max_sentences,
-            ),
+            sampling=self._sampling,
             tenant=self.name,
             user=f"{message.channel}:{message.user_id}",
+            request_id=self._ids(),
         )
-
-    async def _generate(
-        self, message: IncomingMessage, request: GenerationRequest
-    ) -> AsyncIterator[str | None]:
-        """The guarded reply text, piece by piece; ``None`` means "start over".
-
-        Each attempt of the generator (a remote job reclaimed after its worker died
-        starts a new one) runs through a fresh output guard, so nothing the guard held
-        back from an abandoned attempt leaks into the next.
-        """
-        async with closing(self.generator.stream(request)) as deltas:
-            iterator = aiter(deltas)
-            carry: TokenDelta | None = None
-            while True:
-                restarted = False
-
-                async def attempt() -> AsyncIterator[str]:
-                    nonlocal carry, restarted
-                    if carry is not None and carry.text:
-                        yield carry.text
-                    carry = None
-                    async for delta in iterator:
-                        if delta.restart:
-                            carry, restarted = delta, True
-                            return
-                        if delta.text:
-                            yield delta.text
-
-                system = _instructions(message, request)
-                async with closing(self.moderator.guard(message, attempt(),
-                                                        system=system)) as guarded:
-                    async for piece in guarded:
-                        if restarted:
-                            break  # what the guard flushed of the abandoned attempt
-                        yield piece
-                if not restarted:
-                    return
-                yield None
 
     async def _finish(
         self, message: IncomingMessage, claim: Claim, event: ReplyEvent,
@@ -419,6 +419,14 @@ class Engine(ServiceBase):
         log.warning("bot %s: %s failed for %s: %s", self.name, stage, message.key, exc)
         self.metrics.errors.labels(self.name, stage).inc()
         return ReplyEvent(ReplyKind.ERROR, apology, code=code)
+
+
+def unique_ids() -> Callable[[], str]:
+    """A source of ids unique across processes: a random prefix and a count (a claim's
+    token, a request's id), without a system call for each."""
+    prefix = os.urandom(8).hex()
+    count = itertools.count()
+    return lambda: f"{prefix}{next(count):x}"
 
 
 def _outcome(event: ReplyEvent) -> str:

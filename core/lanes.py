@@ -19,9 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Literal
 
 from core.errors import GeneratorBusy, MemoryUnavailable, ParleyError
@@ -53,11 +53,43 @@ Admit = Callable[[IncomingMessage], Awaitable[SlowDown | None]]
 class _Lane:
     """A FIFO lock for one conversation, counted so idle lanes can be dropped."""
 
-    __slots__ = ("lock", "users")
+    __slots__ = ("key", "lock", "users")
 
-    def __init__(self) -> None:
+    def __init__(self, key: ConversationKey) -> None:
+        self.key = key
         self.lock = asyncio.Lock()
         self.users = 0
+
+
+class _Entry:
+    """What :meth:`Lanes.enter` returns: a plain class, not an ``@asynccontextmanager``
+    generator (an async generator of its own for every message)."""
+
+    __slots__ = ("_admit", "_lane", "_lanes", "_message")
+
+    def __init__(self, lanes: Lanes, message: IncomingMessage, admit: Admit | None) -> None:
+        self._lanes = lanes
+        self._message = message
+        self._admit = admit
+        self._lane: _Lane | None = None
+
+    async def __aenter__(self) -> None:
+        lane = self._lanes._join(self._message)
+        try:
+            await self._lanes._acquire(lane.lock, self._message, self._admit)
+        except BaseException:
+            self._lanes._leave(lane, self._message)
+            raise
+        self._lane = lane
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        lane, self._lane = self._lane, None
+        if lane is not None:
+            try:
+                lane.lock.release()
+            finally:
+                self._lanes._leave(lane, self._message)
 
 
 class Lanes:
@@ -73,13 +105,14 @@ class Lanes:
         """How many conversations have a message queued or being answered here."""
         return len(self._lanes)
 
-    @asynccontextmanager
-    async def enter(self, message: IncomingMessage, admit: Admit | None = None
-                    ) -> AsyncIterator[None]:
-        """Hold ``message``'s lane; raises :class:`SlowDown` at once, before waiting,
-        when its lane or its user has too many messages already, or when ``admit``
-        (rate limits) refuses it; ``admit`` is asked while the message keeps its place
-        in the lane, so arrival order holds however long it takes to answer."""
+    def enter(self, message: IncomingMessage, admit: Admit | None = None) -> _Entry:
+        """Hold ``message``'s lane (``async with``); raises :class:`SlowDown` at once,
+        before waiting, when its lane or its user has too many messages already, or when
+        ``admit`` (rate limits) refuses it; ``admit`` is asked while the message keeps
+        its place in the lane, so arrival order holds however long it takes to answer."""
+        return _Entry(self, message, admit)
+
+    def _join(self, message: IncomingMessage) -> _Lane:
         key, who = message.key, (message.channel, message.user_id)
         lane = self._lanes.get(key)
         if lane is not None and lane.users > self.max_queued:
@@ -88,24 +121,21 @@ class Lanes:
         if flying >= self.max_in_flight:
             raise SlowDown(f"{key}: user has {flying} messages in flight")
         if lane is None:
-            lane = self._lanes[key] = _Lane()
+            lane = self._lanes[key] = _Lane(key)
         lane.users += 1
         self._in_flight[who] = flying + 1
-        try:
-            await self._acquire(lane.lock, message, admit)
-            try:
-                yield
-            finally:
-                lane.lock.release()
-        finally:
-            lane.users -= 1
-            if lane.users == 0:
-                del self._lanes[key]
-            left = self._in_flight[who] - 1
-            if left:
-                self._in_flight[who] = left
-            else:
-                del self._in_flight[who]
+        return lane
+
+    def _leave(self, lane: _Lane, message: IncomingMessage) -> None:
+        lane.users -= 1
+        if lane.users == 0:
+            del self._lanes[lane.key]
+        who = (message.channel, message.user_id)
+        left = self._in_flight[who] - 1
+        if left:
+            self._in_flight[who] = left
+        else:
+            del self._in_flight[who]
 
     @staticmethod
     async def _acquire(lock: asyncio.Lock, message: IncomingMessage, admit: Admit | None

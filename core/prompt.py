@@ -20,7 +20,7 @@ the oldest history to fit; this module decides what the chat says and in which o
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 from core.generation.base import ChatMessage
 from core.plugins import AddContext
@@ -36,8 +36,14 @@ def chat_messages(
     turns: Sequence[Turn],
     text: str,
     examples: Sequence[tuple[str, str]] = (),
+    *,
+    history: Sequence[ChatMessage] | None = None,
 ) -> list[ChatMessage]:
-    """The messages of one request, in the order the module docstring gives."""
+    """The messages of one request, in the order the module docstring gives.
+
+    ``history`` is ``turns`` as chat messages, when the caller has them already
+    (:class:`HistoryMessages`).
+    """
     system = [persona]
     system += [c.text for c in contexts if c.role == "system" and not c.after_history]
     if facts:
@@ -50,7 +56,42 @@ def chat_messages(
                          ChatMessage("assistant", ACKNOWLEDGED)]
     for asked, answered in examples:
         messages += [ChatMessage("user", asked), ChatMessage("assistant", answered)]
-    messages += [ChatMessage(t.role, t.text) for t in turns if t.role != "system"]
+    if history is None:
+        history = [ChatMessage(t.role, t.text) for t in turns if t.role != "system"]
+    messages += history
     after = [c.text for c in contexts if c.after_history]
     messages.append(ChatMessage("user", "\n\n".join([text, *after])))
     return messages
+
+
+class HistoryMessages:
+    """The stored turns of conversations as chat messages, remembered per conversation.
+
+    A memory store hands back the same :class:`Turn` objects for the turns a window
+    kept, so each turn is converted once instead of on every message (a frozen
+    dataclass per turn per message: a tenth of the engine's time with a 20-turn window).
+    Turns are immutable, so one seen before converts as it did then.
+    """
+
+    def __init__(self, size: int = 2048) -> None:
+        self.size = size  # conversations remembered, the least recently used go first
+        self._entries: dict[Hashable, tuple[Sequence[Turn], tuple[ChatMessage | None, ...]]] = {}
+
+    def __call__(self, conversation: Hashable, turns: Sequence[Turn]) -> list[ChatMessage]:
+        """``turns`` (of ``conversation``) as chat messages, system turns left out."""
+        entries = self._entries
+        entry = entries.pop(conversation, None)
+        if entry is not None and entry[0] is turns:
+            converted = entry[1]
+        else:
+            # By identity: the turns held in the entry are alive, so no id is reused.
+            known = dict(zip(map(id, entry[0]), entry[1], strict=True)) if entry else {}
+            converted = tuple(known.get(id(t)) or _message(t) for t in turns)
+        entries[conversation] = (turns, converted)
+        if len(entries) > self.size:
+            del entries[next(iter(entries))]
+        return [m for m in converted if m is not None]
+
+
+def _message(turn: Turn) -> ChatMessage | None:
+    return None if turn.role == "system" else ChatMessage(turn.role, turn.text)

@@ -10,9 +10,9 @@ socket timeouts, and every Redis or socket error turned into the caller's own
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -70,15 +70,31 @@ def connect(
         raise ConfigError(f"{where}: not a Redis URL ({redact(url)}): {exc}") from None
 
 
-@asynccontextmanager
-async def failures_as(error: type[ParleyError], prefix: str, what: str) -> AsyncIterator[None]:
+def failures_as(error: type[ParleyError], prefix: str, what: str) -> _FailuresAs:
     """Turn Redis and socket errors inside the block into ``error("{prefix}: {what} failed")``."""
-    try:
-        yield
-    except (RedisError, OSError) as exc:
+    return _FailuresAs(error, prefix, what)
+
+
+class _FailuresAs:
+    """What :func:`failures_as` returns: a plain class, not an ``@asynccontextmanager``
+    generator (an async generator for every Redis call)."""
+
+    __slots__ = ("error", "prefix", "what")
+
+    def __init__(self, error: type[ParleyError], prefix: str, what: str) -> None:
+        self.error = error
+        self.prefix = prefix
+        self.what = what
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        traceback: TracebackType | None) -> None:
         # builtin ConnectionError and TimeoutError are OSErrors too.
-        detail = str(exc) or type(exc).__name__
-        raise error(f"{prefix}: {what} failed: {detail}") from exc
+        if isinstance(exc, RedisError | OSError):
+            detail = str(exc) or type(exc).__name__
+            raise self.error(f"{self.prefix}: {self.what} failed: {detail}") from exc
 
 
 async def load_scripts(client: Redis, sources: Mapping[str, str]) -> dict[str, AsyncScript]:

@@ -97,6 +97,10 @@ class ReplyKind(StrEnum):
     ERROR = "error"  # the message could not be answered; ``text`` is safe to show
 
 
+# Looked up once: reading a member off an enum class costs more than the test.
+_LAST = (ReplyKind.FINAL, ReplyKind.NOTICE, ReplyKind.ERROR)
+
+
 @dataclass(frozen=True, slots=True)
 class ReplyEvent:
     """One event of the stream the engine yields for a message.
@@ -116,4 +120,4 @@ class ReplyEvent:
     @property
     def is_last(self) -> bool:
         """Whether this event ends the stream."""
-        return self.kind in (ReplyKind.FINAL, ReplyKind.NOTICE, ReplyKind.ERROR)
+        return self.kind in _LAST

@@ -7,7 +7,7 @@ import pytest
 from core.errors import ConfigError
 from core.generation.base import ChatMessage
 from core.plugins import AddContext
-from core.prompt import chat_messages
+from core.prompt import HistoryMessages, chat_messages
 from core.testing import ChatHarness, ScriptedGenerator
 from core.types import Turn
 
@@ -53,3 +53,17 @@ async def test_a_bot_s_examples_reach_every_request_and_are_never_stored() -> No
 def test_examples_are_pairs() -> None:
     with pytest.raises(ConfigError, match=r"bot\.examples"):
         ChatHarness.from_dict({"bot": {"name": "demo", "examples": [["only a question"]]}})
+
+
+def test_history_messages_convert_each_kept_turn_once() -> None:
+    history = HistoryMessages(size=2)
+    a, b, c = Turn("user", "a", "u1"), Turn("assistant", "b"), Turn("system", "hidden")
+    first = history("c1", (a, b))
+    assert first == [ChatMessage("user", "a"), ChatMessage("assistant", "b")]
+    d = Turn("user", "d", "u1")
+    second = history("c1", (b, c, d))  # a left the window; c is never sent
+    assert second == [ChatMessage("assistant", "b"), ChatMessage("user", "d")]
+    assert second[0] is first[1]  # the kept turn was not converted again
+    assert history("c2", (Turn("assistant", "b"),))[0] is not first[1]  # an equal turn
+    assert chat_messages("P", [], {}, (b, c, d), "e", history=second) == chat_messages(
+        "P", [], {}, (b, c, d), "e")
