@@ -22,6 +22,7 @@ from core.errors import ConfigError, MemoryUnavailable
 from core.memory.base import MemoryStore, StoredReply, UserRef, memory_backends
 from core.memory.embedded import EmbeddedMemory
 from core.memory.redis import RedisMemory
+from core.redis_client import _Link
 from core.types import ConversationKey, Turn
 from tests.support.redis_server import RedisServer
 
@@ -406,7 +407,8 @@ class RoundTrips:
     """Counts requests written to Redis connections in this process.
 
     redis-py writes a command, or a whole pipeline, with one ``send_packed_command`` and
-    then reads all its replies, so each call is one round trip. A connection's handshake
+    then reads all its replies, so each call is one round trip; a script pipeline writes
+    each batch of calls at once (and counts its writes). A connection's handshake
     would count too, which is why the store is used once before counting.
     """
 
@@ -425,6 +427,15 @@ def round_trips(monkeypatch: pytest.MonkeyPatch) -> Iterator[RoundTrips]:
         await original(self, command, check_health)
 
     monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+    # Scripts go out on a ScriptPipeline's own connection: one write per batch.
+    sent = _Link.send
+
+    def counting_send(self: _Link, batch: Any) -> None:
+        before = self.owner.round_trips
+        sent(self, batch)
+        counter.count += self.owner.round_trips - before
+
+    monkeypatch.setattr(_Link, "send", counting_send)
     yield counter
 
 
@@ -434,6 +445,7 @@ async def test_each_call_is_one_round_trip_whatever_the_history(
     store = await redis_backend.open(window=100)
     for i in range(60):
         await store.append(KEY, turns(f"{i}a", f"{i}b", user=f"user{i % 7}"))
+    await store.conversations(alice())  # the plain commands' pooled connection is made
     calls: dict[str, Callable[[], Any]] = {
         "load": lambda: store.load(KEY, "user1"),
         "append": lambda: store.append(KEY, turns("x", "y", user="user9")),
@@ -463,6 +475,22 @@ async def test_concurrent_calls_share_one_round_trip(
     # 40 conversations read at once: one pipeline, and each gets its own history.
     assert round_trips.count - before == 1
     assert [texts(s) for s in snapshots] == [[f"hello {i}"] for i in range(40)]
+
+
+async def test_batches_in_flight_share_one_connection(
+    redis_backend: Backend, raw: Redis
+) -> None:
+    store = await redis_backend.open()
+    await store.load(KEY, "alice")  # connected
+    clients = len(await raw.client_list())
+    keys = [ConversationKey("bot", "web", f"c{i}") for i in range(8)]
+    loads = []
+    for key in keys:  # a batch per loop turn, each sent before the last is answered
+        loads.append(asyncio.ensure_future(store.load(key, "alice")))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+    assert [texts(s) for s in await asyncio.gather(*loads)] == [[]] * 8
+    assert len(await raw.client_list()) == clients
 
 
 async def test_one_failing_call_in_a_batch_fails_alone(

@@ -117,7 +117,9 @@ class RedisMemory(ServiceBase):
 
     async def _stop(self) -> None:
         client, self._client = self._client, None
-        self._pipeline = None
+        pipeline, self._pipeline = self._pipeline, None
+        if pipeline is not None:
+            await pipeline.aclose()
         if client is not None:
             await client.aclose()
 
