@@ -387,6 +387,69 @@ async def test_plugins_send_through_the_outbox() -> None:
     assert "telegram" not in outbox.channels  # stopped: nothing is handed to it
 
 
+# -- confirming updates ------------------------------------------------------------------
+
+
+class Held(EchoGenerator):
+    """Echoes; a message with "hold" or "cut" only once ``release`` is set (``began``
+    says such a reply began)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.began = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        said = [m.content for m in request.messages if m.role == "user"][-1]
+        if "hold" in said or "cut" in said:
+            self.began.set()
+            await self.release.wait()
+        async for delta in super().stream(request):
+            yield delta
+
+
+async def test_an_update_is_confirmed_only_once_it_was_answered() -> None:
+    generator = Held()
+    async with FakeTelegram() as telegram, running(telegram, engine_with(generator)):
+        telegram.message("hold on", chat_id=44)
+        await asyncio.wait_for(generator.began.wait(), 30)
+        polls = len(telegram.calls_to("getUpdates"))
+        await telegram.wait_for(lambda: len(telegram.calls_to("getUpdates")) > polls + 2)
+        # Polled again meanwhile, and the update in progress is still Telegram's: a
+        # process that died now would get it again.
+        assert telegram.pending == 1
+        telegram.message("and another chat goes on", chat_id=45)
+        # (Not answered(): polling does not pause while an update is held.)
+        await telegram.wait_for(lambda: telegram.texts(45) == ["and another chat goes on"])
+        polls = len(telegram.calls_to("getUpdates"))
+        await telegram.wait_for(lambda: len(telegram.calls_to("getUpdates")) > polls + 2)
+        assert telegram.pending == 2  # the newer one waits for the older one
+        generator.release.set()
+        assert await answered(telegram, 44) == ["hold on"]
+        await telegram.wait_for(lambda: telegram.pending == 0)
+
+
+async def test_at_stop_the_answered_updates_are_confirmed_and_a_cut_one_is_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("bots.telegram.adapter.SHUTDOWN_TIMEOUT", 0.1)  # for the held reply
+    generator = Held()
+    async with FakeTelegram() as telegram:
+        async with running(telegram, engine_with(generator)):
+            telegram.message("first", chat_id=46)
+            telegram.message("second", chat_id=47)
+            await answered(telegram, 46)
+            await answered(telegram, 47)
+            telegram.message("cut short", chat_id=48)
+            await asyncio.wait_for(generator.began.wait(), 30)
+        assert telegram.pending == 1  # "cut short" comes again after a restart
+        generator.release.set()
+        async with running(telegram, engine_with(generator)):
+            assert await answered(telegram, 48) == ["cut short"]
+        assert telegram.texts(46) == ["first"] and telegram.texts(47) == ["second"]
+        assert telegram.pending == 0
+
+
 # -- malformed and unsupported updates --------------------------------------------------
 
 

@@ -44,13 +44,25 @@ def bot_file(tmp_path: Path, adapters: str) -> Path:
     return path
 
 
+def polling_bot(tmp_path: Path, telegram: FakeTelegram) -> Path:
+    return bot_file(tmp_path, f"""
+[adapters.telegram]
+token = "${{TELEGRAM_TOKEN}}"
+api_base_url = "{telegram.base_url}"
+poll_timeout = 1
+""")
+
+
+def environment(telegram: FakeTelegram) -> dict[str, str]:
+    return {**os.environ, "TELEGRAM_TOKEN": telegram.token, "TELEGRAM_SECRET": SECRET,
+            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
 @asynccontextmanager
 async def parley_run(config: Path, telegram: FakeTelegram) -> AsyncIterator[None]:
     """``parley run CONFIG`` in the background; SIGTERM at the end, which must exit 0."""
-    env = {**os.environ, "TELEGRAM_TOKEN": telegram.token, "TELEGRAM_SECRET": SECRET,
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "core.cli", "run", str(config), cwd=REPO, env=env,
+        sys.executable, "-m", "core.cli", "run", str(config), cwd=REPO, env=environment(telegram),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     try:
@@ -66,12 +78,7 @@ async def parley_run(config: Path, telegram: FakeTelegram) -> AsyncIterator[None
 
 async def test_parley_run_answers_on_telegram_by_polling(tmp_path: Path) -> None:
     async with FakeTelegram() as telegram:
-        config = bot_file(tmp_path, f"""
-[adapters.telegram]
-token = "${{TELEGRAM_TOKEN}}"
-api_base_url = "{telegram.base_url}"
-poll_timeout = 1
-""")
+        config = polling_bot(tmp_path, telegram)
         async with parley_run(config, telegram):
             telegram.message("hello from a real process", chat_id=501)
             await telegram.wait_for(
@@ -80,6 +87,38 @@ poll_timeout = 1
             await telegram.wait_for(lambda: len(telegram.texts(501)) == 2, within=30)
         assert telegram.calls_to("getUpdates")
         assert [c["command"] for c in telegram.commands][:1] == ["start"]
+
+
+async def test_an_update_survives_the_death_of_the_process_answering_it(
+    tmp_path: Path,
+) -> None:
+    async with FakeTelegram() as telegram:
+        config = polling_bot(tmp_path, telegram)
+        doomed = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "core.cli", "run", str(config), cwd=REPO,
+            env=environment(telegram),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        try:
+            await telegram.wait_for(lambda: telegram.calls_to("getUpdates"), within=90)
+            # The reply's first message is told to wait two minutes: the process is
+            # mid-reply, having fetched the update, when it is killed.
+            telegram.fail("sendMessage", status=429, retry_after=120)
+            telegram.message("do not lose me", chat_id=503)
+            await telegram.wait_for(
+                lambda: any(c.status == 429 for c in telegram.calls), within=30)
+            polls = len(telegram.calls_to("getUpdates"))
+            await telegram.wait_for(lambda: len(telegram.calls_to("getUpdates")) > polls,
+                                    within=30)
+        finally:
+            doomed.kill()
+            await doomed.wait()
+        assert telegram.texts(503) == []
+        assert telegram.pending == 1  # never confirmed
+        async with parley_run(config, telegram):
+            await telegram.wait_for(lambda: telegram.texts(503) == ["do not lose me"],
+                                    within=90)
+            await telegram.wait_for(lambda: telegram.pending == 0, within=30)
+        assert telegram.texts(503) == ["do not lose me"]  # once
 
 
 async def test_parley_run_answers_on_telegram_by_webhook(tmp_path: Path) -> None:

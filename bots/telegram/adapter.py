@@ -1,8 +1,11 @@
 """The Telegram channel: updates in (long polling or a webhook), streamed replies out.
 
 Runs python-telegram-bot's ``Application`` under Parley's lifecycle (``initialize``,
-``start``, ``updater.start_polling``; ``stop`` and ``shutdown`` in reverse), never its
-blocking ``run_*``. In webhook mode the update handler is mounted on the web channel's
+``start``; ``stop`` and ``shutdown`` in reverse), never its blocking ``run_*``. Updates
+do not pass through PTB's ``Updater``, which confirms an update as soon as it is
+fetched: long polling is :class:`~bots.telegram.polling.Poller`, which confirms one
+only once it was handled, so an update survives the death of the process answering it.
+In webhook mode the update handler is mounted on the web channel's
 aiohttp server (see :meth:`TelegramAdapter.http_routes`): a request with the wrong
 secret is refused (403); the answer is 200 only once the reply was delivered, so a
 failure makes Telegram deliver the update again, and a redelivered update is answered
@@ -22,13 +25,14 @@ from typing import Any
 from aiohttp import web
 from telegram import BotCommand, Update
 from telegram.error import InvalidToken, TelegramError
-from telegram.ext import Application, ApplicationBuilder, ContextTypes, TypeHandler
+from telegram.ext import Application, ApplicationBuilder
 
 from bots.base import adapter_settings, utf16_length
 from bots.streaming import StreamingReply, StreamLimits
 from bots.telegram.config import TelegramSettings
 from bots.telegram.intake import Intake
 from bots.telegram.outbound import Pacer, TelegramChat, call
+from bots.telegram.polling import Poller
 from bots.telegram.transport import SanitisingRequest
 from bots.telegram.updates import Addressed, addressed
 from core.config import BotSettings
@@ -63,6 +67,7 @@ class TelegramAdapter:
         self.config = adapter_settings(TelegramSettings, settings, section, CHANNEL)
         self._app: Application[Any, Any, Any, Any, Any, Any] | None = None
         self._engine: Engine | None = None
+        self._poller: Poller | None = None
         self._intake = Intake(self._handle)
         self._pacer = Pacer(self.config.limits)
         self._outbox: OrderedDict[str, tuple[StreamingReply[int], str]] = OrderedDict()
@@ -87,19 +92,16 @@ class TelegramAdapter:
                                                 logging.getLogger("httpx").level))
         self._stopped.clear()
         api = self.config.api_base_url
-        builder = (
+        app = (
             ApplicationBuilder()
             .token(self.config.token.get_secret_value())
             .base_url(f"{api}/bot")
             .base_file_url(f"{api}/file/bot")
             .get_updates_request(SanitisingRequest(
                 read_timeout=self.config.poll_timeout + 10, connection_pool_size=2))
+            .updater(None)  # updates come from the Poller or the webhook route
+            .build()
         )
-        if self.config.mode == "webhook":
-            builder = builder.updater(None)
-        app = builder.build()
-        app.add_handler(TypeHandler(Update, self._on_update))
-        app.add_error_handler(self._on_error)
         self._app, self._engine = app, engine
         try:
             await self._connect(app, engine)
@@ -134,25 +136,29 @@ class TelegramAdapter:
         else:
             # A webhook left by an earlier deployment would make getUpdates fail.
             await call(pacer, None, bot.delete_webhook, group=False, what="deleteWebhook")
-            assert app.updater is not None
-            await app.updater.start_polling(
-                timeout=int(self.config.poll_timeout), allowed_updates=list(ALLOWED_UPDATES),
-                error_callback=self._polling_error)
         await app.start()
+        if self.config.mode == "polling":
+            self._poller = Poller(bot, self._intake.submit, timeout=self.config.poll_timeout,
+                                  allowed_updates=ALLOWED_UPDATES,
+                                  on_error=self._polling_error)
+            self._poller.start()
 
     async def stop(self) -> None:
         """Stop receiving; replies in progress get a few seconds. Idempotent."""
         app, self._app = self._app, None
+        poller, self._poller = self._poller, None
         unregister, self._unregister = self._unregister, None
         if unregister is not None:
             unregister()
         try:
+            if poller is not None:
+                await poller.stop()
             if app is not None:
-                if app.updater is not None and app.updater.running:
-                    await _quietly(app.updater.stop())
                 if app.running:
                     await _quietly(app.stop())
                 await self._intake.drain(SHUTDOWN_TIMEOUT)
+                if poller is not None:
+                    await poller.confirm()  # what was handled; not what was cut short
                 await _quietly(app.shutdown())
         finally:
             self._engine = None
@@ -171,14 +177,6 @@ class TelegramAdapter:
         return commands
 
     # -- updates in ---------------------------------------------------------------------
-
-    async def _on_update(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
-        """PTB's handler (polling): queue the update behind its chat's earlier ones."""
-        if isinstance(update, Update):
-            self._intake.submit(update)
-
-    async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
-        log.error("telegram: handling an update failed", exc_info=context.error)
 
     def _polling_error(self, exc: TelegramError) -> None:
         log.warning("telegram: polling failed: %s (retrying)", exc)
