@@ -61,7 +61,7 @@ async def test_a_line_streams_and_ends_with_the_talk_answer() -> None:
     typed = "".join(f["text"] for f in frames if f["type"] == "delta")
     final = frames[-1]
     assert typed == final["line"] == "The forge is hot today, friend."
-    assert {k: v for k, v in final.items() if k not in ("type", "id")} == {
+    assert {k: v for k, v in final.items() if k not in ("type", "id", "seq")} == {
         **plain, "player_id": "p2"}
     assert (final["emotion"], final["actions"], final["relationship"]) == (
         "happy", ["open_shop"], 3)
@@ -123,6 +123,88 @@ async def test_closing_the_socket_stops_its_lines() -> None:
                                 "text": "hello"})
             assert (await receive(ws))["type"] == "delta"
         await asyncio.wait_for(stopped.wait(), 30)
+
+
+async def drop_mid_line(game: Game) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Start line "1" on a socket and drop the connection after its first delta (no
+    close handshake); the ``ready`` frame and that delta."""
+    dropped = aiohttp.ClientSession()
+    ws = await dropped.ws_connect(ws_url(game))
+    ready = await receive(ws)
+    await ws.send_json({"type": "talk", "id": "1", "npc": "mira", "player_id": "p",
+                        "text": "hello"})
+    seen = await receive(ws)
+    assert seen["type"] == "delta"
+    await dropped.close()
+    return ready, seen
+
+
+async def test_a_dropped_connection_resumes_with_every_frame_it_missed_once() -> None:
+    gate = asyncio.Event()
+
+    class Gated(ScriptedGenerator):
+        """Says its first word, then waits for the test."""
+
+        async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+            first = True
+            async for delta in super().stream(request):
+                yield delta
+                if first:
+                    await gate.wait()
+                first = False
+
+    async with village(Gated([LINE]), **AS_WRITTEN) as game:
+        ready, seen = await drop_mid_line(game)
+        gate.set()  # the line goes on meanwhile
+        async with game.http.ws_connect(ws_url(game)) as again:
+            assert (await receive(again))["session"] != ready["session"]
+            await again.send_json({"type": "resume", "session": ready["session"],
+                                   "after": seen["seq"]})
+            frames: list[dict[str, Any]] = []
+            kinds: set[str] = set()
+            while not {"resumed", "final"} <= kinds:
+                frames.append(await receive(again))
+                kinds.add(frames[-1]["type"])
+            await again.send_json({"type": "talk", "id": "2", "npc": "mira",
+                                   "player_id": "p", "text": "and now?"})
+            later = await until_done(again, "2")
+    line = [f for f in frames if f["type"] != "resumed"]
+    assert [f["seq"] for f in line + later] == list(
+        range(seen["seq"] + 1, seen["seq"] + 1 + len(line) + len(later)))
+    assert {f["id"] for f in line} == {"1"}
+    assert [f["type"] for f in line].count("final") == 1
+    typed = seen["text"] + "".join(f["text"] for f in line if f["type"] == "delta")
+    assert typed == line[-1]["line"] == "The forge is hot today, friend."
+    assert later[-1]["type"] == "final"
+
+
+async def test_a_resume_that_cannot_be_kept_is_refused_and_the_socket_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("plugins.npc.sessions.RESUME_SECONDS", 0.05)
+    stopped = asyncio.Event()
+
+    class Stuck(ScriptedGenerator):
+        async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+            try:
+                yield TokenDelta("Well")
+                await asyncio.Event().wait()  # only a cancelled line ends
+            finally:
+                stopped.set()
+
+    async with village(Stuck([]), **AS_WRITTEN) as game:
+        ready, seen = await drop_mid_line(game)
+        await asyncio.wait_for(stopped.wait(), 30)  # nobody resumed in time
+        async with game.http.ws_connect(ws_url(game)) as again:
+            await receive(again)
+            await again.send_json({"type": "resume", "session": ready["session"],
+                                   "after": seen["seq"]})
+            assert (await receive(again))["code"] == "resume_lost"
+            await again.send_json({"type": "resume", "session": ready["session"],
+                                   "after": 0})
+            assert (await receive(again))["code"] == "bad_request"  # only first
+            await again.send_json({"type": "ping"})
+            assert await receive(again) == {"type": "pong"}
 
 
 async def test_bad_frames_are_answered_and_the_socket_stays_open() -> None:

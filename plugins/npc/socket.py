@@ -15,21 +15,27 @@ Client to server::
     {"type": "talk", "id": "7", "npc": "mira", "player_id": "p1", "text": "...",
      "game_state": {...}}                         game_state optional, as over HTTP
     {"type": "bark", "id": "8", "npc": "bram", "event": "...", "game_state": {...}}
+    {"type": "resume", "session": "...", "after": N}   first, after a dropped connection:
+                                                 N = the last ``seq`` the game saw
     {"type": "ping"}
 
-Server to client (``id`` is the request's)::
+Server to client (``id`` is the request's; every frame but ready, resumed and pong
+carries ``seq``, numbered per session)::
 
-    {"type": "ready", "npcs": [{"id", "name"}]}  once, first
+    {"type": "ready", "session", "npcs": [{"id", "name"}]}  once, first
     {"type": "delta", "id", "text"}              a piece of the line (tags held back: the
                                                  pieces joined are the final line)
     {"type": "reset", "id"}                      the line starts over: drop what was shown
     {"type": "final", "id", "npc", "player_id", "line", "emotion", "actions",
      "relationship", "kind"}                     as the answer of POST .../talk
     {"type": "error", "id"?, "code", "error"}    the request (or frame) was not answered
+    {"type": "resumed", "session", "last": N}    after the frames the game missed
     {"type": "pong"}
 
 Requests of one socket run at once (each with its own ``id``, at most ``MAX_LINES``);
-lines of one (NPC, player) are still answered in order.
+lines of one (NPC, player) are still answered in order. A dropped connection does not
+stop its lines: a new socket that resumes the session gets every frame it missed, once
+(:mod:`plugins.npc.sessions`).
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from core.plugins import Caller, Plugin
 from core.types import IncomingMessage
 from plugins.npc.api import Bark, Refused, Routes, Talk
 from plugins.npc.cards import problems
+from plugins.npc.sessions import Session, Sessions
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +88,23 @@ class Ping(BaseModel):
     type: Literal["ping"]
 
 
-Frame = TypeAdapter[TalkFrame | BarkFrame | Ping](
-    Annotated[TalkFrame | BarkFrame | Ping, Field(discriminator="type")])
+class Resume(BaseModel):
+    """Take over the session of a dropped connection, from after ``after``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["resume"]
+    session: str = Field(min_length=1, max_length=64)
+    after: int = Field(ge=0)
+
+
+Frame = TypeAdapter[TalkFrame | BarkFrame | Ping | Resume](
+    Annotated[TalkFrame | BarkFrame | Ping | Resume, Field(discriminator="type")])
 
 
 def install(plugin: Plugin, routes: Routes) -> None:
     """Register the socket's route on ``plugin``."""
+    sessions = Sessions()
 
     async def serve(request: web.Request, caller: Caller) -> web.StreamResponse:
         if request.headers.get("Origin"):
@@ -96,52 +114,60 @@ def install(plugin: Plugin, routes: Routes) -> None:
                 status=403)
         ws = web.WebSocketResponse(heartbeat=HEARTBEAT_SECONDS, max_msg_size=MAX_FRAME_BYTES)
         await ws.prepare(request)
-        await _Socket(routes, caller, ws).run()
+        await _Socket(routes, caller, ws, sessions).run()
         return ws
 
     plugin.add_route("GET", PATH, serve)
+    plugin.on_stop(sessions.close)
 
 
 class _Socket:
-    """One open socket: reads requests, runs each line as a task, sends its events."""
+    """One open socket: reads requests, runs each line as a task of its session."""
 
-    def __init__(self, routes: Routes, caller: Caller, ws: web.WebSocketResponse) -> None:
+    def __init__(self, routes: Routes, caller: Caller, ws: web.WebSocketResponse,
+                 sessions: Sessions) -> None:
         self.routes = routes
         self.caller = caller
         self.ws = ws
-        self.lines: dict[str, asyncio.Task[None]] = {}
-        self._sending = asyncio.Lock()  # one frame at a time from the lines' tasks
+        self.sessions = sessions
+        self.session: Session = sessions.open(ws, caller.tenant)
+        self._fresh = True  # nothing asked yet: a resume may come
 
     async def run(self) -> None:
-        """Serve until the socket closes; lines still running then are cancelled."""
+        """Serve until the socket closes; see :meth:`Session.detach` for its lines."""
         cards = self.routes.village.cards
-        await self.send({"type": "ready", "npcs": [
-            {"id": npc, "name": card.name} for npc, card in cards.items()]})
+        await self.session.send({"type": "ready", "session": self.session.id, "npcs": [
+            {"id": npc, "name": card.name} for npc, card in cards.items()]}, numbered=False)
         try:
             async for frame in self.ws:
                 if frame.type is WSMsgType.TEXT:
                     await self._request(frame.data)
                 elif frame.type is WSMsgType.BINARY:
                     await self.error(None, "bad_frame", "frames must be JSON text")
+                self._fresh = False
         finally:
-            running = list(self.lines.values())
-            for task in running:
-                task.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
+            self.session.detach(self.ws)
 
     async def send(self, frame: dict[str, Any]) -> None:
-        """Send one frame, unless the socket is closing."""
-        async with self._sending:
-            if not self.ws.closed:
-                try:
-                    await self.ws.send_str(json.dumps(frame, ensure_ascii=False))
-                except ConnectionError:
-                    pass  # the peer went; the read loop ends on its own
+        """Send one frame of the session (kept for a resume)."""
+        await self.session.send(frame)
 
     async def error(self, request: str | None, code: str, text: str) -> None:
         """Tell the game a request (or a frame) was not answered, and why."""
         await self.send({"type": "error", **({"id": request} if request else {}),
                          "code": code, "error": text})
+
+    async def _resume(self, frame: Resume) -> None:
+        if not self._fresh:
+            await self.error(None, "bad_request", "resume must be the first request")
+            return
+        old = self.sessions.find(frame.session, self.caller.tenant)
+        if old is None or not await old.take_over(self.ws, frame.after):
+            await self.error(None, "resume_lost", "that session cannot be resumed; lines "
+                             "in progress on it are lost (ask again)")
+            return
+        self.session.end()  # the fresh one, never used
+        self.session = old
 
     async def _request(self, data: str) -> None:
         try:
@@ -150,12 +176,16 @@ class _Socket:
             await self.error(_id_of(data), "bad_request", problems(exc))
             return
         if isinstance(frame, Ping):
-            await self.send({"type": "pong"})
+            await self.session.send({"type": "pong"}, numbered=False)
             return
-        if frame.id in self.lines:
+        if isinstance(frame, Resume):
+            await self._resume(frame)
+            return
+        lines = self.session.lines
+        if frame.id in lines:
             await self.error(frame.id, "bad_request", "a request with this id is running")
             return
-        if len(self.lines) >= MAX_LINES:
+        if len(lines) >= MAX_LINES:
             await self.error(frame.id, "slow_down",
                              f"at most {MAX_LINES} requests may run on one socket")
             return
@@ -171,18 +201,21 @@ class _Socket:
         except Refused as exc:
             await self.error(frame.id, exc.code, exc.reason)
             return
-        task = asyncio.create_task(self._line(frame.id, frame.npc, message))
-        self.lines[frame.id] = task
-        task.add_done_callback(lambda _: self.lines.pop(frame.id, None))
+        task = asyncio.create_task(self._line(self.session, frame.id, frame.npc, message))
+        lines[frame.id] = task
+        task.add_done_callback(lambda _: lines.pop(frame.id, None))
 
-    async def _line(self, request: str, npc: str, message: IncomingMessage) -> None:
+    async def _line(self, session: Session, request: str, npc: str,
+                    message: IncomingMessage) -> None:
+        # Its frames go to the session, whichever socket holds it by then.
         try:
             async with aclosing(self.routes.line_events(self.caller, npc, message)) as events:
                 async for kind, data in events:
-                    await self.send({"type": kind, "id": request, **data})
+                    await session.send({"type": kind, "id": request, **data})
         except Exception:
             log.exception("npc: a line of %s over the socket failed", npc)
-            await self.error(request, "internal", "Sorry, something went wrong.")
+            await session.send({"type": "error", "id": request, "code": "internal",
+                                "error": "Sorry, something went wrong."})
 
 
 def _id_of(data: str) -> str | None:
