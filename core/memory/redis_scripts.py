@@ -49,18 +49,19 @@ local function load(conv, members, ver, facts, window, ttl, slack, have)
   window = tonumber(window)
   local epoch, n = version(conv, ver)
   local current = version_text(epoch, n)
-  local llen = redis.call('LLEN', conv)
-  local turns, tail = nil, 0
-  if have == current and current ~= '?' then
-    turns, tail = {}, 1
-  elseif epoch and have ~= '' then
-    local had_epoch, had = string.match(have, '^([^:]*):(%d+)$')
-    had = tonumber(had)
-    if had_epoch == epoch and had < n and n - had <= math.min(window, llen) then
-      turns, tail = redis.call('LRANGE', conv, had - n, -1), 1
+  local turns, tail, llen = {}, 1, 0  -- the caller has it all (and needs no length)
+  if have ~= current or current == '?' then
+    llen = redis.call('LLEN', conv)
+    turns, tail = nil, 0
+    if epoch and have ~= '' then
+      local had_epoch, had = string.match(have, '^([^:]*):(%d+)$')
+      had = tonumber(had)
+      if had_epoch == epoch and had < n and n - had <= math.min(window, llen) then
+        turns, tail = redis.call('LRANGE', conv, had - n, -1), 1
+      end
     end
+    if not turns then turns = redis.call('LRANGE', conv, -window, -1) end
   end
-  if not turns then turns = redis.call('LRANGE', conv, -window, -1) end
   if redis.call('PTTL', conv) < tonumber(ttl) * 1000 - tonumber(slack)
       and redis.call('EXPIRE', conv, ttl) == 1 then
     redis.call('EXPIRE', ver, ttl)
@@ -157,12 +158,17 @@ _APPEND_FN = _WRONG_FN + _VERSION_FN + """
 local function append(conv, members, seenby, ver, window, ttl, ref, first, now, epoch)
   local n = tonumber(ARGV[first])
   local bad = wrong(conv, 'list') or wrong(members, 'hash') or wrong(ver, 'string')
-  for i = 0, n - 1 do bad = bad or wrong(ARGV[first + 2 + 3 * i], 'set') end
+  local checked = {}
+  for i = 0, n - 1 do
+    local idx = ARGV[first + 2 + 3 * i]
+    bad = bad or wrong(idx, 'set')
+    checked[idx] = true
+  end
   local known = {}
   local pairs_ = bad and {} or redis.call('HGETALL', members)
   for i = 1, #pairs_, 2 do
     known[pairs_[i]] = pairs_[i + 1]
-    bad = bad or wrong(pairs_[i + 1], 'set')
+    if not checked[pairs_[i + 1]] then bad = bad or wrong(pairs_[i + 1], 'set') end
   end
   if bad then return bad end
   -- Nothing is written above this line.
@@ -176,17 +182,15 @@ local function append(conv, members, seenby, ver, window, ttl, ref, first, now, 
   local had, count = version(conv, ver)
   local before = version_text(had, count)
   if not had then count = 0 else epoch = had end
-  local pushed = 0
-  for i = first + 1 + 3 * n, #ARGV do
-    redis.call('RPUSH', conv, ARGV[i])
-    pushed = pushed + 1
-  end
-  local present = nil
+  local pushed = #ARGV - (first + 3 * n)
+  local length = nil
   if pushed > 0 then
+    length = math.min(window, redis.call('RPUSH', conv, unpack(ARGV, first + 1 + 3 * n)))
     redis.call('LTRIM', conv, -window, -1)
     count = count + pushed
     redis.call('SET', ver, epoch .. ':' .. count .. ':' .. ARGV[#ARGV], 'EX', ttl)
   end
+  local present = nil
   for user, idx in pairs(known) do
     local kept = pushed == 0 or fresh[user]  -- without a push nothing left the window
     if not kept then
@@ -215,7 +219,7 @@ local function append(conv, members, seenby, ver, window, ttl, ref, first, now, 
   if pushed > 0 then redis.call('EXPIRE', conv, ttl) end
   redis.call('EXPIRE', members, ttl)
   local after = pushed > 0 and (epoch .. ':' .. count) or before
-  return nil, before, after, redis.call('LLEN', conv)
+  return nil, before, after, length or redis.call('LLEN', conv)
 end
 """
 
@@ -232,7 +236,7 @@ return 1
 #       ttl, n, n x (user id, index key, fresh), turns (JSON).
 # {1, version before, version after, length} (see _APPEND_FN): stored; {0}: stored
 # before (a repeat after success).
-FINISH = _NOW + _KEYS_FN + _EXPIRE_IDS_FN + _APPEND_FN + """
+FINISH = _NOW + _KEYS_FN + _APPEND_FN + """
 local seen, replies, lease, seenby = key('seen'), key('replies'), key('lease'), key('seenby')
 local id, token, dedupe_ms, cap = ARGV[3], ARGV[4], tonumber(ARGV[7]), tonumber(ARGV[8])
 local function release()
@@ -248,7 +252,8 @@ local before, after, length
 bad, before, after, length = append(key('conv'), key('members'), seenby, key('ver'),
                                     tonumber(ARGV[9]), ARGV[10], ref, 11, now, token)
 if bad then return redis.error_reply(bad) end
-expire_ids(seen, replies, now)
+-- (Ids whose window ended went in begin; one that ended since is the oldest, and the cap
+-- below drops it first.)
 redis.call('HSET', replies, id, 'd:' .. ARGV[5])
 redis.call('ZADD', seen, now + dedupe_ms, id)
 local extra = redis.call('ZCARD', seen) - cap
