@@ -38,7 +38,7 @@ from core.generation.base import (
     SamplingParams,
     TokenDelta,
 )
-from core.lanes import Claim, Lanes, SlowDown
+from core.lanes import Claim, Lanes, Renewals, SlowDown
 from core.lifecycle import Service, ServiceBase
 from core.memory.base import MemorySnapshot, MemoryStore, StoredReply
 from core.metrics import Metrics
@@ -114,6 +114,7 @@ class Engine(ServiceBase):
         )
         self._history = HistoryMessages()
         self._ids = unique_ids()
+        self._renewals = Renewals(settings.memory.lease)
 
     @property
     def name(self) -> str:
@@ -162,7 +163,8 @@ class Engine(ServiceBase):
                 message = replace(message, text=text)
             try:
                 async with self.lanes.enter(message, self._admit):
-                    claim = Claim(self.memory, message, self._ids(), self.settings.memory.lease)
+                    claim = Claim(self.memory, message, self._ids(), self.settings.memory.lease,
+                                  self._renewals)
                     try:
                         async with closing(self._pipeline(message, claim)) as events:
                             async for last in events:

@@ -20,6 +20,7 @@ the oldest history to fit; this module decides what the chat says and in which o
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Hashable, Mapping, Sequence
 
 from core.generation.base import ChatMessage
@@ -81,16 +82,34 @@ class HistoryMessages:
         """``turns`` (of ``conversation``) as chat messages, system turns left out."""
         entries = self._entries
         entry = entries.pop(conversation, None)
-        if entry is not None and entry[0] is turns:
+        if entry is None:
+            converted = tuple(map(_message, turns))
+        elif entry[0] is turns:
             converted = entry[1]
         else:
-            # By identity: the turns held in the entry are alive, so no id is reused.
-            known = dict(zip(map(id, entry[0]), entry[1], strict=True)) if entry else {}
-            converted = tuple(known.get(id(t)) or _message(t) for t in turns)
+            converted = _converted(turns, *entry)
         entries[conversation] = (turns, converted)
         if len(entries) > self.size:
             del entries[next(iter(entries))]
         return [m for m in converted if m is not None]
+
+
+def _converted(
+    turns: Sequence[Turn], old: Sequence[Turn], old_converted: tuple[ChatMessage | None, ...]
+) -> tuple[ChatMessage | None, ...]:
+    """``turns`` converted, reusing what ``old`` (an earlier window) converted: usually
+    ``turns`` is ``old`` less its oldest turns plus new ones."""
+    if turns and old:
+        first = turns[0]
+        for start, turn in enumerate(old):
+            if turn is first:
+                kept = len(old) - start
+                if kept <= len(turns) and all(map(operator.is_, old[start:], turns[:kept])):
+                    return old_converted[start:] + tuple(map(_message, turns[kept:]))
+                break
+    # By identity: the turns held in the entry are alive, so no id is reused.
+    known = dict(zip(map(id, old), old_converted, strict=True))
+    return tuple(known.get(id(t)) or _message(t) for t in turns)
 
 
 def _message(turn: Turn) -> ChatMessage | None:

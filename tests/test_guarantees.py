@@ -149,6 +149,33 @@ async def test_a_redelivery_to_another_front_end_waits_for_the_answer(
         assert len(await stored(a)) == 2
 
 
+# --- 2. order across front ends --------------------------------------------------------
+
+
+async def test_a_reply_longer_than_its_lease_keeps_the_conversation(
+    redis_url: str, memory_prefix: str
+) -> None:
+    memory = {"backend": "redis", "url": redis_url, "key_prefix": memory_prefix,
+              "timeout": 1.0, "lease": 0.5}
+    gate = Gate()
+    gate.opened.clear()
+    order: list[str] = []
+
+    async def answer(engine: Engine, text: str) -> None:
+        order.append((await collect(engine.handle(message(text)))).text)
+
+    async with engine_on(settings(memory), gate) as here, build_engine(
+            settings(memory)) as there:
+        first = asyncio.ensure_future(answer(here, "first"))
+        await gate.started.wait()
+        second = asyncio.ensure_future(answer(there, "second"))  # another front end
+        await asyncio.sleep(2.0)  # four leases: renewed, the lease is still held
+        assert order == []
+        gate.opened.set()
+        await asyncio.gather(first, second)
+    assert order == ["first", "second"]
+
+
 # --- 3. back-pressure before the lane -------------------------------------------------
 
 

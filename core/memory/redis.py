@@ -282,12 +282,14 @@ class RedisMemory(ServiceBase):
 class _Window:
     """A conversation's window as this front end last read or wrote it."""
 
-    __slots__ = ("items", "turns", "version")
+    __slots__ = ("clean", "items", "turns", "version")
 
-    def __init__(self, version: str, items: list[Turn | None]) -> None:
+    def __init__(self, version: str, items: list[Turn | None], clean: bool) -> None:
         self.version = version
         self.items = items  # one per stored turn, None for a malformed one
-        self.turns = tuple(t for t in items if t is not None)
+        self.clean = clean  # no None among them
+        self.turns: tuple[Turn, ...] = (tuple(items) if clean  # type: ignore[arg-type]
+                                        else tuple(t for t in items if t is not None))
 
 
 class WindowCache:
@@ -312,17 +314,21 @@ class WindowCache:
         """The window after a load that sent ``cached``'s version and got ``raw`` (the
         turns since, when ``tail``; else the whole window) at ``version``."""
         current = version.decode()
+        new = _decoded(raw, key)
+        clean = None not in new
         if tail and cached is not None:
             if not raw:
                 self._touch(where, cached)
                 return cached.turns
-            items = cached.items + _decoded(raw, key)
+            items = cached.items + new
+            clean = clean and cached.clean
         else:
-            items = _decoded(raw, key)
+            items = new
         keep = min(self.window, length)
         if len(items) > keep:
             del items[:len(items) - keep]
-        entry = _Window(current, items)
+            clean = clean or None not in items
+        entry = _Window(current, items, clean)
         if current == "?":
             self._entries.pop(where, None)  # written by something that kept no version
         else:
@@ -343,7 +349,8 @@ class WindowCache:
         keep = min(self.window, length)
         if len(items) > keep:
             del items[:len(items) - keep]
-        self._entries[where] = _Window(after.decode(), items)
+        self._entries[where] = _Window(after.decode(), items,
+                                       cached.clean or None not in items)
 
     def drop(self, where: str) -> None:
         """Forget the window of ``where``."""
