@@ -212,15 +212,21 @@ async def test_models_health_and_metrics(http: aiohttp.ClientSession) -> None:
             assert response.status == 404
 
 
+class Recorder(EchoGenerator):
+    """Echoes, and keeps each request in ``seen``."""
+
+    def __init__(self, seen: list[GenerationRequest]) -> None:
+        super().__init__()
+        self.seen = seen
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        self.seen.append(request)
+        return super().stream(request)
+
+
 async def test_tenant_and_user_reach_the_generator(http: aiohttp.ClientSession) -> None:
     seen: list[GenerationRequest] = []
-
-    class Recorder(EchoGenerator):
-        def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
-            seen.append(request)
-            return super().stream(request)
-
-    async with Recorder() as generator, api(generator) as url:
+    async with Recorder(seen) as generator, api(generator) as url:
         body = chat_body(user="player-1", stop=["a", "b"], seed=3, max_tokens=9,
                          temperature=0.5, top_p=0.5)
         async with http.post(f"{url}/chat/completions", json=body) as response:
@@ -818,16 +824,10 @@ async def test_a_connection_dropped_mid_answer_gives_the_user_the_apology() -> N
 
 async def test_the_bots_sampling_settings_reach_the_server() -> None:
     seen: list[GenerationRequest] = []
-
-    class Recorder(EchoGenerator):
-        def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
-            seen.append(request)
-            return super().stream(request)
-
     shaped = SamplingParams(max_new_tokens=40, temperature=0.3, top_p=0.8, stop=("x",),
                             seed=4, repetition_penalty=1.15, no_repeat_ngram_size=3,
                             finish_sentence=True, max_sentences=2)
-    async with Recorder() as generator, api(generator) as url:
+    async with Recorder(seen) as generator, api(generator) as url:
         for repetition in ("presence_penalty", "repetition_penalty", "off"):
             async with client(url, repetition=repetition) as gen:
                 await collect(gen.stream(GenerationRequest(
@@ -840,6 +840,26 @@ async def test_the_bots_sampling_settings_reach_the_server() -> None:
     assert native == dataclasses.replace(expected, repetition_penalty=1.15)
     assert off == expected
     assert presence.repetition_penalty == pytest.approx(1.15, abs=0.001)
+
+
+async def test_no_repeat_ngram_size_reaches_the_server_when_asked_to() -> None:
+    seen: list[GenerationRequest] = []
+    sampling = SamplingParams(max_new_tokens=8, no_repeat_ngram_size=3)
+    hi = (ChatMessage("user", "hi"),)
+    async with Recorder(seen) as generator, api(generator) as url:
+        for mode in ("no_repeat_ngram_size", "off"):
+            async with client(url, no_repeat_ngram=mode) as gen:
+                await collect(gen.stream(GenerationRequest(hi, sampling)))
+    assert [r.sampling.no_repeat_ngram_size for r in seen] == [3, None]
+    async with fake_upstream(sse_reply(chunk("Hi", finish="stop"))) as (url, bodies):
+        for mode in ("vllm_xargs", "no_repeat_ngram_size", "off"):
+            async with client(url, no_repeat_ngram=mode) as gen:
+                await collect(gen.stream(GenerationRequest(hi, sampling)))
+    xargs, field, off = (b["body"] for b in bodies)
+    assert xargs["vllm_xargs"] == {"no_repeat_ngram_size": 3}
+    assert "no_repeat_ngram_size" not in xargs
+    assert field["no_repeat_ngram_size"] == 3 and "vllm_xargs" not in field
+    assert not {"no_repeat_ngram_size", "vllm_xargs"} & set(off)
 
 
 SENTENCES = "One two. Three four five. Six seven. Eight nine ten eleven twelve."

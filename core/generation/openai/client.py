@@ -58,12 +58,12 @@ _BUSY_STATUS = frozenset({429, 503})
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length"}
 
 
-def sampling_arguments(sampling: SamplingParams, repetition: str) -> dict[str, Any]:
+def sampling_arguments(sampling: SamplingParams, repetition: str,
+                       no_repeat_ngram: str = "off") -> dict[str, Any]:
     """The request fields for ``sampling``: ``max_tokens`` (with the quarter a reply may
-    run over to finish its sentence), ``temperature``, ``top_p``, ``stop``, ``seed`` and
-    the repetition penalty as ``repetition`` says (see :class:`OpenAISettings`).
-
-    ``no_repeat_ngram_size`` has no counterpart in the API and is not sent.
+    run over to finish its sentence), ``temperature``, ``top_p``, ``stop``, ``seed``, the
+    repetition penalty as ``repetition`` says and ``no_repeat_ngram_size`` as
+    ``no_repeat_ngram`` says (see :class:`OpenAISettings`).
     """
     limit, _ = reply_limits(sampling)
     fields: dict[str, Any] = {
@@ -79,7 +79,17 @@ def sampling_arguments(sampling: SamplingParams, repetition: str) -> dict[str, A
             fields["presence_penalty"] = presence_for_penalty(penalty)
         elif repetition == "repetition_penalty":
             fields["repetition_penalty"] = penalty
+    ngram = sampling.no_repeat_ngram_size
+    if ngram and not sampling.ignore_eos:
+        if no_repeat_ngram == "no_repeat_ngram_size":
+            fields["no_repeat_ngram_size"] = ngram
+        elif no_repeat_ngram == "vllm_xargs":
+            fields["vllm_xargs"] = {"no_repeat_ngram_size": ngram}
     return fields
+
+
+# Fields of the body that are not OpenAI's: the SDK sends them as given in extra_body.
+_NOT_OPENAI = ("repetition_penalty", "no_repeat_ngram_size", "vllm_xargs")
 
 
 class ReplyShape:
@@ -150,11 +160,12 @@ class OpenAIGenerator(ServiceBase):
             "model": self.settings.model,
             "messages": [{"role": m.role, "content": m.content} for m in request.messages],
             "stream": True,
-            **sampling_arguments(request.sampling, self.options.repetition),
+            **sampling_arguments(request.sampling, self.options.repetition,
+                                 self.options.no_repeat_ngram),
         }
-        if arguments.pop("repetition_penalty", None) is not None:
-            # Not an OpenAI field: the SDK sends it as given in extra_body.
-            arguments["extra_body"] = {"repetition_penalty": request.sampling.repetition_penalty}
+        extra = {name: arguments.pop(name) for name in _NOT_OPENAI if name in arguments}
+        if extra:
+            arguments["extra_body"] = extra
         if request.user:
             # Enough for the server to tell users apart (fairness, abuse reports) without
             # handing a platform's user id to a third party.

@@ -142,6 +142,8 @@ class CompletionIn(_Strict):
     # repetition_penalty field of vLLM, TGI and llama.cpp. Unset: the model's default.
     presence_penalty: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     repetition_penalty: Annotated[float, Field(ge=1.0, le=3.0)] | None = None
+    # As on the local backend (0: off); the openai backend sends it when asked to.
+    no_repeat_ngram_size: Annotated[int, Field(ge=0, le=32)] | None = None
 
     def sampling(self) -> SamplingParams:
         """The sampling settings, with OpenAI's defaults where the request says nothing."""
@@ -155,6 +157,7 @@ class CompletionIn(_Strict):
             stop=tuple(self.stop or ()),
             seed=self.seed,
             repetition_penalty=penalty,
+            no_repeat_ngram_size=self.no_repeat_ngram_size,
         )
 
 

@@ -24,3 +24,8 @@ class OpenAISettings(Section):
     # How generation.repetition_penalty travels: OpenAI's presence_penalty (every server
     # takes it), the repetition_penalty field of vLLM, TGI, llama.cpp and Parley, or not.
     repetition: Literal["presence_penalty", "repetition_penalty", "off"] = "presence_penalty"
+    # How generation.no_repeat_ngram_size travels (the OpenAI API has no such field):
+    # not at all; as the field of that name (Parley's own API, ``parley worker``, takes
+    # it); or in vLLM's ``vllm_xargs`` (its extra_args), for a vLLM server whose logits
+    # processor reads ``no_repeat_ngram_size`` (vLLM has none built in).
+    no_repeat_ngram: Literal["off", "no_repeat_ngram_size", "vllm_xargs"] = "off"
