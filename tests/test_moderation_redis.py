@@ -20,6 +20,7 @@ from core.generation.base import GenerationRequest, TokenDelta
 from core.moderation.audit_cli import print_audit
 from core.moderation.moderator import FilterModerator
 from core.moderation.state_redis import RedisState
+from core.redis_client import key_part
 from core.types import IncomingMessage, ReplyKind
 
 
@@ -63,11 +64,20 @@ async def test_mute_and_score_are_shared(redis_url: str, memory_prefix: str) -> 
 
 
 async def test_score_decays_in_redis(redis_url: str, memory_prefix: str) -> None:
+    # The decay runs on redis-server's clock (TIME, in ms), stamped on the score as
+    # "at": the expected score is computed from those stamps, not from the test's sleep.
     state = RedisState(redis_url, prefix=memory_prefix, bot="rbot")
-    async with state:
-        assert await state.add_points("web:u", 4.0, half_life=0.2) == pytest.approx(4.0)
-        await asyncio.sleep(0.4)
-        assert await state.add_points("web:u", 0.0, half_life=0.2) == pytest.approx(1.0, rel=0.3)
+    key = f"{state.base}score:{key_part('web:u')}"
+    half_life = 1.0  # the key lives ~8.6 s: a slow machine's sleep does not outlast it
+    async with state, Redis.from_url(redis_url) as redis:
+        assert await state.add_points("web:u", 4.0, half_life=half_life) == pytest.approx(4.0)
+        first = float(await redis.hget(key, "at"))
+        await asyncio.sleep(0.2)
+        score = await state.add_points("web:u", 0.0, half_life=half_life)
+        elapsed = float(await redis.hget(key, "at")) - first
+    assert elapsed > 100  # ms on the server's clock, for a 0.2 s sleep
+    assert score == pytest.approx(4.0 * 0.5 ** (elapsed / (half_life * 1000)), rel=1e-9)
+    assert score < 4.0 * 0.5 ** 0.1  # it did decay
 
 
 class Leaky:
