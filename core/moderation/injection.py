@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from core.moderation.multiscan import RegexSet, alternatives
 from core.moderation.normalise import Normalised
 
 _TOKENS = re.compile(
@@ -154,15 +155,36 @@ class InjectionReport:
     signals: tuple[str, ...]
 
 
-def check_injection(raw: str, text: Normalised) -> InjectionReport:
-    """Score ``raw`` (as the user sent it) and its normalised form ``text``."""
+# The same patterns, each alternative on its own, for a one-pass scan of each text.
+_TOKEN_SET = RegexSet(alternatives(_TOKENS.pattern), _TOKENS.flags)
+_KEY_SET = RegexSet(alternatives(_PHRASES.pattern) + alternatives(_MORE.pattern))
+_LOWER_SET = RegexSet(alternatives(_PHRASES.pattern))
+
+
+def prepare() -> None:
+    """Build the one-pass scanners now (a second or so; off the event loop)."""
+    for regex_set in (_TOKEN_SET, _KEY_SET, _LOWER_SET):
+        regex_set.prepare()
+
+
+def check_injection(raw: str, text: Normalised, *, prefilter: bool = True) -> InjectionReport:
+    """Score ``raw`` (as the user sent it) and its normalised form ``text``.
+
+    ``prefilter=False`` runs every pattern by ``re`` (the tests compare the two paths).
+    """
     signals: list[str] = []
     if text.invisible:
         # One stray zero-width space is copy-paste; several hide something.
         signals.append("invisible" if text.invisible >= 3 else "stray_invisible")
-    if _TOKENS.search(text.clean):
-        signals.append("token")
-    if (_PHRASES.search(text.key) or _PHRASES.search(text.clean.lower())
-            or _MORE.search(text.key)):
-        signals.append("phrase")
+    if prefilter:
+        if _TOKEN_SET.search(text.clean):
+            signals.append("token")
+        if _KEY_SET.search(text.key) or _LOWER_SET.search(text.clean.lower()):
+            signals.append("phrase")
+    else:
+        if _TOKENS.search(text.clean):
+            signals.append("token")
+        if (_PHRASES.search(text.key) or _PHRASES.search(text.clean.lower())
+                or _MORE.search(text.key)):
+            signals.append("phrase")
     return InjectionReport(sum(_WEIGHTS[s] for s in signals), tuple(signals))

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from core.config import BotSettings, ModerationPolicy
 from core.lifecycle import ServiceBase
+from core.moderation import injection, spam
 from core.moderation.audit import Auditor
 from core.moderation.base import Action, Verdict
 from core.moderation.classifier import Classifier, Scorer, by_category, classifiers, scorer_now
@@ -121,11 +122,19 @@ class FilterModerator(ServiceBase):
                                   dict.fromkeys(OUTPUT_FILTERS))
 
     async def _start(self) -> None:
-        # The confusables table is read once, here, not on the first message.
-        await asyncio.to_thread(confusables)
+        # The confusables table is read and the pattern scanners are compiled once (about
+        # two seconds for the first moderator of a process), here, not on the first message.
+        await asyncio.to_thread(self._prepare)
         await self.state.start()
         for classifier in set(self.classifiers.values()):
             await classifier.start()
+
+    def _prepare(self) -> None:
+        confusables()
+        injection.prepare()
+        spam.prepare()
+        for channel in self._channels.values():
+            channel.terms.prepare()
 
     async def _stop(self) -> None:
         for classifier in set(self.classifiers.values()):

@@ -142,6 +142,11 @@ class TermFilter:
             allowed += read_terms(name, base)
         return cls(blocked, allowed, PatternFilter() if builtin else None)
 
+    def prepare(self) -> None:
+        """Build the built-in patterns' one-pass scanner now (off the event loop)."""
+        if self._patterns is not None:
+            self._patterns.prepare()
+
     @property
     def phrase_words(self) -> int:
         """The most words a blocked phrase has (1 if there are none)."""

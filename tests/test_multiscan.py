@@ -1,0 +1,160 @@
+"""The one-pass prefilter of the moderation patterns (core/moderation/multiscan.py): the
+Hyperscan path decides exactly as ``re`` alone, on the labelled sets, the tests' own
+texts and random text, and every pattern it does not report cannot match."""
+
+from __future__ import annotations
+
+import ast
+import json
+import platform
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+
+from core.moderation import builtin_terms, injection, spam
+from core.moderation.injection import check_injection
+from core.moderation.multiscan import _CASE_EXTRA, RegexSet, alternatives, translate
+from core.moderation.normalise import normalise
+from core.moderation.patterns import PatternFilter
+from core.moderation.spam import check_spam, promotion
+from core.moderation.terms import TermFilter
+
+ROOT = Path(__file__).resolve().parents[1]
+HYPERSCAN_HERE = sys.platform == "linux" and platform.machine() == "x86_64"
+
+
+def bench_texts() -> list[str]:
+    """Every message of bench/data/moderation: development and held-out sets."""
+    texts = []
+    for path in sorted((ROOT / "bench" / "data" / "moderation").glob("*.jsonl")):
+        texts += [json.loads(line)["text"] for line in path.read_text("utf-8").splitlines()
+                  if line.strip()]
+    return texts
+
+
+def moderation_test_texts() -> list[str]:
+    """Every string literal of the moderation tests (their abuse, benign and edge cases)."""
+    found: set[str] = set()
+    for path in sorted((ROOT / "tests").glob("test_moderation*.py")):
+        for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                found.add(node.value)
+    return sorted(found)
+
+
+SETS = {
+    "patterns": (PatternFilter()._set, "key"),
+    "injection tokens": (injection._TOKEN_SET, "clean"),
+    "injection key": (injection._KEY_SET, "key"),
+    "injection lower": (injection._LOWER_SET, "lower"),
+    "spam text": (spam._TEXT_SET, "clean"),
+    "spam key": (spam._KEY_SET, "key"),
+}
+
+
+def views(text: str) -> dict[str, str]:
+    n = normalise(text)
+    return {"key": n.key, "clean": n.clean, "lower": n.clean.lower(), "raw": text}
+
+
+def assert_same(texts: list[str]) -> None:
+    fast, exact = PatternFilter(), PatternFilter(prefilter=False)
+    blocked = [(t, c) for c, terms in builtin_terms.TERMS.items() for t in terms]
+    terms_fast = TermFilter(blocked, builtin_terms.ALLOWED, fast)
+    terms_exact = TermFilter(blocked, builtin_terms.ALLOWED, exact)
+    for text in texts:
+        n = normalise(text)
+        assert fast.find(n.key) == exact.find(n.key), text
+        assert terms_fast.find_in_message(n) == terms_exact.find_in_message(n), text
+        assert check_injection(text, n) == check_injection(text, n, prefilter=False), text
+        assert check_spam(n.clean, n.key) == check_spam(n.clean, n.key, prefilter=False), text
+        assert promotion(n.clean, n.key) == promotion(n.clean, n.key, prefilter=False), text
+        for name, (regex_set, view) in SETS.items():
+            subject = views(text)[view]
+            found = regex_set.candidates(subject)
+            if found is None:
+                continue
+            matching = [i for i, p in enumerate(regex_set.compiled) if p.search(subject)]
+            assert set(matching) <= set(found), (name, text)
+
+
+def test_hyperscan_is_used_where_it_is_a_dependency() -> None:
+    if not HYPERSCAN_HERE:
+        pytest.skip("hyperscan is a dependency on linux x86_64 only")
+    for regex_set, _ in SETS.values():
+        assert regex_set.prepare()
+
+
+def test_fast_path_decides_as_re_on_the_labelled_sets() -> None:
+    texts = bench_texts()
+    assert len(texts) > 1500
+    assert_same(texts)
+
+
+def test_fast_path_decides_as_re_on_the_moderation_test_texts() -> None:
+    texts = moderation_test_texts()
+    assert len(texts) > 300
+    assert_same(texts)
+
+
+# Words of the patterns, look-alikes and scripts where bytes and characters differ.
+_WORDS = [
+    *sorted({w for regex_set, _ in SETS.values() for p in regex_set.patterns
+             for w in re.findall(r"[a-z]{2,}", p)}),
+    "you", "are", "i", "will", "kill", "idiot", "ignore", "previous", "instructions",
+    "http://x.com", "click", "here", "free", "nitro", "100", "$", "a", "day", "dm", "me",
+    "中", "你是猪", "杀了你", "é", "ß", "\u017f", "\u212a", "\u0130", "\u0131", "🙂", "\u200b",
+    "\n", "<|im_start|>", "[INST]", "### system:", "system:", "_", "-", ",", ".", "!", "  ",
+    "\u216b", "\u0663", "\x1c", "\x85", "http", "www", ".com", "/", "<|", "|>", "#", ":",
+]
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(_WORDS), min_size=1, max_size=14),
+       st.lists(st.sampled_from([" ", "", "  ", "\n", "é", "中", "_"]), min_size=14, max_size=14))
+def test_fast_path_decides_as_re_on_random_text(words: list[str], gaps: list[str]) -> None:
+    assert_same(["".join(w + g for w, g in zip(words, gaps, strict=False))])
+
+
+@pytest.mark.parametrize(("pattern", "text"), [
+    (r"\bfoo", "。foo"), (r"foo\b", "foo。"), (r"中\b", "中。"),
+    (r"\b中", " 中"), (r"x \b\w", "x 中"), (r"\w+\b", "中中 "), (r"\b\w\w\b", "éé"),
+    (r"a.b", "a中b"), (r"a[^x]b", "aéb"), (r"(?i)k", "\u212a"), (r"(?i)[a-z]s", "a\u017f"),
+    (r"^\s*system:", "hi\n  system:"), (r"\d", "\u0663"), (r"\s", "\x1c"),
+    (r"(?!no )\w+ x", "nox x"),
+])
+def test_translation_matches_wherever_python_does(pattern: str, text: str) -> None:
+    if not HYPERSCAN_HERE:
+        pytest.skip("needs hyperscan")
+    flags = re.MULTILINE
+    regex_set = RegexSet([pattern, "zzz"], flags)
+    assert re.search(pattern, text, flags)
+    assert regex_set.candidates(text) == [0], translate(pattern, flags)
+    assert regex_set.search(text)
+
+
+def test_alternatives_split_only_at_the_top_level() -> None:
+    assert alternatives(r"a|b(?:c|d)|[|]x|\|y") == ["a", "b(?:c|d)", "[|]x", r"\|y"]
+    assert alternatives(r"[]|]|z") == ["[]|]", "z"]
+    assert alternatives(r"[^]|(]|[[]|[\]|]") == ["[^]|(]", "[[]", r"[\]|]"]
+    with pytest.raises(ValueError, match="flags"):
+        alternatives("(?i)a|b")
+
+
+def test_the_case_table_is_what_re_ignorecase_does() -> None:
+    """Every non-ASCII character ``re.IGNORECASE`` takes for an ASCII letter is listed."""
+    letter = re.compile("[a-z]", re.IGNORECASE)
+    found: dict[str, str] = {}
+    for code in range(0x80, 0x110000):
+        c = chr(code)
+        if letter.fullmatch(c):
+            ascii_letter = next(a for a in "abcdefghijklmnopqrstuvwxyz"
+                                if re.fullmatch(a, c, re.IGNORECASE))
+            found[ascii_letter] = found.get(ascii_letter, "") + c
+    assert found == _CASE_EXTRA
+
