@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 from core.moderation import builtin_terms, injection, spam
 from core.moderation.injection import check_injection
 from core.moderation.multiscan import _CASE_EXTRA, RegexSet, alternatives, translate
-from core.moderation.normalise import normalise
+from core.moderation.normalise import Normalised, normalise
 from core.moderation.patterns import PatternFilter
 from core.moderation.spam import check_spam, promotion
-from core.moderation.terms import TermFilter
+from core.moderation.terms import TermFilter, TermHit
 
 ROOT = Path(__file__).resolve().parents[1]
 HYPERSCAN_HERE = sys.platform == "linux" and platform.machine() == "x86_64"
@@ -158,3 +158,68 @@ def test_the_case_table_is_what_re_ignorecase_does() -> None:
             found[ascii_letter] = found.get(ascii_letter, "") + c
     assert found == _CASE_EXTRA
 
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from("aAbBzZ 1!éÉß\u0130中🙂\u212a"), max_size=40))
+def test_shouting_is_counted_as_before(text: str) -> None:
+    letters = [c for c in text if c.isalpha() and c.isascii()]
+    before = len(letters) >= 12 and sum(c.isupper() for c in letters) >= 0.7 * len(letters)
+    assert spam.shouts(text) == before
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["lol", "LOL", "hi", "a", "b", "c", "d", "e", "f"]), max_size=16))
+def test_repetition_is_judged_as_before(words: list[str]) -> None:
+    from collections import Counter
+
+    text = " ".join(words)
+    folded = text.casefold().split()
+    before = len(folded) >= 6 and (len(set(folded)) <= 4
+                                   or Counter(folded).most_common(1)[0][1] * 2 >= len(folded))
+    assert (check_spam(text) == "repeat") == before
+
+
+def old_find(terms: TermFilter, text: Normalised) -> TermHit | None:
+    """TermFilter.find as it was before phrases were looked for by their first word."""
+    words = text.words
+    key = ""
+    if terms._allowed_phrases or terms._blocked.phrases:
+        key = f" {' '.join(words)} "
+        for phrase in terms._allowed_phrases:
+            key = key.replace(f" {phrase} ", " ")
+        words = tuple(key.split())
+    hit = terms._blocked.find(words, terms._allowed_words)
+    if hit is not None:
+        return hit
+    for phrase, category in terms._blocked.phrases:
+        if f" {phrase} " in key:
+            return TermHit(phrase, category)
+    return None
+
+
+def test_terms_find_as_before() -> None:
+    terms = TermFilter.from_policy(["my phrase here", "threat:i will find you"],
+                                   ["kill the process twice", "van dyke"])
+    texts = bench_texts() + moderation_test_texts() + [
+        "kill the process kill the process", "van dyke van dyke", "kill the process twice",
+        "i will find you", "suicide squad suicide prevention suicide", "x my phrase here y",
+        "you suck and piss off", "hope you die you suck", "go die in a fire kill yourself"]
+    for text in texts:
+        n = normalise(text)
+        assert terms.find(n) == old_find(terms, n), text
+        key = f" {n.key} "
+        for phrase in terms._allowed_phrases:
+            key = key.replace(f" {phrase} ", " ")
+        assert terms._without_allowed(f" {n.key} ") == key
+
+
+_TERM_WORDS = sorted({w for c in builtin_terms.TERMS.values() for t in c for w in t.split()
+                      if w.isascii() and w.isalpha()} | {"kill", "the", "process", "van", "x"})
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(_TERM_WORDS), max_size=12))
+def test_terms_find_as_before_on_random_phrases(words: list[str]) -> None:
+    terms = TermFilter.from_policy(["kill the x"], ["the process", "van x"])
+    n = normalise(" ".join(words))
+    assert terms.find(n) == old_find(terms, n)

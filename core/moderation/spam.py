@@ -115,10 +115,22 @@ def promotion(text: str, key: str = "", *, prefilter: bool = True) -> list[str]:
         counts |= Counter(m.lastgroup for m in _ALL.finditer(key) if m.lastgroup != "link")
     found = [name for name, hits in counts.items() if name is not None
              for _ in range(min(hits, 2 if name in _TWICE else 1))]
-    letters = [c for c in text if c.isalpha() and c.isascii()]
-    if len(letters) >= _SHOUT and sum(c.isupper() for c in letters) >= 0.7 * len(letters):
+    if len(text) >= _SHOUT and shouts(text):
         found.append("shout")
     return found
+
+
+# Every byte but the capital (small) ASCII letters: deleting them counts those letters.
+_NOT_UPPER = bytes(b for b in range(256) if not 0x41 <= b <= 0x5A)
+_NOT_LOWER = bytes(b for b in range(256) if not 0x61 <= b <= 0x7A)
+
+
+def shouts(text: str) -> bool:
+    """Whether ``text`` has at least ``_SHOUT`` ASCII letters, 70 % of them capitals."""
+    data = text.encode("ascii", "ignore")  # only ASCII letters count
+    upper = len(data.translate(None, _NOT_UPPER))
+    letters = upper + len(data.translate(None, _NOT_LOWER))
+    return letters >= _SHOUT and upper >= 0.7 * letters
 
 
 def check_spam(text: str, key: str | None = None, *, prefilter: bool = True) -> str | None:
@@ -128,9 +140,11 @@ def check_spam(text: str, key: str | None = None, *, prefilter: bool = True) -> 
         return "run"
     words = text.casefold().split()
     if len(words) >= _MIN_WORDS:
-        top = Counter(words).most_common(1)[0][1]
-        # A few words over and over ("lol lol lol ..."), or one word half the message.
-        if len(set(words)) <= _FEW or top * 2 >= len(words):
+        # A few words over and over ("lol lol lol ..."), or one word half the message
+        # (which leaves at most half of them, plus one, distinct: counted only then).
+        distinct = len(set(words))
+        if distinct <= _FEW or (distinct <= len(words) - (len(words) + 1) // 2 + 1
+                                and Counter(words).most_common(1)[0][1] * 2 >= len(words)):
             return "repeat"
     # The normalised words add accents folded and look-alikes undone; plain ASCII text
     # has neither, and a second pass would double the cost.

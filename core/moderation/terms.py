@@ -117,6 +117,14 @@ class TermFilter:
                 self._allowed_phrases.append(body)
             elif body:
                 self._allowed_words.add(body)
+        # A phrase can be in a text only if its first word is: most texts have none of
+        # the allowed phrases' first words, and only the blocked phrases starting with
+        # one of its words are looked for (each word's in list order).
+        self._allowed_firsts = frozenset(p.split(" ", 1)[0] for p in self._allowed_phrases)
+        self._blocked_by_first: dict[str, list[tuple[int, str, TermHit]]] = {}
+        for i, (phrase, category) in enumerate(self._blocked.phrases):
+            self._blocked_by_first.setdefault(phrase.split(" ", 1)[0], []).append(
+                (i, f" {phrase} ", TermHit(phrase, category)))
 
     @classmethod
     def from_policy(
@@ -157,28 +165,38 @@ class TermFilter:
         words = text.words
         key = ""
         if self._allowed_phrases or self._blocked.phrases:
-            key = f" {' '.join(words)} "
-            for phrase in self._allowed_phrases:
-                key = key.replace(f" {phrase} ", " ")
+            key = self._without_allowed(f" {' '.join(words)} ")
             words = tuple(key.split())
         hit = self._blocked.find(words, self._allowed_words)
         if hit is not None:
             return hit
-        for phrase, category in self._blocked.phrases:
-            if f" {phrase} " in key:
-                return TermHit(phrase, category)
-        return None
+        first: tuple[int, TermHit] | None = None
+        if key:
+            by_first = self._blocked_by_first
+            for word in by_first.keys() & key.split(" "):
+                for i, padded, phrase_hit in by_first[word]:
+                    if first is not None and i > first[0]:
+                        break
+                    if padded in key:
+                        first = (i, phrase_hit)
+                        break
+        return first[1] if first is not None else None
 
     def find_in_message(self, text: Normalised) -> TermHit | None:
         """:meth:`find`, then the built-in patterns (input only; see ``patterns.py``)."""
         hit = self.find(text)
         if hit is not None or self._patterns is None:
             return hit
-        key = f" {text.key} "
-        for phrase in self._allowed_phrases:
-            key = key.replace(f" {phrase} ", " ")
-        category = self._patterns.find(key.strip())
+        category = self._patterns.find(self._without_allowed(f" {text.key} ").strip())
         return TermHit(f"pattern:{category}", category) if category is not None else None
+
+    def _without_allowed(self, key: str) -> str:
+        """``key`` (words between single spaces, one at each end) without its allowlisted
+        phrases."""
+        if self._allowed_phrases and not self._allowed_firsts.isdisjoint(key.split(" ")):
+            for phrase in self._allowed_phrases:
+                key = key.replace(f" {phrase} ", " ")
+        return key
 
     def strip_allowed(self, text: str, key: str | None = None) -> str:
         """``text`` without its allowlisted phrases (for the classifier's eyes); ``key``
@@ -186,9 +204,7 @@ class TermFilter:
         if not self._allowed_phrases:
             return text
         key = f" {key if key is not None else ' '.join(words_of(text))} "
-        stripped = key
-        for phrase in self._allowed_phrases:
-            stripped = stripped.replace(f" {phrase} ", " ")
+        stripped = self._without_allowed(key)
         # Unchanged, the text itself goes on: its case and links are signals too.
         return text if stripped == key else stripped.strip()
 
