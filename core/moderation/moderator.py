@@ -194,8 +194,12 @@ class FilterModerator(ServiceBase):
         for step in channel.steps:
             try:
                 waiting = step.run(run, channel)
-                if waiting is not None:
-                    async with asyncio.timeout(step.timeout):  # None: no timer at all
+                if waiting is None:
+                    continue
+                if step.timeout is None:  # in-process flood state: no timer to set up
+                    await waiting
+                else:
+                    async with asyncio.timeout(step.timeout):
                         await waiting
             except Exception as exc:
                 self._failed(run, step.name, exc)
