@@ -2,7 +2,7 @@
 
 Messages of one conversation are answered one at a time, in arrival order:
 
-- in this process, a FIFO lane per conversation (an ``asyncio.Lock``): the fast path,
+- in this process, a FIFO lane per conversation (a lock of its own): the fast path,
   which costs no round trip;
 - across processes, the head of each lane claims the conversation in memory
   (:meth:`MemoryStore.begin`: a lease renewed while the reply is made, and a queue in
@@ -19,10 +19,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Literal
 
 from core.errors import GeneratorBusy, MemoryUnavailable, ParleyError
 from core.memory.base import Begun, MemoryStore
@@ -51,14 +51,45 @@ Admit = Callable[[IncomingMessage], Awaitable[SlowDown | None]]
 
 
 class _Lane:
-    """A FIFO lock for one conversation, counted so idle lanes can be dropped."""
+    """A FIFO lock for one conversation, counted so idle lanes can be dropped.
 
-    __slots__ = ("key", "lock", "users")
+    Its own, not an ``asyncio.Lock``: most messages find their lane free (it is made for
+    them), and one queued behind another takes its place at once, with a future, where a
+    lock's ``acquire`` would need a task of its own to queue while admission is asked.
+    """
+
+    __slots__ = ("held", "key", "users", "waiters")
 
     def __init__(self, key: ConversationKey) -> None:
         self.key = key
-        self.lock = asyncio.Lock()
         self.users = 0
+        self.held = False
+        self.waiters: deque[asyncio.Future[None]] = deque()
+
+    def take(self) -> asyncio.Future[None] | None:
+        """Hold the lane now (None), or queue for it: a future done once it is held."""
+        if not self.held:
+            self.held = True
+            return None
+        waiting = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiting)
+        return waiting
+
+    def release(self) -> None:
+        """Pass the lane to the first still waiting, in arrival order, or free it."""
+        while self.waiters:
+            waiting = self.waiters.popleft()
+            if not waiting.done():
+                waiting.set_result(None)
+                return
+        self.held = False
+
+    def give_up(self, waiting: asyncio.Future[None]) -> None:
+        """A queued message leaves (refused, cancelled): its turn, if it came, passes on."""
+        if waiting.done() and not waiting.cancelled():
+            self.release()
+        else:
+            waiting.cancel()  # skipped when the lane passes on
 
 
 class _Entry:
@@ -76,7 +107,7 @@ class _Entry:
     async def __aenter__(self) -> None:
         lane = self._lanes._join(self._message)
         try:
-            await self._lanes._acquire(lane.lock, self._message, self._admit)
+            await self._lanes._acquire(lane, self._message, self._admit)
         except BaseException:
             self._lanes._leave(lane, self._message)
             raise
@@ -87,7 +118,7 @@ class _Entry:
         lane, self._lane = self._lane, None
         if lane is not None:
             try:
-                lane.lock.release()
+                lane.release()
             finally:
                 self._lanes._leave(lane, self._message)
 
@@ -138,31 +169,24 @@ class Lanes:
             del self._in_flight[who]
 
     @staticmethod
-    async def _acquire(lock: asyncio.Lock, message: IncomingMessage, admit: Admit | None
+    async def _acquire(lane: _Lane, message: IncomingMessage, admit: Admit | None
                        ) -> None:
-        """Take ``lock`` in arrival order, refusing (SlowDown) if ``admit`` does."""
-        if admit is None:
-            await lock.acquire()
-            return
-        if not lock.locked():
-            await lock.acquire()  # free: taken at once, without yielding to the loop
-            waiting: asyncio.Task[Literal[True]] | None = None
-        else:
-            # Queue for the lock now, then ask while queued: a refusal comes at once,
-            # not after the messages ahead are answered.
-            waiting = asyncio.ensure_future(lock.acquire())
+        """Take ``lane`` in arrival order, refusing (SlowDown) if ``admit`` does. A
+        message queues first and is asked while queued: a refusal comes at once, not
+        after the messages ahead are answered."""
+        waiting = lane.take()
         try:
-            refusal = await admit(message)
-            if refusal is not None:
-                raise refusal
+            if admit is not None:
+                refusal = await admit(message)
+                if refusal is not None:
+                    raise refusal
             if waiting is not None:
                 await waiting
         except BaseException:
-            if waiting is None or (waiting.done() and not waiting.cancelled()
-                                   and waiting.exception() is None):
-                lock.release()
-            elif waiting is not None:
-                waiting.cancel()  # the lock passes the turn on to the next waiter
+            if waiting is None:
+                lane.release()
+            else:
+                lane.give_up(waiting)
             raise
 
 

@@ -204,6 +204,25 @@ async def test_a_flood_on_one_conversation_is_refused_at_once(memory: dict[str, 
         assert 'outcome="slow_down"} 294.0' in text
 
 
+async def test_a_message_that_leaves_the_queue_passes_its_turn_on(
+    memory: dict[str, Any],
+) -> None:
+    gate = Gate()
+    gate.opened.clear()
+    async with engine_on(settings(memory), gate) as engine:
+        first = asyncio.create_task(collect(engine.handle(message("one"))))
+        await gate.started.wait()
+        gone = asyncio.create_task(collect(engine.handle(message("two"))))
+        third = asyncio.create_task(collect(engine.handle(message("three"))))
+        await asyncio.sleep(0.05)  # both queued behind the held reply
+        gone.cancel()
+        gate.opened.set()
+        assert [(await t).text for t in (first, third)] == ["one", "three"]
+        assert [text for role, text in await stored(engine) if role == "user"] == [
+            "one", "three"]
+        assert len(engine.lanes) == 0
+
+
 async def test_a_flood_over_the_rate_limit_is_refused_before_the_lane(
     memory: dict[str, Any],
 ) -> None:

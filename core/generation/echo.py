@@ -7,7 +7,7 @@ import re
 from collections.abc import AsyncIterator
 
 from core.config import BotSettings, Section
-from core.generation.base import FinishReason, GenerationRequest, TokenDelta, backend_settings
+from core.generation.base import GenerationRequest, TokenDelta, backend_settings
 from core.lifecycle import ServiceBase
 
 _WORD = re.compile(r"\s*\S+")
@@ -24,19 +24,22 @@ class EchoGenerator(ServiceBase):
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
         """The last user message, one word (with its leading space) per delta."""
-        text = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
+        messages = request.messages
+        if messages and messages[-1].role == "user":
+            text = messages[-1].content
+        else:
+            text = next((m.content for m in reversed(messages) if m.role == "user"), "")
         words = _WORD.findall(text.strip())
         limit = request.sampling.max_new_tokens
         shown = words[:limit]
-        for i, word in enumerate(shown):
-            await asyncio.sleep(0)  # let other conversations run, as a real model would
-            last = i == len(shown) - 1
-            reason: FinishReason | None = None
-            if last:
-                reason = "length" if len(words) > limit else "stop"
-            yield TokenDelta(word, finish_reason=reason)
         if not shown:
             yield TokenDelta("", finish_reason="stop")
+            return
+        for word in shown[:-1]:
+            await asyncio.sleep(0)  # let other conversations run, as a real model would
+            yield TokenDelta(word)
+        await asyncio.sleep(0)
+        yield TokenDelta(shown[-1], "length" if len(words) > limit else "stop")
 
 
 def create(settings: BotSettings) -> EchoGenerator:
