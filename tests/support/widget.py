@@ -135,6 +135,20 @@ async def frames_until(ws: Any, done: Any, seconds: float = 10.0) -> list[dict[s
                     return got
 
 
+def shown(events: list[dict[str, Any]]) -> str:
+    """The text a widget shows for one reply after ``events``, as widget.js makes it:
+    deltas add to it, a reset empties it, the reply's end replaces it."""
+    text = ""
+    for event in events:
+        if event["kind"] == "delta":
+            text += event["text"]
+        elif event["kind"] == "reset":
+            text = ""
+        elif event["kind"] in ("final", "notice", "error", "message"):
+            return str(event["text"])
+    return text
+
+
 def final_of(message_id: str) -> Any:
     """A ``frames_until`` condition: the reply to ``message_id`` has ended."""
     return lambda f: (f.get("type") == "event" and f.get("message_id") == message_id

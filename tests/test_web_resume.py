@@ -1,0 +1,87 @@
+"""The widget's reply log on its own: what a reply's writer appends, and the Redis
+backend's numbering (on a real redis-server)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from bots.web.resume import MemoryReplyLog, RedisReplyLog, ReplyWriter, compact
+from core.config import MemorySection
+from tests.support.widget import shown
+
+
+def ev(kind: str, text: str = "", mid: str = "m1", action: str = "allow") -> dict[str, Any]:
+    return {"kind": kind, "message_id": mid, "text": text, "action": action}
+
+
+def test_compact_keeps_what_the_widget_shows_in_fewer_entries() -> None:
+    user = {"kind": "user", "message_id": "m1", "text": "hi", "at": 1.0}
+    # A reply that ends in the batch: the end carries the whole text.
+    assert compact([user, ev("typing"), ev("delta", "a"), ev("delta", " b"),
+                    ev("final", "a b")]) == [user, ev("final", "a b")]
+    assert compact([ev("delta", "a"), ev("reset"), ev("error", "sorry")]) == [
+        ev("error", "sorry")]
+    # A reply still going: typing gives way to its text, deltas become one.
+    assert compact([user, ev("typing"), ev("delta", "a"), ev("delta", " b")]) == [
+        user, ev("delta", "a b")]
+    assert compact([ev("delta", "a"), ev("reset"), ev("delta", "c")]) == [
+        ev("delta", "a"), ev("reset"), ev("delta", "c")]
+    # Deltas moderated differently stay apart; one event stays as it is.
+    assert compact([ev("delta", "a"), ev("delta", "b", action="warn")]) == [
+        ev("delta", "a"), ev("delta", "b", action="warn")]
+    assert compact([ev("typing")]) == [ev("typing")]
+
+
+async def test_a_reply_that_ends_within_the_linger_is_one_append_of_two_entries() -> None:
+    log = MemoryReplyLog(ttl=60, cap=100)
+    with log.subscribe("r") as sub:
+        writer = ReplyWriter(log, "r")
+        writer.write({"kind": "user", "message_id": "m1", "text": "hi", "at": 1.0})
+        for event in (ev("typing"), ev("delta", "hi"), ev("delta", " there"),
+                      ev("final", "hi there")):
+            writer.write(event)
+        await writer.drain()
+        got = sub.ready()
+    assert [(e["kind"], e["text"]) for e in got if e] == [("user", "hi"), ("final", "hi there")]
+    assert [e["seq"] for e in got if e] == [got[0]["seq"], got[0]["seq"] + 1]  # type: ignore[index]
+
+
+async def test_a_streamed_reply_is_appended_in_batches_that_read_the_same() -> None:
+    log = MemoryReplyLog(ttl=60, cap=100)
+    words = ["one", " two", " three", " four"]
+    with log.subscribe("r") as sub:
+        writer = ReplyWriter(log, "r", linger=60.0)
+        writer.write({"kind": "user", "message_id": "m1", "text": "hi", "at": 1.0})
+        writer.write(ev("typing"))
+        for word in words[:2]:
+            writer.write(ev("delta", word))
+        await writer.drain()  # a batch goes out before the reply ends
+        part = [e for e in sub.ready() if e]
+        for word in words[2:]:
+            writer.write(ev("delta", word))
+        await writer.drain()
+        rest = [e for e in sub.ready() if e]
+        writer.write(ev("final", "".join(words)))
+        await writer.drain()
+        end = [e for e in sub.ready() if e]
+    assert [e["kind"] for e in part] == ["user", "delta"] and shown(part) == "one two"
+    assert [e["kind"] for e in rest] == ["delta"] and [e["kind"] for e in end] == ["final"]
+    everything = part + rest + end
+    assert shown(everything[:-1]) == "one two three four" == shown(everything)
+    seqs = [e["seq"] for e in everything]
+    assert seqs == list(range(seqs[0], seqs[0] + 4))
+
+
+async def test_redis_numbers_from_the_time_and_keeps_big_appends_in_order(
+        redis_url: str, memory_prefix: str) -> None:
+    section = MemorySection(backend="redis", url=redis_url, key_prefix=memory_prefix)
+    async with RedisReplyLog(section, "bot", ttl=60, cap=5000) as log:
+        before = int(time.time() * 1_000_000)
+        first = await log.append("r", [ev("user", "hi"), ev("final", "hello")])
+        many = await log.append("r", [ev("delta", str(i)) for i in range(2500)])
+        backlog = await log.since("r", 0)
+    start = first[0]["seq"]
+    assert before <= start <= int(time.time() * 1_000_000)
+    assert [e["seq"] for e in first + many] == list(range(start, start + 2502))
+    assert backlog.entries == first + many and backlog.last == start + 2501
