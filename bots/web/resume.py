@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 from collections import deque
@@ -251,6 +252,7 @@ class RedisReplyLog(ReplyLog):
         super().__init__(ttl=ttl, cap=cap)
         self.section = section
         self.source = source
+        self._where = f"redis at {redact(section.url)}"
         self._base = f"{section.key_prefix}:{key_part(bot)}:web:"
         self.channel = self._base + "events"
         self._origin = secrets.token_hex(8)  # this process, to skip its own pokes
@@ -309,7 +311,7 @@ class RedisReplyLog(ReplyLog):
                 await asyncio.sleep(_RESUBSCRIBE_DELAY)
 
     def _failures(self, what: str) -> Any:
-        return failures_as(StoreUnavailable, f"redis at {redact(self.section.url)}", what)
+        return failures_as(StoreUnavailable, self._where, what)
 
     async def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
         if self._pipeline is None:
@@ -381,15 +383,24 @@ def compact(batch: list[Entry]) -> list[Entry]:
     return out
 
 
+def _tick(now: float, linger: float) -> float:
+    """When a batch begun at ``now`` goes out: between ``linger / 2`` and ``linger`` later,
+    on a grid of ``linger / 2`` steps. All replies' batches due at one step go out in
+    one event-loop turn, so Redis gets them in one pipelined write (one system call on
+    each side) instead of one each."""
+    step = linger / 2
+    return (math.floor(now / step) + 2) * step
+
+
 class ReplyWriter:
     """Appends one reply's events to the log in order, without making the reply wait.
 
     An event that ends the reply is appended at once with whatever waits before it;
-    others wait up to ``linger`` seconds for company, and events written while an
-    append is on its way go together in the next one. Each batch is :func:`compact`:
-    a reply that ends within ``linger`` costs one append (one round trip to Redis, one
-    frame to each socket) of two entries, the user's message and the answer; a
-    streamed one about one per ``linger``, never one per delta. A failed append is
+    others wait up to ``linger`` seconds for company (see :func:`_tick`), and events
+    written while an append is on its way go together in the next one. Each batch is
+    :func:`compact`: a reply that ends within ``linger`` costs one append (one round
+    trip to Redis, one frame to each socket) of two entries, the user's message and the
+    answer; a streamed one about one per ``linger``, never one per delta. A failed append is
     raised by the next :meth:`write` or by :meth:`drain`.
     """
 
@@ -412,7 +423,8 @@ class ReplyWriter:
         if event.get("kind") in TERMINAL:
             self._flush_now()
         elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.linger, self._flush_now)
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(_tick(loop.time(), self.linger), self._flush_now)
 
     def _flush_now(self) -> None:
         if self._timer is not None:
