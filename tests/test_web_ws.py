@@ -74,6 +74,15 @@ async def test_message_streams_numbered_events_and_is_remembered() -> None:
         ]
 
 
+async def test_frames_are_not_deflated_even_when_the_browser_offers_it() -> None:
+    async with serving(gated_engine(widget_settings(), GatedEcho())) as site:
+        token = (await site.session())["token"]
+        # compress=15: "permessage-deflate; client_max_window_bits", as browsers offer.
+        async with site.socket(token, compress=15) as ws:
+            assert (await ws.receive_json())["type"] == "ready"
+            assert ws.compress == 0  # declined: small frames cost more to deflate
+
+
 async def test_handshake_and_session_refuse_origins_not_allowed() -> None:
     async with serving(gated_engine(widget_settings(), GatedEcho())) as site:
         refused = await site.session(origin="http://evil.test")
