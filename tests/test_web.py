@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import re
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -13,9 +14,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+from aiohttp.web_log import AccessLogger
 
 from bots.base import split_message
 from bots.web.adapter import WebAdapter
+from bots.web.server import AccessLog
 from core.app import build_engine
 from core.config import BotSettings, parse_settings
 from core.engine import Engine
@@ -400,6 +405,45 @@ async def test_client_leaving_a_stream_cancels_the_generation() -> None:
 
 
 # -- configuration and lifecycle ------------------------------------------------------
+
+
+async def test_each_request_gets_aiohttps_access_log_line(
+        site: Site, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="aiohttp.access")
+    async with site.chat(msg("hello there"), headers={"User-Agent": "game/1.0"}) as response:
+        await response.read()
+    [record] = [r for r in caplog.records if r.name == "aiohttp.access"]
+    assert re.fullmatch(r'127\.0\.0\.1 \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\] '
+                        r'"POST /api/v1/chat HTTP/1\.1" 200 \d+ "-" "game/1\.0"',
+                        record.getMessage())
+    assert record.response_status == 200  # type: ignore[attr-defined]
+
+
+def test_the_access_log_line_is_aiohttps_own() -> None:
+    """AccessLog writes what aiohttp's AccessLogger would (in its default format)."""
+    request = make_mocked_request("GET", "/api/v1/chat/messages?after=3", headers={
+        "Referer": "https://shop.example/", "User-Agent": "Mozilla/5.0 (X11)"})
+    response = web.Response(text="{}", status=404)
+    ours, theirs = logging.getLogger("test.ours"), logging.getLogger("test.theirs")
+    got: dict[str, logging.LogRecord] = {}
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            got[record.name] = record
+
+    for logger in (ours, theirs):
+        logger.addHandler(Keep())
+        logger.setLevel(logging.INFO)
+    for _ in range(3):  # the two lines were made in the same second (almost always)
+        AccessLog(ours).log(request, response, 0.25)
+        AccessLogger(theirs).log(request, response, 0.25)
+        if got["test.ours"].getMessage() == got["test.theirs"].getMessage():
+            break
+    assert got["test.ours"].getMessage() == got["test.theirs"].getMessage()
+    fields = ("remote_address", "request_start_time", "first_request_line",
+              "response_status", "response_size", "request_header")
+    assert ({f: getattr(got["test.ours"], f) for f in fields}
+            == {f: getattr(got["test.theirs"], f) for f in fields})
 
 
 def test_config_errors_name_the_file_and_key() -> None:

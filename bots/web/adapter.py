@@ -50,6 +50,7 @@ from bots.web.server import (
     KEYS,
     PAGE,
     SOCKETS,
+    AccessLog,
     Handler,
     Refused,
     add_headers,
@@ -160,6 +161,7 @@ class WebAdapter:
             # Cancel a request's handler when its client goes, so its generation stops.
             handler_cancellation=True,
             shutdown_timeout=SHUTDOWN_TIMEOUT,
+            access_log_class=AccessLog,
         )
         await runner.setup()
         try:
