@@ -3,6 +3,7 @@ backend's numbering (on a real redis-server)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -85,3 +86,18 @@ async def test_redis_numbers_from_the_time_and_keeps_big_appends_in_order(
     assert before <= start <= int(time.time() * 1_000_000)
     assert [e["seq"] for e in first + many] == list(range(start, start + 2502))
     assert backlog.entries == first + many and backlog.last == start + 2501
+
+
+async def test_the_start_of_a_reply_waits_for_its_first_words() -> None:
+    log = MemoryReplyLog(ttl=60, cap=100)
+    with log.subscribe("r") as sub:
+        writer = ReplyWriter(log, "r", linger=0.01, quiet=3600.0)
+        writer.write({"kind": "user", "message_id": "m1", "text": "hi", "at": 1.0})
+        writer.write(ev("typing"))
+        await asyncio.sleep(0.2)  # many times the linger: the start is still held
+        assert sub.ready() == []
+        writer.write(ev("delta", "hello"))  # the first words: out within the linger
+        async with asyncio.timeout(10):
+            got = [await sub.get(), *sub.ready()]
+        await writer.drain()
+    assert [(e["kind"], e["text"]) for e in got if e] == [("user", "hi"), ("delta", "hello")]

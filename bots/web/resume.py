@@ -53,6 +53,12 @@ TERMINAL = frozenset({"final", "notice", "error", "message"})
 # streamed one is shown 20 times a second, which reads as smooth, and its typing
 # indicator is late by at most this, well under what a person notices (~100 ms).
 LINGER_SECONDS = 0.05
+# How long the start of a reply (the user's message, the typing indicator) may wait for
+# the reply's first words or its end: a quick reply is then one append even when the
+# server is busy, and a slow one shows its typing indicator after this (the widget
+# shows the user's own message at once anyway).
+QUIET_SECONDS = 0.2
+_QUIET = frozenset({"user", "typing"})
 # Events that only lead up to the answer: a reply's end (TERMINAL) carries the whole
 # text, so those in the same batch as it need not be kept.
 _LEADING = frozenset({"typing", "delta", "reset"})
@@ -396,21 +402,26 @@ class ReplyWriter:
     """Appends one reply's events to the log in order, without making the reply wait.
 
     An event that ends the reply is appended at once with whatever waits before it;
-    others wait up to ``linger`` seconds for company (see :func:`_tick`), and events
-    written while an append is on its way go together in the next one. Each batch is
-    :func:`compact`: a reply that ends within ``linger`` costs one append (one round
-    trip to Redis, one frame to each socket) of two entries, the user's message and the
-    answer; a streamed one about one per ``linger``, never one per delta. A failed append is
-    raised by the next :meth:`write` or by :meth:`drain`.
+    the reply's words wait up to ``linger`` seconds for company, its start (the user's
+    message, typing) up to ``quiet`` seconds for its first words (see :func:`_tick`),
+    and events written while an append is on its way go together in the next one. Each
+    batch is :func:`compact`: a reply that ends within ``linger`` of its first words
+    costs one append (one round trip to Redis, one frame to each socket) of two entries,
+    the user's message and the answer; a streamed one about one per ``linger``, never
+    one per delta. A failed append is raised by the next :meth:`write` or by
+    :meth:`drain`.
     """
 
-    def __init__(self, log: ReplyLog, ref: str, *, linger: float = LINGER_SECONDS) -> None:
+    def __init__(self, log: ReplyLog, ref: str, *, linger: float = LINGER_SECONDS,
+                 quiet: float = QUIET_SECONDS) -> None:
         self.log = log
         self.ref = ref
         self.linger = linger
+        self.quiet = quiet
         self._pending: list[Entry] = []
         self._flushing: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._quiet = False  # the timer is the quiet one
         self._error: Exception | None = None
 
     def write(self, event: Entry) -> None:
@@ -420,16 +431,26 @@ class ReplyWriter:
         self._pending.append(event)
         if self._flushing is not None and not self._flushing.done():
             return  # the append on its way takes this one next
-        if event.get("kind") in TERMINAL:
+        kind = event["kind"]
+        if kind in TERMINAL:
             self._flush_now()
-        elif self._timer is None:
+        elif self._timer is None or (self._quiet and kind not in _QUIET):
+            quiet = kind in _QUIET
             loop = asyncio.get_running_loop()
-            self._timer = loop.call_at(_tick(loop.time(), self.linger), self._flush_now)
+            due = _tick(loop.time(), self.quiet if quiet else self.linger)
+            if self._timer is not None:
+                if self._timer.when() <= due:
+                    self._quiet = False  # due soon enough for words too
+                    return
+                self._timer.cancel()
+            self._timer = loop.call_at(due, self._flush_now)
+            self._quiet = quiet
 
     def _flush_now(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+            self._quiet = False
         if self._pending and (self._flushing is None or self._flushing.done()):
             self._flushing = asyncio.create_task(self._flush())
 
