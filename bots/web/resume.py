@@ -86,21 +86,32 @@ class Subscription:
 
     def __init__(self, ref: str) -> None:
         self.ref = ref
-        self._queue: asyncio.Queue[Entry | None] = asyncio.Queue()
+        # A list and one waiter rather than an asyncio.Queue: one reader, which takes
+        # everything waiting at once.
+        self._waiting: deque[Entry | None] = deque()
+        self._waiter: asyncio.Future[None] | None = None
 
     def put(self, entry: Entry | None) -> None:
         """Hand an entry (or a poke) to the subscriber."""
-        self._queue.put_nowait(entry)
+        self._waiting.append(entry)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def get(self) -> Entry | None:
         """The next entry or poke; waits for one."""
-        return await self._queue.get()
+        while not self._waiting:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._waiting.popleft()
 
     def ready(self) -> list[Entry | None]:
         """The entries and pokes already waiting, without waiting."""
-        waiting = []
-        while not self._queue.empty():
-            waiting.append(self._queue.get_nowait())
+        waiting = list(self._waiting)
+        self._waiting.clear()
         return waiting
 
 
