@@ -91,6 +91,7 @@ class _Socket:
         self.session = session
         self.ip = ip
         self.ref = hub.ref(session)
+        self._rate_key = f"{session.user_id}\n{self.ref}"  # the session's in session_rate
         self.last = 0
         self._forwarder: asyncio.Task[None] | None = None
 
@@ -167,11 +168,11 @@ class _Socket:
             await self.error("forbidden", "This session cannot write to that conversation.",
                              id=client_id)
             return
-        wait = self.hub.session_rate.take(f"{self.session.user_id}\n{self.ref}")
+        wait = self.hub.session_rate.take(self._rate_key)
         if wait > 0.0:
             await self.error("rate_limited", _RATE_TEXT, id=client_id, retry_after=round(wait, 1))
             return
-        self.hub.submit(self.session, client_id, text)
+        self.hub.submit(self.session, client_id, text, self.ref)
 
     async def _resume(self, frame: dict[str, Any], sub: Subscription) -> None:
         after = frame.get("after", 0)
@@ -263,7 +264,7 @@ class _Socket:
             await self.error("bad_frame", "Feedback needs message_id, rating up|down and an "
                              "optional comment.")
             return
-        wait = self.hub.session_rate.take(f"{self.session.user_id}\n{self.ref}")
+        wait = self.hub.session_rate.take(self._rate_key)
         if wait > 0.0:
             await self.error("rate_limited", _RATE_TEXT, retry_after=round(wait, 1))
             return
