@@ -608,6 +608,18 @@ async def test_begin_decodes_only_the_turns_pushed_since_it_last_looked(
     assert decoded == 1  # its own turns it knew
 
 
+async def test_a_member_joining_a_fresh_conversation_gets_an_expiring_index(
+    redis_backend: Backend, raw: Redis
+) -> None:
+    store = await redis_backend.open(ttl=100)
+    await store.append(KEY, turns("a", user="alice"))
+    await store.append(KEY, turns("b", user="bob"))  # the window's TTL is still fresh
+    index = f"{redis_backend.prefix}:bot:user:web:bob:convs"
+    assert await raw.smembers(index) == {"web:conv-1"}
+    assert 0 < await raw.ttl(index) <= 100
+    assert await store.forget_user(alice(user="bob")) == 1
+
+
 async def test_malformed_turns_are_skipped_with_a_warning(
     redis_backend: Backend, raw: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -18,11 +18,11 @@ percent-encoded, so a ``:`` inside an id cannot make two keys collide; ``{ref}``
     {p}:{bot}:user:{who}:convs   set   refs of the conversations holding the user's data
 
 A conversation, its version, its members hash and the index of every member get the
-same TTL, set together on every append and on a load once a tenth of the TTL (at most a
-minute) has run down, so an index outlives every conversation it points to and
-``forget_user`` finds them all. Dedupe records live for the redelivery window
-(``memory.dedupe_window``, at most ``memory.dedupe_max`` ids per conversation); the
-lease and queue for a lease (``memory.lease``).
+same TTL, set together (on an append or a load) once a tenth of the TTL, at most a
+minute, has run down, and at once on a key just made, so an index outlives every
+conversation it points to and ``forget_user`` finds them all. Dedupe records live for
+the redelivery window (``memory.dedupe_window``, at most ``memory.dedupe_max`` ids per
+conversation); the lease and queue for a lease (``memory.lease``).
 
 Each front end keeps the windows it read last (:class:`WindowCache`), and ``begin``
 sends the version it holds: Redis answers with only the turns pushed since (none, when
@@ -193,7 +193,8 @@ class RedisMemory(ServiceBase):
         # The message's user is indexed even when no turn is stored (a command's answer
         # is kept in the dedupe record), so forget_user finds it.
         args = [base, ref, message_id, token, reply.dumps(), user_id, self._dedupe_ms,
-                s.dedupe_max, s.window, s.ttl, *self._turn_args(key, turns, user_id)]
+                s.dedupe_max, s.window, s.ttl, self._slack_ms,
+                *self._turn_args(key, turns, user_id)]
         stored = await self._run("finish", (), args)
         if stored[0] == 1 and turns:
             self._windows.pushed(base + ref, stored[1], stored[2], stored[3], turns)
@@ -239,7 +240,7 @@ class RedisMemory(ServiceBase):
             return
         s = self.section
         await self._run("append", self._keys(key, "conv", "members", "seenby", "ver"),
-                        [s.window, s.ttl, self._ref(key), secrets.token_hex(8),
+                        [s.window, s.ttl, self._slack_ms, self._ref(key), secrets.token_hex(8),
                          *self._turn_args(key, turns)])
 
     async def reset(self, key: ConversationKey) -> None:

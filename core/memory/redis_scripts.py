@@ -155,7 +155,7 @@ end
 # conversation, never). Returns an error text, or nil, the version before and after
 # (see _VERSION_FN; `epoch` names a fresh one) and the window's length.
 _APPEND_FN = _WRONG_FN + _VERSION_FN + """
-local function append(conv, members, seenby, ver, window, ttl, ref, first, now, epoch)
+local function append(conv, members, seenby, ver, window, ttl, slack, ref, first, now, epoch)
   local n = tonumber(ARGV[first])
   local bad = wrong(conv, 'list') or wrong(members, 'hash') or wrong(ver, 'string')
   local checked = {}
@@ -172,10 +172,13 @@ local function append(conv, members, seenby, ver, window, ttl, ref, first, now, 
   end
   if bad then return bad end
   -- Nothing is written above this line.
-  local fresh = {}
+  local fresh, added = {}, {}
   for i = 0, n - 1 do
     local user, idx = ARGV[first + 1 + 3 * i], ARGV[first + 2 + 3 * i]
-    if known[user] ~= idx then redis.call('HSET', members, user, idx) end
+    if known[user] ~= idx then
+      redis.call('HSET', members, user, idx)
+      added[user] = true
+    end
     known[user] = idx
     fresh[user] = ARGV[first + 3 + 3 * i] == '1'
   end
@@ -190,6 +193,11 @@ local function append(conv, members, seenby, ver, window, ttl, ref, first, now, 
     count = count + pushed
     redis.call('SET', ver, epoch .. ':' .. count .. ':' .. ARGV[#ARGV], 'EX', ttl)
   end
+  -- The TTLs of the window, its members and their indexes are set again once a tenth of
+  -- the TTL (at most a minute) has run down, as a load does, and at once for what is new
+  -- (a member's index key is then just made or joined): every member's index holds the
+  -- conversation and lives at least as long as it.
+  local refresh = pushed == 0 or redis.call('PTTL', conv) < tonumber(ttl) * 1000 - slack
   local present = nil
   for user, idx in pairs(known) do
     local kept = pushed == 0 or fresh[user]  -- without a push nothing left the window
@@ -209,31 +217,37 @@ local function append(conv, members, seenby, ver, window, ttl, ref, first, now, 
       kept = present[user]
     end
     if kept then
-      redis.call('SADD', idx, ref)
-      redis.call('EXPIRE', idx, ttl)
+      if refresh or added[user] then
+        redis.call('SADD', idx, ref)
+        redis.call('EXPIRE', idx, ttl)
+      end
     else
       redis.call('SREM', idx, ref)
       redis.call('HDEL', members, user)
     end
   end
-  if pushed > 0 then redis.call('EXPIRE', conv, ttl) end
-  redis.call('EXPIRE', members, ttl)
+  if refresh then
+    if pushed > 0 then redis.call('EXPIRE', conv, ttl) end
+    redis.call('EXPIRE', members, ttl)
+  elseif next(added) then
+    redis.call('EXPIRE', members, ttl)
+  end
   local after = pushed > 0 and (epoch .. ':' .. count) or before
   return nil, before, after, length or redis.call('LLEN', conv)
 end
 """
 
 # KEYS: conv, members, seenby, ver.
-# ARGV: window, ttl, ref, epoch, n, n x (user id, index key, fresh), turns (JSON).
+# ARGV: window, ttl, slack ms, ref, epoch, n, n x (user id, index key, fresh), turns (JSON).
 APPEND = _NOW + _APPEND_FN + """
-local bad = append(KEYS[1], KEYS[2], KEYS[3], KEYS[4], tonumber(ARGV[1]), ARGV[2], ARGV[3],
-                   5, now, ARGV[4])
+local bad = append(KEYS[1], KEYS[2], KEYS[3], KEYS[4], tonumber(ARGV[1]), ARGV[2],
+                   tonumber(ARGV[3]), ARGV[4], 6, now, ARGV[5])
 if bad then return redis.error_reply(bad) end
 return 1
 """
 
 # ARGV: '{p}:{bot}:', ref, message id, token, reply, user id, dedupe ms, max ids, window,
-#       ttl, n, n x (user id, index key, fresh), turns (JSON).
+#       ttl, slack ms, n, n x (user id, index key, fresh), turns (JSON).
 # {1, version before, version after, length} (see _APPEND_FN): stored; {0}: stored
 # before (a repeat after success).
 FINISH = _NOW + _KEYS_FN + _APPEND_FN + """
@@ -250,7 +264,8 @@ redis.call('ZADD', seenby, now + dedupe_ms, ARGV[6])
 redis.call('PEXPIRE', seenby, dedupe_ms)
 local before, after, length
 bad, before, after, length = append(key('conv'), key('members'), seenby, key('ver'),
-                                    tonumber(ARGV[9]), ARGV[10], ref, 11, now, token)
+                                    tonumber(ARGV[9]), ARGV[10], tonumber(ARGV[11]), ref,
+                                    12, now, token)
 if bad then return redis.error_reply(bad) end
 -- (Ids whose window ended went in begin; one that ended since is the oldest, and the cap
 -- below drops it first.)
