@@ -303,11 +303,19 @@ class FilterModerator(ServiceBase):
         return self.state.admit(f"{msg.channel}:{msg.user_id}",
                                 f"{msg.channel}:{msg.conversation_id}", channel.limits)
 
-    async def _flood(self, run: _Run, channel: _Channel) -> None:
-        msg = run.message
-        admission = self._admitted.pop(_admitted_key(msg), None)
+    def _flood(self, run: _Run, channel: _Channel) -> Awaitable[None] | None:
+        # Counted by admit() (the usual case): decided here, nothing to wait for (and no
+        # timer to set); otherwise counted now, under the step's timeout.
+        admission = self._admitted.pop(_admitted_key(run.message), None)
         if admission is None:  # not admitted first (a direct call)
-            admission = await self._count(msg, channel)
+            return self._flood_counted(run, channel)
+        self._flooded(run, channel, admission)
+        return None
+
+    async def _flood_counted(self, run: _Run, channel: _Channel) -> None:
+        self._flooded(run, channel, await self._count(run.message, channel))
+
+    def _flooded(self, run: _Run, channel: _Channel, admission: Admission) -> None:
         run.muted_for = admission.muted_for
         if (admission.user_count > channel.limits.user_rate
                 or admission.conversation_count > channel.limits.conversation_rate):

@@ -308,9 +308,11 @@ class RegexSet:
         return _database(self.patterns, self.flags)
 
     def prepare(self) -> bool:
-        """Compile the Hyperscan database now (it takes a second: call it off the event
-        loop); whether there is one."""
-        return self._scanner is not None
+        """Compile the patterns and the Hyperscan database now (it takes a second: call
+        it off the event loop); whether there is a database."""
+        scanning = self._scanner is not None
+        _ = self.compiled if scanning else self._any  # what search() will need
+        return scanning
 
     def candidates(self, text: str) -> list[int] | None:
         """The indexes of the patterns that may match ``text``, ascending; None without
