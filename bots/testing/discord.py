@@ -38,8 +38,8 @@ from bots.testing.discord_http import (
     MAX_CONTENT,
     MENTION,
     ROLE,
-    Bucket,
     Fault,
+    Limits,
     check_content,
     json_response,
     no_content,
@@ -89,10 +89,7 @@ class FakeDiscord:
         bucket: tuple[int, float] | None = None,
     ) -> None:
         self.token = token
-        # (requests, seconds): each channel's message routes allow that many per window,
-        # announced in X-RateLimit-* headers as Discord does; more is a 429.
-        self.bucket = bucket
-        self._buckets: dict[str, Bucket] = {}
+        self.limits = Limits(bucket)  # bucket: (requests, seconds) per channel's route
         self._ids = itertools.count(1_100_000_000_000_000_000)
         self.bot_id = self._id()
         self.application_id = self._id()
@@ -106,7 +103,6 @@ class FakeDiscord:
         self._interactions: dict[str, Json] = {}  # token -> interaction
         self.gateway = FakeGateway(token, self._greeting, heartbeat_interval=heartbeat_interval)
         self._changed = asyncio.Condition()
-        self._faults: list[Fault] = []
         self._nonces: dict[tuple[int, str], int] = {}  # (channel, nonce) -> message id
         self._runner: web.AppRunner | None = None
         self._port = 0
@@ -260,8 +256,6 @@ class FakeDiscord:
         """The names of the synced slash commands."""
         return sorted(c["name"] for c in self.commands)
 
-    # -- the gateway, driven by the test -----------------------------------------------
-
     # -- the gateway, driven by the test: see ``self.gateway`` ----------------------------
 
     def dispatch(self, event: str, data: Json) -> None:
@@ -284,16 +278,16 @@ class FakeDiscord:
         is_global: bool = False,
     ) -> None:
         """Answer the next ``count`` requests whose path contains ``path`` with a 429."""
-        self._faults += [Fault(path, 429, retry_after, is_global)] * count
+        self.limits.faults += [Fault(path, 429, retry_after, is_global)] * count
 
     def fail(self, count: int, *, path: str, status: int = 403) -> None:
         """Answer the next ``count`` requests whose path contains ``path`` with ``status``."""
-        self._faults += [Fault(path, status)] * count
+        self.limits.faults += [Fault(path, status)] * count
 
     @property
     def faults_left(self) -> int:
         """Injected 429s and failures not yet served."""
-        return len(self._faults)
+        return len(self.limits.faults)
 
     @web.middleware
     async def _rest_middleware(
@@ -308,9 +302,10 @@ class FakeDiscord:
         by_token = request.path.startswith(("/api/v10/interactions/", "/api/v10/webhooks/"))
         if not by_token and request.headers.get("Authorization") != f"Bot {self.token}":
             response = json_response({"message": "401: Unauthorized", "code": 0}, 401)
-        elif (fault := self._take_fault(request.path)) is not None:
+        elif (fault := self.limits.take_fault(request.path)) is not None:
             response = fault.response()
-        elif (bucket := self._bucket_of(request)) is not None and not bucket.take():
+        elif ((bucket := self.limits.bucket_of(request.method, request.path)) is not None
+              and not bucket.take()):
             response = Fault(request.path, 429, bucket.reset_after()).response()
             response.headers.update(bucket.headers())
         else:
@@ -321,25 +316,6 @@ class FakeDiscord:
         async with self._changed:
             self._changed.notify_all()
         return response
-
-    def _bucket_of(self, request: web.Request) -> Bucket | None:
-        if self.bucket is None or "/channels/" not in request.path:
-            return None
-        # One bucket per method, route and channel (Discord's "major parameter").
-        parts = request.path.split("/")
-        route = "/".join(p if not p.isdigit() or i == 4 else "{id}" for i, p in enumerate(parts))
-        key = f"{request.method} {route}"
-        if key not in self._buckets:
-            limit, window = self.bucket
-            self._buckets[key] = Bucket(f"bucket-{len(self._buckets)}", limit, window)
-        return self._buckets[key]
-
-    def _take_fault(self, path: str) -> Fault | None:
-        for i, fault in enumerate(self._faults):
-            if fault.path in path:
-                del self._faults[i]
-                return fault
-        return None
 
     def _add_routes(self, router: web.UrlDispatcher) -> None:
         api = "/api/v10"

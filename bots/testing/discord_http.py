@@ -1,5 +1,6 @@
 """The REST half's pieces of :class:`bots.testing.discord.FakeDiscord`: responses as
-discord.py expects them, injected faults, and Discord's per-route rate-limit buckets."""
+discord.py expects them, injected faults, and Discord's per-route rate-limit buckets
+(:class:`Limits`)."""
 
 from __future__ import annotations
 
@@ -78,6 +79,39 @@ class Bucket:
                 "X-RateLimit-Reset-After": f"{self.reset_after():.3f}",
                 "X-RateLimit-Reset": f"{time.time() + self.reset_after():.3f}",
                 "X-RateLimit-Bucket": self.name}
+
+
+class Limits:
+    """What the fake answers instead of a REST handler: injected faults, then Discord's
+    rate-limit buckets (with ``bucket`` = (requests, seconds), each channel's message
+    routes allow that many per window, announced in X-RateLimit-* headers as Discord
+    does; more is a 429)."""
+
+    def __init__(self, bucket: tuple[int, float] | None) -> None:
+        self.bucket = bucket
+        self.faults: list[Fault] = []
+        self._buckets: dict[str, Bucket] = {}
+
+    def take_fault(self, path: str) -> Fault | None:
+        """The first injected fault for ``path``, now used up, or None."""
+        for i, fault in enumerate(self.faults):
+            if fault.path in path:
+                del self.faults[i]
+                return fault
+        return None
+
+    def bucket_of(self, method: str, path: str) -> Bucket | None:
+        """The bucket a request counts against (None: not limited)."""
+        if self.bucket is None or "/channels/" not in path:
+            return None
+        # One bucket per method, route and channel (Discord's "major parameter").
+        parts = path.split("/")
+        route = "/".join(p if not p.isdigit() or i == 4 else "{id}" for i, p in enumerate(parts))
+        key = f"{method} {route}"
+        if key not in self._buckets:
+            limit, window = self.bucket
+            self._buckets[key] = Bucket(f"bucket-{len(self._buckets)}", limit, window)
+        return self._buckets[key]
 
 
 def would_ping(payload: Mapping[str, Any]) -> bool:

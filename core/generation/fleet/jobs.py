@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, get_args
@@ -260,6 +261,36 @@ def decode_reply(fields: Mapping[bytes, bytes]) -> Reply:
         error=error.decode("utf-8", errors="replace") if error is not None else None,
         worker=worker.decode("utf-8", errors="replace") if worker is not None else None,
     )
+
+
+async def dead_letter(
+    client: Redis, keys: QueueKeys, entry_id: str, raw: bytes, *, request_id: str | None,
+    attempts: int, reason: str, worker: str, ttl: float, job: QueuedJob | None = None,
+) -> None:
+    """Move a job to the dead-letter stream and tell its front end, if it has one.
+
+    Dead letters hold the whole prompt: they are kept ``ttl`` seconds
+    (``worker.dead_letter_ttl``), and carry the job's tenant and user so ``parley forget``
+    finds them (:func:`forget_dead_letters`).
+    """
+    ttl_ms = int(ttl * 1000)
+    letter: dict[Any, Any] = {"id": entry_id, "reason": reason, "attempts": attempts,
+                              "worker": worker}
+    if job is not None:
+        letter.update(tenant=job.request.tenant, user=job.request.user)
+    letter["job"] = raw[:65536]
+    pipe = client.pipeline(transaction=True)
+    pipe.xadd(keys.dead, letter, maxlen=DEAD_CAP, approximate=True)
+    pipe.xtrim(keys.dead, minid=max(int(time.time() * 1000) - ttl_ms, 0))
+    pipe.pexpire(keys.dead, ttl_ms)
+    if request_id is not None:
+        reply = keys.reply(request_id)
+        fields: dict[Any, Any] = encode_reply(Reply(attempts, error=reason, worker=worker))
+        pipe.xadd(reply, fields)
+        pipe.expire(reply, REPLY_TTL)
+    pipe.xack(keys.jobs, GROUP, entry_id)
+    pipe.xdel(keys.jobs, entry_id)
+    await pipe.execute()
 
 
 async def forget_dead_letters(client: Redis, keys: QueueKeys, tenant: str, user: str) -> int:

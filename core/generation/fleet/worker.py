@@ -48,15 +48,12 @@ from core.errors import ConfigError, GenerationError
 from core.generation.base import Generator, backend_settings, generator_backends
 from core.generation.fleet import worker_scripts as scripts
 from core.generation.fleet.jobs import (
-    DEAD_CAP,
     GROUP,
-    REPLY_TTL,
     MalformedJob,
     QueuedJob,
     QueueKeys,
-    Reply,
+    dead_letter,
     decode_job,
-    encode_reply,
 )
 from core.generation.fleet.replies import ReplyWriter, RunningJob
 from core.generation.fleet.settings import FleetSettings, inner_settings
@@ -345,31 +342,11 @@ class Worker(ServiceBase):
         self, entry_id: str, raw: bytes, request_id: str | None, attempts: int,
         reason: str, kind: str, job: QueuedJob | None = None,
     ) -> None:
-        """Move a job to the dead-letter stream and tell its front end, if it has one.
-
-        Dead letters hold the whole prompt: they are kept ``worker.dead_letter_ttl``
-        seconds, and carry the job's tenant and user so ``parley forget`` finds them.
-        """
-        client = self._client
-        assert client is not None
-        ttl_ms = int(self.section.dead_letter_ttl * 1000)
-        letter: dict[Any, Any] = {"id": entry_id, "reason": reason, "attempts": attempts,
-                                  "worker": self.name}
-        if job is not None:
-            letter.update(tenant=job.request.tenant, user=job.request.user)
-        letter["job"] = raw[:65536]
-        pipe = client.pipeline(transaction=True)
-        pipe.xadd(self.keys.dead, letter, maxlen=DEAD_CAP, approximate=True)
-        pipe.xtrim(self.keys.dead, minid=max(int(time.time() * 1000) - ttl_ms, 0))
-        pipe.pexpire(self.keys.dead, ttl_ms)
-        if request_id is not None:
-            reply = self.keys.reply(request_id)
-            fields: dict[Any, Any] = encode_reply(Reply(attempts, error=reason, worker=self.name))
-            pipe.xadd(reply, fields)
-            pipe.expire(reply, REPLY_TTL)
-        pipe.xack(self.keys.jobs, GROUP, entry_id)
-        pipe.xdel(self.keys.jobs, entry_id)
-        await pipe.execute()
+        """Dead-letter a job (:func:`~core.generation.fleet.jobs.dead_letter`), log, count."""
+        assert self._client is not None
+        await dead_letter(self._client, self.keys, entry_id, raw, request_id=request_id,
+                          attempts=attempts, reason=reason, worker=self.name,
+                          ttl=self.section.dead_letter_ttl, job=job)
         log.warning("worker %s: dead-lettered job %s (%s): %s", self.name, entry_id,
                     request_id or "no id", reason)
         self.metrics.dead_letters.labels(kind).inc()
