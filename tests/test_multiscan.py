@@ -224,3 +224,37 @@ def test_terms_find_as_before_on_random_phrases(words: list[str]) -> None:
     terms = TermFilter.from_policy(["kill the x"], ["the process", "van x"])
     n = normalise(" ".join(words))
     assert terms.find(n) == old_find(terms, n)
+
+
+_VERDICTS = """
+import json, sys
+sys.modules["hyperscan"] = None  # as on a platform without it: the import fails
+sys.path.insert(0, sys.argv[1])
+from core.moderation import multiscan
+from tests.test_multiscan import verdicts
+assert multiscan.hyperscan is None
+print(json.dumps(verdicts(json.load(sys.stdin))))
+"""
+
+
+def verdicts(texts: list[str]) -> list[list[object]]:
+    """What the input checks say of each text (as JSON-able lists)."""
+    terms = TermFilter.from_policy([], [])
+    out: list[list[object]] = []
+    for text in texts:
+        n = normalise(text)
+        hit = terms.find_in_message(n)
+        report = check_injection(text, n)
+        out.append([hit and [hit.term, hit.category], [report.score, list(report.signals)],
+                    check_spam(n.clean, n.key), promotion(n.clean, n.key)])
+    return out
+
+
+def test_without_hyperscan_the_same_verdicts() -> None:
+    """Where hyperscan cannot be imported, re alone gives the same answers."""
+    import subprocess
+
+    texts = bench_texts() + moderation_test_texts()
+    done = subprocess.run([sys.executable, "-c", _VERDICTS, str(ROOT)], input=json.dumps(texts),
+                          capture_output=True, text=True, check=True, cwd=ROOT)
+    assert json.loads(done.stdout) == verdicts(texts)

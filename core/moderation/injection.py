@@ -170,13 +170,14 @@ def prepare() -> None:
 def check_injection(raw: str, text: Normalised, *, prefilter: bool = True) -> InjectionReport:
     """Score ``raw`` (as the user sent it) and its normalised form ``text``.
 
-    ``prefilter=False`` runs every pattern by ``re`` (the tests compare the two paths).
+    ``prefilter=False`` (or no Hyperscan) runs every pattern by ``re`` (the tests compare
+    the two paths).
     """
     signals: list[str] = []
     if text.invisible:
         # One stray zero-width space is copy-paste; several hide something.
         signals.append("invisible" if text.invisible >= 3 else "stray_invisible")
-    if prefilter:
+    if prefilter and _KEY_SET.scanning:
         if _TOKEN_SET.search(text.clean):
             signals.append("token")
         if _KEY_SET.search(text.key) or _LOWER_SET.search(text.clean.lower()):

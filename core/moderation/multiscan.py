@@ -314,11 +314,26 @@ class RegexSet:
         _ = self.compiled if scanning else self._any  # what search() will need
         return scanning
 
+    @property
+    def scanning(self) -> bool:
+        """Whether Hyperscan scans for these patterns (else ``re`` runs them all)."""
+        return self._scanner is not None
+
     def candidates(self, text: str) -> list[int] | None:
         """The indexes of the patterns that may match ``text``, ascending; None without
         Hyperscan (then any may)."""
         scanner = self._scanner
         return scanner.scan(text) if scanner is not None else None
+
+    def may_match(self, text: str) -> bool:
+        """False only where no pattern matches ``text`` (found by one scan, confirmed by
+        re); without Hyperscan nothing is run and the answer is True: the caller's own
+        patterns decide."""
+        ids = self.candidates(text)
+        if ids is None:
+            return True
+        compiled = self.compiled
+        return any(compiled[i].search(text) for i in ids)
 
     def search(self, text: str) -> bool:
         """Whether any pattern matches ``text``."""

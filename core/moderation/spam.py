@@ -109,9 +109,9 @@ def promotion(text: str, key: str = "", *, prefilter: bool = True) -> list[str]:
     module docstring). ``prefilter=False`` runs every pattern by ``re`` (the tests
     compare the two paths)."""
     counts: Counter[str | None] = Counter()
-    if not prefilter or _TEXT_SET.search(text):
+    if not prefilter or _TEXT_SET.may_match(text):
         counts = Counter(m.lastgroup for m in _ALL.finditer(text))
-    if key and (not prefilter or _KEY_SET.search(key)):
+    if key and (not prefilter or _KEY_SET.may_match(key)):
         counts |= Counter(m.lastgroup for m in _ALL.finditer(key) if m.lastgroup != "link")
     found = [name for name, hits in counts.items() if name is not None
              for _ in range(min(hits, 2 if name in _TWICE else 1))]
