@@ -1,0 +1,110 @@
+"""CPU time per reply of the output guard, as bench/peers.py's echo bot runs it.
+
+    python bench/guard.py [--messages 2000] [--rounds 3] [--code CHECKOUT]
+    python bench/guard.py --compare /path/to/other/checkout [--repeat 4]
+
+``Moderator.guard`` with config/demo.toml's moderation filters and the default persona as
+system text, over the reply bench/peers.py's clients get: their message, echoed one word
+a delta ("hello number 3 from client 12, how are you today?"). Prints the guard's CPU
+microseconds per reply: the best round's, less the same stream's cost without the guard.
+``--code`` measures another checkout's code (this one by default). With ``--compare``,
+runs the two in turn, each in a fresh process, ``--repeat`` times each (the machine's
+load moves; taking turns shares it out), and prints the median of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import statistics
+import subprocess
+import sys
+import time
+import tomllib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PERSONA = "You are a helpful assistant."  # [bot] persona's default
+_WORD = re.compile(r"\s*\S+")  # as the echo generator streams
+
+
+async def measure(code: Path, messages: int, rounds: int) -> float:
+    """The guard's CPU microseconds per reply with the code of checkout ``code``."""
+    sys.path.insert(0, str(code))
+    from core.config import parse_settings
+    from core.moderation.moderator import FilterModerator
+    from core.types import IncomingMessage
+
+    section = tomllib.loads((code / "config" / "demo.toml").read_text())["moderation"]
+    section = {k: v for k, v in section.items() if k != "channels"}
+    settings = parse_settings({
+        "bot": {"name": "peers"}, "generation": {"backend": "echo"},
+        "memory": {"backend": "embedded"},
+        "moderation": {**section, "user_rate": 10**9, "conversation_rate": 10**9}})
+    batch = [IncomingMessage(bot="peers", channel="web", conversation_id=f"c{i % 64}",
+                             user_id=f"u{i % 64}", message_id=uuid.uuid4().hex,
+                             text=f"hello number {i // 64 + 1} from client {i % 64}, "
+                                  "how are you today?")
+             for i in range(messages)]
+
+    async def deltas(text: str) -> AsyncIterator[str]:
+        for word in _WORD.findall(text):
+            await asyncio.sleep(0)
+            yield word
+
+    async with FilterModerator(settings) as moderator:
+
+        async def guarded() -> None:
+            for message in batch:
+                shown = [p async for p in moderator.guard(message, deltas(message.text),
+                                                          system=PERSONA)]
+                assert "".join(shown) == message.text, shown
+
+        async def bare() -> None:
+            for message in batch:
+                async for _ in deltas(message.text):
+                    pass
+
+        async def cpu(run: Callable[[], Awaitable[None]]) -> float:
+            started = time.process_time()
+            await run()
+            return time.process_time() - started
+
+        await guarded()  # caches warm
+        best = {"guard": float("inf"), "bare": float("inf")}
+        for _ in range(rounds):
+            best["guard"] = min(best["guard"], await cpu(guarded))
+            best["bare"] = min(best["bare"], await cpu(bare))
+    return 1e6 * (best["guard"] - best["bare"]) / messages
+
+
+def main() -> None:
+    """Parse arguments; measure this checkout, or it and another in turn."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--code", type=Path, default=ROOT, help="the checkout to measure")
+    parser.add_argument("--compare", type=Path, help="another checkout to run in turn")
+    parser.add_argument("--repeat", type=int, default=4, help="runs of each, with --compare")
+    args = parser.parse_args()
+    if args.compare is None:
+        print(f"{asyncio.run(measure(args.code.resolve(), args.messages, args.rounds)):.1f}")
+        return
+    results: dict[Path, list[float]] = {args.code.resolve(): [], args.compare.resolve(): []}
+    for i in range(args.repeat):
+        for code in list(results)[:: 1 if i % 2 == 0 else -1]:
+            out = subprocess.run([sys.executable, __file__, "--code", str(code), "--messages",
+                                  str(args.messages), "--rounds", str(args.rounds)],
+                                 capture_output=True, text=True, check=True).stdout
+            results[code].append(float(out.split()[-1]))
+    for code, values in results.items():
+        print(f"{code}: {statistics.median(values):.1f} us/reply (runs: "
+              f"{', '.join(f'{v:.1f}' for v in values)})")
+
+
+if __name__ == "__main__":
+    main()
