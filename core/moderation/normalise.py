@@ -36,6 +36,8 @@ _LEET = str.maketrans({
 _TOKEN = re.compile(r"(?:[^\W_]|[@$!|€+])+")
 _LONG_RUNS = re.compile(r"(.)\1\1+")
 _RUNS = re.compile(r"(.)\1+")
+_CHUNKS_KEPT = 20_000  # runs of non-spaces whose keys are kept (see words_of)
+_KEPT_CHARS = 32  # ... if no longer than this
 
 
 @functools.cache
@@ -135,6 +137,34 @@ def normalise(text: str) -> Normalised:
 
 def words_of(text: str) -> list[str]:
     """The matching keys of ``text``'s words, in order."""
+    # Chat repeats its words: each run of non-spaces is keyed once and kept. The keys of
+    # a text are those of its runs, one after another -- unless letters spelled out one
+    # by one go on across a space ("f u c k"): then the text is keyed as a whole.
+    words: list[str] = []
+    single_before = False  # the last word so far is a single letter
+    for chunk in text.split():
+        keys, single_first, single_last = (
+            _kept_chunk_keys(chunk) if len(chunk) <= _KEPT_CHARS else _chunk_keys(chunk))
+        if keys:
+            if single_before and single_first:
+                return _keys(text)[0]
+            words += keys
+            single_before = single_last
+    return words
+
+
+def _chunk_keys(chunk: str) -> tuple[tuple[str, ...], bool, bool]:
+    words, first, last = _keys(chunk)
+    return tuple(words), first, last
+
+
+# Kept for runs of up to _KEPT_CHARS characters: a word, not a pasted blob.
+_kept_chunk_keys = functools.lru_cache(maxsize=_CHUNKS_KEPT)(_chunk_keys)
+
+
+def _keys(text: str) -> tuple[list[str], bool, bool]:
+    """The matching keys of ``text``'s words, and whether its first and its last word
+    are a single letter (which may join letters next to it, in a longer text)."""
     folded = fold(text)
     # Runs of one letter are rare: looked for once, in the whole text with leetspeak
     # folded (a superset of where a word can have one), instead of in every word.
@@ -143,6 +173,8 @@ def words_of(text: str) -> list[str]:
     singles: list[str] = []  # letters of a word spelled out one by one
     gap: str | None = None  # the one character between them ("f.u.c.k": ".")
     end = 0
+    first: bool | None = None
+    single = False
     for match in _TOKEN.finditer(folded):
         between = folded[end:match.start()]
         end = match.end()
@@ -152,7 +184,10 @@ def words_of(text: str) -> list[str]:
             continue
         if runs:
             word = _LONG_RUNS.sub(r"\1", word)
-        if len(word) == 1 and word.isalpha():
+        single = len(word) == 1 and word.isalpha()
+        if first is None:
+            first = single
+        if single:
             if len(singles) == 1 and len(between) == 1 and gap is None:
                 gap = between
                 singles.append(word)
@@ -168,7 +203,7 @@ def words_of(text: str) -> list[str]:
             singles, gap = [], None
         words.append(word)
     words += _joined(singles)
-    return words
+    return words, bool(first), single
 
 
 def _joined(singles: list[str]) -> list[str]:

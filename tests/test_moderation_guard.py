@@ -1,0 +1,108 @@
+"""The output guard's shortcuts keep its results: words keyed run by run as the whole
+text is, a release point moved back by a recital to a clause end, the guard's filters
+built once per system text yet each reply checked against its own. No mocks."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+
+from core.config import parse_settings
+from core.moderation.base import ReplyWithheld
+from core.moderation.guard import GuardConfig, release_point
+from core.moderation.leak import LeakDetector
+from core.moderation.moderator import FilterModerator
+from core.moderation.ngram import ScoreWindow, load_model
+from core.moderation.normalise import _keys, normalise, words_of
+from core.types import IncomingMessage
+
+# Single letters (which join when spelled out), leetspeak, separators, spaces of several
+# kinds, combining marks and characters that decompose to a space plus one, invisible
+# characters, look-alikes, CJK: what makes a word's keys depend on its neighbours.
+TRICKY = [
+    *"abcfkuyIOx01345789@$!|+€_.-,' \t\n", "\u00a0", "\u00b4", "\u0301", "\u200b",
+    "\u00df", "\u043e", "\u4f60", "\u597d", "\uff41", "\u2003",
+    "\u00a8", "\u0130", "\u03a3", "\ufdfa", "\u3000", " ", " "]
+
+
+@hsettings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(TRICKY), max_size=40).map("".join))
+def test_words_keyed_run_by_run_are_the_whole_text_s(text: str) -> None:
+    # words_of keys each run of non-spaces once and keeps it; the result must be what
+    # keying the text in one pass gives ("f u c k" -> "fuck" across the spaces).
+    assert words_of(text) == _keys(text)[0]
+    assert words_of(text) == _keys(text)[0]  # and again, from what was kept
+
+
+def test_letters_spelled_out_across_spaces_still_join() -> None:
+    assert words_of("you f u c k er") == ["you", "fuck", "er"]
+    assert words_of("a b") == ["a", "b"]
+    assert words_of("k.i.l.l  you, y o u  a r e") == ["kill", "you", "you", "are"]
+
+
+def test_a_window_fed_normalised_text_scores_as_fed_the_text() -> None:
+    model = load_model()
+    plain, normalised = ScoreWindow(model, 12), ScoreWindow(model, 12)
+    for piece in ["You are ", "a worthless ", "idiot. ", "Have a nice day ", "my friend."]:
+        assert plain.feed(piece) == normalised.feed(normalise(piece))
+
+
+def test_a_recital_moves_the_first_piece_back_to_a_clause_end() -> None:
+    # Without the recital the first piece would be "Hi, you " (8 characters, no clause
+    # end: not yet); the recital's start is held, which leaves "Hi, " -- a clause end,
+    # released at once.
+    leak = LeakDetector("you are Mira the innkeeper", 12)
+    config = GuardConfig(terms=None, pii=None, classify=None, threshold=0.9, hold_chars=160,
+                         replacement="-", fail_closed=True, timeout=1.0, leak=leak,
+                         phrase_words=5)
+    assert release_point("Hi, you are Mira the innkeeper ", "", config) == len("Hi, ")
+    plain = GuardConfig(terms=None, pii=None, classify=None, threshold=0.9, hold_chars=160,
+                        replacement="-", fail_closed=True, timeout=1.0, phrase_words=5)
+    assert release_point("Hi, you are Mira the innkeeper ", "", plain) == 0
+
+
+def _settings(**moderation: Any) -> Any:
+    return parse_settings({
+        "bot": {"name": "mbot"}, "generation": {"backend": "echo"},
+        "memory": {"backend": "embedded"},
+        "moderation": {"backend": "filters", **moderation},
+    })
+
+
+async def _reply(moderator: FilterModerator, text: str, system: str,
+                 channel: str = "web") -> tuple[str, bool]:
+    message = IncomingMessage(bot="mbot", channel=channel, conversation_id="c1",
+                              user_id="u1", message_id=uuid.uuid4().hex, text="hi")
+
+    async def words() -> AsyncIterator[str]:
+        for word in text.split(" "):
+            yield word + " "
+
+    shown: list[str] = []
+    try:
+        async for piece in moderator.guard(message, words(), system=system):
+            shown.append(piece)
+    except ReplyWithheld:
+        return "".join(shown), True
+    return "".join(shown), False
+
+
+async def test_each_reply_is_checked_against_its_own_system_text() -> None:
+    mira = "You are Mira, the innkeeper of the Prancing Pony, and you guard the cellar key."
+    bard = "You are Bard, the archer of Lake-town, and you never miss a shot."
+    recital = "Well, you are Mira, the innkeeper of the Prancing Pony, and you guard it."
+    settings = _settings(channels={"quiet": {"output_filters": []}})
+    async with FilterModerator(settings) as moderator:
+        for _ in range(2):  # the second time with the filters kept from the first
+            shown, withheld = await _reply(moderator, recital, mira)
+            assert withheld and "Mira" not in shown
+            shown, withheld = await _reply(moderator, recital, bard)
+            assert not withheld and shown == recital + " "
+            # A channel without output filters passes the reply on as it is.
+            shown, withheld = await _reply(moderator, recital, mira, channel="quiet")
+            assert not withheld and shown == recital + " "
