@@ -30,14 +30,14 @@ import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol
 
 from core.moderation.base import ReplyWithheld
 from core.moderation.classifier import Scores, by_category
 from core.moderation.leak import LeakDetector
-from core.moderation.normalise import normalise
+from core.moderation.normalise import Normalised, normalise
 from core.moderation.pii import PiiDetector, Span
 from core.moderation.policy import Finding
 from core.moderation.terms import TermFilter
@@ -65,6 +65,8 @@ _CLAUSE_END = re.compile(r"[.,;:!?\u3002\uff0c\uff01\uff1f\n][\"')\]\u201d\u2019
 _UNIT = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af][ \t]*|[^\s\u2e80-\u9fff\uac00-\ud7af]+\s*"
                    r"|\s+")
 _BREAK = re.compile(r"[\s\u2e80-\u9fff\uac00-\ud7af]")  # what can complete a unit
+_CJK_CHAR = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af]")
+_CLAUSE_MARK = re.compile(r"[.,;:!?\u3002\uff0c\uff01\uff1f\n]")  # what _CLAUSE_END ends with
 _CJK_LOOKAHEAD = 6  # characters: the longest Chinese term
 # A unit that may belong to personal data still arriving: digits with separators, a
 # "+", "(", or a short group of capitals and digits (IBAN "NL91 ABNA 0417").
@@ -95,13 +97,21 @@ class GuardConfig:
     # whose ``feed(piece)`` adds the piece and scores the last ``size`` words): each
     # release then costs its own words, not the last CLASSIFY_CHARS again.
     window: Callable[[int], ScoreWindow] | None = None
+    # By output category: the score that withholds a reply (from the two above).
+    limits: Mapping[str, float] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        thresholds = self.thresholds or {}
+        object.__setattr__(self, "limits", {
+            c: max(self.threshold, thresholds.get(c, self.threshold)) for c in OUTPUT_CATEGORIES
+        })
 
 
 class ScoreWindow(Protocol):
     """Scores of the last words of a growing text (see ``GuardConfig.window``)."""
 
-    def feed(self, text: str) -> Mapping[str, float]:
-        """Add ``text`` and return the scores of the window."""
+    def feed(self, text: str | Normalised) -> Mapping[str, float]:
+        """Add ``text`` (maybe normalised already) and return the scores of the window."""
         ...
 
 
@@ -117,7 +127,9 @@ class _Shown:
     tail: str = ""
     text: str = ""
     # The classifier's windows, fed what is released: the reply's last words, and the
-    # sentence being released (renewed at each sentence end).
+    # sentence being released (renewed at each sentence end). Until the first sentence
+    # end the sentence is the reply, and its window (of the same size) would hold the
+    # same words: there is none (None) and the reply's scores count for both.
     window: ScoreWindow | None = None
     sentence: ScoreWindow | None = None
 
@@ -130,12 +142,15 @@ async def guard_stream(
     shown = _Shown()
     if config.window is not None and config.classify is not None:
         shown.window = config.window(CLASSIFY_WORDS)
-        shown.sentence = config.window(SENTENCE_WORDS)
+        if SENTENCE_WORDS != CLASSIFY_WORDS:
+            shown.sentence = config.window(SENTENCE_WORDS)
     masked: list[Finding] = []
     degraded: list[str] = []
     async for piece in stream:
         pending += piece
-        if not _may_release(piece, pending, config):
+        # Whether ``piece`` can have completed something: a space or a CJK character in
+        # it, or a run-on past ``hold_chars``.
+        if _BREAK.search(piece) is None and len(pending) <= config.hold_chars:
             continue  # the word still arriving grew; nothing new is complete
         cut = release_point(pending, shown.text, config)
         if cut:
@@ -159,43 +174,63 @@ def _advance(shown: _Shown, segment: str) -> None:
     shown.tail = (shown.tail + segment)[-TAIL:]
 
 
-def _may_release(piece: str, pending: str, config: GuardConfig) -> bool:
-    """Whether ``piece`` can have completed something: a space or a CJK character in it,
-    or a run-on past ``hold_chars``."""
-    return _BREAK.search(piece) is not None or len(pending) > config.hold_chars
-
-
 def release_point(pending: str, shown: str, config: GuardConfig) -> int:
     """How much of ``pending`` may be released now (0: nothing); see the module doc."""
+    run_on = len(pending) > config.hold_chars
+    # The last unit is incomplete until whitespace follows it; before it, enough whole
+    # words for the longest phrase to complete.
+    incomplete = not pending[-1:].isspace()
+    words = max(LOOKAHEAD, config.phrase_words - 1) + incomplete
+    if not run_on and (pending.isascii() or not _CJK_CHAR.search(pending)) \
+            and len(pending.split()) <= words:
+        return 0  # the words the lookahead holds, or fewer (most deltas: no regex)
     units = _UNIT.findall(pending)
     if not units:
         return 0
-    # The last unit is incomplete until whitespace follows it; before it, enough whole
-    # words for the longest phrase to complete.
-    incomplete = 0 if units[-1][-1:].isspace() else 1
-    if _cjk(units[-1]):
-        keep = _CJK_LOOKAHEAD
-    else:
-        keep = max(LOOKAHEAD, config.phrase_words - 1) + incomplete
-    held = len(units) - _held_from(units, keep, config, shown)
-    if held >= len(units):
-        if len(pending) > config.hold_chars:  # one endless "word": release all but the tail
-            return len(pending) - TAIL
+    keep = _CJK_LOOKAHEAD if _cjk(units[-1]) else words
+    start = _held_from(units, keep)
+    if start == 0:
+        return _run_on(pending, config)
+    cut = _piece(pending, units, start, shown)
+    if not cut and not run_on and _CLAUSE_MARK.search(pending, 0, _offset(units, start)) is None:
+        # Held text of the bot's instructions can only move the cut back, to a point
+        # that is no clause end either: nothing to release, whatever it holds.
         return 0
-    cut = sum(len(u) for u in units[:len(units) - held])
+    if config.leak is not None:
+        run = config.leak.trailing_run_start(shown, pending)
+        if run is not None:
+            start = min(start, _unit_index(units, run))
+            if start == 0:
+                return _run_on(pending, config)
+            cut = _piece(pending, units, start, shown)
+    return cut
+
+
+def _run_on(pending: str, config: GuardConfig) -> int:
+    """The cut when every unit is held: one endless "word" releases all but its tail."""
+    return len(pending) - TAIL if len(pending) > config.hold_chars else 0
+
+
+def _piece(pending: str, units: list[str], start: int, shown: str) -> int:
+    """The cut before unit ``start``, if it makes a piece worth a round of checks."""
+    cut = _offset(units, start)
     # The first piece goes as soon as it ends a clause or has FIRST_PIECE characters
     # (the time to the first word is what a user feels); later pieces are longer, as
     # each release costs a round of checks.
     if not shown:
-        if cut < FIRST_PIECE and not _CLAUSE_END.search(pending[:cut]):
+        if cut < FIRST_PIECE and not _CLAUSE_END.search(pending, 0, cut):
             return 0
-    elif cut < MIN_PIECE and not (cut >= MIN_CLAUSE and _CLAUSE_END.search(pending[:cut])):
+    elif cut < MIN_PIECE and not (cut >= MIN_CLAUSE and _CLAUSE_END.search(pending, 0, cut)):
         return 0
     return cut
 
 
-def _held_from(units: list[str], keep: int, config: GuardConfig, shown: str) -> int:
-    """The index of the first unit held back."""
+def _offset(units: list[str], index: int) -> int:
+    return sum(map(len, units[:index]))
+
+
+def _held_from(units: list[str], keep: int) -> int:
+    """The index of the first unit held back (the bot's instructions aside)."""
     start = len(units)
     count = 0
     # ``keep`` trailing words (whitespace-only units don't count).
@@ -206,11 +241,6 @@ def _held_from(units: list[str], keep: int, config: GuardConfig, shown: str) -> 
     # Spelled-out letters and personal data still arriving.
     while start > 0 and (_single(units[start - 1]) or _DATA_UNIT.fullmatch(units[start - 1])):
         start -= 1
-    if config.leak is not None:
-        text = "".join(units)
-        run = config.leak.trailing_run_start(shown, text)
-        if run is not None:
-            start = min(start, _unit_index(units, run))
     return start
 
 
@@ -263,10 +293,10 @@ async def _check(
         # The reply's recent text, not the sentence fragment alone: a few words score
         # wildly ("Most people" reads as hate), a few sentences score steadily.
         if shown.window is not None:
+            feed = partial(_fed, shown, config)
             for sentence in _SENTENCE.split(segment):
                 if sentence:
-                    await _classify(sentence, config, report, degraded,
-                                    partial(_fed, shown, config))
+                    await _classify(sentence, config, report, degraded, feed)
         else:
             await _classify((shown.text + segment)[-CLASSIFY_CHARS:], config, report,
                             degraded)
@@ -274,13 +304,16 @@ async def _check(
     return PiiDetector.mask(segment, spans), cut
 
 
-def _fed(shown: _Shown, config: GuardConfig, text: str) -> dict[str, float]:
+def _fed(shown: _Shown, config: GuardConfig, text: str) -> Mapping[str, float]:
     """``text`` (part of one sentence) fed to the reply's and the sentence's windows;
     each category's higher score of the two."""
-    assert shown.window is not None and shown.sentence is not None
-    scores = dict(shown.window.feed(text))
-    for category, score in shown.sentence.feed(text).items():
-        scores[category] = max(score, scores.get(category, 0.0))
+    assert shown.window is not None
+    words = normalise(text)  # once for both windows
+    scores: Mapping[str, float] = shown.window.feed(words)
+    if shown.sentence is not None:
+        scores = dict(scores)
+        for category, score in shown.sentence.feed(words).items():
+            scores[category] = max(score, scores.get(category, 0.0))
     if _SENTENCE_END.search(text) and config.window is not None:
         shown.sentence = config.window(SENTENCE_WORDS)
     return scores
@@ -305,10 +338,10 @@ async def _classify(text: str, config: GuardConfig, report: Report, degraded: li
         if "classifier" not in degraded:
             degraded.append("classifier")
         return
-    thresholds = config.thresholds or {}
+    limits = config.limits
     for category, score in by_category(scores).items():
-        limit = max(config.threshold, thresholds.get(category, config.threshold))
-        if category in OUTPUT_CATEGORIES and score >= limit:
+        limit = limits.get(category)
+        if limit is not None and score >= limit:
             await _withhold(config, report, [Finding(category, "classifier", score,
                                                      "classifier")], degraded, text)
 

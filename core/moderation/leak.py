@@ -44,7 +44,10 @@ class LeakDetector:
 
     def find(self, text: str) -> str | None:
         """``"system"`` or ``"canary"`` if ``text`` leaks, else None."""
-        words = [m.group().casefold() for m in _WORD.finditer(text)]
+        if text.isascii():  # casefolded as a whole: the same words
+            words = _WORD.findall(text.lower())
+        else:
+            words = [w.casefold() for w in _WORD.findall(text)]
         for index, (_, limit) in enumerate(self._sequences):
             longest, _ = _runs(words, self._positions[index])
             if longest >= limit:

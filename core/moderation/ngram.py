@@ -19,6 +19,7 @@ import asyncio
 import gzip
 import json
 import math
+import operator
 import re
 from collections import deque
 from collections.abc import Mapping
@@ -184,39 +185,61 @@ class ScoreWindow:
         self._known = 0
         self._last: str | None = None
 
-    def feed(self, text: str) -> dict[str, float]:
-        """Add ``text`` (the next piece) and return the window's scores."""
-        for word in normalise(text).words:
-            pair = f"{self._last} {word}" if self._last is not None else ""
+    def feed(self, text: str | Normalised) -> dict[str, float]:
+        """Add ``text`` (the next piece, maybe normalised already) and return the
+        window's scores."""
+        model = self._model
+        counts = self._counts
+        order = self._order
+        for word in (text if isinstance(text, Normalised) else normalise(text)).words:
+            last = self._last
             self._last = word
-            self._order.append((word, pair))
-            self._count(word, 1)
-            self._count(pair, 1)
-            if len(self._order) > self._size:
-                old, old_pair = self._order.popleft()
-                self._count(old, -1)
-                self._count(old_pair, -1)
-        if len(self._order) < 2 and not (self._order and _scored_alone(self._order[0][0])):
-            return dict.fromkeys(self._model.categories, 0.0)  # as NgramModel.scores
-        return self._model.probabilities([(tuple(self._sums), self._known)])
+            # A word or pair counts once however often it is in the window (as features()).
+            pair = f"{last} {word}" if last is not None else ""
+            order.append((word, pair))
+            before = counts.get(word, 0)
+            counts[word] = before + 1
+            if not before:
+                self._add(model.word_part(word))
+            if last is not None:
+                before = counts.get(pair, 0)
+                counts[pair] = before + 1
+                if not before:
+                    self._add(model.pair_part(last, word))
+            if len(order) > self._size:
+                old, old_pair = order.popleft()
+                self._drop(old)
+                if old_pair:
+                    self._drop(old_pair)
+        if len(order) < 2 and not (order and _scored_alone(order[0][0])):
+            return dict.fromkeys(model.categories, 0.0)  # as NgramModel.scores
+        if not self._known:
+            return model.probabilities([])
+        # NgramModel.probabilities of the one part the window sums to.
+        scale = 1.0 / math.sqrt(self._known)
+        return {c: _sigmoid(b + scale * s)
+                for c, b, s in zip(model.categories, model.intercepts, self._sums, strict=True)}
 
-    def _count(self, name: str, step: int) -> None:
-        # A word or pair counts once however often it is in the window (as features()).
-        if not name:
+    def _add(self, part: _Part) -> None:
+        vector, count = part
+        if vector is not None:
+            self._sums = list(map(operator.add, self._sums, vector))
+        self._known += count
+
+    def _drop(self, name: str) -> None:
+        left = self._counts[name] - 1
+        if left:
+            self._counts[name] = left
             return
-        before = self._counts.get(name, 0)
-        self._counts[name] = before + step
-        if before == (0 if step > 0 else 1):
-            if " " in name:
-                first, _, second = name.partition(" ")
-                vector, count = self._model.pair_part(first, second)
-            else:
-                vector, count = self._model.word_part(name)
-            if vector is not None:
-                self._sums = [s + step * v for s, v in zip(self._sums, vector, strict=True)]
-            self._known += step * count
-        if not self._counts[name]:
-            del self._counts[name]
+        del self._counts[name]
+        if " " in name:
+            first, _, second = name.partition(" ")
+            vector, count = self._model.pair_part(first, second)
+        else:
+            vector, count = self._model.word_part(name)
+        if vector is not None:
+            self._sums = [s + -1 * v for s, v in zip(self._sums, vector, strict=True)]
+        self._known -= count
 
 
 def _scored_alone(word: str) -> bool:

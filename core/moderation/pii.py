@@ -33,6 +33,9 @@ class Detector:
     pattern: re.Pattern[str]
     valid: Callable[[str], bool] = lambda found: True
     hint: Callable[[str], bool] = lambda text: True  # cheap pre-test before the regex
+    # A pre-test too: the text holds at least this many digits (a card has 13, a phone
+    # 7), so the patterns are not run over the many messages that cannot hold one.
+    digits: int = 0
 
 
 def luhn_ok(number: str) -> bool:
@@ -73,12 +76,6 @@ def _phone_ok(text: str) -> bool:
 _DIGIT = re.compile(r"\d")  # any Unicode digit, as the patterns' \d
 
 
-def _digits_at_least(count: int) -> Callable[[str], bool]:
-    """A pre-test: ``text`` holds at least ``count`` digits (a card has 13, a phone 7),
-    so the patterns are not run over the many messages that cannot hold one."""
-    return lambda text: len(_DIGIT.findall(text)) >= count
-
-
 DETECTORS: Mapping[str, Detector] = {
     "email": Detector(
         "email",
@@ -87,20 +84,20 @@ DETECTORS: Mapping[str, Detector] = {
         hint=lambda text: "@" in text or "(at)" in text or "[at]" in text,
     ),
     "card": Detector(
-        "card", re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)"), luhn_ok, _digits_at_least(13)
+        "card", re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)"), luhn_ok, digits=13
     ),
     "iban": Detector(
         "iban",
         re.compile(r"\b[A-Za-z]{2}\d{2}(?:[ -]?[A-Za-z0-9]{4}){2,7}(?:[ -]?[A-Za-z0-9]{1,4})?\b"),
         iban_ok,
-        _digits_at_least(2),
+        digits=2,
     ),
     "phone": Detector(
         "phone",
         re.compile(r"(?<![\w+])(?:\+|00)?\d{1,4}(?:[ .-]?\(?\d{1,5}\)?){1,5}[ .-]?\d{2,5}(?!\w)"
                    r"|(?<![\w+])\(\d{2,5}\)[ .-]?\d{2,5}(?:[ .-]?\d{2,5}){1,3}(?!\w)"),
         _phone_ok,
-        _digits_at_least(7),
+        digits=7,
     ),
 }
 
@@ -126,7 +123,13 @@ class PiiDetector:
     def find(self, text: str) -> list[Span]:
         """The spans of personal data in ``text``, in order, not overlapping."""
         spans: list[Span] = []
+        digits = -1  # counted once, for the first detector that asks
         for detector in self._detectors:
+            if detector.digits:
+                if digits < 0:
+                    digits = len(_DIGIT.findall(text))
+                if digits < detector.digits:
+                    continue
             if not detector.hint(text):
                 continue
             for match in detector.pattern.finditer(text):
