@@ -114,6 +114,7 @@ class FilterModerator(ServiceBase):
         self._base = Path(settings.source).parent if settings.source != "<memory>" else None
         self._channels: dict[str, _Channel] = {}
         self._admitted: dict[tuple[str, str, str, str], Admission] = {}
+        self._guards: dict[tuple[str, str], GuardConfig] = {}
         for channel in ("", *self.section.channels):
             policy = self._channel(channel).policy  # checks the input filters' names
             for name in policy.output_filters:
@@ -370,31 +371,15 @@ class FilterModerator(ServiceBase):
         ``system`` is the request's system text (persona, plugin instructions): a reply
         that recites it is withheld (the ``leak`` output filter).
         """
-        channel = self._channel(message.channel)
-        policy = channel.policy
-        filters = set(policy.output_filters)
-        if not filters:
-            return stream
-        classifier = self.classifiers[policy.classifier]
-        leak = None
-        if "leak" in filters:
-            leak = LeakDetector(system, policy.leak_chars, policy.canary) or None
-        terms = channel.terms if "terms" in filters else None
-        config = GuardConfig(
-            terms=terms,
-            pii=channel.pii if "pii" in filters else None,
-            classify=classifier.score if "classifier" in filters else None,
-            classify_now=channel.score_now if "classifier" in filters else None,
-            threshold=policy.output_threshold,
-            thresholds=channel.thresholds,
-            hold_chars=policy.hold_chars,
-            replacement=policy.output_replacement,
-            fail_closed=policy.fail_output == "closed",
-            timeout=policy.filter_timeout,
-            leak=leak,
-            phrase_words=terms.phrase_words if terms is not None else 1,
-            window=getattr(classifier, "window", None) if "classifier" in filters else None,
-        )
+        config = self._guards.get((message.channel, system))
+        if config is None:
+            config = self._guard_config(message.channel, system)
+            if config is None:
+                return stream
+            if self.started:  # the classifier's thresholds are known
+                if len(self._guards) >= _GUARDS_KEPT:
+                    self._guards.clear()
+                self._guards[(message.channel, system)] = config
 
         async def report(
             findings: list[Finding], action: str, degraded: tuple[str, ...], content: str
@@ -410,8 +395,40 @@ class FilterModerator(ServiceBase):
 
         return guard_stream(stream, config, report)
 
+    def _guard_config(self, channel_name: str, system: str) -> GuardConfig | None:
+        """The output guard's filters for a channel and a system text (None: no filters)."""
+        channel = self._channel(channel_name)
+        policy = channel.policy
+        filters = set(policy.output_filters)
+        if not filters:
+            return None
+        classifier = self.classifiers[policy.classifier]
+        leak = None
+        if "leak" in filters:
+            leak = LeakDetector(system, policy.leak_chars, policy.canary) or None
+        terms = channel.terms if "terms" in filters else None
+        return GuardConfig(
+            terms=terms,
+            pii=channel.pii if "pii" in filters else None,
+            classify=classifier.score if "classifier" in filters else None,
+            classify_now=channel.score_now if "classifier" in filters else None,
+            threshold=policy.output_threshold,
+            thresholds=channel.thresholds,
+            hold_chars=policy.hold_chars,
+            replacement=policy.output_replacement,
+            fail_closed=policy.fail_output == "closed",
+            timeout=policy.filter_timeout,
+            leak=leak,
+            phrase_words=terms.phrase_words if terms is not None else 1,
+            window=getattr(classifier, "window", None) if "classifier" in filters else None,
+        )
+
 
 OUTPUT_FILTERS = ("terms", "classifier", "pii", "leak")
+# Output guard configs kept, by channel and system text (a LeakDetector is built from
+# the text: once, not per reply); cleared when full. A detector holds every prefix of
+# the text's words (a few hundred kB for a long persona with facts about the user).
+_GUARDS_KEPT = 128
 # Counts taken by admit() wait here for the message's flood step; a message refused
 # between the two (a full lane, a redelivery) leaves its count, dropped oldest first.
 _ADMITTED_MAX = 10_000
