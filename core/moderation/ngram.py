@@ -189,23 +189,31 @@ class ScoreWindow:
         """Add ``text`` (the next piece, maybe normalised already) and return the
         window's scores."""
         model = self._model
+        weights = model.weights
         counts = self._counts
         order = self._order
         for word in (text if isinstance(text, Normalised) else normalise(text)).words:
             last = self._last
             self._last = word
-            # A word or pair counts once however often it is in the window (as features()).
-            pair = f"{last} {word}" if last is not None else ""
+            # A pair is keyed as its feature ("b:first second"): no word has a colon.
+            pair = f"b:{last} {word}" if last is not None else ""
             order.append((word, pair))
+            # A word or pair counts once however often it is in the window (as features()).
             before = counts.get(word, 0)
             counts[word] = before + 1
             if not before:
-                self._add(model.word_part(word))
-            if last is not None:
+                vector, known = model.word_part(word)
+                if vector is not None:
+                    self._sums = list(map(operator.add, self._sums, vector))
+                self._known += known
+            if pair:
                 before = counts.get(pair, 0)
                 counts[pair] = before + 1
                 if not before:
-                    self._add(model.pair_part(last, word))
+                    vector = weights.get(pair)  # as model.pair_part()
+                    if vector is not None:
+                        self._sums = list(map(operator.add, self._sums, vector))
+                        self._known += 1
             if len(order) > self._size:
                 old, old_pair = order.popleft()
                 self._drop(old)
@@ -220,26 +228,19 @@ class ScoreWindow:
         return {c: _sigmoid(b + scale * s)
                 for c, b, s in zip(model.categories, model.intercepts, self._sums, strict=True)}
 
-    def _add(self, part: _Part) -> None:
-        vector, count = part
-        if vector is not None:
-            self._sums = list(map(operator.add, self._sums, vector))
-        self._known += count
-
     def _drop(self, name: str) -> None:
         left = self._counts[name] - 1
         if left:
             self._counts[name] = left
             return
         del self._counts[name]
-        if " " in name:
-            first, _, second = name.partition(" ")
-            vector, count = self._model.pair_part(first, second)
+        if name.startswith("b:"):
+            vector, known = self._model.weights.get(name), 1
         else:
-            vector, count = self._model.word_part(name)
+            vector, known = self._model.word_part(name)
         if vector is not None:
             self._sums = [s + -1 * v for s, v in zip(self._sums, vector, strict=True)]
-        self._known -= count
+            self._known -= known
 
 
 def _scored_alone(word: str) -> bool:
