@@ -66,6 +66,23 @@ def test_a_recital_moves_the_first_piece_back_to_a_clause_end() -> None:
     assert release_point("Hi, you are Mira the innkeeper ", "", plain) == 0
 
 
+def test_most_deltas_are_judged_without_units_as_with_them() -> None:
+    config = GuardConfig(terms=None, pii=None, classify=None, threshold=0.9, hold_chars=160,
+                         replacement="-", fail_closed=True, timeout=1.0, phrase_words=5)
+    # Five words and the one arriving: all held (4 + 1), nothing before them.
+    assert release_point("the quest is long and", "", config) == 0
+    # ... but a reply that starts with a line break releases it: a clause end.
+    assert release_point("\nthe quest is long and", "", config) == 1
+    # Before the five held words, 17 characters: enough for a first piece; 18 are not
+    # enough for a later one (24), unless they end a clause (12 at least).
+    assert release_point("so we ride north at dawn for gold and", "", config) == 17
+    assert release_point("we ride north for gold at dawn and then", "so", config) == 0
+    assert release_point("we ride north, for gold at dawn and then", "so", config) == 0
+    assert release_point("we ride north for, gold at dawn and then", "so", config) == 19
+    assert release_point("we ride north for gold at dawn and then home again", "so",
+                         config) == 26
+
+
 def _settings(**moderation: Any) -> Any:
     return parse_settings({
         "bot": {"name": "mbot"}, "generation": {"backend": "echo"},

@@ -181,9 +181,18 @@ def release_point(pending: str, shown: str, config: GuardConfig) -> int:
     # words for the longest phrase to complete.
     incomplete = not pending[-1:].isspace()
     words = max(LOOKAHEAD, config.phrase_words - 1) + incomplete
-    if not run_on and (pending.isascii() or not _CJK_CHAR.search(pending)) \
-            and len(pending.split()) <= words:
-        return 0  # the words the lookahead holds, or fewer (most deltas: no regex)
+    if not run_on and not pending[:1].isspace() \
+            and (pending.isascii() or not _CJK_CHAR.search(pending)):
+        # Most deltas release nothing; seen without the units: the words the lookahead
+        # holds, or fewer, or before them less than a piece (and no clause end). (Units
+        # are then runs of non-spaces, each with the spaces after it.)
+        parts = pending.rsplit(None, words)
+        if len(parts) <= words:
+            return 0
+        # Where the held words start, at the latest: a space at least between them.
+        latest = len(pending) - sum(map(len, parts)) + len(parts[0]) - (words - 1)
+        if not _enough(pending, latest, shown, _CLAUSE_MARK):
+            return 0
     units = _UNIT.findall(pending)
     if not units:
         return 0
@@ -214,15 +223,18 @@ def _run_on(pending: str, config: GuardConfig) -> int:
 def _piece(pending: str, units: list[str], start: int, shown: str) -> int:
     """The cut before unit ``start``, if it makes a piece worth a round of checks."""
     cut = _offset(units, start)
-    # The first piece goes as soon as it ends a clause or has FIRST_PIECE characters
-    # (the time to the first word is what a user feels); later pieces are longer, as
-    # each release costs a round of checks.
+    return cut if _enough(pending, cut, shown, _CLAUSE_END) else 0
+
+
+def _enough(pending: str, cut: int, shown: str, clause: re.Pattern[str]) -> bool:
+    """Whether ``pending[:cut]`` is worth a round of checks: the first piece goes as soon
+    as it ends a clause (``clause`` found up to the cut) or has FIRST_PIECE characters
+    (the time to the first word is what a user feels); later pieces are longer, as each
+    release costs a round of checks."""
     if not shown:
-        if cut < FIRST_PIECE and not _CLAUSE_END.search(pending, 0, cut):
-            return 0
-    elif cut < MIN_PIECE and not (cut >= MIN_CLAUSE and _CLAUSE_END.search(pending, 0, cut)):
-        return 0
-    return cut
+        return cut >= FIRST_PIECE or clause.search(pending, 0, cut) is not None
+    return cut >= MIN_PIECE or (cut >= MIN_CLAUSE
+                                and clause.search(pending, 0, cut) is not None)
 
 
 def _offset(units: list[str], index: int) -> int:
