@@ -121,6 +121,8 @@ class TermFilter:
         # the allowed phrases' first words, and only the blocked phrases starting with
         # one of its words are looked for (each word's in list order).
         self._allowed_firsts = frozenset(p.split(" ", 1)[0] for p in self._allowed_phrases)
+        self._allowed_padded = tuple(f" {p} " for p in self._allowed_phrases)
+        self._phrases = bool(self._allowed_phrases or self._blocked.phrases)
         self._blocked_by_first: dict[str, list[tuple[int, str, TermHit]]] = {}
         for i, (phrase, category) in enumerate(self._blocked.phrases):
             self._blocked_by_first.setdefault(phrase.split(" ", 1)[0], []).append(
@@ -162,40 +164,54 @@ class TermFilter:
 
     def find(self, text: Normalised) -> TermHit | None:
         """The first blocked term in ``text``, as written in the list; None if clean."""
+        return self._find(text)[0]
+
+    def _find(self, text: Normalised) -> tuple[TermHit | None, str]:
+        """:meth:`find`, and the text's words between single spaces (one at each end)
+        without its allowlisted phrases."""
         words = text.words
-        key = ""
-        if self._allowed_phrases or self._blocked.phrases:
-            key = self._without_allowed(f" {' '.join(words)} ")
-            words = tuple(key.split())
+        key = f" {' '.join(words)} "
+        if not self._phrases:
+            return self._blocked.find(words, self._allowed_words), key
+        # Split once (its ends are empty strings, which no phrase starts with).
+        split = key.split(" ")
+        if self._allowed_phrases and not self._allowed_firsts.isdisjoint(split):
+            stripped = self._cut_allowed(key)
+            if stripped != key:
+                key, split = stripped, stripped.split(" ")
+                words = tuple(stripped.split())
         hit = self._blocked.find(words, self._allowed_words)
         if hit is not None:
-            return hit
+            return hit, key
         first: tuple[int, TermHit] | None = None
-        if key:
-            by_first = self._blocked_by_first
-            for word in by_first.keys() & key.split(" "):
-                for i, padded, phrase_hit in by_first[word]:
-                    if first is not None and i > first[0]:
-                        break
-                    if padded in key:
-                        first = (i, phrase_hit)
-                        break
-        return first[1] if first is not None else None
+        by_first = self._blocked_by_first
+        for word in by_first.keys() & split:
+            for i, padded, phrase_hit in by_first[word]:
+                if first is not None and i > first[0]:
+                    break
+                if padded in key:
+                    first = (i, phrase_hit)
+                    break
+        return (first[1] if first is not None else None), key
 
     def find_in_message(self, text: Normalised) -> TermHit | None:
         """:meth:`find`, then the built-in patterns (input only; see ``patterns.py``)."""
-        hit = self.find(text)
+        hit, key = self._find(text)
         if hit is not None or self._patterns is None:
             return hit
-        category = self._patterns.find(self._without_allowed(f" {text.key} ").strip())
+        category = self._patterns.find(key.strip())
         return TermHit(f"pattern:{category}", category) if category is not None else None
 
     def _without_allowed(self, key: str) -> str:
         """``key`` (words between single spaces, one at each end) without its allowlisted
         phrases."""
         if self._allowed_phrases and not self._allowed_firsts.isdisjoint(key.split(" ")):
-            for phrase in self._allowed_phrases:
-                key = key.replace(f" {phrase} ", " ")
+            return self._cut_allowed(key)
+        return key
+
+    def _cut_allowed(self, key: str) -> str:
+        for padded in self._allowed_padded:
+            key = key.replace(padded, " ")
         return key
 
     def strip_allowed(self, text: str, key: str | None = None) -> str:
