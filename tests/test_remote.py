@@ -345,6 +345,7 @@ async def test_a_killed_worker_s_jobs_are_answered_once_by_the_other(
     procs: dict[str, subprocess.Popen[bytes]] = {}
     logs: dict[str, Path] = {}
     passed = False
+    victim, survivor = "w1", "w2"
     try:
         for name in ("w1", "w2"):
             config = _worker_file(tmp_path, name, redis_url, queue, tiny_model_dir)
@@ -398,11 +399,12 @@ async def test_a_killed_worker_s_jobs_are_answered_once_by_the_other(
                         if delta.finish_reason is not None:
                             record["finals"] += 1
 
-            tasks = [asyncio.ensure_future(consume(i)) for i in range(20)]
             # Kill w1 while one of its replies is half-way. To catch that moment whatever
             # the machine's load, w1 is frozen (SIGSTOP) as soon as it holds a job and then
             # let run a few milliseconds at a time until a reply it writes is half-way.
-            victim = "w1"
+            # w2 is frozen until then, so that it cannot take (and finish) every job first.
+            procs[survivor].send_signal(signal.SIGSTOP)
+            tasks = [asyncio.ensure_future(consume(i)) for i in range(20)]
             frozen = False
             try:
                 while True:
@@ -422,6 +424,7 @@ async def test_a_killed_worker_s_jobs_are_answered_once_by_the_other(
             finally:
                 procs[victim].send_signal(signal.SIGKILL)
                 procs[victim].wait()
+                procs[survivor].send_signal(signal.SIGCONT)
             pending = await client.xpending_range(keys.jobs, GROUP, "-", "+", 100,
                                                   consumername=victim)
             orphans = set()
@@ -451,6 +454,7 @@ async def test_a_killed_worker_s_jobs_are_answered_once_by_the_other(
                 print(f"--- worker {name} ---\n{path.read_text()[-4000:]}")
         for proc in procs.values():
             if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)  # a frozen worker would not see SIGTERM
                 proc.send_signal(signal.SIGTERM)
         for name, proc in procs.items():
             try:
@@ -460,6 +464,6 @@ async def test_a_killed_worker_s_jobs_are_answered_once_by_the_other(
                 proc.wait()
                 pytest.fail(f"worker {name} did not stop on SIGTERM:\n"
                             + logs[name].read_text()[-3000:])
-    survivor = next(n for n in procs if procs[n].returncode != -signal.SIGKILL)
+    assert procs["w1"].returncode == -signal.SIGKILL
     assert procs[survivor].returncode == 0, logs[survivor].read_text()[-3000:]
 
