@@ -620,6 +620,12 @@ async def test_a_member_joining_a_fresh_conversation_gets_an_expiring_index(
     assert await store.forget_user(alice(user="bob")) == 1
 
 
+async def test_an_append_of_thousands_of_turns_keeps_the_newest(redis_backend: Backend) -> None:
+    store = await redis_backend.open(window=3)
+    await store.append(KEY, turns(*(f"t{i}" for i in range(9000))))
+    assert texts(await store.load(KEY, "alice")) == ["t8997", "t8998", "t8999"]
+
+
 async def test_malformed_turns_are_skipped_with_a_warning(
     redis_backend: Backend, raw: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -188,7 +188,12 @@ local function append(conv, members, seenby, ver, window, ttl, slack, ref, first
   local pushed = #ARGV - (first + 3 * n)
   local length = nil
   if pushed > 0 then
-    length = math.min(window, redis.call('RPUSH', conv, unpack(ARGV, first + 1 + 3 * n)))
+    -- In one RPUSH for a message's turns (its reply is the length); a long batch in
+    -- pieces, as Lua unpacks a few thousand values at most.
+    for i = first + 1 + 3 * n, #ARGV, 1000 do
+      length = redis.call('RPUSH', conv, unpack(ARGV, i, math.min(i + 999, #ARGV)))
+    end
+    length = math.min(window, length)
     redis.call('LTRIM', conv, -window, -1)
     count = count + pushed
     redis.call('SET', ver, epoch .. ':' .. count .. ':' .. ARGV[#ARGV], 'EX', ttl)
