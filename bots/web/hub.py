@@ -1,8 +1,8 @@
 """The widget's server side, apart from HTTP: sessions, replies that outlive sockets,
 history, feedback and rate limits.
 
-A message from a widget starts a reply task that runs the engine and appends every
-event to the conversation's reply log (:mod:`bots.web.resume`); sockets only read the
+A message from a widget starts a reply task that runs the engine and appends its
+events to the conversation's reply log (:mod:`bots.web.resume`); sockets only read the
 log. So a reload, a network blip or a socket reaped by the heartbeat loses nothing:
 the reply goes on, and the widget reads on from the last number it saw.
 """

@@ -1,7 +1,8 @@
 """Reply events kept for a while, numbered per conversation, so a widget can resume.
 
-Every event of a web conversation (the user's message, typing, deltas, reset, final,
-notice, error) is appended to the conversation's log and gets the next sequence
+The events of a web conversation (the user's message, typing, deltas, reset, final,
+notice, error) are appended to the conversation's log in batches (:class:`ReplyWriter`,
+less what a batch makes moot: :func:`compact`), each entry under the next sequence
 number. A socket forwards what is appended while it is open; a widget that reconnects
 asks for everything after the last number it saw, and gets exactly that.
 
