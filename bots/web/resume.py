@@ -48,11 +48,10 @@ Entry = dict[str, Any]  # one event as the widget gets it, with its "seq"
 # The kinds that end a reply; "message": what a plugin sent into the conversation on its
 # own (the outbox).
 TERMINAL = frozenset({"final", "notice", "error", "message"})
-# How long the first event of a batch may wait for more before it is appended: one
-# append (a Redis call, a frame per socket) per batch instead of one per event. A
-# reply that ends within it is one append of the user's message and the answer; a
-# streamed one is shown 20 times a second, which reads as smooth, and its typing
-# indicator is late by at most this, well under what a person notices (~100 ms).
+# How long a reply's words may wait for more before they are appended: one append (a
+# Redis call, a frame per socket) per batch instead of one per event. A reply that ends
+# within it is one append of the user's message and the answer; a streamed one is
+# shown 20 times a second, which reads as smooth.
 LINGER_SECONDS = 0.05
 # How long the start of a reply (the user's message, the typing indicator) may wait for
 # the reply's first words or its end: a quick reply is then one append even when the
