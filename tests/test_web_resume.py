@@ -101,3 +101,14 @@ async def test_the_start_of_a_reply_waits_for_its_first_words() -> None:
             got = [await sub.get(), *sub.ready()]
         await writer.drain()
     assert [(e["kind"], e["text"]) for e in got if e] == [("user", "hi"), ("delta", "hello")]
+
+
+async def test_redis_keeps_the_newest_cap_entries(redis_url: str, memory_prefix: str) -> None:
+    section = MemorySection(backend="redis", url=redis_url, key_prefix=memory_prefix)
+    async with RedisReplyLog(section, "bot", ttl=60, cap=16) as log:
+        first = await log.append("r", [ev("delta", str(i)) for i in range(10)])
+        second = await log.append("r", [ev("delta", str(i)) for i in range(10, 20)])
+        kept = await log.since("r", 0)
+        after_first = await log.since("r", first[0]["seq"])
+    assert kept.entries == (first + second)[-16:]
+    assert after_first.gap  # what came right after it is no longer kept

@@ -243,10 +243,13 @@ for i = 1, n do
   -- %d: a plain concatenation would write a number this big as 1.79e+15.
   items[i] = string.format('%d', first + i - 1) .. '\\n' .. ARGV[6 + i]
 end
+local length = 0
 for i = 1, n, 1000 do  -- one RPUSH per thousand: unpack() has a stack limit
-  redis.call('RPUSH', KEYS[2], unpack(items, i, math.min(i + 999, n)))
+  length = redis.call('RPUSH', KEYS[2], unpack(items, i, math.min(i + 999, n)))
 end
-redis.call('LTRIM', KEYS[2], -tonumber(ARGV[1]), -1)
+if length > tonumber(ARGV[1]) then
+  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[1]), -1)
+end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 -- Only when another front end listens: ARGV[6] is how many listeners this one is.
