@@ -54,6 +54,9 @@ class _Run:
     findings: list[Finding] = field(default_factory=list)
     degraded: list[str] = field(default_factory=list)
     scores: dict[str, float] = field(default_factory=dict)
+    # The classifier's scores, by category: rounded into the audit entry's scores (as
+    # ``classifier:insult``, ...) only if there is one.
+    classified: Mapping[str, float] | None = None
     muted_for: float = 0.0
 
 
@@ -83,11 +86,17 @@ class _Channel:
     steps: tuple[_Step, ...]
     score_now: Scorer | None  # the classifier's inline scorer, if any
     classifier: Classifier
+    # thresholds, kept with the classifier's mapping they were made from.
+    _thresholds: tuple[object, dict[str, float]] | None = None
 
     @property
     def thresholds(self) -> dict[str, float]:
         """By category: the policy's over the classifier's own (known once started)."""
-        return {**getattr(self.classifier, "thresholds", {}), **self.policy.thresholds}
+        own = getattr(self.classifier, "thresholds", {})
+        kept = self._thresholds
+        if kept is None or kept[0] is not own:
+            kept = self._thresholds = (own, {**own, **self.policy.thresholds})
+        return kept[1]
 
 
 class FilterModerator(ServiceBase):
@@ -244,10 +253,10 @@ class FilterModerator(ServiceBase):
     def _classified(self, run: _Run, channel: _Channel, scores: float | Mapping[str, float]
                     ) -> None:
         thresholds = channel.thresholds
-        for category, score in by_category(scores).items():
-            run.scores[f"classifier:{category}"] = round(score, 4)
-            threshold = thresholds.get(category, run.policy.classifier_threshold)
-            if score >= threshold:
+        default = run.policy.classifier_threshold
+        run.classified = by_category(scores)
+        for category, score in run.classified.items():
+            if score >= thresholds.get(category, default):
                 run.findings.append(Finding(category, "classifier", score, "classifier"))
 
     def _pii(self, run: _Run, channel: _Channel) -> None:
@@ -324,6 +333,10 @@ class FilterModerator(ServiceBase):
                                         source="flood"))
 
     async def _decide(self, run: _Run, policy: ModerationPolicy) -> Verdict:
+        if not run.findings and not run.degraded and run.muted_for <= 0:
+            # A plain allow (most messages): no points, no audit, no reply.
+            self.counts["action:allow"] += 1
+            return Verdict(Action.ALLOW, run.out_text, None, None, ())
         msg = run.message
         user = f"{msg.channel}:{msg.user_id}"
         if run.muted_for > 0:
@@ -341,8 +354,12 @@ class FilterModerator(ServiceBase):
                     decision = apply_score(policy, decision, score)
         self.counts[f"action:{decision.action}"] += 1
         if decision.action is not Action.ALLOW or run.degraded:
+            scores = run.scores
+            if run.classified is not None:  # rounded as the entry rounds all scores
+                scores = {**{f"classifier:{c}": round(s, 4) for c, s in run.classified.items()},
+                          **scores}
             entry = self.auditor.entry(msg, "input", decision, run.text.clean,
-                                       degraded=tuple(run.degraded), scores=run.scores)
+                                       degraded=tuple(run.degraded), scores=scores)
             await self._record(entry, user, decision)
         for category in {f.kind for f in decision.findings}:
             self.counts[f"category:{category}"] += 1

@@ -40,14 +40,27 @@ def _cjk(char: str) -> bool:
     return "\u2e80" <= char < "\ua000" or "\uac00" <= char < "\ud7b0"
 
 
+# ASCII bytes other than letters, and other than capitals: deleted, the rest is counted.
+_NOT_LETTERS = bytes(c for c in range(128) if not chr(c).isalpha())
+_NOT_CAPITALS = bytes(c for c in range(128) if not chr(c).isupper())
+
+
 def signals(clean: str) -> list[str]:
     """Features of the raw text that normalisation takes away (for spam)."""
     found: list[str] = []
-    if _URL.search(clean):
+    # Every form of a link has a "." or "://": most messages need no search.
+    if ("." in clean or "://" in clean) and _URL.search(clean):
         found.append("#url")
-    letters = [c for c in clean if c.isalpha()]
-    if len(letters) >= 8 and sum(c.isupper() for c in letters) >= 0.7 * len(letters):
-        found.append("#caps")
+    if clean.isascii():
+        # The letters and the capitals counted in C (the same counts as below).
+        raw = clean.encode("ascii")
+        letters = len(raw.translate(None, _NOT_LETTERS))
+        if letters >= 8 and len(raw.translate(None, _NOT_CAPITALS)) >= 0.7 * letters:
+            found.append("#caps")
+    else:
+        alpha = [c for c in clean if c.isalpha()]
+        if len(alpha) >= 8 and sum(c.isupper() for c in alpha) >= 0.7 * len(alpha):
+            found.append("#caps")
     if _CHAR_RUN.search(clean):
         found.append("#run")
     words = clean.lower().split()
@@ -110,6 +123,7 @@ class NgramModel:
         self.intercepts = intercepts
         self.thresholds = thresholds
         self._words: dict[str, _Part] = {}
+        self._signals: dict[tuple[str, ...], _Part] = {}  # by the signals found (32 at most)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> NgramModel:
@@ -162,10 +176,37 @@ class NgramModel:
         words = norm.words
         if len(words) < 2 and not (words and _scored_alone(words[0])):
             return dict.fromkeys(self.categories, 0.0)
-        parts = [self.word_part(w) for w in dict.fromkeys(words)]
-        parts += [self.pair_part(a, b) for a, b in dict.fromkeys(pairwise(words))]
-        parts.append(self._sum(signals(norm.clean)))
-        return self.probabilities(parts)
+        # The parts of each distinct word and pair and of the signals, as probabilities()
+        # sums them; in any order, as fsum's sum is exact, then rounded once.
+        cached = self._words
+        vectors: list[tuple[float, ...]] = []
+        known = 0
+        for word in set(words):
+            part = cached.get(word)
+            vector, count = part if part is not None else self.word_part(word)
+            if vector is not None:
+                vectors.append(vector)
+                known += count
+        weights = self.weights
+        for pair in {f"b:{a} {b}" for a, b in pairwise(words)}:  # as pair_part()
+            vector = weights.get(pair)
+            if vector is not None:
+                vectors.append(vector)
+                known += 1
+        found = tuple(signals(norm.clean))
+        part = self._signals.get(found)
+        if part is None:
+            part = self._signals[found] = self._sum(list(found))
+        vector, count = part
+        if vector is not None:
+            vectors.append(vector)
+            known += count
+        if not known:
+            return self.probabilities([])
+        scale = 1.0 / math.sqrt(known)
+        fsum = math.fsum
+        return {c: _sigmoid(b + scale * fsum(column)) for c, b, column
+                in zip(self.categories, self.intercepts, zip(*vectors, strict=True), strict=True)}
 
 
 class ScoreWindow:
