@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -265,6 +266,21 @@ async def test_flood_control_per_user_and_conversation() -> None:
                   for i in range(2)]
         assert others == [Action.ALLOW, Action.BLOCK]  # 5 in the conversation, then full
         assert (await moderator.check_input(msg("hi", user="y", conv="c2"))).action is Action.ALLOW
+
+
+async def test_a_redelivered_message_is_counted_once_toward_flood_limits() -> None:
+    # Admission runs before the engine's dedupe: a redelivery is admitted again.
+    moderator = FilterModerator(bot({"user_rate": 3, "conversation_rate": 5}))
+    async with moderator:
+        first = msg("hi")
+        assert [await moderator.admit(first) for _ in range(6)] == [None] * 6
+        verdicts = [await moderator.admit(msg(f"hi {i}")) for i in range(3)]
+        assert verdicts[:2] == [None, None]  # 3 distinct messages: at the limit
+        assert verdicts[2] is not None and verdicts[2].action is Action.BLOCK
+        # The same id in another conversation is another message.
+        other = [await moderator.admit(replace(first, user_id="u2", conversation_id=f"c{i}"))
+                 for i in range(2, 6)]
+        assert other[:3] == [None] * 3 and other[3] is not None
 
 
 # -- fail modes -------------------------------------------------------------------------

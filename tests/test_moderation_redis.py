@@ -53,6 +53,18 @@ async def test_flood_control_is_shared_by_two_engines(redis_url: str, memory_pre
         assert other.action == "allow"
 
 
+async def test_a_redelivered_message_is_counted_once(redis_url: str, memory_prefix: str) -> None:
+    # Admission runs before the engine's dedupe: a redelivery, to either front end, is
+    # admitted again, and counts once.
+    settings = bot(redis_url, memory_prefix, user_rate=3, conversation_rate=5)
+    async with FilterModerator(settings) as one, FilterModerator(settings) as two:
+        first = msg("hi")
+        assert [await (one, two)[i % 2].admit(first) for i in range(6)] == [None] * 6
+        verdicts = [await one.admit(msg(f"hi {i}")) for i in range(3)]
+        assert verdicts[:2] == [None, None]  # 3 distinct messages: at the limit
+        assert verdicts[2] is not None and verdicts[2].action == "block"
+
+
 async def test_mute_and_score_are_shared(redis_url: str, memory_prefix: str) -> None:
     settings = bot(redis_url, memory_prefix, mute_seconds=60)
     async with build_engine(settings) as one, build_engine(settings) as two:

@@ -36,7 +36,13 @@ from core.moderation.normalise import Normalised, confusables, normalise
 from core.moderation.pii import PiiDetector
 from core.moderation.policy import Decision, Finding, apply_score, base_action, reply_for
 from core.moderation.spam import check_spam
-from core.moderation.state import Admission, Limits, MemoryState, ModerationState
+from core.moderation.state import (
+    Admission,
+    Limits,
+    MemoryState,
+    ModerationState,
+    message_member,
+)
 from core.moderation.terms import TermFilter
 from core.types import IncomingMessage
 
@@ -310,8 +316,11 @@ class FilterModerator(ServiceBase):
         return await self._decide(run, channel.policy)
 
     def _count(self, msg: IncomingMessage, channel: _Channel) -> Awaitable[Admission]:
+        # Counted once per message id: a redelivery (admitted before the engine's dedupe
+        # sees it) is not counted again.
         return self.state.admit(f"{msg.channel}:{msg.user_id}",
-                                f"{msg.channel}:{msg.conversation_id}", channel.limits)
+                                f"{msg.channel}:{msg.conversation_id}", channel.limits,
+                                message=message_member(msg.conversation_id, msg.message_id))
 
     def _flood(self, run: _Run, channel: _Channel) -> Awaitable[None] | None:
         # Counted by admit() (the usual case): decided here, nothing to wait for (and no

@@ -50,8 +50,14 @@ class ModerationState(Protocol):
     async def stop(self) -> None:
         """Disconnect (idempotent)."""
 
-    async def admit(self, user: str, conversation: str, limits: Limits) -> Admission:
-        """Count a message of ``user`` in ``conversation`` and report rates and mute."""
+    async def admit(self, user: str, conversation: str, limits: Limits, *,
+                    message: str | None = None) -> Admission:
+        """Count a message of ``user`` in ``conversation`` and report rates and mute.
+
+        ``message`` identifies the message (see :func:`message_member`): one counted
+        already, in the windows now, is not counted again (a redelivery); None counts
+        every call.
+        """
         ...
 
     async def add_points(self, user: str, points: float, half_life: float) -> float:
@@ -89,7 +95,7 @@ class MemoryState:
     ) -> None:
         self.clock = clock
         self.retention = audit_retention
-        self._hits: dict[str, deque[float]] = {}
+        self._hits: dict[str, _Window] = {}
         self._scores: dict[str, tuple[float, float]] = {}  # user -> (score, at)
         self._mutes: dict[str, float] = {}  # user -> until
         self._audit: deque[dict[str, str]] = deque(maxlen=audit_max_entries)
@@ -102,27 +108,28 @@ class MemoryState:
     async def stop(self) -> None:
         """Nothing to release."""
 
-    def _count(self, key: str, window: float, now: float) -> int:
-        hits = self._hits.setdefault(key, deque())
-        while hits and hits[0] <= now - window:
-            hits.popleft()
-        hits.append(now)
-        return len(hits)
+    def _count(self, key: str, window: float, now: float, message: str | None) -> int:
+        hits = self._hits.get(key)
+        if hits is None:
+            hits = self._hits[key] = _Window()
+        return hits.count(now - window, now, message)
 
-    async def admit(self, user: str, conversation: str, limits: Limits) -> Admission:
+    async def admit(self, user: str, conversation: str, limits: Limits, *,
+                    message: str | None = None) -> Admission:
         """See :class:`ModerationState`."""
         now = self.clock()
         if len(self._hits) > 100_000:
             self._sweep(now, max(limits.user_window, limits.conversation_window))
         until = self._mutes.get(user, 0.0)
         return Admission(
-            self._count(f"u:{user}", limits.user_window, now),
-            self._count(f"c:{conversation}", limits.conversation_window, now),
+            self._count(f"u:{user}", limits.user_window, now, message),
+            self._count(f"c:{conversation}", limits.conversation_window, now, message),
             max(0.0, until - now),
         )
 
     def _sweep(self, now: float, window: float) -> None:
-        for key in [k for k, hits in self._hits.items() if not hits or hits[-1] <= now - window]:
+        for key in [k for k, hits in self._hits.items()
+                    if not hits.stamps or hits.stamps[-1][0] <= now - window]:
             del self._hits[key]
         for user in [u for u, until in self._mutes.items() if until <= now]:
             del self._mutes[user]
@@ -170,6 +177,32 @@ class MemoryState:
             [list(self._audit), list(self._escalations), list(self._hits), list(self._scores)],
             ensure_ascii=False,
         )
+
+
+class _Window:
+    """The messages counted in one flood window: (stamp, message) oldest first, and the
+    messages' ids (a redelivered one is not counted again while it is in the window)."""
+
+    __slots__ = ("messages", "stamps")
+
+    def __init__(self) -> None:
+        self.stamps: deque[tuple[float, str | None]] = deque()
+        self.messages: set[str | None] = set()
+
+    def count(self, expired: float, now: float, message: str | None) -> int:
+        stamps = self.stamps
+        while stamps and stamps[0][0] <= expired:
+            self.messages.discard(stamps.popleft()[1])
+        if message is None or message not in self.messages:
+            self.messages.add(message)
+            stamps.append((now, message))
+        return len(stamps)
+
+
+def message_member(conversation_id: str, message_id: str) -> str | None:
+    """How a flood window knows a message again: its id within its conversation (ids
+    need only be unique there); None if it has no id."""
+    return f"{len(conversation_id)}:{conversation_id}:{message_id}" if message_id else None
 
 
 def decayed(score: float, elapsed: float, half_life: float) -> float:

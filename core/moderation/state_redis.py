@@ -2,8 +2,8 @@
 
 Key layout (``{p}`` is the key prefix, the bot name and ids percent-encoded)::
 
-    {p}:{bot}:mod:rate:u:{user}      zset  message stamps in the user's window
-    {p}:{bot}:mod:rate:c:{conv}      zset  message stamps in the conversation's window
+    {p}:{bot}:mod:rate:u:{user}      zset  messages (by id) stamped, in the user's window
+    {p}:{bot}:mod:rate:c:{conv}      zset  messages (by id) stamped, in the conversation's window
     {p}:{bot}:mod:score:{user}       hash  score, at (ms): the decaying violation score
     {p}:{bot}:mod:mute:{user}        string, expiring when the mute ends
     {p}:{bot}:mod:audit              stream  decisions; capped by count and by age
@@ -33,6 +33,8 @@ class ModerationStateUnavailable(ParleyError):
 
 
 # KEYS: user rate, conversation rate, mute. ARGV: member, user window ms, conv window ms.
+# The member is the message's (see message_member): a redelivered message still in the
+# window keeps its first stamp and is not counted again (NX).
 _ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -40,7 +42,7 @@ local counts = {}
 for i = 1, 2 do
   local window = tonumber(ARGV[i + 1])
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window)
-  redis.call('ZADD', KEYS[i], now, ARGV[1])
+  redis.call('ZADD', KEYS[i], 'NX', now, ARGV[1])
   redis.call('PEXPIRE', KEYS[i], window)
   counts[i] = redis.call('ZCARD', KEYS[i])
 end
@@ -115,12 +117,14 @@ class RedisState(ServiceBase):
             raise RuntimeError("RedisState is used before start() or after stop()")
         return self._scripts
 
-    async def admit(self, user: str, conversation: str, limits: Limits) -> Admission:
+    async def admit(self, user: str, conversation: str, limits: Limits, *,
+                    message: str | None = None) -> Admission:
         """See :class:`~core.moderation.state.ModerationState`."""
         keys = [f"{self.base}rate:u:{key_part(user)}",
                 f"{self.base}rate:c:{key_part(conversation)}",
                 f"{self.base}mute:{key_part(user)}"]
-        args: list[str | int] = [os.urandom(16).hex(), int(limits.user_window * 1000),
+        member = f"m:{message}" if message is not None else f"r:{os.urandom(16).hex()}"
+        args: list[str | int] = [member, int(limits.user_window * 1000),
                                  int(limits.conversation_window * 1000)]
         async with self._failures("admit"):
             users, convs, mute_ms = await self.scripts("admit", keys, args)
