@@ -174,8 +174,13 @@ class Engine(ServiceBase):
             except SlowDown as exc:
                 outcome = "slow_down"
                 log.debug("bot %s: refused before the lane: %s", self.name, exc)
-                yield ReplyEvent(ReplyKind.ERROR, exc.reply or self.apologies.slow_down,
-                                 action=exc.action, code="slow_down")
+                if exc.notice:  # a muted sender: told as after the lane, without waiting
+                    last = ReplyEvent(ReplyKind.NOTICE, exc.reply or "",
+                                      action=Action(exc.action), code="moderated")
+                    yield last
+                else:
+                    yield ReplyEvent(ReplyKind.ERROR, exc.reply or self.apologies.slow_down,
+                                     action=exc.action, code="slow_down")
         finally:
             if last is not None and last.is_last:
                 outcome = _outcome(last)
@@ -195,7 +200,8 @@ class Engine(ServiceBase):
             return None
         self._count_verdict(message, verdict)
         return SlowDown(f"{message.key}: moderation refused it ({verdict.reason})",
-                        reply=verdict.reply, action=verdict.action.value)
+                        reply=verdict.reply, action=verdict.action.value,
+                        notice="flood" not in verdict.categories)
 
     def _count_verdict(self, message: IncomingMessage, verdict: Verdict) -> None:
         if verdict.action is not Action.ALLOW:

@@ -40,10 +40,12 @@ class SlowDown(ParleyError):
     """A message refused before it waited: too many queued in its conversation or in
     flight for its user, or over a rate limit (``reply`` then says which)."""
 
-    def __init__(self, reason: str, reply: str | None = None, action: str = "allow") -> None:
+    def __init__(self, reason: str, reply: str | None = None, action: str = "allow",
+                 *, notice: bool = False) -> None:
         super().__init__(reason)
         self.reply = reply
         self.action = action  # what moderation did, when it refused
+        self.notice = notice  # answered as moderation's refusal, not "slow down"
 
 
 # Asked once a message holds its place in the lane: a refusal to raise, or None.

@@ -346,6 +346,51 @@ def engine_with(settings: Any, generator: Any, moderator: Any = None) -> Engine:
                   moderator=moderator or built.moderator, plugins=built.plugins)
 
 
+class Held:
+    """A generator that holds its reply (and so its conversation's lane) until let go."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        self.started.set()
+        await self.go.wait()
+        yield TokenDelta("ok", "stop")
+
+
+async def test_a_muted_user_is_told_at_admission_not_after_the_lane() -> None:
+    settings = bot({"mute_seconds": 120})
+    generator = Held()
+    async with engine_with(settings, generator) as engine:
+        moderator = engine.moderator
+        assert isinstance(moderator, FilterModerator)
+        await moderator.state.record({"note": "muted by a moderator"}, mute_user="web:u1",
+                                     mute_seconds=120)
+        busy = asyncio.create_task(collect(engine.handle(msg("hi", user="u2"))))
+        await generator.started.wait()  # u2's reply holds the conversation's lane
+        muted = asyncio.create_task(collect(engine.handle(msg("hello", user="u1"))))
+        # Answered while the lane is held (before, it queued behind u2's reply); the wait
+        # only keeps a failure from hanging.
+        done, _ = await asyncio.wait({muted}, timeout=30)
+        generator.go.set()
+        assert muted in done
+        told = muted.result()
+        assert (told.kind, told.action, told.code) == (ReplyKind.NOTICE, "mute", "moderated")
+        assert told.text == settings.moderation.mute_reply.format(minutes=2)
+        assert (await busy).kind is ReplyKind.FINAL
+        # Audited and counted as before.
+        audit = await moderator.state.read_audit(10)
+        assert [(a["user"], a["action"], a["policy"]) for a in audit[:1]] == [
+            ("u1", "mute", "muted")]
+        assert engine.metrics.moderation.labels("mbot", "web", "input", "mute")._value.get() == 1
+        assert engine.metrics.messages.labels("mbot", "web", "blocked")._value.get() == 1
+
+
 async def test_reply_flagged_mid_stream_is_replaced_and_not_stored() -> None:
     settings = bot()
     pieces = ["Sure. ", "Here is the plan. ", "You ", "absolute ", "shithead. ", "Bye."]

@@ -60,7 +60,9 @@ class Moderator(Protocol):
     async def admit(self, message: IncomingMessage) -> Verdict | None:
         """Count ``message`` against the sender's rate limits before it waits for its
         conversation: ``None`` lets it on (to :meth:`check_input`), a refusal is answered
-        at once as "slow down" (HTTP 429), with the verdict's ``reply``.
+        at once with the verdict's ``reply``: as "slow down" (HTTP 429) for a ``flood``
+        (in its ``categories``), as a refusal of :meth:`check_input` otherwise (a muted
+        sender).
         """
         ...
 
