@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -140,13 +141,18 @@ class AdapterFailed(ParleyError):
     """An adapter stopped with an error while serving; ``parley run`` exits with it."""
 
 
-async def serve(engine: Engine, adapters: Sequence[Adapter]) -> None:
+async def serve(engine: Engine, adapters: Sequence[Adapter], *,
+                freeze_heap: bool = False) -> None:
     """Run ``adapters`` on ``engine`` until SIGINT/SIGTERM or one of them finishes.
 
     Starts the engine, then the adapters in order; stops them in reverse order, engine
     last, whatever happened (a failed start undoes the starts before it). An adapter
     whose ``wait`` raises (its serving task crashed) stops them all and raises
     :class:`AdapterFailed`, instead of the process serving on without it.
+
+    ``freeze_heap`` (for a process that only serves, as ``parley run``): once everything
+    has started, what start-up built is moved out of the garbage collector's sight
+    (:func:`freeze_startup_heap`).
     """
     started: list[Adapter] = []
     async with stop_signals() as stop, engine:
@@ -154,6 +160,8 @@ async def serve(engine: Engine, adapters: Sequence[Adapter]) -> None:
             for adapter in adapters:
                 await adapter.start(engine)
                 started.append(adapter)
+            if freeze_heap:
+                freeze_startup_heap()
             waiters: dict[asyncio.Future[Any], Adapter] = {
                 asyncio.ensure_future(a.wait()): a for a in started}
             stopper: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
@@ -176,3 +184,18 @@ async def serve(engine: Engine, adapters: Sequence[Adapter]) -> None:
                     await adapter.stop()
                 except Exception:
                     log.exception("stopping adapter %r failed", adapter)
+
+
+def freeze_startup_heap() -> int:
+    """Collect once, then exclude every object alive now from later collections
+    (:func:`gc.freeze`); returns how many were frozen.
+
+    What start-up builds lives as long as the process: the moderation model's weights
+    (hundreds of thousands of tuples), the term and pattern tables, the plugins. Without
+    this, every full collection walks all of it again: on the pipeline benchmark about
+    one a second, 24-31 ms each, with every message in flight waiting (a p99 of its own).
+    After it, full collections take a few milliseconds.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()

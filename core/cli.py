@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ensure_free(addresses_of(adapters), settings.source)
         if "console" in (args.adapters or settings.adapters):
             _keep_access_log_off_the_terminal(args.log_level)
-        run_loop(args.loop, serve(engine, adapters))
+        run_loop(args.loop, serve(engine, adapters, freeze_heap=True))
         return 0
     except ConfigError as exc:
         print(f"parley: configuration error:\n{exc}", file=sys.stderr)
