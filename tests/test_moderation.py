@@ -389,6 +389,8 @@ async def test_a_muted_user_is_told_at_admission_not_after_the_lane() -> None:
             ("u1", "mute", "muted")]
         assert engine.metrics.moderation.labels("mbot", "web", "input", "mute")._value.get() == 1
         assert engine.metrics.messages.labels("mbot", "web", "blocked")._value.get() == 1
+        # A command is left to the lane: a muted user's commands stay open (/forget).
+        assert await moderator.admit(msg("/help")) is None
 
 
 async def test_reply_flagged_mid_stream_is_replaced_and_not_stored() -> None:

@@ -292,8 +292,10 @@ class FilterModerator(ServiceBase):
         limits, and with a policy that refuses floods, the refusal is decided, scored and
         audited as a ``flood`` finding of :meth:`check_input` was; a muted sender is
         answered with the mute reply (decided and audited as :meth:`check_input` did,
-        without running the filters), not after waiting in the lane; otherwise the count
-        is kept for the message's ``flood`` step, so it is counted once.
+        without running the filters), not after waiting in the lane -- unless the message
+        is shaped like a command (``/name``): the bot's commands stay open to a muted user
+        (``/forget``, and the engine checks only a command's arguments); otherwise the
+        count is kept for the message's ``flood`` step, so it is counted once.
         """
         channel = self._channel(message.channel)
         step = next((s for s in channel.steps if s.name == "flood"), None)
@@ -304,13 +306,13 @@ class FilterModerator(ServiceBase):
                 admission = await self._count(message, channel)
         except Exception:
             return None  # the flood step tries again, and fails open or closed as set
-        if admission.muted_for > 0:
+        if admission.muted_for > 0 and not message.text.startswith("/"):
             text = normalise(message.text)
             return await self._decide(_Run(message, channel.policy, text, text.clean,
                                            muted_for=admission.muted_for), channel.policy)
         limits = channel.limits
         finding = Finding("flood", score=float(admission.user_count), source="flood")
-        if (base_action(channel.policy, [finding]).action.answers
+        if (admission.muted_for > 0 or base_action(channel.policy, [finding]).action.answers
                 or (admission.user_count <= limits.user_rate
                     and admission.conversation_count <= limits.conversation_rate)):
             self._admitted[_admitted_key(message)] = admission
