@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
@@ -31,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="the bot's TOML file")
     run.add_argument("--adapter", action="append", dest="adapters", metavar="NAME",
                      help="start only this adapter (repeatable)")
+    run.add_argument("--processes", type=_at_least_one, default=1, metavar="N",
+                     help="serve the web channel from N processes on its one port (needs "
+                     "memory in Redis; docs/scale-out.md)")
+    run.add_argument("--child", help=argparse.SUPPRESS)  # INDEX:FD, set by the supervisor
 
     chat = sub.add_parser("chat", help="talk to the bot in this terminal")
     chat.add_argument("config", help="the bot's TOML file")
@@ -117,8 +122,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                            "worker.http_port")], settings.source)
             run_loop(args.loop, run_worker(settings))
             return 0
+        if args.child is not None:
+            return _run_child(settings, args)
         adapters = build_adapters(settings, args.adapters)
         engine = build_engine(settings)
+        if args.processes > 1:
+            return _supervise(settings, adapters, args, argv)
         # Before the engine starts: loading a model takes seconds, a taken port none.
         ensure_free(addresses_of(adapters), settings.source)
         if "console" in (args.adapters or settings.adapters):
@@ -133,6 +142,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _at_least_one(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    return number
+
+
+def _supervise(settings: BotSettings, adapters: list[Adapter], args: argparse.Namespace,
+               argv: Sequence[str] | None) -> int:
+    """``parley run --processes N``: check what N processes cannot share, then run N
+    children of this command (core/processes.py)."""
+    from core.processes import Supervisor, child_command, refuse_unshared
+
+    names = list(args.adapters or settings.adapters)
+    addresses = addresses_of(adapters)
+    refuse_unshared(settings, names, addresses, args.processes)
+    ensure_free(addresses, settings.source)
+    # The children get this command line as it is: --child wins over --processes.
+    forwarded = list(sys.argv[1:] if argv is None else argv)
+    return Supervisor(lambda index, fd: child_command(forwarded, index, fd),
+                      args.processes).run()
+
+
+def _run_child(settings: BotSettings, args: argparse.Namespace) -> int:
+    """One of ``parley run --processes N``'s children: the web channel on the shared
+    port, its metrics in the run's multiprocess folder, its link to the supervisor last."""
+    from core.metrics import Metrics
+    from core.processes import METRICS_DIR_ENV, SECRET_ENV, ParentLink, child_settings, parse_child
+
+    index, fd = parse_child(args.child)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter(
+            f"%(asctime)s %(levelname)s [process {index}] %(name)s: %(message)s"))
+    settings = child_settings(settings, os.environ.get(SECRET_ENV))
+    adapters: list[Adapter] = [*build_adapters(settings, ["web"]), ParentLink(fd)]
+    engine = build_engine(settings, metrics=Metrics(
+        multiprocess_dir=os.environ.get(METRICS_DIR_ENV)))
+    run_loop(args.loop, serve(engine, adapters, freeze_heap=True))
+    return 0
 
 
 def _audit(settings: BotSettings, args: argparse.Namespace) -> int:

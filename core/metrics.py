@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 
 class Metrics:
-    """The counters and histograms the engine and adapters update."""
+    """The counters and histograms the engine and adapters update.
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    With ``multiprocess_dir`` (a child of ``parley run --processes N``, whose
+    ``PROMETHEUS_MULTIPROC_DIR`` it is), :meth:`render` adds up every process's values
+    from that folder (prometheus_client's multiprocess mode) instead of this one's.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, *,
+                 multiprocess_dir: str | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        self._multiprocess_dir = multiprocess_dir
         self.messages = Counter(
             "parley_messages_total",
             "Messages handled, by outcome "
@@ -65,7 +73,11 @@ class Metrics:
 
     def render(self) -> bytes:
         """The metrics in Prometheus' text format."""
-        return generate_latest(self.registry)
+        if self._multiprocess_dir is None:
+            return generate_latest(self.registry)
+        everyone = CollectorRegistry()
+        MultiProcessCollector(everyone, path=self._multiprocess_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(everyone)
 
 
 class WorkerMetrics:

@@ -165,7 +165,8 @@ class WebAdapter:
         )
         await runner.setup()
         try:
-            await web.TCPSite(runner, self.config.host, self.config.port).start()
+            await web.TCPSite(runner, self.config.host, self.config.port,
+                              reuse_port=self.config.reuse_port or None).start()
         except BaseException as exc:
             await runner.cleanup()
             if isinstance(exc, OSError):

@@ -102,6 +102,9 @@ class WebSettings(WidgetFields):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)  # 0: any free port
+    # SO_REUSEPORT: several processes listen on the port and the kernel spreads the
+    # connections (``parley run --processes N`` sets it for its children).
+    reuse_port: bool = False
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
     cors_origins: list[str] = []  # origins whose pages may call the API; "*" for any
     # Server-to-server callers of /api/v1/chat: with keys, every call needs one, and user
