@@ -26,6 +26,11 @@ to end of reply), CPU per message of the server process and of redis-server (fro
     python bench/peers.py --only parley-ws,opsdroid-ws
     python bench/peers.py --loop asyncio                     # Parley on the stdlib loop
     python bench/peers.py --only parley-ws --py-spy /tmp/prof  # and where its CPU goes
+    python bench/peers.py --only parley-ws,parley-http --parley-processes 1,2
+
+``--parley-processes 1,2`` measures each Parley server once per count, as ``parley run
+--processes N`` (``parley-ws`` with 1, ``parley-ws-x2`` with 2); the server's CPU is the
+supervisor's and all its children's.
 
 ``--py-spy DIR`` records the Parley server with py-spy (``pip install py-spy``; it adds a
 few per cent of CPU) while the measured messages run and prints the CPU per message by
@@ -239,10 +244,16 @@ class Result:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` so far (Linux /proc)."""
+    """User + system CPU time of process ``pid`` and its children so far (Linux /proc)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(child) for child in f.read().split()]
+    except OSError:
+        children = []
+    return own + sum(cpu_seconds(child) for child in children)
 
 
 async def drive(base: str, client: Client, pids: list[int], args: argparse.Namespace,
@@ -343,7 +354,7 @@ max_sockets_per_ip = 100000
 
 
 @contextlib.contextmanager
-def parley_server(folder: Path, loop: str) -> Iterator[Server]:
+def parley_server(folder: Path, loop: str, processes: int = 1) -> Iterator[Server]:
     port = free_port()
     with private_redis() as redis_url:
         redis_pid = int(Redis.from_url(redis_url).info("server")["process_id"])
@@ -353,8 +364,20 @@ def parley_server(folder: Path, loop: str) -> Iterator[Server]:
         command = [sys.executable, "-m", "core.cli", "run", str(config), "--adapter", "web"]
         if loop != "auto":
             command[3:3] = ["--loop", loop]
+        if processes > 1:
+            command += ["--processes", str(processes)]
         with running(command, folder / "parley.log", env) as proc:
+            if processes > 1:  # every child serving before the clients connect
+                await_line(folder / "parley.log", f"serving with {processes} processes", proc)
             yield f"http://127.0.0.1:{port}", proc, [proc.pid, redis_pid]
+
+
+def await_line(log: Path, line: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 120
+    while line not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"no {line!r} in {log}")
+        time.sleep(0.1)
 
 
 @contextlib.contextmanager
@@ -404,9 +427,10 @@ async def bench(name: str, folder: Path, args: argparse.Namespace, venv: Path | 
         server = aiohttp_server(folder, loop)
         health, client = "/healthz", http_client
     else:
-        server = parley_server(folder, args.loop)
+        base_name, _, times = name.partition("-x")
+        server = parley_server(folder, args.loop, int(times or 1))
         health = "/healthz"
-        client = parley_ws_client if name == "parley-ws" else http_client
+        client = parley_ws_client if base_name == "parley-ws" else http_client
     profile = None
     if args.py_spy and name.startswith("parley"):
         profile = Path(args.py_spy) / f"{folder.name}.txt"
@@ -468,8 +492,13 @@ def main() -> None:
                         help="Parley's event loop (and the bare aiohttp server's)")
     parser.add_argument("--opsdroid-venv", help="make (or reuse) opsdroid's virtualenv here")
     parser.add_argument("--py-spy", metavar="DIR", help="profile Parley into DIR (py-spy)")
+    parser.add_argument("--parley-processes", default="1", metavar="N[,N...]",
+                        help="measure Parley with `parley run --processes N`, once per N")
     args = parser.parse_args()
-    names = [n for n in SERVERS if args.only is None or n in args.only.split(",")]
+    counts = [int(n) for n in args.parley_processes.split(",")]
+    names = [f"{n}-x{count}" if count > 1 and n.startswith("parley") else n
+             for n in SERVERS if args.only is None or n in args.only.split(",")
+             for count in (counts if n.startswith("parley") else [1])]
     results: dict[str, list[Result]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(prefix="parley-peers-") as tmp:
         venv = None
