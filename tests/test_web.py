@@ -419,6 +419,15 @@ async def test_each_request_gets_aiohttps_access_log_line(
     assert record.response_status == 200  # type: ignore[attr-defined]
 
 
+async def test_access_log_false_writes_no_line(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="aiohttp.access")
+    async with serving(build_engine(make_settings()), {"access_log": False}) as site:
+        async with site.chat(msg("hello there")) as response:
+            assert response.status == 200
+            await response.read()
+    assert [r for r in caplog.records if r.name == "aiohttp.access"] == []
+
+
 def test_the_access_log_line_is_aiohttps_own() -> None:
     """AccessLog writes what aiohttp's AccessLogger would (in its default format)."""
     request = make_mocked_request("GET", "/api/v1/chat/messages?after=3", headers={

@@ -31,6 +31,7 @@ from importlib.resources import files
 from typing import Annotated, Any
 
 from aiohttp import web
+from aiohttp.log import access_logger
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -162,6 +163,8 @@ class WebAdapter:
             handler_cancellation=True,
             shutdown_timeout=SHUTDOWN_TIMEOUT,
             access_log_class=AccessLog,
+            # None: aiohttp makes no line at all (not even the logger's level check).
+            access_log=access_logger if self.config.access_log else None,
         )
         await runner.setup()
         try:
