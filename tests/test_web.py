@@ -119,6 +119,7 @@ async def read_events(response: aiohttp.ClientResponse) -> list[tuple[str, dict[
 async def test_chat_round_trip(site: Site) -> None:
     async with site.chat(msg("hello there")) as response:
         assert response.status == 200
+        assert response.headers["Content-Type"] == "application/json; charset=utf-8"
         body = await response.json()
     assert body["kind"] == "final"
     assert body["text"] == "hello there"
@@ -367,6 +368,7 @@ async def test_failures_behind_the_engine_are_503_with_an_apology(
             async with site.chat(msg(), path=path) as response:
                 assert response.status == 503
                 assert int(response.headers["Retry-After"]) > 0
+                assert response.headers["Content-Type"] == "application/json; charset=utf-8"
                 body = await response.json()
             assert body["code"] == code
             assert body["kind"] == "error"
