@@ -23,6 +23,7 @@ from core.moderation.base import moderators
 from core.plugin_loader import load_plugins
 from core.plugin_store import bucket_stores
 from core.plugins import PluginRegistry, PluginServices
+from core.redis_client import RedisHub, SharesRedis
 from core.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,12 @@ def adapter_registry() -> Registry[AdapterFactory]:
 
 
 def build_engine(settings: BotSettings, *, metrics: Metrics | None = None) -> Engine:
-    """An engine with the memory, generator, moderator and plugins ``settings`` name."""
+    """An engine with the memory, generator, moderator and plugins ``settings`` name.
+
+    Its parts that talk to Redis share one connection and pipeline per URL (a
+    :class:`~core.redis_client.RedisHub`, also ``engine.redis`` for the adapters), so a
+    loop turn's memory, moderation and reply-log calls go out in one write.
+    """
     src = settings.source
     memory = memory_backends().get(settings.memory.backend, where=f"{src}: memory.backend")
     generator = generator_backends().get(
@@ -81,6 +87,10 @@ def build_engine(settings: BotSettings, *, metrics: Metrics | None = None) -> En
     store = bucket_stores().get(settings.memory.backend, where=f"{src}: memory.backend")
     metrics = metrics or Metrics()
     parts = (memory(settings), generator(settings), moderator(settings))
+    redis = RedisHub()
+    for part in parts:
+        if isinstance(part, SharesRedis):
+            part.share_redis(redis)
     services = PluginServices(
         bot=settings.bot.name, store=store(settings), memory=parts[0], generator=parts[1],
         moderator=parts[2], base_dir=_base_dir(src), conversation_ttl=settings.memory.ttl,
@@ -92,7 +102,7 @@ def build_engine(settings: BotSettings, *, metrics: Metrics | None = None) -> En
     load_plugins(plugins, settings.plugins, source=src)
     return Engine(
         settings, memory=parts[0], generator=parts[1], moderator=parts[2], plugins=plugins,
-        metrics=metrics,
+        metrics=metrics, redis=redis,
     )
 
 

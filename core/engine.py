@@ -22,6 +22,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from prometheus_client import Counter
 
@@ -49,6 +50,9 @@ from core.prompt import HistoryMessages, chat_messages
 from core.streams import closing
 from core.types import IncomingMessage, ReplyEvent, ReplyKind, Turn
 from core.validation import clean_text
+
+if TYPE_CHECKING:
+    from core.redis_client import RedisHub
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +93,11 @@ class Engine(ServiceBase):
         plugins: PluginRegistry,
         metrics: Metrics | None = None,
         apologies: Apologies | None = None,
+        redis: RedisHub | None = None,
     ) -> None:
         self.settings = settings
+        # The process's shared Redis connections (core.app), for adapters' own stores.
+        self.redis = redis
         self.memory = memory
         self.generator = generator
         self.moderator = moderator

@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections import deque
-from collections.abc import Collection, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import hiredis
@@ -129,20 +129,25 @@ class ScriptPipeline:
     reply, a call costs a few microseconds instead of tens when batches are small (as
     under a steady stream of messages, not a benchmark's burst).
 
-    Each call still gets its own result or error. A call unanswered within ``timeout``
-    fails with :class:`TimeoutError`, and so does every call behind it on the connection,
-    which is closed (what is left on the wire belongs to no caller). When the connection
-    breaks, the calls of scripts safe to repeat (``retry``) are sent once more on a fresh
-    one and the others fail; a call the server answered NOSCRIPT (after a restart) did
-    not run and is run again (the script is loaded first).
+    Several services may share one (see :class:`RedisHub`): each runs its own scripts
+    through a :class:`Scripts` view with its own timeout and its own scripts safe to
+    repeat, and the calls of all of them made in one turn still go out in one write.
+
+    Each call still gets its own result or error. A call unanswered within its
+    ``timeout`` fails with :class:`TimeoutError`; when the oldest call on the connection
+    times out, so does every call behind it, and the connection is closed (what is left
+    on the wire belongs to no caller). When the connection breaks, the calls of scripts
+    safe to repeat (``retry``) are sent once more on a fresh one and the others fail; a
+    call the server answered NOSCRIPT (after a restart) did not run and is run again
+    (the script is loaded first).
     """
 
     def __init__(
-        self, client: Redis, scripts: Mapping[str, AsyncScript], *, timeout: float,
-        retry: Collection[str] = (),
+        self, client: Redis, scripts: Mapping[str, AsyncScript] | None = None, *,
+        timeout: float, retry: Collection[str] = (),
     ) -> None:
         self._client = client
-        self._scripts = dict(scripts)
+        self._scripts = dict(scripts or {})
         self._timeout = timeout
         # Scripts that may run twice: sent again once when their connection broke.
         self._retry = frozenset(self._scripts[name].sha for name in retry)
@@ -152,15 +157,25 @@ class ScriptPipeline:
         self._tasks: set[asyncio.Task[None]] = set()
         self.round_trips = 0  # writes to Redis (what tests count)
 
-    async def __call__(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    def __call__(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Awaitable[Any]:
         """Run script ``name`` with ``keys`` and ``args``; its result, or the error (a
         :class:`TimeoutError` when Redis does not answer within ``timeout``)."""
+        script = self._scripts[name]
+        return self.run(script, keys, args, timeout=self._timeout,
+                        retry=script.sha in self._retry)
+
+    def run(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any], *,
+            timeout: float, retry: bool) -> asyncio.Future[Any]:
+        """Run ``script`` (registered on this pipeline's client) with ``keys`` and
+        ``args``: a future of its result; fails with :class:`TimeoutError` if unanswered
+        within ``timeout``; sent once more after a broken connection if ``retry`` (it is
+        safe to run twice). Cancelling the future withdraws the call if not yet sent."""
         loop = asyncio.get_running_loop()
-        call = _Call(self._scripts[name], keys, args, loop.create_future())
+        call = _Call(script, keys, args, loop.create_future(), timeout, retry)
         self._pending.append(call)
         if len(self._pending) == 1:
             loop.call_soon(self._flush)
-        return await call.result
+        return call.result
 
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
@@ -176,7 +191,7 @@ class ScriptPipeline:
                 link = self._link
                 if link is None or not link.alive:
                     pool = self._client.connection_pool
-                    async with asyncio.timeout(self._timeout):
+                    async with asyncio.timeout(min(call.timeout for call in batch)):
                         # Never given back while it works: the pool closes it with the
                         # client (aclose), and it is not one of the idle connections a
                         # restart makes us drop.
@@ -212,7 +227,7 @@ class ScriptPipeline:
             # once more, on a fresh connection.
             self._spawn(self._client.connection_pool.disconnect(inuse_connections=False))
         for call in calls:
-            if broken and call.script.sha in self._retry and not call.retried:
+            if broken and call.retry and not call.retried:
                 call.retried = True
                 retry.append(call)
             else:
@@ -224,11 +239,106 @@ class ScriptPipeline:
         """Calls that did not run (NOSCRIPT, after a restart): one by one, in their
         order; the script object loads its script again first."""
         for call in calls:
+            if call.result.done():
+                continue
             try:
-                async with asyncio.timeout(self._timeout):
+                async with asyncio.timeout(call.timeout):
                     call.settle(await call.script(keys=list(call.keys), args=list(call.args)))
             except Exception as exc:
                 call.settle(exc)
+
+
+class Scripts:
+    """One service's scripts on a :class:`ScriptPipeline` it may share: called by name,
+    with the service's own timeout and its own scripts safe to run twice."""
+
+    __slots__ = ("_pipeline", "_retry", "_scripts", "_timeout")
+
+    def __init__(self, pipeline: ScriptPipeline, scripts: Mapping[str, AsyncScript], *,
+                 timeout: float, retry: Collection[str] = ()) -> None:
+        self._pipeline = pipeline
+        self._scripts = dict(scripts)
+        self._timeout = timeout
+        self._retry = frozenset(retry)
+        if unknown := self._retry - self._scripts.keys():
+            raise ValueError(f"no such scripts: {sorted(unknown)}")
+
+    def __call__(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Awaitable[Any]:
+        """Run script ``name``; see :meth:`ScriptPipeline.run`."""
+        return self._pipeline.run(self._scripts[name], keys, args, timeout=self._timeout,
+                                  retry=name in self._retry)
+
+
+class RedisShare:
+    """A client and a :class:`ScriptPipeline` for one Redis URL, as a :class:`RedisHub`
+    lends them: replies are not decoded (bytes), and only connecting is timed (each
+    pipelined call has its caller's timeout)."""
+
+    def __init__(self, hub: RedisHub, url: str, client: Redis) -> None:
+        self._hub = hub
+        self.url = url
+        self.client = client
+        self.pipeline = ScriptPipeline(client, timeout=0.0)
+        self.users = 0
+
+    async def release(self) -> None:
+        """Give this share back (once per :meth:`RedisHub.acquire`)."""
+        await self._hub._release(self)
+
+    async def scripts(self, sources: Mapping[str, str], *, call_timeout: float,
+                      retry: Collection[str] = ()) -> Scripts:
+        """Check the server answers, load ``sources`` (Lua by name) and return them as
+        :class:`Scripts` on the shared pipeline, each call timed by ``call_timeout``.
+        Raises what :func:`load_scripts` raises; the caller times it and turns failures
+        into its own errors."""
+        loaded = await load_scripts(self.client, sources)
+        return Scripts(self.pipeline, loaded, timeout=call_timeout, retry=retry)
+
+
+@runtime_checkable
+class SharesRedis(Protocol):
+    """A part (memory, moderator) that can talk to Redis through a process's
+    :class:`RedisHub` instead of connections of its own."""
+
+    def share_redis(self, hub: RedisHub) -> None:
+        """Use ``hub``'s connections from the next start on; called before starting."""
+
+
+class RedisHub:
+    """The Redis connections of one process: one client (with its pool) and one
+    :class:`ScriptPipeline` per URL, shared by every service that talks to that Redis.
+
+    Memory, the moderation state and the web widget's reply log mostly talk to one Redis;
+    sharing the pipeline, their calls of one event-loop turn go out in one write on one
+    connection read by one task, instead of one of each per service. The app builds one
+    (:func:`core.app.build_engine`) and hands it to the services; each takes its URL's
+    share when it starts (:meth:`acquire`) and gives it back when it stops
+    (:meth:`RedisShare.release`); the last one out closes the pipeline and the client. The first
+    acquirer's ``timeout`` bounds connecting.
+    """
+
+    def __init__(self) -> None:
+        self._shares: dict[str, RedisShare] = {}
+
+    def acquire(self, url: str, *, timeout: float, where: str) -> RedisShare:
+        """The share of ``url`` (made now if no service holds it); connects lazily."""
+        share = self._shares.get(url)
+        if share is None:
+            client = connect(url, timeout=timeout, where=where, socket_timeout=False)
+            share = self._shares[url] = RedisShare(self, url, client)
+        share.users += 1
+        return share
+
+    async def _release(self, share: RedisShare) -> None:
+        share.users -= 1
+        if share.users > 0:
+            return
+        if self._shares.get(share.url) is share:
+            del self._shares[share.url]
+        try:
+            await share.pipeline.aclose()
+        finally:
+            await share.client.aclose()
 
 
 class _Link:
@@ -259,9 +369,11 @@ class _Link:
         if not self.alive:
             self.owner._lost(calls, RedisConnectionError("the connection was closed"))
             return
-        deadline = self._loop.time() + self.owner._timeout
+        now = self._loop.time()
+        soonest = float("inf")
         for call in calls:
-            call.deadline = deadline
+            call.deadline = deadline = now + call.timeout
+            soonest = min(soonest, deadline)
         self.waiting.extend(calls)
         try:
             # Packed by hiredis in C: redis-py's own pipeline spends several times longer
@@ -274,8 +386,12 @@ class _Link:
             self.close(RedisConnectionError(f"writing to Redis failed: {exc}"))
             return
         self.owner.round_trips += 1
-        if self._timer is None:
-            self._timer = self._loop.call_at(deadline, self._check)
+        # Deadlines only grow when every call has the same timeout (one service); a
+        # shorter one (another service's) behind them moves the timer forward.
+        if self._timer is None or soonest < self._timer.when():
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(soonest, self._check)
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         parser, waiting = self._parser, self.waiting
@@ -303,15 +419,26 @@ class _Link:
                 raise
 
     def _check(self) -> None:
-        """The oldest call's deadline came: fail it (and all behind it) if unanswered."""
+        """A deadline came. The oldest call unanswered: the connection is stuck, so it
+        fails with every call behind it. A call behind it with a shorter timeout (another
+        service's): that call alone fails; its reply, when it comes, is dropped."""
         self._timer = None
         if not self.alive or not self.waiting:
             return
-        deadline = self.waiting[0].deadline
-        if self._loop.time() >= deadline:
-            self.close(TimeoutError(f"Redis did not answer within {self.owner._timeout} s"))
-        else:
-            self._timer = self._loop.call_at(deadline, self._check)
+        now = self._loop.time()
+        head = self.waiting[0]
+        if now >= head.deadline:
+            self.close(TimeoutError(f"Redis did not answer within {head.timeout} s"))
+            return
+        soonest = head.deadline
+        for call in self.waiting:
+            if call.result.done():
+                continue
+            if now >= call.deadline:
+                call.settle(TimeoutError(f"Redis did not answer within {call.timeout} s"))
+            elif call.deadline < soonest:
+                soonest = call.deadline
+        self._timer = self._loop.call_at(soonest, self._check)
 
     def close(self, exc: BaseException) -> None:
         """Stop using the connection; its waiting calls fail with ``exc`` (or go again)."""
@@ -350,6 +477,8 @@ class _Call:
     keys: Sequence[str]
     args: Sequence[Any]
     result: asyncio.Future[Any]
+    timeout: float
+    retry: bool  # safe to run twice: sent again once after a broken connection
     deadline: float = 0.0
     retried: bool = False
 

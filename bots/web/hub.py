@@ -67,7 +67,7 @@ class ChatHub(ServiceBase):
             secret = secrets.token_urlsafe(32)
         self.signer = SessionSigner(engine.name, secret, ttl=config.session_ttl,
                                     identity_secret=config.identity_secret)
-        self.stores = WidgetStores(settings, config)
+        self.stores = WidgetStores(settings, config, engine.redis)
         self.log: ReplyLog = self.stores.log
         self.feedback: FeedbackStore = self.stores.feedback
         # A forget hook (core.forget): the reply logs and feedback of a user forgotten.

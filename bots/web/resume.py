@@ -40,7 +40,7 @@ from core import jsoncodec
 from core.config import MemorySection
 from core.errors import ParleyError
 from core.lifecycle import ServiceBase
-from core.redis_client import ScriptPipeline, connect, failures_as, key_part, load_scripts, redact
+from core.redis_client import RedisHub, RedisShare, Scripts, failures_as, key_part, redact
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ class RedisReplyLog(ReplyLog):
     """The log in Redis (with ``[memory] backend = "redis"``); see the module docstring."""
 
     def __init__(self, section: MemorySection, bot: str, *, ttl: int, cap: int,
-                 source: str = "<memory>") -> None:
+                 source: str = "<memory>", redis: RedisHub | None = None) -> None:
         super().__init__(ttl=ttl, cap=cap)
         self.section = section
         self.source = source
@@ -276,19 +276,22 @@ class RedisReplyLog(ReplyLog):
         self._base = f"{section.key_prefix}:{key_part(bot)}:web:"
         self.channel = self._base + "events"
         self._origin = secrets.token_hex(8)  # this process, to skip its own pokes
+        # The process's shared connections to this Redis when the app passes them.
+        self._hub = redis or RedisHub()
+        self._share: RedisShare | None = None
         self._client: Redis | None = None
-        self._pipeline: ScriptPipeline | None = None
+        self._pipeline: Scripts | None = None
         self._listener: asyncio.Task[None] | None = None
         # Subscribed to the pokes: then an append pokes only when someone else listens.
         self._listening = False
 
     async def _start(self) -> None:
-        client = connect(self.section.url, timeout=self.section.timeout,
-                         where=f"{self.source}: memory.url", socket_timeout=False)
-        self._client = client
+        share = self._share = self._hub.acquire(self.section.url, timeout=self.section.timeout,
+                                                where=f"{self.source}: memory.url")
+        client = self._client = share.client
         async with self._failures("start"), asyncio.timeout(self.section.timeout):
-            scripts = await load_scripts(client, {"append": _APPEND, "since": _SINCE})
-        self._pipeline = ScriptPipeline(client, scripts, timeout=self.section.timeout)
+            self._pipeline = await share.scripts({"append": _APPEND, "since": _SINCE},
+                                                 call_timeout=self.section.timeout)
         ready = asyncio.get_running_loop().create_future()
         self._listener = asyncio.create_task(self._listen(client, ready))
         await ready  # subscribed: no poke sent after start() returns is missed
@@ -299,10 +302,10 @@ class RedisReplyLog(ReplyLog):
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
         self._listening = False
-        client, self._client = self._client, None
-        self._pipeline = None
-        if client is not None:
-            await client.aclose()
+        self._client = self._pipeline = None
+        share, self._share = self._share, None
+        if share is not None:
+            await share.release()
 
     async def _listen(self, client: Redis, ready: asyncio.Future[None]) -> None:
         """Poke local subscribers when another front end appends to their conversation."""

@@ -18,7 +18,7 @@ from core.config import BotSettings
 from core.feedback import Rated
 from core.lifecycle import ServiceBase
 from core.memory.base import UserRef
-from core.redis_client import key_part
+from core.redis_client import RedisHub, key_part
 from core.types import ConversationKey
 
 CHANNEL = "web"
@@ -32,13 +32,15 @@ def ref_of(conversation_id: str) -> str:
 class WidgetStores(ServiceBase):
     """The reply log and the feedback store of one bot's widget."""
 
-    def __init__(self, settings: BotSettings, config: WidgetFields) -> None:
+    def __init__(self, settings: BotSettings, config: WidgetFields,
+                 redis: RedisHub | None = None) -> None:
         self.log: ReplyLog
         self.feedback: FeedbackStore
         self.bot = bot = settings.bot.name
         if settings.memory.backend == "redis":
             self.log = RedisReplyLog(settings.memory, bot, ttl=config.resume_ttl,
-                                     cap=config.resume_events, source=settings.source)
+                                     cap=config.resume_events, source=settings.source,
+                                     redis=redis)
             self.feedback = RedisFeedbackStore(settings.memory, bot, source=settings.source)
         else:
             self.log = MemoryReplyLog(ttl=config.resume_ttl, cap=config.resume_events)

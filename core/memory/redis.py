@@ -55,11 +55,11 @@ from core.lifecycle import ServiceBase
 from core.memory import redis_scripts as lua
 from core.memory.base import WAIT, Begun, MemorySnapshot, StoredReply, UserRef
 from core.redis_client import (
-    ScriptPipeline,
-    connect,
+    RedisHub,
+    RedisShare,
+    Scripts,
     failures_as,
     key_part,
-    load_scripts,
     redact,
 )
 from core.types import ConversationKey, Turn
@@ -84,22 +84,30 @@ class RedisMemory(ServiceBase):
     """
 
     def __init__(self, section: MemorySection, *, source: str = "<memory>",
-                 cache_size: int = 2048) -> None:
+                 cache_size: int = 2048, redis: RedisHub | None = None) -> None:
         self.section = section
         self.source = source
         self.where = redact(section.url)
+        # Its own connections unless the app shares a process's (share_redis).
+        self._hub = redis or RedisHub()
+        self._share: RedisShare | None = None
         self._client: Redis | None = None
-        self._pipeline: ScriptPipeline | None = None
+        self._pipeline: Scripts | None = None
         self._lease_ms = int(section.lease * 1000)
         self._dedupe_ms = int(section.dedupe_window * 1000)
         # A load refreshes the conversation's TTL once this much of it has run down.
         self._slack_ms = min(60_000, int(section.ttl * 100))
         self._windows = WindowCache(section.window, cache_size)
 
+    def share_redis(self, hub: RedisHub) -> None:
+        """Talk to Redis through ``hub``'s connections from the next start on (see
+        :class:`~core.redis_client.RedisHub`); the app calls it before starting."""
+        self._hub = hub
+
     async def _start(self) -> None:
-        client = connect(self.section.url, timeout=self.section.timeout,
-                         where=f"{self.source}: memory.url", socket_timeout=False)
-        self._client = client
+        share = self._share = self._hub.acquire(
+            self.section.url, timeout=self.section.timeout, where=f"{self.source}: memory.url")
+        self._client = share.client
         sources = {
             "load": lua.LOAD,
             "append": lua.APPEND,
@@ -111,17 +119,14 @@ class RedisMemory(ServiceBase):
             "forget_user": lua.FORGET_USER,
         }
         async with self._failures("start"), asyncio.timeout(self.section.timeout):
-            scripts = await load_scripts(client, sources)
-        self._pipeline = ScriptPipeline(client, scripts, timeout=self.section.timeout,
-                                        retry=_IDEMPOTENT)
+            self._pipeline = await share.scripts(sources, call_timeout=self.section.timeout,
+                                                 retry=_IDEMPOTENT)
 
     async def _stop(self) -> None:
-        client, self._client = self._client, None
-        pipeline, self._pipeline = self._pipeline, None
-        if pipeline is not None:
-            await pipeline.aclose()
-        if client is not None:
-            await client.aclose()
+        self._client = self._pipeline = None
+        share, self._share = self._share, None
+        if share is not None:
+            await share.release()
 
     def _failures(self, what: str) -> AbstractAsyncContextManager[None]:
         return failures_as(MemoryUnavailable, f"redis at {self.where}", what)

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core.config import BotSettings, ModerationPolicy
 from core.lifecycle import ServiceBase
@@ -45,6 +46,9 @@ from core.moderation.state import (
 )
 from core.moderation.terms import TermFilter
 from core.types import IncomingMessage
+
+if TYPE_CHECKING:
+    from core.redis_client import RedisHub
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +140,12 @@ class FilterModerator(ServiceBase):
                 if name not in OUTPUT_FILTERS:
                     raise_unknown(settings.source, "output_filters", name,
                                   dict.fromkeys(OUTPUT_FILTERS))
+
+    def share_redis(self, hub: RedisHub) -> None:
+        """Keep the state in ``hub``'s Redis connections (see ``core.redis_client``)."""
+        share = getattr(self.state, "share_redis", None)  # RedisState; not MemoryState
+        if share is not None:
+            share(hub)
 
     async def _start(self) -> None:
         # The confusables table is read and the pattern scanners are compiled once (about

@@ -15,6 +15,7 @@ or a pipeline). Times come from the Redis server, so front ends with skewed cloc
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -25,7 +26,7 @@ from redis.asyncio import Redis
 from core.errors import ParleyError
 from core.lifecycle import ServiceBase
 from core.moderation.state import Admission, Limits
-from core.redis_client import ScriptPipeline, connect, failures_as, key_part, load_scripts
+from core.redis_client import RedisHub, RedisShare, Scripts, connect, failures_as, key_part
 
 
 class ModerationStateUnavailable(ParleyError):
@@ -76,29 +77,45 @@ class RedisState(ServiceBase):
     def __init__(
         self, url: str, *, prefix: str, bot: str, timeout: float = 2.0,
         audit_max_entries: int = 100_000, audit_retention: float = 30 * 86400.0,
+        redis: RedisHub | None = None,
     ) -> None:
         self.url = url
         self.base = f"{prefix}:{key_part(bot)}:mod:"
         self.timeout = timeout
         self.audit_max_entries = audit_max_entries
         self.audit_retention = audit_retention
+        # The scripts (every message's flood check) go through the hub's pipeline, shared
+        # with the process's other services on this Redis when the app passes one.
+        self._hub = redis or RedisHub()
+        self._share: RedisShare | None = None
         self._client: Redis | None = None
-        self._scripts: ScriptPipeline | None = None
+        self._scripts: Scripts | None = None
+
+    def share_redis(self, hub: RedisHub) -> None:
+        """Run the scripts through ``hub``'s connections from the next start on (see
+        :class:`~core.redis_client.RedisHub`); the app calls it before starting."""
+        self._hub = hub
 
     async def _start(self) -> None:
-        client = connect(self.url, timeout=self.timeout, where="moderation.url",
-                         decode_responses=True)
-        self._client = client
-        async with self._failures("start"):
-            scripts = await load_scripts(client, {"admit": _ADMIT, "add_points": _ADD_POINTS})
-        # Every message's flood check is a script call: concurrent ones share a pipeline.
-        self._scripts = ScriptPipeline(client, scripts, timeout=self.timeout)
+        # Decoded replies for the other commands (audit, mutes); connects when first used.
+        self._client = connect(self.url, timeout=self.timeout, where="moderation.url",
+                               decode_responses=True)
+        share = self._share = self._hub.acquire(self.url, timeout=self.timeout,
+                                                where="moderation.url")
+        async with self._failures("start"), asyncio.timeout(self.timeout):
+            self._scripts = await share.scripts(
+                {"admit": _ADMIT, "add_points": _ADD_POINTS}, call_timeout=self.timeout)
 
     async def _stop(self) -> None:
         client, self._client = self._client, None
+        share, self._share = self._share, None
         self._scripts = None
-        if client is not None:
-            await client.aclose()
+        try:
+            if share is not None:
+                await share.release()
+        finally:
+            if client is not None:
+                await client.aclose()
 
     @property
     def client(self) -> Redis:
@@ -111,7 +128,7 @@ class RedisState(ServiceBase):
         return failures_as(ModerationStateUnavailable, "moderation state", what)
 
     @property
-    def scripts(self) -> ScriptPipeline:
+    def scripts(self) -> Scripts:
         """The state's Lua scripts; only between start and stop."""
         if self._scripts is None:
             raise RuntimeError("RedisState is used before start() or after stop()")
