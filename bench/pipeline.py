@@ -87,14 +87,29 @@ def private_redis() -> Iterator[str]:
             stdout=subprocess.DEVNULL,
         )
         try:
+            # Until it answers: the socket file appears at bind(), a moment before
+            # listen(), and a connection in between is refused.
             for _ in range(500):
-                if sock.exists():
+                if sock.exists() and _answers(sock):
                     break
                 time.sleep(0.01)
             yield f"unix://{sock}"
         finally:
             proc.kill()
             proc.wait()
+
+
+def _answers(sock: Path) -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(1.0)
+            conn.connect(str(sock))
+            conn.sendall(b"PING\r\n")
+            return conn.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
 
 
 async def run_backend(memory: dict[str, Any], args: argparse.Namespace) -> float:
