@@ -98,10 +98,9 @@ class ChatHub(ServiceBase):
         """The engine's key of the session's conversation."""
         return ConversationKey(self.engine.name, CHANNEL, session.conversation_id)
 
-    def submit(self, session: Session, message_id: str, text: str,
-               ref: str | None = None) -> None:
+    def submit(self, session: Session, message_id: str, text: str, ref: str) -> None:
         """Start the reply to the user's message (logged with the reply's first event);
-        ``ref``: the session's :meth:`ref`, if the caller has it already.
+        ``ref``: the session's :meth:`ref` (its socket keeps it).
 
         The reply runs on its own task, whatever becomes of the socket that sent it.
         """
@@ -109,7 +108,7 @@ class ChatHub(ServiceBase):
             bot=self.engine.name, channel=CHANNEL, conversation_id=session.conversation_id,
             user_id=session.user_id, message_id=message_id, text=text,
         )
-        task = asyncio.create_task(self._reply(ref or self.ref(session), message))
+        task = asyncio.create_task(self._reply(ref, message))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
