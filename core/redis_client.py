@@ -142,27 +142,13 @@ class ScriptPipeline:
     (the script is loaded first).
     """
 
-    def __init__(
-        self, client: Redis, scripts: Mapping[str, AsyncScript] | None = None, *,
-        timeout: float, retry: Collection[str] = (),
-    ) -> None:
+    def __init__(self, client: Redis) -> None:
         self._client = client
-        self._scripts = dict(scripts or {})
-        self._timeout = timeout
-        # Scripts that may run twice: sent again once when their connection broke.
-        self._retry = frozenset(self._scripts[name].sha for name in retry)
         self._pending: list[_Call] = []
         self._link: _Link | None = None
         self._opening = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self.round_trips = 0  # writes to Redis (what tests count)
-
-    def __call__(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Awaitable[Any]:
-        """Run script ``name`` with ``keys`` and ``args``; its result, or the error (a
-        :class:`TimeoutError` when Redis does not answer within ``timeout``)."""
-        script = self._scripts[name]
-        return self.run(script, keys, args, timeout=self._timeout,
-                        retry=script.sha in self._retry)
 
     def run(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any], *,
             timeout: float, retry: bool) -> asyncio.Future[Any]:
@@ -278,7 +264,7 @@ class RedisShare:
         self._hub = hub
         self.url = url
         self.client = client
-        self.pipeline = ScriptPipeline(client, timeout=0.0)
+        self.pipeline = ScriptPipeline(client)
         self.users = 0
 
     async def release(self) -> None:
