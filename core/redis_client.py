@@ -428,8 +428,20 @@ class _Link:
 
     def close(self, exc: BaseException) -> None:
         """Stop using the connection; its waiting calls fail with ``exc`` (or go again)."""
-        if not self.alive:
-            return
+        if self.alive:
+            calls = self._shut()
+            self.owner._spawn(self._disconnect())
+            self.owner._lost(calls, exc)
+
+    async def aclose(self) -> None:
+        """Close the connection on purpose; calls still waiting fail."""
+        if self.alive:
+            for call in self._shut():
+                call.settle(RedisConnectionError("the pipeline was closed"))
+            await self._disconnect()
+
+    def _shut(self) -> list[_Call]:
+        """Mark the link dead, stop its timer and reader; the calls it left waiting."""
         self.alive = False
         if self._timer is not None:
             self._timer.cancel()
@@ -437,20 +449,7 @@ class _Link:
             self._reading.cancel()
         calls = list(self.waiting)
         self.waiting.clear()
-        self.owner._spawn(self._disconnect())
-        self.owner._lost(calls, exc)
-
-    async def aclose(self) -> None:
-        """Close the connection on purpose; calls still waiting fail."""
-        if self.alive:
-            self.alive = False
-            if self._timer is not None:
-                self._timer.cancel()
-            self._reading.cancel()
-            for call in self.waiting:
-                call.settle(RedisConnectionError("the pipeline was closed"))
-            self.waiting.clear()
-            await self._disconnect()
+        return calls
 
     async def _disconnect(self) -> None:
         await self.connection.disconnect(nowait=True)
