@@ -202,7 +202,7 @@ class RedisBuckets(ServiceBase):
             async with self.client.pipeline(transaction=True) as pipe:
                 pipe.hset(key, mapping=dict[Any, Any](values))
                 if ttl is not None:
-                    pipe.pexpire(key, max(1, int(ttl * 1000)))
+                    pipe.pexpire(key, _pexpire(ttl))
                 await pipe.execute()
 
     async def remove(self, bucket: str, *fields: str) -> int:
@@ -228,7 +228,7 @@ class RedisBuckets(ServiceBase):
     async def extend(self, bucket: str, field: str, items: Sequence[str], cap: int,
                      ttl: float | None, *, start: Sequence[str] = ()) -> list[str]:
         """See :class:`BucketStore`."""
-        pexpire = -1 if ttl is None else max(1, int(ttl * 1000))
+        pexpire = _pexpire(ttl)
         async with self._failures("write"), asyncio.timeout(self.section.timeout):
             raw = await self._script("extend")(
                 keys=[self.key(bucket)],
@@ -240,7 +240,7 @@ class RedisBuckets(ServiceBase):
         """See :class:`BucketStore`."""
         key = self.key(bucket)
         if bounds is not None or start:
-            pexpire = -1 if ttl is None else max(1, int(ttl * 1000))
+            pexpire = _pexpire(ttl)
             async with self._failures("write"), asyncio.timeout(self.section.timeout):
                 value = await self._script("incr")(
                     keys=[key], args=[field, by, start, *(bounds or ("", "")), pexpire])
@@ -249,9 +249,14 @@ class RedisBuckets(ServiceBase):
             async with self.client.pipeline(transaction=True) as pipe:
                 pipe.hincrby(key, field, by)
                 if ttl is not None:
-                    pipe.pexpire(key, max(1, int(ttl * 1000)))
+                    pipe.pexpire(key, _pexpire(ttl))
                 result = await pipe.execute()
         return int(result[0])
+
+
+def _pexpire(ttl: float | None) -> int:
+    """``ttl`` in whole milliseconds, at least 1 (-1 for none: keep the expiry)."""
+    return -1 if ttl is None else max(1, int(ttl * 1000))
 
 
 # KEYS: the bucket. ARGV: field, by, start (when the field is absent), low, high ("" for

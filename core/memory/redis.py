@@ -308,9 +308,6 @@ class WindowCache:
         self.size = size
         self._entries: dict[str, _Window] = {}
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def get(self, where: str) -> _Window | None:
         """The cached window of conversation ``where``, if any."""
         return self._entries.get(where)
@@ -330,9 +327,7 @@ class WindowCache:
             clean = clean and cached.clean
         else:
             items = new
-        keep = min(self.window, length)
-        if len(items) > keep:
-            del items[:len(items) - keep]
+        if self._trim(items, length):
             clean = clean or None not in items
         entry = _Window(current, items, clean)
         if current == "?":
@@ -352,9 +347,7 @@ class WindowCache:
             del self._entries[where]
             return
         items: list[Turn | None] = [*cached.items, *turns]
-        keep = min(self.window, length)
-        if len(items) > keep:
-            del items[:len(items) - keep]
+        self._trim(items, length)
         self._entries[where] = _Window(after.decode(), items,
                                        cached.clean or None not in items)
 
@@ -365,6 +358,15 @@ class WindowCache:
     def clear(self) -> None:
         """Forget every window."""
         self._entries.clear()
+
+    def _trim(self, items: list[Turn | None], length: int) -> bool:
+        """Keep the last of ``items`` that a window of ``length`` stored turns holds;
+        whether any went."""
+        keep = min(self.window, length)
+        if len(items) <= keep:
+            return False
+        del items[:len(items) - keep]
+        return True
 
     def _touch(self, where: str, entry: _Window) -> None:
         entries = self._entries
