@@ -32,8 +32,8 @@ from core.moderation.base import Action, Verdict
 from core.moderation.classifier import Classifier, Scorer, by_category, classifiers, scorer_now
 from core.moderation.guard import GuardConfig, guard_stream
 from core.moderation.injection import check_injection
-from core.moderation.leak import LeakDetector
 from core.moderation.normalise import Normalised, confusables, normalise
+from core.moderation.output import OUTPUT_FILTERS, guard_config, guard_report
 from core.moderation.pii import PiiDetector
 from core.moderation.policy import Decision, Finding, apply_score, base_action, reply_for
 from core.moderation.spam import check_spam
@@ -417,58 +417,18 @@ class FilterModerator(ServiceBase):
         """
         config = self._guards.get((message.channel, system))
         if config is None:
-            config = self._guard_config(message.channel, system)
+            channel = self._channel(message.channel)
+            config = guard_config(channel, self.classifiers[channel.policy.classifier], system)
             if config is None:
                 return stream
             if self.started:  # the classifier's thresholds are known
                 if len(self._guards) >= _GUARDS_KEPT:
                     self._guards.clear()
                 self._guards[(message.channel, system)] = config
-
-        async def report(
-            findings: list[Finding], action: str, degraded: tuple[str, ...], content: str
-        ) -> None:
-            decision = Decision(Action(action), findings)
-            self.counts[f"output:{action}"] += 1
-            for category in {f.kind for f in findings}:
-                self.counts[f"output:category:{category}"] += 1
-            for name in degraded:
-                self.counts[f"failure:output:{name}"] += 1
-            entry = self.auditor.entry(message, "output", decision, content, degraded=degraded)
-            await self._record(entry, f"{message.channel}:{message.user_id}", decision)
-
-        return guard_stream(stream, config, report)
-
-    def _guard_config(self, channel_name: str, system: str) -> GuardConfig | None:
-        """The output guard's filters for a channel and a system text (None: no filters)."""
-        channel = self._channel(channel_name)
-        policy = channel.policy
-        filters = set(policy.output_filters)
-        if not filters:
-            return None
-        classifier = self.classifiers[policy.classifier]
-        leak = None
-        if "leak" in filters:
-            leak = LeakDetector(system, policy.leak_chars, policy.canary) or None
-        terms = channel.terms if "terms" in filters else None
-        return GuardConfig(
-            terms=terms,
-            pii=channel.pii if "pii" in filters else None,
-            classify=classifier.score if "classifier" in filters else None,
-            classify_now=channel.score_now if "classifier" in filters else None,
-            threshold=policy.output_threshold,
-            thresholds=channel.thresholds,
-            hold_chars=policy.hold_chars,
-            replacement=policy.output_replacement,
-            fail_closed=policy.fail_output == "closed",
-            timeout=policy.filter_timeout,
-            leak=leak,
-            phrase_words=terms.phrase_words if terms is not None else 1,
-            window=getattr(classifier, "window", None) if "classifier" in filters else None,
-        )
+        return guard_stream(stream, config,
+                            guard_report(message, self.counts, self.auditor, self._record))
 
 
-OUTPUT_FILTERS = ("terms", "classifier", "pii", "leak")
 # Output guard configs kept, by channel and system text (a LeakDetector is built from
 # the text: once, not per reply); cleared when full. A detector holds every prefix of
 # the text's words (a few hundred kB for a long persona with facts about the user).
