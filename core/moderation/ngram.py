@@ -158,10 +158,10 @@ class NgramModel:
         weights = self.weights.get(f"b:{first} {second}")
         return (weights, 1) if weights is not None else (None, 0)
 
-    def probabilities(self, parts: list[_Part]) -> dict[str, float]:
-        """The probability of each category for a text made of ``parts``."""
-        vectors = [v for v, _ in parts if v is not None]
-        known = sum(n for _, n in parts)
+    def probabilities(self, vectors: list[tuple[float, ...]], known: int) -> dict[str, float]:
+        """The probability of each category for a text whose ``known`` features' weights
+        are ``vectors`` (the parts' vectors; fsum's sum of each column is exact, then
+        rounded once, so their order does not matter)."""
         if not known:
             return {c: _sigmoid(b) for c, b in zip(self.categories, self.intercepts, strict=True)}
         scale = 1.0 / math.sqrt(known)
@@ -176,8 +176,7 @@ class NgramModel:
         words = norm.words
         if len(words) < 2 and not (words and _scored_alone(words[0])):
             return dict.fromkeys(self.categories, 0.0)
-        # The parts of each distinct word and pair and of the signals, as probabilities()
-        # sums them; in any order, as fsum's sum is exact, then rounded once.
+        # The parts of each distinct word and pair and of the signals, in any order.
         cached = self._words
         vectors: list[tuple[float, ...]] = []
         known = 0
@@ -201,12 +200,7 @@ class NgramModel:
         if vector is not None:
             vectors.append(vector)
             known += count
-        if not known:
-            return self.probabilities([])
-        scale = 1.0 / math.sqrt(known)
-        fsum = math.fsum
-        return {c: _sigmoid(b + scale * fsum(column)) for c, b, column
-                in zip(self.categories, self.intercepts, zip(*vectors, strict=True), strict=True)}
+        return self.probabilities(vectors, known)
 
 
 class ScoreWindow:
@@ -263,7 +257,7 @@ class ScoreWindow:
         if len(order) < 2 and not (order and _scored_alone(order[0][0])):
             return dict.fromkeys(model.categories, 0.0)  # as NgramModel.scores
         if not self._known:
-            return model.probabilities([])
+            return model.probabilities([], 0)
         # NgramModel.probabilities of the one part the window sums to.
         scale = 1.0 / math.sqrt(self._known)
         return {c: _sigmoid(b + scale * s)
