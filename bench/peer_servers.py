@@ -162,6 +162,7 @@ def parley_server(folder: Path, loop: str, processes: int = 1) -> Iterator[Serve
     with private_redis() as redis_url:
         redis_pid = int(Redis.from_url(redis_url).info("server")["process_id"])
         config = parley_config(folder, port, redis_url)
+        (folder / "redis.url").write_text(redis_url)  # for peers.py --redis-stats
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         # From the working directory's checkout (run it in another to compare two).
         command = [sys.executable, "-m", "core.cli", "run", str(config), "--adapter", "web"]

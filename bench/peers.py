@@ -32,6 +32,11 @@ to end of reply), CPU per message of the server process and of redis-server (fro
 --processes N`` (``parley-ws`` with 1, ``parley-ws-x2`` with 2); the server's CPU is the
 supervisor's and all its children's.
 
+``--redis-stats`` prints, for each Parley server, the commands and scripts its
+redis-server ran per measured message (calls, µs per call, µs per message: ``INFO
+commandstats``, reset when the measured messages start; commands a script runs are
+counted too, so the scripts' own lines hold their commands' time as well).
+
 ``--py-spy DIR`` records the Parley server with py-spy (``pip install py-spy``; it adds a
 few per cent of CPU) while the measured messages run and prints the CPU per message by
 stage (bench/stages.py).
@@ -54,6 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+from redis import Redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -174,8 +180,24 @@ def cpu_seconds(pid: int) -> float:
     return own + sum(cpu_seconds(child) for child in children)
 
 
+def redis_stats(url: str, messages: int) -> str:
+    """``INFO commandstats`` of the Redis at ``url``, per message, busiest first, and
+    its reads (round trips: each a wake-up, a read and a write) per message."""
+    with Redis.from_url(url) as client:
+        stats: dict[str, dict[str, float]] = client.info("commandstats")
+        reads = int(client.info("stats")["total_reads_processed"])
+    rows = sorted(((name.removeprefix("cmdstat_"), s["calls"], s["usec"])
+                   for name, s in stats.items()), key=lambda row: -row[2])
+    lines = [f"  redis: {reads / messages:.2f} reads (round trips) per message; commands per "
+             f"message ({messages} messages; scripts include what they call):", f"    {'command':<24} {'calls/msg':>10} {'µs/call':>8} "
+             f"{'µs/msg':>8}"]
+    lines += [f"    {name:<24} {calls / messages:10.2f} {usec / calls:8.2f} "
+              f"{usec / messages:8.2f}" for name, calls, usec in rows]
+    return "\n".join(lines)
+
+
 async def drive(base: str, client: Client, pids: list[int], args: argparse.Namespace,
-                profile: Path | None = None) -> Result:
+                profile: Path | None = None, redis_url: str | None = None) -> Result:
     """Warm up, then send ``args.messages`` and measure (and profile the server into
     ``profile``)."""
     latencies: list[float] = []
@@ -213,6 +235,9 @@ async def drive(base: str, client: Client, pids: list[int], args: argparse.Names
                 str(profile), "--rate", "200", "--nonblocking",
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             await asyncio.sleep(2.0)  # attached
+        if redis_url is not None:
+            with Redis.from_url(redis_url) as stats:
+                stats.config_resetstat()
         before = [cpu_seconds(pid) for pid in pids]
         started = time.perf_counter()
         await run(args.messages, record=True)
@@ -222,6 +247,8 @@ async def drive(base: str, client: Client, pids: list[int], args: argparse.Names
             spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
             await spy.wait()
     used = [b - a for a, b in zip(before, after, strict=True)] + [0.0]
+    if redis_url is not None:
+        print(redis_stats(redis_url, len(latencies)))
     return Result(len(latencies) / elapsed, latencies, len(errors), used[0], used[1],
                   len(latencies), errors[:3])
 
@@ -246,7 +273,9 @@ async def bench(name: str, folder: Path, args: argparse.Namespace, venv: Path | 
         profile = Path(args.py_spy) / f"{folder.name}.txt"
     with server as (base, proc, pids):
         await wait_http(base + health, proc)
-        result = await drive(base, client, pids, args, profile)
+        url = folder / "redis.url"
+        result = await drive(base, client, pids, args, profile,
+                             url.read_text() if args.redis_stats and url.exists() else None)
     if profile is not None and profile.exists():
         print(table(profile, 1e6 * result.server_cpu / result.messages))
     return result
@@ -302,6 +331,8 @@ def main() -> None:
                         help="Parley's event loop (and the bare aiohttp server's)")
     parser.add_argument("--opsdroid-venv", help="make (or reuse) opsdroid's virtualenv here")
     parser.add_argument("--py-spy", metavar="DIR", help="profile Parley into DIR (py-spy)")
+    parser.add_argument("--redis-stats", action="store_true",
+                        help="print Parley's Redis commands per message (INFO commandstats)")
     parser.add_argument("--parley-processes", default="1", metavar="N[,N...]",
                         help="measure Parley with `parley run --processes N`, once per N")
     args = parser.parse_args()
