@@ -14,11 +14,12 @@ from hypothesis import strategies as st
 
 from core.config import parse_settings
 from core.moderation.base import ReplyWithheld
-from core.moderation.guard import GuardConfig, release_point
+from core.moderation.guard import GuardConfig
 from core.moderation.leak import LeakDetector
 from core.moderation.moderator import FilterModerator
 from core.moderation.ngram import ScoreWindow, load_model
 from core.moderation.normalise import _keys, normalise, words_of
+from core.moderation.release import release_point
 from core.types import IncomingMessage
 
 # Single letters (which join when spelled out), leetspeak, separators, spaces of several
