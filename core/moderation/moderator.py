@@ -30,10 +30,10 @@ from core.moderation import injection, spam
 from core.moderation.audit import Auditor
 from core.moderation.base import Action, Verdict
 from core.moderation.classifier import Classifier, Scorer, by_category, classifiers, scorer_now
-from core.moderation.guard import GuardConfig, guard_stream
+from core.moderation.guard import guard_stream
 from core.moderation.injection import check_injection
 from core.moderation.normalise import Normalised, confusables, normalise
-from core.moderation.output import OUTPUT_FILTERS, guard_config, guard_report
+from core.moderation.output import OUTPUT_FILTERS, GuardConfigs, guard_report
 from core.moderation.pii import PiiDetector
 from core.moderation.policy import Decision, Finding, apply_score, base_action, reply_for
 from core.moderation.spam import check_spam
@@ -133,7 +133,7 @@ class FilterModerator(ServiceBase):
         self._base = Path(settings.source).parent if settings.source != "<memory>" else None
         self._channels: dict[str, _Channel] = {}
         self._admitted: dict[tuple[str, str, str, str], Admission] = {}
-        self._guards: dict[tuple[str, str], GuardConfig] = {}
+        self._guards = GuardConfigs(self._channel)
         for channel in ("", *self.section.channels):
             policy = self._channel(channel).policy  # checks the input filters' names
             for name in policy.output_filters:
@@ -415,24 +415,13 @@ class FilterModerator(ServiceBase):
         ``system`` is the request's system text (persona, plugin instructions): a reply
         that recites it is withheld (the ``leak`` output filter).
         """
-        config = self._guards.get((message.channel, system))
+        config = self._guards.get(message.channel, system, keep=self.started)
         if config is None:
-            channel = self._channel(message.channel)
-            config = guard_config(channel, self.classifiers[channel.policy.classifier], system)
-            if config is None:
-                return stream
-            if self.started:  # the classifier's thresholds are known
-                if len(self._guards) >= _GUARDS_KEPT:
-                    self._guards.clear()
-                self._guards[(message.channel, system)] = config
+            return stream
         return guard_stream(stream, config,
                             guard_report(message, self.counts, self.auditor, self._record))
 
 
-# Output guard configs kept, by channel and system text (a LeakDetector is built from
-# the text: once, not per reply); cleared when full. A detector holds every prefix of
-# the text's words (a few hundred kB for a long persona with facts about the user).
-_GUARDS_KEPT = 128
 # Counts taken by admit() wait here for the message's flood step; a message refused
 # between the two (a full lane, a redelivery) leaves its count, dropped oldest first.
 _ADMITTED_MAX = 10_000

@@ -49,6 +49,31 @@ def guard_config(channel: _Channel, classifier: Classifier, system: str) -> Guar
     )
 
 
+class GuardConfigs:
+    """Output guard configs kept, by channel and system text (a LeakDetector is built from
+    the text: once, not per reply); cleared when full. A detector holds every prefix of
+    the text's words (a few hundred kB for a long persona with facts about the user)."""
+
+    KEPT = 128
+
+    def __init__(self, channel: Callable[[str], _Channel]) -> None:
+        self._channel = channel  # a channel's filters, by its name
+        self._kept: dict[tuple[str, str], GuardConfig] = {}
+
+    def get(self, channel: str, system: str, *, keep: bool) -> GuardConfig | None:
+        """The guard's filters for ``channel`` and ``system`` (None: no filters), kept if
+        ``keep`` (once the classifier's thresholds are known)."""
+        config = self._kept.get((channel, system))
+        if config is None:
+            built = self._channel(channel)
+            config = guard_config(built, built.classifier, system)
+            if config is not None and keep:
+                if len(self._kept) >= self.KEPT:
+                    self._kept.clear()
+                self._kept[(channel, system)] = config
+        return config
+
+
 def guard_report(
     message: IncomingMessage, counts: Counter[str], auditor: Auditor,
     record: Callable[[dict[str, str], str, Decision], Awaitable[None]],
