@@ -54,6 +54,44 @@ class ReplyWithheld(ParleyError):
         self.categories = categories
 
 
+class ReplyGuard(Protocol):
+    """The output guard of one reply, fed as the reply arrives (see :meth:`Moderator.output_guard`).
+
+    ``feed`` and ``finish`` raise :class:`ReplyWithheld` where :meth:`Moderator.guard`
+    would, after the same pieces; :meth:`flush` must be awaited after ``finish()`` or a
+    ``ReplyWithheld`` (it sends what the guard decided to the audit log).
+    """
+
+    def feed(self, text: str) -> list[str]:
+        """Add ``text`` to the reply; the pieces that may be shown now."""
+        ...
+
+    def finish(self) -> list[str]:
+        """The reply is complete: the rest of it that may be shown."""
+        ...
+
+    async def flush(self) -> None:
+        """Report what the guard decided (a withheld or masked reply, a failed filter)."""
+        ...
+
+
+class PassThroughGuard:
+    """A :class:`ReplyGuard` that shows every piece as it comes."""
+
+    __slots__ = ()
+
+    def feed(self, text: str) -> list[str]:
+        """``[text]``."""
+        return [text]
+
+    def finish(self) -> list[str]:
+        """Nothing: all was shown."""
+        return []
+
+    async def flush(self) -> None:
+        """Nothing to report."""
+
+
 class Moderator(Protocol):
     """Checks what users say before the bot acts, and what the bot says before users see it."""
 
@@ -80,6 +118,13 @@ class Moderator(Protocol):
         """
         ...
 
+    def output_guard(self, message: IncomingMessage, *, system: str = "") -> ReplyGuard | None:
+        """:meth:`guard` as a synchronous guard of one reply, fed as the reply arrives:
+        the same pieces, verdicts and reports; ``None`` when the guard must await a
+        filter (an external classifier), where only :meth:`guard` serves.
+        """
+        ...
+
 
 class PassThroughModerator:
     """Allows everything; the seam where real filters plug in."""
@@ -97,6 +142,10 @@ class PassThroughModerator:
     ) -> AsyncIterator[str]:
         """Return the stream unchanged."""
         return stream
+
+    def output_guard(self, message: IncomingMessage, *, system: str = "") -> ReplyGuard | None:
+        """A guard that shows every piece as it comes."""
+        return PassThroughGuard()
 
 
 ModeratorFactory = Callable[[BotSettings], Moderator]

@@ -22,6 +22,9 @@ each released piece, sentence by sentence, and scores its last :data:`CLASSIFY_W
 and the sentence on its own, so a release costs its own words); personal data is masked,
 and a release point never cuts through it. Nothing is released that has not passed every
 check, so a flagged span is never shown.
+
+:class:`OutputGuard` is the guard of one reply, fed synchronously (``feed``, ``finish``);
+:func:`guarded` is the async guard of a stream, built on it.
 """
 
 from __future__ import annotations
@@ -31,8 +34,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 from core.moderation.base import ReplyWithheld
 from core.moderation.classifier import Scores, by_category
@@ -115,134 +117,218 @@ class _Shown:
     sentence: ScoreWindow | None = None
 
 
+class OutputGuard:
+    """The guard of one reply, fed its text as it arrives; see the module docstring.
+
+    ``feed(text)`` returns the pieces safe to show now (none, or one), ``finish()`` the
+    rest once the reply is complete; either raises :class:`ReplyWithheld` when the reply
+    must not be shown. What the guard decided (a withheld or masked reply, a filter that
+    failed) is reported by :meth:`flush`, to be awaited after ``finish()`` or a
+    ``ReplyWithheld``. A guard whose classifier must be awaited (``awaits``: an external
+    classifier, without an in-process scorer) is fed by :meth:`feed_async` and
+    :meth:`finish_async` instead.
+    """
+
+    __slots__ = ("_degraded", "_masked", "_pending", "_report", "_reports", "_shown", "awaits",
+                 "config")
+
+    def __init__(self, config: GuardConfig, report: Report) -> None:
+        self.config = config
+        self.awaits = (config.classify is not None and config.window is None
+                       and config.classify_now is None)
+        self._report = report
+        self._pending = ""  # received, not yet released
+        self._shown = _Shown()
+        if config.window is not None and config.classify is not None:
+            self._shown.window = config.window(CLASSIFY_WORDS)
+            if SENTENCE_WORDS != CLASSIFY_WORDS:
+                self._shown.sentence = config.window(SENTENCE_WORDS)
+        self._masked: list[Finding] = []
+        self._degraded: list[str] = []
+        self._reports: list[tuple[list[Finding], str, tuple[str, ...], str]] = []
+
+    def feed(self, text: str) -> list[str]:
+        """Add ``text`` to the reply; the pieces that may be shown now."""
+        cut = self._take(text)
+        return self._release(*self._check(cut, final=False)) if cut else []
+
+    def finish(self) -> list[str]:
+        """The reply is complete: the rest of it that may be shown."""
+        pieces = self._release(*self._check(len(self._pending), final=True)) \
+            if self._pending else []
+        self._finished()
+        return pieces
+
+    async def feed_async(self, text: str) -> list[str]:
+        """:meth:`feed`, awaiting the classifier."""
+        cut = self._take(text)
+        return await self._release_async(*self._check(cut, final=False)) if cut else []
+
+    async def finish_async(self) -> list[str]:
+        """:meth:`finish`, awaiting the classifier."""
+        pieces = await self._release_async(*self._check(len(self._pending), final=True)) \
+            if self._pending else []
+        self._finished()
+        return pieces
+
+    async def flush(self) -> None:
+        """Report what the guard decided so far (in the order it decided it)."""
+        while self._reports:
+            await self._report(*self._reports.pop(0))
+
+    def _take(self, text: str) -> int:
+        """Add ``text``; how much of what is held may be released (0: nothing)."""
+        pending = self._pending = self._pending + text
+        # Whether ``text`` can have completed something: a space or a CJK character in
+        # it, or a run-on past ``hold_chars``.
+        if BREAK.search(text) is None and len(pending) <= self.config.hold_chars:
+            return 0  # the word still arriving grew; nothing new is complete
+        return release_point(pending, self._shown.text, self.config)
+
+    def _finished(self) -> None:
+        if self._masked or self._degraded:
+            self._reports.append((self._masked, "mask", tuple(self._degraded), ""))
+
+    def _release(self, cut: int, spans: list[Span], ask: str | None) -> list[str]:
+        """Release ``self._pending[:cut]``, ``spans`` masked, once ``ask`` is scored."""
+        if not cut:
+            return []
+        if ask is not None:
+            score = self.config.classify_now
+            if score is None:
+                raise TypeError("this guard's classifier must be awaited: use feed_async()")
+            self._scored(ask, score)
+        self._masked.extend(Finding("pii", span.kind, source="pii") for span in spans)
+        segment = PiiDetector.mask(self._pending[:cut], spans)
+        self._pending = self._pending[cut:]
+        _advance(self._shown, segment)
+        return [segment]
+
+    async def _release_async(self, cut: int, spans: list[Span], ask: str | None) -> list[str]:
+        if cut and ask is not None and self.config.classify_now is None:
+            assert self.config.classify is not None
+            try:
+                async with asyncio.timeout(self.config.timeout):
+                    scores = await self.config.classify(ask)
+            except Exception as exc:
+                self._failed(ask, exc)
+            else:
+                self._judge(ask, scores)
+            ask = None
+        return self._release(cut, spans, ask)
+
+    def _check(self, cut: int, *, final: bool) -> tuple[int, list[Span], str | None]:
+        """The cut (maybe moved back; 0: nothing to release), the personal data before it,
+        and the text the classifier has yet to score (None: none, or scored already)."""
+        config, shown, pending = self.config, self._shown, self._pending
+        if config.terms is not None:
+            hit = config.terms.find(normalise(shown.tail + pending))
+            if hit is not None:
+                self._withhold([Finding(hit.category, f"terms:{hit.term}", source="terms")],
+                               self._degraded, pending)
+        if config.leak is not None:
+            # Runs of system words never straddle what was shown (their start is held), so
+            # the end of it is enough.
+            leaked = config.leak.find(shown.text[-config.leak.margin:] + pending)
+            if leaked is not None:
+                self._withhold([Finding("leak", leaked, source="leak")], self._degraded,
+                               pending)
+        spans: list[Span] = []
+        if config.pii is not None:
+            spans = config.pii.find(pending)
+            for span in spans:
+                if span.start < cut < span.end and not final:
+                    cut = span.start  # never show a datum in part
+            spans = [s for s in spans if s.end <= cut]
+        segment = pending[:cut]
+        if not segment:
+            return 0, spans, None
+        if config.classify is None or not segment.strip():
+            return cut, spans, None
+        # The reply's recent text, not the sentence fragment alone: a few words score
+        # wildly ("Most people" reads as hate), a few sentences score steadily.
+        if shown.window is None:
+            return cut, spans, (shown.text + segment)[-CLASSIFY_CHARS:]
+        for sentence in _SENTENCE.split(segment):
+            if sentence:
+                self._scored(sentence, self._fed)
+        return cut, spans, None
+
+    def _fed(self, text: str) -> Mapping[str, float]:
+        """``text`` (part of one sentence) fed to the reply's and the sentence's windows;
+        each category's higher score of the two."""
+        shown = self._shown
+        assert shown.window is not None
+        words = normalise(text)  # once for both windows
+        scores: Mapping[str, float] = shown.window.feed(words)
+        if shown.sentence is not None:
+            scores = dict(scores)
+            for category, score in shown.sentence.feed(words).items():
+                scores[category] = max(score, scores.get(category, 0.0))
+        if _SENTENCE_END.search(text) and self.config.window is not None:
+            shown.sentence = self.config.window(SENTENCE_WORDS)
+        return scores
+
+    def _scored(self, text: str, score: Callable[[str], Scores]) -> None:
+        """``text`` scored by ``score`` and judged."""
+        try:
+            scores = score(text)
+        except Exception as exc:
+            self._failed(text, exc)
+            return
+        self._judge(text, scores)
+
+    def _failed(self, text: str, exc: Exception) -> None:
+        log.warning("moderation: output classifier failed: %s", type(exc).__name__)
+        if self.config.fail_closed:
+            self._withhold([Finding("failure", "classifier")], ("classifier",), text)
+        if "classifier" not in self._degraded:
+            self._degraded.append("classifier")
+
+    def _judge(self, text: str, scores: Scores) -> None:
+        limits = self.config.limits
+        for category, score in by_category(scores).items():
+            limit = limits.get(category)
+            if limit is not None and score >= limit:
+                self._withhold([Finding(category, "classifier", score, "classifier")],
+                               self._degraded, text)
+
+    def _withhold(self, findings: list[Finding], degraded: tuple[str, ...] | list[str],
+                  content: str) -> NoReturn:
+        self._reports.append((findings, "block", tuple(degraded), content))
+        raise ReplyWithheld(self.config.replacement, ",".join(f.label() for f in findings),
+                            tuple(sorted({f.kind for f in findings})))
+
+
 async def guard_stream(
     stream: AsyncIterator[str], config: GuardConfig, report: Report
 ) -> AsyncIterator[str]:
     """``stream`` with nothing flagged ever passed on; see the module docstring."""
-    pending = ""
-    shown = _Shown()
-    if config.window is not None and config.classify is not None:
-        shown.window = config.window(CLASSIFY_WORDS)
-        if SENTENCE_WORDS != CLASSIFY_WORDS:
-            shown.sentence = config.window(SENTENCE_WORDS)
-    masked: list[Finding] = []
-    degraded: list[str] = []
-    async for piece in stream:
-        pending += piece
-        # Whether ``piece`` can have completed something: a space or a CJK character in
-        # it, or a run-on past ``hold_chars``.
-        if BREAK.search(piece) is None and len(pending) <= config.hold_chars:
-            continue  # the word still arriving grew; nothing new is complete
-        cut = release_point(pending, shown.text, config)
-        if cut:
-            segment, cut = await _check(pending, cut, shown, config, masked, degraded,
-                                        report, final=False)
-            if segment:
-                pending = pending[cut:]
-                _advance(shown, segment)
-                yield segment
-    if pending:
-        segment, _ = await _check(pending, len(pending), shown, config, masked, degraded,
-                                  report, final=True)
-        if segment:
-            yield segment
-    if masked or degraded:
-        await report(masked, "mask", tuple(degraded), "")
+    async for piece in guarded(stream, OutputGuard(config, report)):
+        yield piece
+
+
+async def guarded(stream: AsyncIterator[str], guard: OutputGuard) -> AsyncIterator[str]:
+    """``stream`` through ``guard`` (its reports sent as they are made)."""
+    try:
+        if guard.awaits:
+            async for text in stream:
+                for piece in await guard.feed_async(text):
+                    yield piece
+            pieces = await guard.finish_async()
+        else:
+            async for text in stream:
+                for piece in guard.feed(text):
+                    yield piece
+            pieces = guard.finish()
+    except ReplyWithheld:
+        await guard.flush()
+        raise
+    for piece in pieces:
+        yield piece
+    await guard.flush()
 
 
 def _advance(shown: _Shown, segment: str) -> None:
     shown.text += segment
     shown.tail = (shown.tail + segment)[-TAIL:]
-
-
-async def _check(
-    pending: str, cut: int, shown: _Shown, config: GuardConfig, masked: list[Finding],
-    degraded: list[str], report: Report, *, final: bool,
-) -> tuple[str, int]:
-    """The masked text to release up to ``cut`` (maybe moved back), and the cut."""
-    if config.terms is not None:
-        hit = config.terms.find(normalise(shown.tail + pending))
-        if hit is not None:
-            await _withhold(config, report, [Finding(hit.category, f"terms:{hit.term}",
-                                                     source="terms")], degraded, pending)
-    if config.leak is not None:
-        # Runs of system words never straddle what was shown (their start is held), so
-        # the end of it is enough.
-        leaked = config.leak.find(shown.text[-config.leak.margin:] + pending)
-        if leaked is not None:
-            await _withhold(config, report, [Finding("leak", leaked, source="leak")],
-                            degraded, pending)
-    spans: list[Span] = []
-    if config.pii is not None:
-        spans = config.pii.find(pending)
-        for span in spans:
-            if span.start < cut < span.end and not final:
-                cut = span.start  # never show a datum in part
-        spans = [s for s in spans if s.end <= cut]
-    segment = pending[:cut]
-    if not segment:
-        return "", 0
-    if config.classify is not None and segment.strip():
-        # The reply's recent text, not the sentence fragment alone: a few words score
-        # wildly ("Most people" reads as hate), a few sentences score steadily.
-        if shown.window is not None:
-            feed = partial(_fed, shown, config)
-            for sentence in _SENTENCE.split(segment):
-                if sentence:
-                    await _classify(sentence, config, report, degraded, feed)
-        else:
-            await _classify((shown.text + segment)[-CLASSIFY_CHARS:], config, report,
-                            degraded)
-    masked.extend(Finding("pii", span.kind, source="pii") for span in spans)
-    return PiiDetector.mask(segment, spans), cut
-
-
-def _fed(shown: _Shown, config: GuardConfig, text: str) -> Mapping[str, float]:
-    """``text`` (part of one sentence) fed to the reply's and the sentence's windows;
-    each category's higher score of the two."""
-    assert shown.window is not None
-    words = normalise(text)  # once for both windows
-    scores: Mapping[str, float] = shown.window.feed(words)
-    if shown.sentence is not None:
-        scores = dict(scores)
-        for category, score in shown.sentence.feed(words).items():
-            scores[category] = max(score, scores.get(category, 0.0))
-    if _SENTENCE_END.search(text) and config.window is not None:
-        shown.sentence = config.window(SENTENCE_WORDS)
-    return scores
-
-
-async def _classify(text: str, config: GuardConfig, report: Report, degraded: list[str],
-                    feed: Callable[[str], Scores] | None = None) -> None:
-    assert config.classify is not None
-    try:
-        if feed is not None:
-            scores = feed(text)
-        elif config.classify_now is not None:
-            scores = config.classify_now(text)
-        else:
-            async with asyncio.timeout(config.timeout):
-                scores = await config.classify(text)
-    except Exception as exc:
-        log.warning("moderation: output classifier failed: %s", type(exc).__name__)
-        if config.fail_closed:
-            await _withhold(config, report, [Finding("failure", "classifier")],
-                            ("classifier",), text)
-        if "classifier" not in degraded:
-            degraded.append("classifier")
-        return
-    limits = config.limits
-    for category, score in by_category(scores).items():
-        limit = limits.get(category)
-        if limit is not None and score >= limit:
-            await _withhold(config, report, [Finding(category, "classifier", score,
-                                                     "classifier")], degraded, text)
-
-
-async def _withhold(
-    config: GuardConfig, report: Report, findings: list[Finding],
-    degraded: tuple[str, ...] | list[str], content: str,
-) -> None:
-    await report(findings, "block", tuple(degraded), content)
-    raise ReplyWithheld(config.replacement, ",".join(f.label() for f in findings),
-                        tuple(sorted({f.kind for f in findings})))

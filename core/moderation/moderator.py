@@ -28,9 +28,9 @@ from core.config import BotSettings, ModerationPolicy
 from core.lifecycle import ServiceBase
 from core.moderation import injection, spam
 from core.moderation.audit import Auditor
-from core.moderation.base import Action, Verdict
+from core.moderation.base import Action, PassThroughGuard, ReplyGuard, Verdict
 from core.moderation.classifier import Classifier, Scorer, by_category, classifiers, scorer_now
-from core.moderation.guard import guard_stream
+from core.moderation.guard import OutputGuard, guarded
 from core.moderation.injection import check_injection
 from core.moderation.normalise import Normalised, confusables, normalise
 from core.moderation.output import OUTPUT_FILTERS, GuardConfigs, guard_report
@@ -415,11 +415,21 @@ class FilterModerator(ServiceBase):
         ``system`` is the request's system text (persona, plugin instructions): a reply
         that recites it is withheld (the ``leak`` output filter).
         """
+        guard = self._output_guard(message, system)
+        return stream if guard is None else guarded(stream, guard)
+
+    def output_guard(self, message: IncomingMessage, *, system: str = "") -> ReplyGuard | None:
+        """:meth:`guard` fed synchronously (see ``Moderator.output_guard``)."""
+        guard = self._output_guard(message, system)
+        if guard is None:
+            return PassThroughGuard()
+        return None if guard.awaits else guard
+
+    def _output_guard(self, message: IncomingMessage, system: str) -> OutputGuard | None:
         config = self._guards.get(message.channel, system, keep=self.started)
         if config is None:
-            return stream
-        return guard_stream(stream, config,
-                            guard_report(message, self.counts, self.auditor, self._record))
+            return None
+        return OutputGuard(config, guard_report(message, self.counts, self.auditor, self._record))
 
 
 # Counts taken by admit() wait here for the message's flood step; a message refused
