@@ -189,8 +189,8 @@ def redis_stats(url: str, messages: int) -> str:
     rows = sorted(((name.removeprefix("cmdstat_"), s["calls"], s["usec"])
                    for name, s in stats.items()), key=lambda row: -row[2])
     lines = [f"  redis: {reads / messages:.2f} reads (round trips) per message; commands per "
-             f"message ({messages} messages; scripts include what they call):", f"    {'command':<24} {'calls/msg':>10} {'µs/call':>8} "
-             f"{'µs/msg':>8}"]
+             f"message ({messages} messages; scripts include what they call):",
+             f"    {'command':<24} {'calls/msg':>10} {'µs/call':>8} {'µs/msg':>8}"]
     lines += [f"    {name:<24} {calls / messages:10.2f} {usec / calls:8.2f} "
               f"{usec / messages:8.2f}" for name, calls, usec in rows]
     return "\n".join(lines)
