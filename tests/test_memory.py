@@ -650,6 +650,28 @@ async def test_a_failed_append_stores_nothing(redis_backend: Backend, raw: Redis
     assert members == ["alice"]
 
 
+@pytest.mark.parametrize("kind", ["seen", "seenby", "replies", "conv", "members"])
+async def test_a_finish_meeting_a_key_of_the_wrong_type_stores_nothing(
+    redis_backend: Backend, raw: Redis, kind: str
+) -> None:
+    # finish checks types by reading before it writes (and by its first write), not with
+    # a TYPE per key: whichever key is wrong, nothing of the message is stored.
+    store = await redis_backend.open()
+    assert await answered(store, "m1", "a") == []
+    begun = await store.begin(KEY, "m2", "alice", "t-m2")
+    assert begun.snapshot is not None
+    await raw.delete(f"{redis_backend.prefix}:bot:{kind}:web:conv-1")
+    await raw.set(f"{redis_backend.prefix}:bot:{kind}:web:conv-1", "not the right type")
+    with pytest.raises(MemoryUnavailable, match="WRONGTYPE"):
+        await store.finish(KEY, "m2", "alice", "t-m2", turns("b"), StoredReply("final", "ok"))
+    p = f"{redis_backend.prefix}:bot"
+    if kind != "conv":
+        assert await raw.llen(f"{p}:conv:web:conv-1") == 1  # "a" alone
+    if kind != "replies":
+        assert await raw.hget(f"{p}:replies:web:conv-1", "m2") == "p:t-m2"  # still pending
+    assert await raw.get(f"{p}:lease:web:conv-1") == "t-m2"  # still held
+
+
 async def test_killed_redis_fails_fast_then_recovers_after_restart(
     redis_backend: Backend, redis_server: RedisServer
 ) -> None:

@@ -29,7 +29,8 @@ sends the version it holds: Redis answers with only the turns pushed since (none
 this front end wrote them itself), or the whole window when the version is unknown to
 it (another epoch: a reset, a forget, an expiry, a writer that kept no version).
 
-Every call is one round trip: one command, or one Lua script (:mod:`core.memory.redis_scripts`).
+Every call is one round trip: one command, or one Lua script (:mod:`core.memory.redis_scripts`),
+written with the store's settings (a store of other settings loads scripts of its own).
 The scripts touch keys they derive from stored data, and the per-message ones name their
 keys from the prefix and the conversation (fewer arguments to encode per message), which
 a standalone Redis (or a replicated one) allows and Redis Cluster does not.
@@ -108,16 +109,10 @@ class RedisMemory(ServiceBase):
         share = self._share = self._hub.acquire(
             self.section.url, timeout=self.section.timeout, where=f"{self.source}: memory.url")
         self._client = share.client
-        sources = {
-            "load": lua.LOAD,
-            "append": lua.APPEND,
-            "reset": lua.RESET,
-            "begin": lua.BEGIN,
-            "finish": lua.FINISH,
-            "abort": lua.ABORT,
-            "renew": lua.RENEW,
-            "forget_user": lua.FORGET_USER,
-        }
+        sources = lua.sources(lua.Settings(
+            lease_ms=self._lease_ms, stale_ms=STALE_WAITER_MS, window=self.section.window,
+            ttl=self.section.ttl, slack_ms=self._slack_ms, dedupe_ms=self._dedupe_ms,
+            dedupe_max=self.section.dedupe_max))
         async with self._failures("start"), asyncio.timeout(self.section.timeout):
             self._pipeline = await share.scripts(sources, call_timeout=self.section.timeout,
                                                  retry=_IDEMPOTENT)
@@ -171,14 +166,14 @@ class RedisMemory(ServiceBase):
         cached = self._windows.get(where)
         reply = await self._run(
             "begin", (),
-            [base, ref, facts, message_id, token, self._lease_ms, STALE_WAITER_MS,
-             self.section.window, self.section.ttl, self._slack_ms,
-             "?" if cached is None else cached.version],
+            [base, ref, facts, message_id, token, "?" if cached is None else cached.version],
         )
         if reply[0] == 1:
+            # Flat: 1, version, length, tail?, n, n turns, the facts' names and values.
+            n = reply[4]
             turns = self._windows.update(where, cached, reply[1], reply[2], reply[3],
-                                         reply[4], key)
-            return Begun(snapshot=MemorySnapshot(turns, _facts(reply[5])))
+                                         reply[5:5 + n], key)
+            return Begun(snapshot=MemorySnapshot(turns, _facts(reply[5 + n:])))
         if reply[0] == 2:
             try:
                 return Begun(replay=StoredReply.loads(reply[1]))
@@ -193,12 +188,10 @@ class RedisMemory(ServiceBase):
         turns: Sequence[Turn], reply: StoredReply,
     ) -> None:
         """Store ``turns`` and the reply, release the lease: one atomic round trip."""
-        s = self.section
         base, ref = self._base(key.bot), self._ref(key)
         # The message's user is indexed even when no turn is stored (a command's answer
         # is kept in the dedupe record), so forget_user finds it.
-        args = [base, ref, message_id, token, reply.dumps(), user_id, self._dedupe_ms,
-                s.dedupe_max, s.window, s.ttl, self._slack_ms,
+        args = [base, ref, message_id, token, "d:" + reply.dumps(), user_id,
                 *self._turn_args(key, turns, user_id)]
         stored = await self._run("finish", (), args)
         if stored[0] == 1 and turns:
@@ -211,17 +204,17 @@ class RedisMemory(ServiceBase):
     async def renew(self, key: ConversationKey, message_id: str, token: str) -> bool:
         """Extend the lease and the pending mark; False if the lease was lost."""
         held = await self._run("renew", (), [self._base(key.bot), self._ref(key), message_id,
-                                             token, self._lease_ms])
+                                             token])
         return bool(held)
 
     async def load(self, key: ConversationKey, user_id: str) -> MemorySnapshot:
         """The last ``window`` turns and the user's facts; refreshes the TTL."""
         keys = [*self._keys(key, "conv", "members", "ver"),
                 self._facts(UserRef(key.bot, key.channel, user_id))]
-        _, _, _, raw_turns, raw_facts = await self._run(
-            "load", keys, [self.section.window, self.section.ttl, self._slack_ms])
-        turns = tuple(t for t in _decoded(raw_turns, key) if t is not None)
-        return MemorySnapshot(turns, _facts(raw_facts))
+        reply = await self._run("load", keys, ())
+        n = reply[3]  # flat: version, length, 0, n, n turns, the facts' names and values
+        turns = tuple(t for t in _decoded(reply[4:4 + n], key) if t is not None)
+        return MemorySnapshot(turns, _facts(reply[4 + n:]))
 
     def _turn_args(
         self, key: ConversationKey, turns: Sequence[Turn], extra_user: str | None = None
@@ -243,10 +236,8 @@ class RedisMemory(ServiceBase):
         """Add ``turns`` and trim to the window, atomically, in one round trip."""
         if not turns:
             return
-        s = self.section
         await self._run("append", self._keys(key, "conv", "members", "seenby", "ver"),
-                        [s.window, s.ttl, self._slack_ms, self._ref(key), secrets.token_hex(8),
-                         *self._turn_args(key, turns)])
+                        [self._ref(key), secrets.token_hex(8), *self._turn_args(key, turns)])
 
     async def reset(self, key: ConversationKey) -> None:
         """Delete the conversation's turns (its dedupe record stays)."""
