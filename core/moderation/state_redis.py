@@ -35,16 +35,18 @@ class ModerationStateUnavailable(ParleyError):
 
 # KEYS: user rate, conversation rate, mute. ARGV: member, user window ms, conv window ms.
 # The member is the message's (see message_member): a redelivered message still in the
-# window keeps its first stamp and is not counted again (NX).
+# window keeps its first stamp and is not counted again (NX). Numbers go to Redis as
+# strings made with '%d' (a Lua number is printed with '%.17g', thousands of instructions
+# each: see core.memory.redis_scripts).
 _ADMIT = """
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local now_s = string.format('%d', now)
 local counts = {}
 for i = 1, 2 do
-  local window = tonumber(ARGV[i + 1])
-  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window)
-  redis.call('ZADD', KEYS[i], 'NX', now, ARGV[1])
-  redis.call('PEXPIRE', KEYS[i], window)
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', string.format('%d', now - ARGV[i + 1]))
+  redis.call('ZADD', KEYS[i], 'NX', now_s, ARGV[1])
+  redis.call('PEXPIRE', KEYS[i], ARGV[i + 1])
   counts[i] = redis.call('ZCARD', KEYS[i])
 end
 local mute = redis.call('PTTL', KEYS[3])
