@@ -11,6 +11,16 @@ Key layout (``{p}`` is the key prefix, the bot name and ids percent-encoded)::
 
 Every key but the streams expires on its own. Each call is one round trip (a Lua script
 or a pipeline). Times come from the Redis server, so front ends with skewed clocks agree.
+
+The flood admit is a script of its own, not a part of memory's ``begin`` (though both
+run for every message, one after the other when the conversation's lane is free): it is
+asked before the message waits for its lane, so a refusal comes at once, while ``begin``
+runs after the wait; the moderation state may live in another Redis than memory, or in
+the process; and a script's fixed cost in Redis is small beside its commands' (measured
+with bench/redis_cost.py: the admit's ten commands are most of its instructions), so
+one script for both would save little of Redis's time for a memory store that knows
+moderation's keys. (Admits of many messages made in one turn of the event loop still go
+out in one write with the other calls: :class:`~core.redis_client.ScriptPipeline`.)
 """
 
 from __future__ import annotations
