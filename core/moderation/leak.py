@@ -31,6 +31,7 @@ class LeakDetector:
                 # All of the canary, however short.
                 self._sequences.append((canary_words, _chars(canary_words)))
         self.margin = 2 * max([min_chars, *(n for _, n in self._sequences)])
+        self._least = min((n for _, n in self._sequences), default=0)  # the shortest leak
         self._prefixes: set[str] = set()  # of every system word: a word still arriving
         for sequence, _ in self._sequences:
             positions: dict[str, list[int]] = {}
@@ -45,6 +46,10 @@ class LeakDetector:
     def find(self, text: str) -> str | None:
         """``"system"`` or ``"canary"`` if ``text`` leaks, else None."""
         if text.isascii():  # casefolded as a whole: the same words
+            if len(text) < self._least:
+                # A run of its words (with one character between each two) is no longer
+                # than the text. (Casefolding may lengthen other text: "ß" -> "ss".)
+                return None
             words = _WORD.findall(text.lower())
         else:
             words = [w.casefold() for w in _WORD.findall(text)]
@@ -97,10 +102,17 @@ def _runs(
     previous: dict[int, tuple[int, int]] = {}  # end position in sequence -> (words, chars)
     longest = 0
     for word in words:
+        places = positions.get(word)
+        if places is None:  # most words of a reply: no run goes on through them
+            previous = {}
+            continue
         current: dict[int, tuple[int, int]] = {}
-        for j in positions.get(word, ()):
+        size = len(word) + 1
+        for j in places:
             count, chars = previous.get(j - 1, (0, -1))
-            current[j] = (count + 1, chars + 1 + len(word))
-            longest = max(longest, current[j][1])
+            chars += size
+            current[j] = (count + 1, chars)
+            if chars > longest:
+                longest = chars
         previous = current
     return longest, {j: count for j, (count, _) in previous.items()}
