@@ -82,8 +82,12 @@ class GuardConfig:
     window: Callable[[int], ScoreWindow] | None = None
     # By output category: the score that withholds a reply (from the two above).
     limits: Mapping[str, float] = field(init=False, repr=False, compare=False)
+    # Whole words held back before the one arriving: LOOKAHEAD, or as many as the longest
+    # blocked phrase needs (from ``phrase_words``).
+    hold_words: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "hold_words", max(LOOKAHEAD, self.phrase_words - 1))
         thresholds = self.thresholds or {}
         object.__setattr__(self, "limits", {
             c: max(self.threshold, thresholds.get(c, self.threshold)) for c in OUTPUT_CATEGORIES
@@ -103,20 +107,6 @@ class ScoreWindow(Protocol):
 Report = Callable[[list[Finding], str, tuple[str, ...], str], Awaitable[None]]
 
 
-@dataclass(slots=True)
-class _Shown:
-    """What was released so far, and its end (for terms across the cut)."""
-
-    tail: str = ""
-    text: str = ""
-    # The classifier's windows, fed what is released: the reply's last words, and the
-    # sentence being released (renewed at each sentence end). Until the first sentence
-    # end the sentence is the reply, and its window (of the same size) would hold the
-    # same words: there is none (None) and the reply's scores count for both.
-    window: ScoreWindow | None = None
-    sentence: ScoreWindow | None = None
-
-
 class OutputGuard:
     """The guard of one reply, fed its text as it arrives; see the module docstring.
 
@@ -129,8 +119,8 @@ class OutputGuard:
     :meth:`finish_async` instead.
     """
 
-    __slots__ = ("_degraded", "_masked", "_pending", "_report", "_reports", "_shown", "awaits",
-                 "config")
+    __slots__ = ("_degraded", "_masked", "_pending", "_report", "_reports", "_sentence",
+                 "_shown", "_window", "awaits", "config")
 
     def __init__(self, config: GuardConfig, report: Report) -> None:
         self.config = config
@@ -138,11 +128,17 @@ class OutputGuard:
                        and config.classify_now is None)
         self._report = report
         self._pending = ""  # received, not yet released
-        self._shown = _Shown()
+        self._shown = ""  # released
+        # The classifier's windows, fed what is released: the reply's last words, and the
+        # sentence being released (renewed at each sentence end). Until the first sentence
+        # end the sentence is the reply, and its window (of the same size) would hold the
+        # same words: there is none (None) and the reply's scores count for both.
+        self._window: ScoreWindow | None = None
+        self._sentence: ScoreWindow | None = None
         if config.window is not None and config.classify is not None:
-            self._shown.window = config.window(CLASSIFY_WORDS)
+            self._window = config.window(CLASSIFY_WORDS)
             if SENTENCE_WORDS != CLASSIFY_WORDS:
-                self._shown.sentence = config.window(SENTENCE_WORDS)
+                self._sentence = config.window(SENTENCE_WORDS)
         self._masked: list[Finding] = []
         self._degraded: list[str] = []
         self._reports: list[tuple[list[Finding], str, tuple[str, ...], str]] = []
@@ -183,7 +179,7 @@ class OutputGuard:
         # it, or a run-on past ``hold_chars``.
         if BREAK.search(text) is None and len(pending) <= self.config.hold_chars:
             return 0  # the word still arriving grew; nothing new is complete
-        return release_point(pending, self._shown.text, self.config)
+        return release_point(pending, self._shown, self.config)
 
     def _finished(self) -> None:
         if self._masked or self._degraded:
@@ -201,7 +197,7 @@ class OutputGuard:
         self._masked.extend(Finding("pii", span.kind, source="pii") for span in spans)
         segment = PiiDetector.mask(self._pending[:cut], spans)
         self._pending = self._pending[cut:]
-        _advance(self._shown, segment)
+        self._shown += segment
         return [segment]
 
     async def _release_async(self, cut: int, spans: list[Span], ask: str | None) -> list[str]:
@@ -222,14 +218,14 @@ class OutputGuard:
         and the text the classifier has yet to score (None: none, or scored already)."""
         config, shown, pending = self.config, self._shown, self._pending
         if config.terms is not None:
-            hit = config.terms.find(normalise(shown.tail + pending))
+            hit = config.terms.find(normalise(shown[-TAIL:] + pending))
             if hit is not None:
                 self._withhold([Finding(hit.category, f"terms:{hit.term}", source="terms")],
                                self._degraded, pending)
         if config.leak is not None:
             # Runs of system words never straddle what was shown (their start is held), so
             # the end of it is enough.
-            leaked = config.leak.find(shown.text[-config.leak.margin:] + pending)
+            leaked = config.leak.find(shown[-config.leak.margin:] + pending)
             if leaked is not None:
                 self._withhold([Finding("leak", leaked, source="leak")], self._degraded,
                                pending)
@@ -247,8 +243,8 @@ class OutputGuard:
             return cut, spans, None
         # The reply's recent text, not the sentence fragment alone: a few words score
         # wildly ("Most people" reads as hate), a few sentences score steadily.
-        if shown.window is None:
-            return cut, spans, (shown.text + segment)[-CLASSIFY_CHARS:]
+        if self._window is None:
+            return cut, spans, (shown + segment)[-CLASSIFY_CHARS:]
         for sentence in _SENTENCE.split(segment):
             if sentence:
                 self._scored(sentence, self._fed)
@@ -257,16 +253,15 @@ class OutputGuard:
     def _fed(self, text: str) -> Mapping[str, float]:
         """``text`` (part of one sentence) fed to the reply's and the sentence's windows;
         each category's higher score of the two."""
-        shown = self._shown
-        assert shown.window is not None
+        assert self._window is not None
         words = normalise(text)  # once for both windows
-        scores: Mapping[str, float] = shown.window.feed(words)
-        if shown.sentence is not None:
+        scores: Mapping[str, float] = self._window.feed(words)
+        if self._sentence is not None:
             scores = dict(scores)
-            for category, score in shown.sentence.feed(words).items():
+            for category, score in self._sentence.feed(words).items():
                 scores[category] = max(score, scores.get(category, 0.0))
         if _SENTENCE_END.search(text) and self.config.window is not None:
-            shown.sentence = self.config.window(SENTENCE_WORDS)
+            self._sentence = self.config.window(SENTENCE_WORDS)
         return scores
 
     def _scored(self, text: str, score: Callable[[str], Scores]) -> None:
@@ -287,7 +282,8 @@ class OutputGuard:
 
     def _judge(self, text: str, scores: Scores) -> None:
         limits = self.config.limits
-        for category, score in by_category(scores).items():
+        # (A dict is its own mapping by category: by_category's isinstance() is slow.)
+        for category, score in (scores if type(scores) is dict else by_category(scores)).items():
             limit = limits.get(category)
             if limit is not None and score >= limit:
                 self._withhold([Finding(category, "classifier", score, "classifier")],
@@ -328,7 +324,3 @@ async def guarded(stream: AsyncIterator[str], guard: OutputGuard) -> AsyncIterat
         yield piece
     await guard.flush()
 
-
-def _advance(shown: _Shown, segment: str) -> None:
-    shown.text += segment
-    shown.tail = (shown.tail + segment)[-TAIL:]

@@ -40,8 +40,7 @@ def release_point(pending: str, shown: str, config: GuardConfig) -> int:
     run_on = len(pending) > config.hold_chars
     # The last unit is incomplete until whitespace follows it; before it, enough whole
     # words for the longest phrase to complete.
-    incomplete = not pending[-1:].isspace()
-    words = max(LOOKAHEAD, config.phrase_words - 1) + incomplete
+    words = config.hold_words if pending[-1:].isspace() else config.hold_words + 1
     if not run_on and not pending[:1].isspace() \
             and (pending.isascii() or not _CJK_CHAR.search(pending)):
         # Most deltas release nothing; seen without the units: the words the lookahead
