@@ -1,12 +1,14 @@
 """CPU time per reply of the output guard, as bench/peers.py's echo bot runs it.
 
-    python bench/guard.py [--messages 2000] [--rounds 3] [--code CHECKOUT]
-    python bench/guard.py --compare /path/to/other/checkout [--repeat 4]
+    python bench/guard.py [--messages 2000] [--rounds 3] [--code CHECKOUT] [--sync]
+    python bench/guard.py --compare /path/to/other/checkout [--repeat 4] [--sync]
 
 ``Moderator.guard`` with config/demo.toml's moderation filters and the default persona as
 system text, over the reply bench/peers.py's clients get: their message, echoed one word
 a delta ("hello number 3 from client 12, how are you today?"). Prints the guard's CPU
 microseconds per reply: the best round's, less the same stream's cost without the guard.
+``--sync`` measures the synchronous guard instead (``Moderator.output_guard``: each delta
+fed, then ``finish()``), as a caller that drives the deltas itself uses it.
 ``--code`` measures another checkout's code (this one by default). With ``--compare``,
 runs the two in turn, each in a fresh process, ``--repeat`` times each (the machine's
 load moves; taking turns shares it out), and prints the median of each.
@@ -31,7 +33,7 @@ PERSONA = "You are a helpful assistant."  # [bot] persona's default
 _WORD = re.compile(r"\s*\S+")  # as the echo generator streams
 
 
-async def measure(code: Path, messages: int, rounds: int) -> float:
+async def measure(code: Path, messages: int, rounds: int, sync: bool = False) -> float:
     """The guard's CPU microseconds per reply with the code of checkout ``code``."""
     sys.path.insert(0, str(code))
     from core.config import parse_settings
@@ -63,6 +65,18 @@ async def measure(code: Path, messages: int, rounds: int) -> float:
                                                           system=PERSONA)]
                 assert "".join(shown) == message.text, shown
 
+        async def fed() -> None:
+            for message in batch:
+                guard = moderator.output_guard(message, system=PERSONA)
+                assert guard is not None  # (the n-gram classifier is not awaited)
+                shown: list[str] = []
+                async for delta in deltas(message.text):
+                    shown += guard.feed(delta)
+                shown += guard.finish()
+                await guard.flush()
+                assert "".join(shown) == message.text, shown
+
+        reply = fed if sync else guarded
         async def bare() -> None:
             for message in batch:
                 async for _ in deltas(message.text):
@@ -73,10 +87,10 @@ async def measure(code: Path, messages: int, rounds: int) -> float:
             await run()
             return time.process_time() - started
 
-        await guarded()  # caches warm
+        await reply()  # caches warm
         best = {"guard": float("inf"), "bare": float("inf")}
         for _ in range(rounds):
-            best["guard"] = min(best["guard"], await cpu(guarded))
+            best["guard"] = min(best["guard"], await cpu(reply))
             best["bare"] = min(best["bare"], await cpu(bare))
     return 1e6 * (best["guard"] - best["bare"]) / messages
 
@@ -90,15 +104,19 @@ def main() -> None:
     parser.add_argument("--code", type=Path, default=ROOT, help="the checkout to measure")
     parser.add_argument("--compare", type=Path, help="another checkout to run in turn")
     parser.add_argument("--repeat", type=int, default=4, help="runs of each, with --compare")
+    parser.add_argument("--sync", action="store_true",
+                        help="the synchronous guard (Moderator.output_guard), not guard()")
     args = parser.parse_args()
     if args.compare is None:
-        print(f"{asyncio.run(measure(args.code.resolve(), args.messages, args.rounds)):.1f}")
+        cost = asyncio.run(measure(args.code.resolve(), args.messages, args.rounds, args.sync))
+        print(f"{cost:.1f}")
         return
     results: dict[Path, list[float]] = {args.code.resolve(): [], args.compare.resolve(): []}
     for i in range(args.repeat):
         for code in list(results)[:: 1 if i % 2 == 0 else -1]:
             out = subprocess.run([sys.executable, __file__, "--code", str(code), "--messages",
-                                  str(args.messages), "--rounds", str(args.rounds)],
+                                  str(args.messages), "--rounds", str(args.rounds),
+                                  *(["--sync"] if args.sync else [])],
                                  capture_output=True, text=True, check=True).stdout
             results[code].append(float(out.split()[-1]))
     for code, values in results.items():
