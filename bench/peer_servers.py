@@ -1,6 +1,7 @@
 """The servers bench/peers.py measures, each started as its own process: Parley (``parley
 run`` with a private redis-server), opsdroid 0.31 with an echo skill (in a virtualenv made
-for it) and a bare aiohttp echo server; and the helpers that start them and wait for them.
+for it) and bare aiohttp echo servers (HTTP, and WebSocket speaking opsdroid's protocol);
+and the helpers that start them and wait for them.
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ class Echo(Skill):
 '''
 
 AIOHTTP_ECHO = '''
+import json
+import secrets
 import sys
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 
 async def chat(request):
@@ -47,8 +50,28 @@ async def chat(request):
                               "message_id": body.get("message_id", "")})
 
 
+async def websocket_id(request):
+    # opsdroid's websocket connector: a POST names a socket, a GET opens it.
+    return web.json_response({"socket": secrets.token_hex(8)})
+
+
+async def websocket(request):
+    # Each frame {"message", "user", "socket"} is answered with its message as text, as
+    # opsdroid's echo skill does; a receive() loop (async for costs a frame more).
+    ws = web.WebSocketResponse(compress=False)
+    await ws.prepare(request)
+    while True:
+        frame = await ws.receive()
+        if frame.type is not WSMsgType.TEXT:
+            break
+        await ws.send_str(json.loads(frame.data)["message"])
+    return ws
+
+
 app = web.Application()
 app.router.add_post("/api/v1/chat", chat)
+app.router.add_post("/connector/websocket", websocket_id)
+app.router.add_get("/connector/websocket/{socket}", websocket)
 app.router.add_get("/healthz", lambda request: web.json_response({"status": "ok"}))
 loop = None
 if sys.argv[2] == "uvloop":

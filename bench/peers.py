@@ -1,6 +1,6 @@
 """Parley beside its peers, in one run, driven by one load generator.
 
-Four servers, each its own process on this machine, one after the other (``--rounds``
+Five servers, each its own process on this machine, one after the other (``--rounds``
 repeats the whole sequence, so a change in the machine's load shows as a spread
 instead of favouring one side):
 
@@ -12,8 +12,10 @@ instead of favouring one side):
 - ``opsdroid-ws``: opsdroid 0.31, its websocket connector (``max-connections`` raised
   from its default of 10) and an echo skill (``match_regex``), in a throw-away
   virtualenv this script makes (``setuptools<81`` for its ``pkg_resources``);
+- ``aiohttp-ws``: a bare aiohttp server answering opsdroid's websocket protocol (the
+  same client drives it) with the text it got: the WebSocket transport's ceiling;
 - ``parley-http``: the same Parley bot through ``POST /api/v1/chat``;
-- ``aiohttp-http``: a bare aiohttp server echoing the same JSON: the transport's ceiling.
+- ``aiohttp-http``: a bare aiohttp server echoing the same JSON: HTTP's ceiling.
 
 Each client sends its next message once the reply to the last one has arrived. Every
 reply is checked to be the one asked for: a reply to the wrong client (or with the
@@ -73,7 +75,7 @@ from bench.peer_servers import (
 )
 from bench.stages import table
 
-SERVERS = ("parley-ws", "opsdroid-ws", "parley-http", "aiohttp-http")
+SERVERS = ("parley-ws", "opsdroid-ws", "aiohttp-ws", "parley-http", "aiohttp-http")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -260,9 +262,10 @@ async def bench(name: str, folder: Path, args: argparse.Namespace, venv: Path | 
         assert venv is not None
         server = opsdroid_server(folder, venv, args.clients)
         health, client = "/", opsdroid_ws_client
-    elif name == "aiohttp-http":
+    elif name.startswith("aiohttp-"):
         server = aiohttp_server(folder, loop)
-        health, client = "/healthz", http_client
+        health = "/healthz"
+        client = opsdroid_ws_client if name == "aiohttp-ws" else http_client
     else:
         base_name, _, times = name.partition("-x")
         server = parley_server(folder, args.loop, int(times or 1))
@@ -304,7 +307,8 @@ def report(results: dict[str, list[Result]], args: argparse.Namespace) -> None:
     def rate(name: str) -> float:
         return statistics.median(r.rate for r in results[name])
 
-    for mine, peer in (("parley-ws", "opsdroid-ws"), ("parley-http", "aiohttp-http")):
+    for mine, peer in (("parley-ws", "opsdroid-ws"), ("parley-ws", "aiohttp-ws"),
+                       ("opsdroid-ws", "aiohttp-ws"), ("parley-http", "aiohttp-http")):
         if mine in results and peer in results:
             print(f"  {mine} / {peer}: {rate(mine) / rate(peer):.2f}x messages/s, "
                   f"{cpu(mine) / cpu(peer):.2f}x CPU per message (server + redis, medians)")
