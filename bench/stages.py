@@ -28,6 +28,7 @@ PARTS = [
     ("core/moderation/state_redis.py", "moderation: state"),
     ("core/moderation/", "moderation: input checks"),
     ("core/memory/", "memory"), ("bots/web/resume.py", "web: resume log"),
+    ("bots/web/writer.py", "web: resume log"),
     ("bots/web/ws.py", "web: socket"), ("bots/web/hub.py", "web: hub"),
     ("bots/web/", "web: HTTP API"), ("core/generation/", "generator (echo)"),
     ("core/lanes.py", "engine"), ("core/engine.py", "engine"), ("core/plugin", "engine"),

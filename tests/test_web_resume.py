@@ -7,7 +7,8 @@ import asyncio
 import time
 from typing import Any
 
-from bots.web.resume import MemoryReplyLog, RedisReplyLog, ReplyWriter, compact
+from bots.web.resume import MemoryReplyLog, RedisReplyLog
+from bots.web.writer import ReplyWriter, compact
 from core.config import MemorySection
 from tests.support.widget import shown
 

@@ -19,10 +19,11 @@ from typing import Any
 
 from bots.web.feedback import FeedbackStore, Rating, new_feedback
 from bots.web.limits import RateLimiter
-from bots.web.resume import TERMINAL, Entry, ReplyLog, ReplyWriter, StoreUnavailable
+from bots.web.resume import TERMINAL, Entry, ReplyLog, StoreUnavailable
 from bots.web.sessions import Session, SessionSigner
 from bots.web.settings import WidgetFields
 from bots.web.stores import CHANNEL, WidgetStores, ref_of
+from bots.web.writer import ReplyWriter
 from core.engine import Engine
 from core.lifecycle import ServiceBase
 from core.plugin_services import DeliveryError
