@@ -23,7 +23,7 @@ from bots.web.resume import TERMINAL, Entry, ReplyLog, StoreUnavailable
 from bots.web.sessions import Session, SessionSigner
 from bots.web.settings import WidgetFields
 from bots.web.stores import CHANNEL, WidgetStores, ref_of
-from bots.web.writer import ReplyWriter
+from bots.web.writer import ReplyWriter, Ticks
 from core.engine import Engine
 from core.lifecycle import ServiceBase
 from core.plugin_services import DeliveryError
@@ -77,6 +77,7 @@ class ChatHub(ServiceBase):
         self.ip_rate = RateLimiter(config.ip_rate, config.rate_window)
         self.sockets: Counter[str] = Counter()  # open sockets per client address
         self._tasks: set[asyncio.Task[None]] = set()
+        self._ticks = Ticks()  # when the reply writers' batches go out
 
     async def _start(self) -> None:
         await self.stores.start()
@@ -115,7 +116,7 @@ class ChatHub(ServiceBase):
 
     async def _reply(self, ref: str, message: IncomingMessage) -> None:
         mid = message.message_id
-        writer = ReplyWriter(self.log, ref)
+        writer = ReplyWriter(self.log, ref, ticks=self._ticks)
         # "at": where a message the bot stores nothing of (relayed to people while the
         # bot is paused) goes among the stored turns in a snapshot.
         user: Entry | None = {"kind": "user", "message_id": mid, "text": message.text,

@@ -62,30 +62,67 @@ def _tick(now: float, linger: float) -> float:
     return (math.floor(now / step) + 2) * step
 
 
+class Ticks:
+    """When the waiting batches of many writers go out: the writers due at one step of
+    :func:`_tick`'s grid share one timer, instead of each arming one (and, as a reply's
+    words or end come, cancelling it) twice a reply. One per hub: its writers' batches
+    due together go out in one event-loop turn anyway."""
+
+    __slots__ = ("_due",)
+
+    def __init__(self) -> None:
+        self._due: dict[float, set[ReplyWriter]] = {}
+
+    def add(self, writer: ReplyWriter, due: float) -> None:
+        """Flush ``writer`` at ``due`` (a time on the grid), unless it leaves before."""
+        writers = self._due.get(due)
+        if writers is None:
+            writers = self._due[due] = set()
+            asyncio.get_running_loop().call_at(due, self._fire, due)
+        writers.add(writer)
+
+    def discard(self, writer: ReplyWriter, due: float) -> None:
+        """``writer`` no longer waits for ``due``."""
+        writers = self._due.get(due)
+        if writers is not None:
+            writers.discard(writer)
+
+    def _fire(self, due: float) -> None:
+        for writer in self._due.pop(due, ()):
+            writer._flush_now()
+
+
 class ReplyWriter:
     """Appends one reply's events to the log in order, without making the reply wait.
 
-    An event that ends the reply is appended at once with whatever waits before it;
-    the reply's words wait up to ``linger`` seconds for company, its start (the user's
+    The reply's words wait up to ``linger`` seconds for company, its start (the user's
     message, typing) up to ``quiet`` seconds for its first words (see :func:`_tick`),
-    and events written while an append is on its way go together in the next one. Each
-    batch is :func:`compact`: a reply that ends within ``linger`` of its first words
-    costs one append (one round trip to Redis, one frame to each socket) of two entries,
-    the user's message and the answer; a streamed one about one per ``linger``, never
-    one per delta. A failed append is raised by the next :meth:`write` or by
-    :meth:`drain`.
+    and events written while an append is on its way go together in the next one. An
+    event that ends the reply goes out with whatever waits before it when the reply's
+    task calls :meth:`drain`, as it does right after (in that task: no task of its own;
+    within ``linger`` anyway). Each batch is :func:`compact`: a reply that ends within
+    ``linger`` of its first words costs one append (one round trip to Redis, one frame
+    to each socket) of two entries, the user's message and the answer; a streamed one
+    about one per ``linger``, never one per delta. A failed append is raised by the
+    next :meth:`write` or by :meth:`drain`. ``ticks``: shared with the hub's other
+    writers (one of its own without).
     """
 
+    __slots__ = ("_due", "_error", "_flushing", "_pending", "_quiet", "_ticks", "linger",
+                 "log", "quiet", "ref")
+
     def __init__(self, log: ReplyLog, ref: str, *, linger: float = LINGER_SECONDS,
-                 quiet: float = QUIET_SECONDS) -> None:
+                 quiet: float = QUIET_SECONDS, ticks: Ticks | None = None) -> None:
         self.log = log
         self.ref = ref
         self.linger = linger
         self.quiet = quiet
+        self._ticks = ticks if ticks is not None else Ticks()
         self._pending: list[Entry] = []
-        self._flushing: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._quiet = False  # the timer is the quiet one
+        # The append on its way: a task (a batch that came due), or drain()'s own.
+        self._flushing: asyncio.Future[None] | None = None
+        self._due: float | None = None  # when the waiting batch goes out (on _ticks)
+        self._quiet = False  # it is due as the quiet start of the reply
         self._error: Exception | None = None
 
     def write(self, event: Entry) -> None:
@@ -95,26 +132,28 @@ class ReplyWriter:
         self._pending.append(event)
         if self._flushing is not None and not self._flushing.done():
             return  # the append on its way takes this one next
-        kind = event["kind"]
-        if kind in TERMINAL:
-            self._flush_now()
-        elif self._timer is None or (self._quiet and kind not in _QUIET):
-            quiet = kind in _QUIET
-            loop = asyncio.get_running_loop()
-            due = _tick(loop.time(), self.quiet if quiet else self.linger)
-            if self._timer is not None:
-                if self._timer.when() <= due:
+        quiet = event["kind"] in _QUIET
+        if self._due is None or (self._quiet and not quiet):
+            due = _tick(asyncio.get_running_loop().time(), self.quiet if quiet else self.linger)
+            if self._due is not None:
+                if self._due <= due:
                     self._quiet = False  # due soon enough for words too
                     return
-                self._timer.cancel()
-            self._timer = loop.call_at(due, self._flush_now)
+                self._ticks.discard(self, self._due)
+            self._ticks.add(self, due)
+            self._due = due
             self._quiet = quiet
 
-    def _flush_now(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    def _unschedule(self) -> None:
+        if self._due is not None:
+            self._ticks.discard(self, self._due)
+            self._due = None
             self._quiet = False
+
+    def _flush_now(self) -> None:
+        """The waiting batch came due (:class:`Ticks`)."""
+        self._due = None
+        self._quiet = False
         if self._pending and (self._flushing is None or self._flushing.done()):
             self._flushing = asyncio.create_task(self._flush())
 
@@ -127,9 +166,19 @@ class ReplyWriter:
                 self._error = exc
 
     async def drain(self) -> None:
-        """Wait until everything written is in the log."""
-        self._flush_now()
-        if self._flushing is not None:
-            await self._flushing
+        """Append what waits, and wait until everything written is in the log."""
+        self._unschedule()
+        flushing = self._flushing
+        if flushing is not None and not flushing.done():
+            await flushing  # it takes what waits, in order
+        elif self._pending:
+            # Appended from the caller's task: a task of its own would cost more than
+            # the append's own Python, for nothing (the caller waits for it anyway).
+            done = self._flushing = asyncio.get_running_loop().create_future()
+            try:
+                await self._flush()
+            finally:
+                if not done.done():
+                    done.set_result(None)
         if self._error is not None:
             raise self._error
