@@ -48,6 +48,7 @@ TOKEN_PREFIX = "bearer."
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _RATE_TEXT = "You're sending messages too fast. Please wait a moment."
 _UNAVAILABLE = "Sorry, I can't reach our conversation right now. Please try again shortly."
+_ENDED = frozenset({WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED})
 
 
 def token_from_protocols(request: web.Request) -> str:
@@ -101,12 +102,18 @@ class _Socket:
                          "expires_at": int(self.session.expires_at)})
         # Subscribed before anything is read, so nothing appended from here on is missed.
         with self.hub.log.subscribe(self.ref) as sub:
+            # receive() itself: ``async for`` adds a coroutine and a check of its own.
+            receive = self.ws.receive
             try:
-                async for frame in self.ws:
-                    if frame.type is WSMsgType.TEXT:
+                while True:
+                    frame = await receive()
+                    kind = frame.type
+                    if kind is WSMsgType.TEXT:
                         await self._frame(frame.data, sub)
-                    elif frame.type is WSMsgType.BINARY:
+                    elif kind is WSMsgType.BINARY:
                         await self.error("bad_frame", "Frames must be JSON text.")
+                    elif kind in _ENDED:
+                        break
             finally:
                 if self._forwarder is not None:
                     self._forwarder.cancel()
