@@ -7,6 +7,8 @@ import asyncio
 import time
 from typing import Any
 
+import pytest
+
 from bots.web.resume import MemoryReplyLog, RedisReplyLog
 from bots.web.writer import ReplyWriter, compact
 from core.config import MemorySection
@@ -113,3 +115,23 @@ async def test_redis_keeps_the_newest_cap_entries(redis_url: str, memory_prefix:
         after_first = await log.since("r", first[0]["seq"])
     assert kept.entries == (first + second)[-16:]
     assert after_first.gap  # what came right after it is no longer kept
+
+
+def test_a_batch_due_within_uvloops_millisecond_is_still_appended() -> None:
+    # uvloop rounds call_at() to milliseconds and hands back a plain Handle (no when())
+    # for a time less than half of one away: the writer kept a timer per reply and asked
+    # it when() as the reply's words came, so such a reply failed with AttributeError.
+    uvloop = pytest.importorskip("uvloop")
+
+    async def reply() -> list[tuple[str, str]]:
+        log = MemoryReplyLog(ttl=60, cap=100)
+        with log.subscribe("r") as sub:
+            writer = ReplyWriter(log, "r", linger=0.0004, quiet=0.0004)
+            writer.write({"kind": "user", "message_id": "m1", "text": "hi", "at": 1.0})
+            writer.write(ev("typing"))
+            writer.write(ev("delta", "hello"))
+            writer.write(ev("final", "hello"))
+            await writer.drain()
+            return [(e["kind"], e["text"]) for e in sub.ready() if e]
+
+    assert uvloop.run(reply()) == [("user", "hi"), ("final", "hello")]
