@@ -329,17 +329,22 @@ class RegexSet:
         """False only where no pattern matches ``text`` (found by one scan, confirmed by
         re); without Hyperscan nothing is run and the answer is True: the caller's own
         patterns decide."""
-        ids = self.candidates(text)
-        if ids is None:
+        scanner = self._scanner
+        if scanner is None:
             return True
-        compiled = self.compiled
-        return any(compiled[i].search(text) for i in ids)
+        return self._confirmed(scanner.scan(text), text)
 
     def search(self, text: str) -> bool:
         """Whether any pattern matches ``text``."""
-        ids = self.candidates(text)
-        if ids is None:
+        scanner = self._scanner
+        if scanner is None:
             return self._any.search(text) is not None
+        return self._confirmed(scanner.scan(text), text)
+
+    def _confirmed(self, ids: list[int], text: str) -> bool:
+        # Most texts have no candidate: no generator, no lookup of the compiled patterns.
+        if not ids:
+            return False
         compiled = self.compiled
         return any(compiled[i].search(text) for i in ids)
 
@@ -353,16 +358,17 @@ class _Scanner:
         self._local = threading.local()
 
     def scan(self, text: str) -> list[int]:
-        hits = list(self._always)
-        if self._database is not None:
-            local = self._local
-            scratch = getattr(local, "scratch", None)
-            if scratch is None:
-                scratch = local.scratch = hyperscan.Scratch(self._database)
-            self._database.scan(text.encode("utf-8", "surrogatepass"),
-                                match_event_handler=_collect, context=hits, scratch=scratch)
-        if len(hits) > 1:
-            hits.sort()
+        hits = list(self._always) if self._always else []
+        database = self._database
+        if database is not None:
+            try:
+                scratch = self._local.scratch
+            except AttributeError:
+                scratch = self._local.scratch = hyperscan.Scratch(database)
+            database.scan(text.encode("utf-8", "surrogatepass"), match_event_handler=_collect,
+                          context=hits, scratch=scratch)
+            if len(hits) > 1:
+                hits.sort()
         return hits
 
 
