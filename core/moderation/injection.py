@@ -155,6 +155,8 @@ class InjectionReport:
     signals: tuple[str, ...]
 
 
+_NONE = InjectionReport(0, ())  # what most messages get (the sum of no weights is 0)
+
 # The same patterns, each alternative on its own, for a one-pass scan of each text.
 _TOKEN_SET = RegexSet(alternatives(_TOKENS.pattern), _TOKENS.flags)
 _KEY_SET = RegexSet(alternatives(_PHRASES.pattern) + alternatives(_MORE.pattern))
@@ -188,4 +190,6 @@ def check_injection(raw: str, text: Normalised, *, prefilter: bool = True) -> In
         if (_PHRASES.search(text.key) or _PHRASES.search(text.clean.lower())
                 or _MORE.search(text.key)):
             signals.append("phrase")
+    if not signals:
+        return _NONE
     return InjectionReport(sum(_WEIGHTS[s] for s in signals), tuple(signals))

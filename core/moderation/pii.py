@@ -74,6 +74,14 @@ def _phone_ok(text: str) -> bool:
 
 
 _DIGIT = re.compile(r"\d")  # any Unicode digit, as the patterns' \d
+_NOT_DIGITS = bytes(b for b in range(128) if not 0x30 <= b <= 0x39)
+
+
+def _digits(text: str) -> int:
+    """How many digits ``text`` has (an ASCII text's are counted in C, without a list)."""
+    if text.isascii():
+        return len(text.encode("ascii").translate(None, _NOT_DIGITS))
+    return len(_DIGIT.findall(text))
 
 
 DETECTORS: Mapping[str, Detector] = {
@@ -127,7 +135,7 @@ class PiiDetector:
         for detector in self._detectors:
             if detector.digits:
                 if digits < 0:
-                    digits = len(_DIGIT.findall(text))
+                    digits = _digits(text)
                 if digits < detector.digits:
                     continue
             if not detector.hint(text):

@@ -108,13 +108,15 @@ def promotion(text: str, key: str = "", *, prefilter: bool = True) -> list[str]:
     """The marks of promotion in ``text`` or its normalised words ``key`` (see the
     module docstring). ``prefilter=False`` runs every pattern by ``re`` (the tests
     compare the two paths)."""
-    counts: Counter[str | None] = Counter()
+    # Counted only where a mark may be (most texts have none).
+    counts: Counter[str | None] | None = None
     if not prefilter or _TEXT_SET.may_match(text):
         counts = Counter(m.lastgroup for m in _ALL.finditer(text))
     if key and (not prefilter or _KEY_SET.may_match(key)):
-        counts |= Counter(m.lastgroup for m in _ALL.finditer(key) if m.lastgroup != "link")
+        in_key = Counter(m.lastgroup for m in _ALL.finditer(key) if m.lastgroup != "link")
+        counts = in_key if counts is None else counts | in_key
     found = [name for name, hits in counts.items() if name is not None
-             for _ in range(min(hits, 2 if name in _TWICE else 1))]
+             for _ in range(min(hits, 2 if name in _TWICE else 1))] if counts else []
     if len(text) >= _SHOUT and shouts(text):
         found.append("shout")
     return found
