@@ -96,6 +96,7 @@ class _Channel:
     steps: tuple[_Step, ...]
     score_now: Scorer | None  # the classifier's inline scorer, if any
     classifier: Classifier
+    flood: _Step | None = None  # the flood step, if the policy has one (admit() runs it)
     # thresholds, kept with the classifier's mapping they were made from.
     _thresholds: tuple[object, dict[str, float]] | None = None
 
@@ -189,6 +190,7 @@ class FilterModerator(ServiceBase):
                 score_now,
                 classifier,
             )
+            built.flood = next((s for s in built.steps if s.name == "flood"), None)
         return built
 
     def _steps(self, policy: ModerationPolicy, score_now: Scorer | None) -> tuple[_Step, ...]:
@@ -308,7 +310,7 @@ class FilterModerator(ServiceBase):
         count is kept for the message's ``flood`` step, so it is counted once.
         """
         channel = self._channel(message.channel)
-        step = next((s for s in channel.steps if s.name == "flood"), None)
+        step = channel.flood
         if step is None:
             return None
         try:
@@ -321,16 +323,18 @@ class FilterModerator(ServiceBase):
             return await self._decide(_Run(message, channel.policy, text, text.clean,
                                            muted_for=admission.muted_for), channel.policy)
         limits = channel.limits
-        finding = Finding("flood", score=float(admission.user_count), source="flood")
-        if (admission.muted_for > 0 or base_action(channel.policy, [finding]).action.answers
-                or (admission.user_count <= limits.user_rate
-                    and admission.conversation_count <= limits.conversation_rate)):
+        # Within the limits (most messages) is asked first: the policy only beyond them.
+        if ((admission.user_count <= limits.user_rate
+             and admission.conversation_count <= limits.conversation_rate)
+                or admission.muted_for > 0
+                or base_action(channel.policy, [_flood_finding(admission)]).action.answers):
             self._admitted[_admitted_key(message)] = admission
             while len(self._admitted) > _ADMITTED_MAX:
                 del self._admitted[next(iter(self._admitted))]
             return None
         text = normalise(message.text)
-        run = _Run(message, channel.policy, text, text.clean, findings=[finding])
+        run = _Run(message, channel.policy, text, text.clean,
+                   findings=[_flood_finding(admission)])
         return await self._decide(run, channel.policy)
 
     def _count(self, msg: IncomingMessage, channel: _Channel) -> Awaitable[Admission]:
@@ -356,8 +360,7 @@ class FilterModerator(ServiceBase):
         run.muted_for = admission.muted_for
         if (admission.user_count > channel.limits.user_rate
                 or admission.conversation_count > channel.limits.conversation_rate):
-            run.findings.append(Finding("flood", score=float(admission.user_count),
-                                        source="flood"))
+            run.findings.append(_flood_finding(admission))
 
     async def _decide(self, run: _Run, policy: ModerationPolicy) -> Verdict:
         if not run.findings and not run.degraded and run.muted_for <= 0:
@@ -435,6 +438,10 @@ class FilterModerator(ServiceBase):
 # Counts taken by admit() wait here for the message's flood step; a message refused
 # between the two (a full lane, a redelivery) leaves its count, dropped oldest first.
 _ADMITTED_MAX = 10_000
+
+
+def _flood_finding(admission: Admission) -> Finding:
+    return Finding("flood", score=float(admission.user_count), source="flood")
 
 
 def _admitted_key(message: IncomingMessage) -> tuple[str, str, str, str]:
