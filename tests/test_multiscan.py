@@ -212,6 +212,10 @@ def test_terms_find_as_before() -> None:
         for phrase in terms._allowed_phrases:
             key = key.replace(f" {phrase} ", " ")
         assert terms._without_allowed(f" {n.key} ") == key
+        # The moderator's way in: the same text, the message's own when nothing is cut.
+        stripped = terms.strip_allowed(n.clean, n.key)
+        assert terms.strip_allowed_message(n) == stripped, text
+        assert (terms.strip_allowed_message(n) is n.clean) == (stripped is n.clean), text
 
 
 _TERM_WORDS = sorted({w for c in builtin_terms.TERMS.values() for t in c for w in t.split()

@@ -97,6 +97,7 @@ class _Channel:
     score_now: Scorer | None  # the classifier's inline scorer, if any
     classifier: Classifier
     flood: _Step | None = None  # the flood step, if the policy has one (admit() runs it)
+    score_normalised: Callable[[Normalised], Mapping[str, float]] | None = None  # if it has one
     # thresholds, kept with the classifier's mapping they were made from.
     _thresholds: tuple[object, dict[str, float]] | None = None
 
@@ -191,6 +192,7 @@ class FilterModerator(ServiceBase):
                 classifier,
             )
             built.flood = next((s for s in built.steps if s.name == "flood"), None)
+            built.score_normalised = getattr(classifier, "score_normalised", None)
         return built
 
     def _steps(self, policy: ModerationPolicy, score_now: Scorer | None) -> tuple[_Step, ...]:
@@ -258,11 +260,11 @@ class FilterModerator(ServiceBase):
     async def _classifier(self, run: _Run, channel: _Channel) -> None:
         classifier = self.classifiers[run.policy.classifier]
         self._classified(run, channel, await classifier.score(
-            channel.terms.strip_allowed(run.text.clean, run.text.key)))
+            channel.terms.strip_allowed_message(run.text)))
 
     def _classifier_now(self, score_now: Scorer, run: _Run, channel: _Channel) -> None:
-        text = channel.terms.strip_allowed(run.text.clean, run.text.key)
-        scores_normalised = getattr(channel.classifier, "score_normalised", None)
+        text = channel.terms.strip_allowed_message(run.text)
+        scores_normalised = channel.score_normalised
         if text is run.text.clean and scores_normalised is not None:
             self._classified(run, channel, scores_normalised(run.text))  # normalised once
         else:

@@ -214,6 +214,13 @@ class TermFilter:
             key = key.replace(padded, " ")
         return key
 
+    def strip_allowed_message(self, text: Normalised) -> str:
+        """:meth:`strip_allowed` of a normalised message: its clean text itself (no new
+        key, no split) unless one of its words starts an allowlisted phrase."""
+        if self._allowed_firsts.isdisjoint(text.words):
+            return text.clean
+        return self.strip_allowed(text.clean, text.key)
+
     def strip_allowed(self, text: str, key: str | None = None) -> str:
         """``text`` without its allowlisted phrases (for the classifier's eyes); ``key``
         is its normalised words, if known."""
