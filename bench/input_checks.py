@@ -19,14 +19,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import subprocess
 import sys
 import time
-import tomllib
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.echo_bot import (  # noqa: E402
+    checkout_arguments,
+    demo_settings,
+    in_turn,
+    peer_messages,
+)
+
 _RUN = 64  # messages in a row, for the best of them
 
 
@@ -35,22 +41,11 @@ async def measure(code: Path, messages: int, rounds: int
     """``check_input``'s CPU microseconds per message (best round, best 64 in a row), p50
     and p99, and admit()'s best 64 in a row, with the code of checkout ``code``."""
     sys.path.insert(0, str(code))
-    from core.config import parse_settings
     from core.moderation.base import Action
     from core.moderation.moderator import FilterModerator
-    from core.types import IncomingMessage
 
-    section = tomllib.loads((code / "config" / "demo.toml").read_text())["moderation"]
-    section = {k: v for k, v in section.items() if k != "channels"}
-    settings = parse_settings({
-        "bot": {"name": "peers"}, "generation": {"backend": "echo"},
-        "memory": {"backend": "embedded"},
-        "moderation": {**section, "user_rate": 10**9, "conversation_rate": 10**9}})
-    batch = [IncomingMessage(bot="peers", channel="web", conversation_id=f"c{i % 64}",
-                             user_id=f"u{i % 64}", message_id=uuid.uuid4().hex,
-                             text=f"hello number {i // 64 + 1} from client {i % 64}, "
-                                  "how are you today?")
-             for i in range(messages)]
+    settings = demo_settings(code)
+    batch = peer_messages(messages)
     best = best_run = best_admit = float("inf")
     each: list[float] = []
     async with FilterModerator(settings) as moderator:
@@ -80,11 +75,7 @@ def main() -> None:
     """Parse arguments; measure this checkout, or it and another in turn."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--messages", type=int, default=6000)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--code", type=Path, default=ROOT, help="the checkout to measure")
-    parser.add_argument("--compare", type=Path, help="another checkout to run in turn")
-    parser.add_argument("--repeat", type=int, default=4, help="runs of each, with --compare")
+    checkout_arguments(parser, ROOT, messages=6000, rounds=5)
     args = parser.parse_args()
     if args.compare is None:
         mean, best, p50, p99, admit = asyncio.run(measure(args.code.resolve(), args.messages,
@@ -92,13 +83,9 @@ def main() -> None:
         print(f"{mean:.1f} us/msg (best {_RUN} in a row {best:.1f}, p50 {p50:.1f} us, "
               f"p99 {p99:.1f} us); admit best {_RUN} in a row {admit:.1f}")
         return
-    results: dict[Path, list[str]] = {args.code.resolve(): [], args.compare.resolve(): []}
-    for i in range(args.repeat):
-        for code in list(results)[:: 1 if i % 2 == 0 else -1]:
-            out = subprocess.run([sys.executable, __file__, "--code", str(code), "--messages",
-                                  str(args.messages), "--rounds", str(args.rounds)],
-                                 capture_output=True, text=True, check=True).stdout
-            results[code].append(out.strip())
+    results = in_turn(__file__, [args.code.resolve(), args.compare.resolve()],
+                      ["--messages", str(args.messages), "--rounds", str(args.rounds)],
+                      args.repeat)
     for code, runs in results.items():
         median = statistics.median(float(r.split()[0]) for r in runs)
         best = min(float(r.split()[7].rstrip(",")) for r in runs)
