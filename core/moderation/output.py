@@ -17,7 +17,7 @@ from core.moderation.policy import Decision, Finding
 from core.types import IncomingMessage
 
 if TYPE_CHECKING:
-    from core.moderation.moderator import _Channel
+    from core.moderation.input import _Channel
 
 OUTPUT_FILTERS = ("terms", "classifier", "pii", "leak")
 
