@@ -3,8 +3,10 @@
 Each sample's stack is charged to one stage: the innermost frame that belongs to a
 known part (moderation's output guard or input checks, memory, the Redis client, the
 web channel's parts, aiohttp, JSON, metrics, the engine...), the event loop if none
-does. With the server's CPU per message (bench/peers.py prints it) the shares become
-microseconds per message.
+does. Moderation's helpers (the term filter, PII, the classifier, normalising...) serve
+both sides: a sample in them goes to the side whose frame is nearest above it (see
+``_moderation_side``). With the server's CPU per message (bench/peers.py prints it) the
+shares become microseconds per message.
 
     py-spy record --pid PID --format raw --output profile.txt --rate 200 --nonblocking
     python bench/stages.py profile.txt --us-per-message 1250
@@ -35,6 +37,14 @@ PARTS = [
     ("core/streams.py", "engine"), ("core/types.py", "engine"),
 ]
 LOOP = ("asyncio/", "uvloop", "selectors")
+# Frames (substrings) of moderation's two sides: the output guard's modules and its
+# entries in the moderator and the classifier, and the input side's module.
+OUTPUT_GUARD = (
+    "core/moderation/guard.py", "core/moderation/release.py", "core/moderation/output.py",
+    "core/moderation/leak.py", "FilterModerator.guard (", "FilterModerator.output_guard (",
+    "FilterModerator._output_guard (", "ScoreWindow.feed",
+)
+INPUT_CHECKS = ("core/moderation/input.py",)
 
 
 def stage(frames: list[str]) -> str:
@@ -48,10 +58,20 @@ def stage(frames: list[str]) -> str:
     else:
         if any(part in f for f in frames for part in LOOP):
             found = "event loop"
-    if found == "moderation: input checks" and any("moderation/guard.py" in f or
-                                                    "moderation/leak.py" in f for f in frames):
-        return "moderation: output guard"
+    if found == "moderation: input checks":
+        return _moderation_side(frames)
     return found
+
+
+def _moderation_side(frames: list[str]) -> str:
+    """The side of moderation a sample in its code works for: that of the innermost frame
+    that marks one; the input checks if none does."""
+    for frame in reversed(frames):
+        if any(part in frame for part in OUTPUT_GUARD):
+            return "moderation: output guard"
+        if any(part in frame for part in INPUT_CHECKS):
+            return "moderation: input checks"
+    return "moderation: input checks"
 
 
 def stages(path: Path) -> collections.Counter[str]:
