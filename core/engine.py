@@ -155,10 +155,13 @@ class Engine(ServiceBase):
         """The reply to ``message`` as a stream of events, ending in FINAL, NOTICE or ERROR.
 
         Closing the stream early cancels the generation; nothing is stored then.
+
+        One async generator, down to the generator's deltas: every level of them would
+        cost each event of every message (and each word's turn of the event loop).
         """
         started = time.monotonic()
         outcome = "error"
-        last: ReplyEvent | None = None
+        last: ReplyEvent | None = None  # the events that end the stream, as they go out
         try:
             try:
                 text = clean_text(message.text, self.settings.bot.max_message_chars)
@@ -172,12 +175,67 @@ class Engine(ServiceBase):
                 async with self.lanes.enter(message, self._admit):
                     claim = Claim(self.memory, message, self._ids(), self.settings.memory.lease,
                                   self._renewals)
+                    pieces: list[str] = []  # what the user was shown of the reply
                     try:
-                        async with closing(self._pipeline(message, claim)) as events:
-                            async for last in events:
-                                yield last
+                        ready = await self._prepare(message, claim)
+                        if isinstance(ready, ReplyEvent):  # a replay, a refusal, a command
+                            last = ready
+                            yield ready
+                            return
+                        message, verdict, request, history = ready
+                        action = verdict.action
+                        yield ReplyEvent(ReplyKind.TYPING, action=action)
+                        # Each attempt of the generator (a remote job reclaimed after its
+                        # worker died starts a new one) runs through a fresh output guard,
+                        # so nothing the guard held back from an abandoned attempt leaks
+                        # into the next.
+                        async with closing(self.generator.stream(request)) as deltas:
+                            iterator = aiter(deltas)
+                            carry: TokenDelta | None = None
+                            system = _instructions(message, request)
+                            while True:
+                                restarted = False
+
+                                async def attempt() -> AsyncIterator[str]:
+                                    nonlocal carry, restarted
+                                    if carry is not None and carry.text:
+                                        yield carry.text
+                                    carry = None
+                                    async for delta in iterator:
+                                        if delta.restart:
+                                            carry, restarted = delta, True
+                                            return
+                                        if delta.text:
+                                            yield delta.text
+
+                                guarded = self.moderator.guard(message, attempt(), system=system)
+                                async with closing(guarded) as stream:
+                                    async for piece in stream:
+                                        if restarted:
+                                            break  # the guard's flush of the abandoned attempt
+                                        if not pieces:
+                                            self._first_token_seconds.observe(
+                                                time.time() - message.received_at)
+                                        pieces.append(piece)
+                                        yield ReplyEvent(ReplyKind.DELTA, piece, action=action)
+                                if not restarted:
+                                    break
+                                # A remote worker died mid-reply and another started over:
+                                # the user is told to drop what they saw, so they see one
+                                # answer.
+                                if pieces:
+                                    pieces.clear()
+                                    yield ReplyEvent(ReplyKind.RESET, action=action)
+                        ending = await self._answered(message, claim, verdict, pieces, history)
+                    except ReplyWithheld as withheld:
+                        ending = await self._withheld(message, claim, withheld, bool(pieces))
+                    except (MemoryUnavailable, GenerationError, PluginFailed) as exc:
+                        ending = [self._failure(message, exc)]
                     finally:
-                        await claim.release()
+                        if not claim.settled:  # a failure, or the stream closed early
+                            await claim.release()
+                    for last in ending:
+                        yield last
             except SlowDown as exc:
                 outcome = "slow_down"
                 log.debug("bot %s: refused before the lane: %s", self.name, exc)
@@ -218,103 +276,43 @@ class Engine(ServiceBase):
             self.metrics.moderation_categories.labels(
                 self.name, message.channel, "input", category).inc()
 
-    async def _pipeline(
-        self, message: IncomingMessage, claim: Claim
-    ) -> AsyncIterator[ReplyEvent]:
-        """Everything after the lane: the answer, or an apology for what failed. One
-        async generator streams the reply, down to each attempt of the generator (every
-        level of them costs each event of every message)."""
-        try:
-            ready = await self._prepare(message, claim)
-            if isinstance(ready, ReplyEvent):
-                yield ready
-                return
-            message, verdict, request, history = ready
-            action = verdict.action
-            yield ReplyEvent(ReplyKind.TYPING, action=action)
-            pieces: list[str] = []
-            try:
-                # Each attempt of the generator (a remote job reclaimed after its worker
-                # died starts a new one) runs through a fresh output guard, so nothing
-                # the guard held back from an abandoned attempt leaks into the next.
-                async with closing(self.generator.stream(request)) as deltas:
-                    iterator = aiter(deltas)
-                    carry: TokenDelta | None = None
-                    system = _instructions(message, request)
-                    while True:
-                        restarted = False
+    async def _answered(
+        self, message: IncomingMessage, claim: Claim, verdict: Verdict, pieces: list[str],
+        history: Sequence[Turn],
+    ) -> list[ReplyEvent]:
+        """The end of a generated reply (all of it shown as ``pieces``): stored, then its
+        last events; an apology if it came out empty."""
+        action = verdict.action
+        reply = "".join(pieces).strip()
+        if not reply:
+            self.metrics.errors.labels(self.name, "empty_reply").inc()
+            return [ReplyEvent(ReplyKind.ERROR, self.apologies.empty, action=action,
+                               code="empty_reply")]
+        notice = ""
+        if action is Action.WARN and verdict.reply:
+            # The warning goes to the user, not into the conversation's memory.
+            notice = f"\n\n{verdict.reply}"
+        final = ReplyEvent(ReplyKind.FINAL, reply + notice, action=action)
+        await self._finish(message, claim, final, reply)
+        self.runner.after(message, reply, history)
+        if notice:
+            return [ReplyEvent(ReplyKind.DELTA, notice, action=action), final]
+        return [final]
 
-                        async def attempt() -> AsyncIterator[str]:
-                            nonlocal carry, restarted
-                            if carry is not None and carry.text:
-                                yield carry.text
-                            carry = None
-                            async for delta in iterator:
-                                if delta.restart:
-                                    carry, restarted = delta, True
-                                    return
-                                if delta.text:
-                                    yield delta.text
-
-                        guarded = self.moderator.guard(message, attempt(), system=system)
-                        async with closing(guarded) as stream:
-                            async for piece in stream:
-                                if restarted:
-                                    break  # what the guard flushed of the abandoned attempt
-                                if not pieces:
-                                    self._first_token_seconds.observe(
-                                        time.time() - message.received_at)
-                                pieces.append(piece)
-                                yield ReplyEvent(ReplyKind.DELTA, piece, action=action)
-                        if not restarted:
-                            break
-                        # A remote worker died mid-reply and another started over: the
-                        # user is told to drop what they saw, so they see one answer.
-                        if pieces:
-                            pieces.clear()
-                            yield ReplyEvent(ReplyKind.RESET, action=action)
-            except ReplyWithheld as withheld:
-                self.metrics.moderation.labels(
-                    self.name, message.channel, "output", Action.BLOCK.value).inc()
-                for category in withheld.categories:
-                    self.metrics.moderation_categories.labels(
-                        self.name, message.channel, "output", category).inc()
-                # The output guard flagged the reply part-way: what was shown was safe,
-                # but the answer is replaced as a whole.
-                if pieces:
-                    yield ReplyEvent(ReplyKind.RESET, action=Action.BLOCK)
-                final = ReplyEvent(ReplyKind.FINAL, withheld.text, action=Action.BLOCK,
-                                   code="moderated")
-                await self._finish(message, claim, final, withheld.text)
-                yield final
-                return
-            reply = "".join(pieces).strip()
-            if not reply:
-                self.metrics.errors.labels(self.name, "empty_reply").inc()
-                yield ReplyEvent(ReplyKind.ERROR, self.apologies.empty, action=action,
-                                 code="empty_reply")
-                return
-            notice = ""
-            if action is Action.WARN and verdict.reply:
-                # The warning goes to the user, not into the conversation's memory.
-                notice = f"\n\n{verdict.reply}"
-            final = ReplyEvent(ReplyKind.FINAL, reply + notice, action=action)
-            await self._finish(message, claim, final, reply)
-            self.runner.after(message, reply, history)
-            if notice:
-                yield ReplyEvent(ReplyKind.DELTA, notice, action=action)
-            yield final
-        except MemoryUnavailable as exc:
-            yield self._failure(message, "memory", exc, self.apologies.memory,
-                                "memory_unavailable")
-        except GeneratorBusy as exc:
-            yield self._failure(message, "generation", exc, self.apologies.busy, "busy")
-        except GenerationError as exc:
-            yield self._failure(message, "generation", exc, self.apologies.generation,
-                                "generation_failed")
-        except PluginFailed as exc:
-            yield self._failure(message, "plugin", exc, self.apologies.plugin,
-                                "plugin_failed")
+    async def _withheld(
+        self, message: IncomingMessage, claim: Claim, withheld: ReplyWithheld, shown: bool
+    ) -> list[ReplyEvent]:
+        """The output guard flagged the reply part-way: what was shown was safe, but the
+        answer is replaced as a whole (stored, then its last events)."""
+        self.metrics.moderation.labels(
+            self.name, message.channel, "output", Action.BLOCK.value).inc()
+        for category in withheld.categories:
+            self.metrics.moderation_categories.labels(
+                self.name, message.channel, "output", category).inc()
+        final = ReplyEvent(ReplyKind.FINAL, withheld.text, action=Action.BLOCK,
+                           code="moderated")
+        await self._finish(message, claim, final, withheld.text)
+        return [ReplyEvent(ReplyKind.RESET, action=Action.BLOCK), final] if shown else [final]
 
     async def _prepare(
         self, message: IncomingMessage, claim: Claim
@@ -429,8 +427,18 @@ class Engine(ServiceBase):
         claim.settled = True
 
     def _failure(
-        self, message: IncomingMessage, stage: str, exc: Exception, apology: str, code: str
+        self, message: IncomingMessage, exc: MemoryUnavailable | GenerationError | PluginFailed
     ) -> ReplyEvent:
+        """The apology for what failed behind the bot; logged and counted by stage."""
+        apologies = self.apologies
+        if isinstance(exc, MemoryUnavailable):
+            stage, apology, code = "memory", apologies.memory, "memory_unavailable"
+        elif isinstance(exc, GeneratorBusy):
+            stage, apology, code = "generation", apologies.busy, "busy"
+        elif isinstance(exc, GenerationError):
+            stage, apology, code = "generation", apologies.generation, "generation_failed"
+        else:
+            stage, apology, code = "plugin", apologies.plugin, "plugin_failed"
         log.warning("bot %s: %s failed for %s: %s", self.name, stage, message.key, exc)
         self.metrics.errors.labels(self.name, stage).inc()
         return ReplyEvent(ReplyKind.ERROR, apology, code=code)
