@@ -22,6 +22,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter
@@ -33,21 +34,23 @@ from core.errors import (
     InvalidMessage,
     MemoryUnavailable,
 )
-from core.generation.base import (
-    GenerationRequest,
-    Generator,
-    SamplingParams,
-    TokenDelta,
-)
+from core.generation.base import GenerationRequest, Generator, SamplingParams, TokenDelta
 from core.lanes import Claim, Lanes, Renewals, SlowDown
 from core.lifecycle import Service, ServiceBase
 from core.memory.base import MemorySnapshot, MemoryStore, StoredReply
 from core.metrics import Metrics
-from core.moderation.base import Action, Moderator, ReplyWithheld, Verdict
+from core.moderation.base import (
+    Action,
+    Moderator,
+    PassThroughGuard,
+    ReplyGuard,
+    ReplyWithheld,
+    Verdict,
+)
 from core.plugin_runner import Before, PluginFailed, PluginRunner
 from core.plugins import AddContext, PluginRegistry
 from core.prompt import HistoryMessages, chat_messages
-from core.streams import closing
+from core.streams import closing, guarded_attempts
 from core.types import IncomingMessage, ReplyEvent, ReplyKind, Turn
 from core.validation import clean_text
 
@@ -175,7 +178,8 @@ class Engine(ServiceBase):
                 async with self.lanes.enter(message, self._admit):
                     claim = Claim(self.memory, message, self._ids(), self.settings.memory.lease,
                                   self._renewals)
-                    pieces: list[str] = []  # what the user was shown of the reply
+                    shown: list[str] = []  # the pieces of the reply the user was shown
+                    guard: ReplyGuard | None = None  # fed here (None: nothing to feed)
                     try:
                         ready = await self._prepare(message, claim)
                         if isinstance(ready, ReplyEvent):  # a replay, a refusal, a command
@@ -185,50 +189,37 @@ class Engine(ServiceBase):
                         message, verdict, request, history = ready
                         action = verdict.action
                         yield ReplyEvent(ReplyKind.TYPING, action=action)
-                        # Each attempt of the generator (a remote job reclaimed after its
-                        # worker died starts a new one) runs through a fresh output guard,
-                        # so nothing the guard held back from an abandoned attempt leaks
-                        # into the next.
-                        async with closing(self.generator.stream(request)) as deltas:
-                            iterator = aiter(deltas)
-                            carry: TokenDelta | None = None
-                            system = _instructions(message, request)
-                            while True:
-                                restarted = False
-
-                                async def attempt() -> AsyncIterator[str]:
-                                    nonlocal carry, restarted
-                                    if carry is not None and carry.text:
-                                        yield carry.text
-                                    carry = None
-                                    async for delta in iterator:
-                                        if delta.restart:
-                                            carry, restarted = delta, True
-                                            return
-                                        if delta.text:
-                                            yield delta.text
-
-                                guarded = self.moderator.guard(message, attempt(), system=system)
-                                async with closing(guarded) as stream:
-                                    async for piece in stream:
-                                        if restarted:
-                                            break  # the guard's flush of the abandoned attempt
-                                        if not pieces:
-                                            self._first_token_seconds.observe(
-                                                time.time() - message.received_at)
-                                        pieces.append(piece)
-                                        yield ReplyEvent(ReplyKind.DELTA, piece, action=action)
-                                if not restarted:
-                                    break
-                                # A remote worker died mid-reply and another started over:
-                                # the user is told to drop what they saw, so they see one
-                                # answer.
-                                if pieces:
-                                    pieces.clear()
-                                    yield ReplyEvent(ReplyKind.RESET, action=action)
-                        ending = await self._answered(message, claim, verdict, pieces, history)
+                        deltas, guard = self._guarded(message, request)
+                        async with closing(deltas):
+                            async for delta in deltas:
+                                if delta.restart:
+                                    # A remote worker died mid-reply and another started
+                                    # over: the user is told to drop what they saw, so
+                                    # they see one answer.
+                                    guard = self._restarted(message, request, guard)
+                                    if shown:
+                                        shown.clear()
+                                        yield ReplyEvent(ReplyKind.RESET, action=action)
+                                text = delta.text
+                                if not text:
+                                    continue
+                                for piece in (text,) if guard is None else guard.feed(text):
+                                    if not shown:
+                                        self._first_shown(message)
+                                    shown.append(piece)
+                                    yield ReplyEvent(ReplyKind.DELTA, piece, action=action)
+                        if guard is not None:
+                            for piece in guard.finish():
+                                if not shown:
+                                    self._first_shown(message)
+                                shown.append(piece)
+                                yield ReplyEvent(ReplyKind.DELTA, piece, action=action)
+                            await guard.flush()
+                        ending = await self._answered(message, claim, verdict, shown, history)
                     except ReplyWithheld as withheld:
-                        ending = await self._withheld(message, claim, withheld, bool(pieces))
+                        if guard is not None:
+                            await guard.flush()  # the audit log's entry
+                        ending = await self._withheld(message, claim, withheld, bool(shown))
                     except (MemoryUnavailable, GenerationError, PluginFailed) as exc:
                         ending = [self._failure(message, exc)]
                     finally:
@@ -275,6 +266,36 @@ class Engine(ServiceBase):
         for category in verdict.categories:
             self.metrics.moderation_categories.labels(
                 self.name, message.channel, "input", category).inc()
+
+    def _guarded(
+        self, message: IncomingMessage, request: GenerationRequest
+    ) -> tuple[AsyncIterator[TokenDelta], ReplyGuard | None]:
+        """The generator's deltas for ``request``, and the output guard to feed them to
+        (None: they are shown as they come). The engine feeds the guard itself, each
+        delta as it comes: no stream of its own (a level for every event and every
+        word's turn of the event loop). A guard that must await a filter (an external
+        classifier) is the moderator's async one, over the deltas."""
+        deltas = self.generator.stream(request)
+        system = _instructions(message, request)
+        guard = self.moderator.output_guard(message, system=system)
+        if guard is None:
+            return guarded_attempts(
+                deltas, partial(self.moderator.guard, message, system=system)), None
+        return deltas, None if isinstance(guard, PassThroughGuard) else guard
+
+    def _restarted(
+        self, message: IncomingMessage, request: GenerationRequest, guard: ReplyGuard | None
+    ) -> ReplyGuard | None:
+        """The guard for a new attempt of the generator (a remote job reclaimed after its
+        worker died): a fresh one, so nothing held back from the abandoned attempt shows.
+        What that held is checked as ever, though, and may still withhold the reply."""
+        if guard is None:
+            return None
+        guard.finish()
+        return self.moderator.output_guard(message, system=_instructions(message, request))
+
+    def _first_shown(self, message: IncomingMessage) -> None:
+        self._first_token_seconds.observe(time.time() - message.received_at)
 
     async def _answered(
         self, message: IncomingMessage, claim: Claim, verdict: Verdict, pieces: list[str],

@@ -408,6 +408,58 @@ async def test_reply_flagged_mid_stream_is_replaced_and_not_stored() -> None:
         snap = await engine.memory.load(ConversationKey("mbot", "web", "c1"), "u1")
         assert "shithead" not in " ".join(t.text for t in snap.turns)
         assert engine.metrics.moderation.labels("mbot", "web", "output", "block")._value.get() == 1
+        assert isinstance(engine.moderator, FilterModerator)
+        assert engine.moderator.counts["output:block"] == 1  # reported (the audit log's entry)
+
+
+class Restarted:
+    """A remote generation whose worker died part-way; another worker started over."""
+
+    def __init__(self, first: list[str], second: list[str]) -> None:
+        self.deltas = [TokenDelta(p) for p in first] + [
+            TokenDelta(p, restart=i == 0) for i, p in enumerate(second)]
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        for delta in self.deltas:
+            await asyncio.sleep(0)
+            yield delta
+        yield TokenDelta("", "stop")
+
+
+class Calm:
+    """A classifier the guard must await (no in-process scorer) that flags nothing."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def score(self, text: str) -> float:
+        return 0.0
+
+
+@pytest.mark.parametrize("awaited", [False, True])
+async def test_a_restarted_generation_is_guarded_afresh(awaited: bool) -> None:
+    # The guard fed by the engine, and the async guard (a classifier to await) over the
+    # deltas: the same answer either way.
+    settings = bot()
+    moderator = FilterModerator(settings, classifier=Calm()) if awaited else None
+    generator = Restarted(["Sure, here is the first answer you ", "asked for, ", "my friend "],
+                          ["The second ", "answer is short. ", "Bye."])
+    async with engine_with(settings, generator, moderator) as engine:
+        assert (engine.moderator.output_guard(msg("hi")) is None) is awaited
+        events = [e async for e in engine.handle(msg("help me"))]
+        kinds = [e.kind for e in events]
+        assert kinds.count(ReplyKind.RESET) == 1 and kinds[-1] is ReplyKind.FINAL
+        before = "".join(e.text for e in events[:kinds.index(ReplyKind.RESET)])
+        after = "".join(e.text for e in events[kinds.index(ReplyKind.RESET) + 1:-1])
+        # What the guard held back of the abandoned attempt never shows.
+        assert before and "Sure, here is the first answer you asked for, ".startswith(before)
+        assert "friend" not in before + after
+        assert after == events[-1].text == "The second answer is short. Bye."
 
 
 @pytest.mark.parametrize(("mode", "action"), [("closed", "block"), ("open", "allow")])
