@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -47,9 +47,11 @@ from core.moderation.base import (
     ReplyWithheld,
     Verdict,
 )
+from core.outcomes import Apologies, collect, plugin_failure_counter
+from core.outcomes import outcome as outcome_of
 from core.plugin_runner import Before, PluginFailed, PluginRunner
 from core.plugins import AddContext, PluginRegistry
-from core.prompt import HistoryMessages, chat_messages
+from core.prompt import HistoryMessages, chat_messages, instructions
 from core.streams import closing, guarded_attempts
 from core.types import IncomingMessage, ReplyEvent, ReplyKind, Turn
 from core.validation import clean_text
@@ -58,24 +60,6 @@ if TYPE_CHECKING:
     from core.redis_client import RedisHub
 
 log = logging.getLogger(__name__)
-
-
-
-@dataclass(frozen=True, slots=True)
-class Apologies:
-    """What users are told when something behind the bot fails. Short and polite."""
-
-    memory: str = (
-        "Sorry, I'm having trouble remembering our conversation right now. "
-        "Please try again in a moment."
-    )
-    busy: str = "Sorry, I'm very busy right now. Please try again in a moment."
-    generation: str = "Sorry, something went wrong while I was thinking. Please try again."
-    empty: str = "Sorry, I don't have an answer to that."
-    plugin: str = "Sorry, something went wrong on my side. Please try again."
-    slow_down: str = "You're sending messages faster than I can answer. Please slow down."
-    # A channel's own failure while answering (an adapter's bug, its store failing).
-    internal: str = "Sorry, something went wrong. Please try again."
 
 
 
@@ -239,7 +223,7 @@ class Engine(ServiceBase):
                                      action=exc.action, code="slow_down")
         finally:
             if last is not None and last.is_last:
-                outcome = _outcome(last)
+                outcome = outcome_of(last)
             counted = self._outcomes.get((message.channel, outcome))
             if counted is None:
                 counted = self._outcomes[message.channel, outcome] = self.metrics.messages.labels(
@@ -276,7 +260,7 @@ class Engine(ServiceBase):
         word's turn of the event loop). A guard that must await a filter (an external
         classifier) is the moderator's async one, over the deltas."""
         deltas = self.generator.stream(request)
-        system = _instructions(message, request)
+        system = instructions(message.text, request.messages)
         guard = self.moderator.output_guard(message, system=system)
         if guard is None:
             return guarded_attempts(
@@ -292,7 +276,8 @@ class Engine(ServiceBase):
         if guard is None:
             return None
         guard.finish()
-        return self.moderator.output_guard(message, system=_instructions(message, request))
+        system = instructions(message.text, request.messages)
+        return self.moderator.output_guard(message, system=system)
 
     def _first_shown(self, message: IncomingMessage) -> None:
         self._first_token_seconds.observe(time.time() - message.received_at)
@@ -473,41 +458,4 @@ def unique_ids() -> Callable[[], str]:
     return lambda: f"{prefix}{next(count):x}"
 
 
-def _outcome(event: ReplyEvent) -> str:
-    if event.code == "duplicate":
-        return "duplicate"
-    if event.kind is ReplyKind.FINAL:
-        return "answered"
-    if event.kind is ReplyKind.ERROR:
-        return "error"
-    if event.code == "command":
-        return "command"
-    return "blocked" if event.action != Action.ALLOW else "notice"
-
-
-async def collect(events: AsyncIterator[ReplyEvent]) -> ReplyEvent:
-    """Drain a reply stream and return its last event (for channels that don't stream)."""
-    last = ReplyEvent(ReplyKind.ERROR, "no reply", code="no_reply")
-    async with closing(events) as stream:
-        async for event in stream:
-            last = event
-    return last
-
-
-def plugin_failure_counter(metrics: Metrics, bot: str) -> Callable[[str, str, BaseException], None]:
-    """What a plugin registry calls on a plugin's failure: count it for ``bot``."""
-
-    def count(plugin: str, what: str, exc: BaseException) -> None:
-        metrics.plugin_failures.labels(bot, plugin).inc()
-
-    return count
-
-
-def _instructions(message: IncomingMessage, request: GenerationRequest) -> str:
-    """What the bot was told and must never recite: the system messages, and any text
-    placed after the user's own words in the last turn (post-history instructions)."""
-    parts = [m.content for m in request.messages if m.role == "system"]
-    last = request.messages[-1] if request.messages else None
-    if last is not None and last.role == "user" and last.content.startswith(message.text):
-        parts.append(last.content[len(message.text):].strip())
-    return "\n\n".join(p for p in parts if p)
+__all__ = ["Apologies", "Engine", "collect", "plugin_failure_counter", "unique_ids"]

@@ -114,3 +114,14 @@ def _converted(
 
 def _message(turn: Turn) -> ChatMessage | None:
     return None if turn.role == "system" else ChatMessage(turn.role, turn.text)
+
+
+def instructions(text: str, messages: Sequence[ChatMessage]) -> str:
+    """What the bot was told and must never recite: the system messages, and any text
+    placed after the user's own words (``text``) in the last turn (post-history
+    instructions)."""
+    parts = [m.content for m in messages if m.role == "system"]
+    last = messages[-1] if messages else None
+    if last is not None and last.role == "user" and last.content.startswith(text):
+        parts.append(last.content[len(text):].strip())
+    return "\n\n".join(p for p in parts if p)
