@@ -149,8 +149,11 @@ class PluginRunner:
     def after(self, message: IncomingMessage, reply: str,
               history: Sequence[Turn] = ()) -> None:
         """Start each post-hook on the stored exchange, in the background."""
+        hooks = self.registry.post_hooks
+        if not hooks:
+            return
         exchange = Exchange(message, reply, tuple(history))
-        for hook in self.registry.post_hooks:
+        for hook in hooks:
             self.registry.plugin(hook.plugin).spawn(hook.fn(exchange), "post-hook")
 
 

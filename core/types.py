@@ -40,11 +40,13 @@ class IncomingMessage:
     user_name: str | None = None
     received_at: float = field(default_factory=time.time)
     metadata: Mapping[str, str] = field(default_factory=dict)
+    # The conversation this message belongs to: made once, as the lane, memory, the
+    # prompt and the channel each ask for it.
+    key: ConversationKey = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> ConversationKey:
-        """The conversation this message belongs to."""
-        return ConversationKey(self.bot, self.channel, self.conversation_id)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key",
+                           ConversationKey(self.bot, self.channel, self.conversation_id))
 
 
 @dataclass(frozen=True, slots=True)
