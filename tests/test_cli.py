@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -40,11 +41,38 @@ def json_lines(out: bytes) -> list[dict[str, object]]:
     return [json.loads(line) for line in out.decode().splitlines() if line.strip()]
 
 
-def test_check_accepts_the_example_bots() -> None:
-    for name in ("demo.toml", "echo.toml"):
-        result = parley("check", f"config/{name}")
+EXAMPLES = ("demo.toml", "echo.toml")
+
+
+@pytest.fixture
+def example_ports_taken() -> Iterator[list[int]]:
+    """The example bots' fixed ports (8080, 8081) taken, as by ``scripts/demo`` running
+    beside the tests; a port something else already holds is taken just the same."""
+    from core.config import load_settings
+
+    ports = sorted({int(web["port"]) for name in EXAMPLES
+                    for web in [load_settings(REPO / "config" / name).adapters["web"]]})
+    with contextlib.ExitStack() as stack:
+        for port in ports:
+            holder = stack.enter_context(socket.socket())
+            try:
+                holder.bind(("127.0.0.1", port))
+                holder.listen()
+            except OSError:
+                pass  # taken already
+        yield ports
+
+
+def test_check_accepts_the_example_bots(example_ports_taken: list[int]) -> None:
+    """Whatever else listens on this machine: the files are checked, not the ports."""
+    for name in EXAMPLES:
+        result = parley("check", "--no-ports", f"config/{name}")
         assert result.returncode == 0, result.stderr.decode()
         assert b": ok" in result.stdout
+    # Without --no-ports the same check is about this machine now, and says so.
+    result = parley("check", "config/demo.toml")
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{example_ports_taken[0]}" in result.stderr.decode()
 
 
 def test_check_rejects_a_wrong_file_naming_file_and_key(tmp_path: Path) -> None:
