@@ -76,7 +76,7 @@ def build_engine(settings: BotSettings, *, metrics: Metrics | None = None) -> En
 
     Its parts that talk to Redis share one connection and pipeline per URL (a
     :class:`~core.redis_client.RedisHub`, also ``engine.redis`` for the adapters), so a
-    loop turn's memory, moderation and reply-log calls go out in one write.
+    loop turn's memory, moderation, plugin-storage and reply-log calls go out in one write.
     """
     src = settings.source
     memory = memory_backends().get(settings.memory.backend, where=f"{src}: memory.backend")
@@ -87,12 +87,13 @@ def build_engine(settings: BotSettings, *, metrics: Metrics | None = None) -> En
     store = bucket_stores().get(settings.memory.backend, where=f"{src}: memory.backend")
     metrics = metrics or Metrics()
     parts = (memory(settings), generator(settings), moderator(settings))
+    storage = store(settings)
     redis = RedisHub()
-    for part in parts:
+    for part in (*parts, storage):
         if isinstance(part, SharesRedis):
             part.share_redis(redis)
     services = PluginServices(
-        bot=settings.bot.name, store=store(settings), memory=parts[0], generator=parts[1],
+        bot=settings.bot.name, store=storage, memory=parts[0], generator=parts[1],
         moderator=parts[2], base_dir=_base_dir(src), conversation_ttl=settings.memory.ttl,
         window=settings.memory.window, admins=settings.plugins.admins, metrics=metrics,
     )

@@ -6,7 +6,7 @@ from :class:`core.plugin_services.Storage`, which names them by plugin and scope
 (global, per user, per conversation), so ``/forget`` can find every per-user bucket.
 
 Redis layout: one hash per bucket, ``{prefix}:{bot}:plugin:{bucket}``; every call is
-one round trip (a command, or ``MULTI`` for write + expire).
+one Lua script, pipelined with the other calls of its event-loop turn.
 """
 
 from __future__ import annotations
@@ -18,13 +18,10 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
-from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
-
 from core.config import BotSettings, MemorySection
 from core.errors import MemoryUnavailable
 from core.lifecycle import ServiceBase
-from core.redis_client import connect, failures_as, key_part, redact
+from core.redis_client import RedisHub, RedisShare, Scripts, failures_as, key_part, redact
 from core.registry import Registry
 
 
@@ -145,37 +142,59 @@ class EmbeddedBuckets(ServiceBase):
 
 
 class RedisBuckets(ServiceBase):
-    """A :class:`BucketStore` on Redis: one hash per bucket under the memory prefix."""
+    """A :class:`BucketStore` on Redis: one hash per bucket under the memory prefix.
 
-    def __init__(self, section: MemorySection, bot: str, *, source: str = "<memory>") -> None:
+    Every call is one Lua script on a :class:`~core.redis_client.ScriptPipeline`: its own
+    (alone), or the process's for its URL once the app shares a
+    :class:`~core.redis_client.RedisHub` (``share_redis``), so a message's pause check
+    goes out in the same write as memory's and moderation's calls, on one connection.
+    Only the calls safe to run twice (reads, ``put``, ``extend``) are sent again after a
+    broken connection (a Redis restart); a script the restarted server lost is loaded
+    again and run.
+    """
+
+    def __init__(self, section: MemorySection, bot: str, *, source: str = "<memory>",
+                 redis: RedisHub | None = None) -> None:
         self.section = section
         self.source = source
         self._base = f"{section.key_prefix}:{key_part(bot)}:plugin:"
-        self._client: Redis | None = None
-        self._scripts: dict[str, AsyncScript] = {}
+        # Its own connections unless the app shares a process's (share_redis).
+        self._hub = redis or RedisHub()
+        self._share: RedisShare | None = None
+        self._scripts: Scripts | None = None
+
+    def share_redis(self, hub: RedisHub) -> None:
+        """Talk to Redis through ``hub``'s connections from the next start on (see
+        :class:`~core.redis_client.RedisHub`); the app calls it before starting."""
+        self._hub = hub
 
     async def _start(self) -> None:
-        self._client = connect(self.section.url, timeout=self.section.timeout,
-                               where=f"{self.source}: memory.url", socket_timeout=False)
-        # redis-py's Script runs EVALSHA and loads the script again on NOSCRIPT.
-        self._scripts = {name: self._client.register_script(source)
-                         for name, source in (("incr", _INCR), ("extend", _EXTEND))}
+        share = self._share = self._hub.acquire(
+            self.section.url, timeout=self.section.timeout, where=f"{self.source}: memory.url")
+        try:
+            async with self._failures("start"), asyncio.timeout(self.section.timeout):
+                self._scripts = await share.scripts(
+                    _SCRIPTS, call_timeout=self.section.timeout, retry=_IDEMPOTENT)
+        except BaseException:
+            await self._stop()
+            raise
 
     async def _stop(self) -> None:
-        client, self._client, self._scripts = self._client, None, {}
-        if client is not None:
-            await client.aclose()
-
-    @property
-    def client(self) -> Redis:
-        """The connection (after start)."""
-        if self._client is None:
-            raise RuntimeError("RedisBuckets is used before start() or after stop()")
-        return self._client
+        self._scripts = None
+        share, self._share = self._share, None
+        if share is not None:
+            await share.release()
 
     def _failures(self, what: str) -> AbstractAsyncContextManager[None]:
         return failures_as(MemoryUnavailable, f"redis at {redact(self.section.url)}",
                            f"plugin storage {what}")
+
+    async def _run(self, what: str, name: str, keys: Sequence[str],
+                   args: Sequence[Any]) -> Any:
+        if self._scripts is None:
+            raise RuntimeError("RedisBuckets is used before start() or after stop()")
+        async with self._failures(what):
+            return await self._scripts(name, keys, args)
 
     def key(self, bucket: str) -> str:
         """The Redis key of ``bucket``."""
@@ -183,75 +202,45 @@ class RedisBuckets(ServiceBase):
 
     async def get(self, bucket: str, field: str) -> str | None:
         """See :class:`BucketStore`."""
-        async with self._failures("get"), asyncio.timeout(self.section.timeout):
-            value = await self.client.hget(self.key(bucket), field)
+        value = await self._run("get", "get", [self.key(bucket)], [field])
         return None if value is None else _text(value)
 
     async def items(self, bucket: str) -> dict[str, str]:
         """See :class:`BucketStore`."""
-        async with self._failures("read"), asyncio.timeout(self.section.timeout):
-            raw = await self.client.hgetall(self.key(bucket))
-        return {_text(k): _text(v) for k, v in raw.items()}
+        flat = await self._run("read", "items", [self.key(bucket)], [])
+        return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
 
     async def put(self, bucket: str, values: Mapping[str, str], ttl: float | None) -> None:
         """See :class:`BucketStore`."""
         if not values:
             return
-        key = self.key(bucket)
-        async with self._failures("write"), asyncio.timeout(self.section.timeout):
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.hset(key, mapping=dict[Any, Any](values))
-                if ttl is not None:
-                    pipe.pexpire(key, _pexpire(ttl))
-                await pipe.execute()
+        flat = [part for pair in values.items() for part in pair]
+        await self._run("write", "put", [self.key(bucket)], [_pexpire(ttl), *flat])
 
     async def remove(self, bucket: str, *fields: str) -> int:
         """See :class:`BucketStore`."""
         if not fields:
             return 0
-        async with self._failures("delete"), asyncio.timeout(self.section.timeout):
-            return int(await self.client.hdel(self.key(bucket), *fields))
+        return int(await self._run("delete", "remove", [self.key(bucket)], fields))
 
     async def drop(self, *buckets: str) -> int:
         """See :class:`BucketStore`."""
         if not buckets:
             return 0
-        async with self._failures("delete"), asyncio.timeout(self.section.timeout):
-            return int(await self.client.delete(*(self.key(b) for b in buckets)))
-
-    def _script(self, name: str) -> AsyncScript:
-        script = self._scripts.get(name)
-        if script is None:
-            raise RuntimeError("RedisBuckets is used before start() or after stop()")
-        return script
+        return int(await self._run("delete", "drop", [self.key(b) for b in buckets], []))
 
     async def extend(self, bucket: str, field: str, items: Sequence[str], cap: int,
                      ttl: float | None, *, start: Sequence[str] = ()) -> list[str]:
         """See :class:`BucketStore`."""
-        pexpire = _pexpire(ttl)
-        async with self._failures("write"), asyncio.timeout(self.section.timeout):
-            raw = await self._script("extend")(
-                keys=[self.key(bucket)],
-                args=[field, cap, pexpire, json.dumps(list(start)), json.dumps(list(items))])
+        raw = await self._run("write", "extend", [self.key(bucket)], [
+            field, cap, _pexpire(ttl), json.dumps(list(start)), json.dumps(list(items))])
         return [str(i) for i in json.loads(_text(raw))]
 
     async def incr(self, bucket: str, field: str, by: int, ttl: float | None, *,
                    bounds: Bounds | None = None, start: int = 0) -> int:
         """See :class:`BucketStore`."""
-        key = self.key(bucket)
-        if bounds is not None or start:
-            pexpire = _pexpire(ttl)
-            async with self._failures("write"), asyncio.timeout(self.section.timeout):
-                value = await self._script("incr")(
-                    keys=[key], args=[field, by, start, *(bounds or ("", "")), pexpire])
-            return int(value)
-        async with self._failures("write"), asyncio.timeout(self.section.timeout):
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.hincrby(key, field, by)
-                if ttl is not None:
-                    pipe.pexpire(key, _pexpire(ttl))
-                result = await pipe.execute()
-        return int(result[0])
+        return int(await self._run("write", "incr", [self.key(bucket)], [
+            field, by, start, *(bounds or ("", "")), _pexpire(ttl)]))
 
 
 def _pexpire(ttl: float | None) -> int:
@@ -292,6 +281,24 @@ redis.call('HSET', KEYS[1], ARGV[1], encoded)
 if tonumber(ARGV[3]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
 return encoded
 """
+
+
+_GET = "return redis.call('HGET', KEYS[1], ARGV[1])"
+_ITEMS = "return redis.call('HGETALL', KEYS[1])"
+_REMOVE = "return redis.call('HDEL', KEYS[1], unpack(ARGV))"
+_DROP = "return redis.call('DEL', unpack(KEYS))"
+
+# KEYS: the bucket. ARGV: pexpire (-1: keep the bucket's expiry), then field, value, ...
+_PUT = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+if tonumber(ARGV[1]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return 1
+"""
+
+_SCRIPTS = {"get": _GET, "items": _ITEMS, "put": _PUT, "remove": _REMOVE, "drop": _DROP,
+            "incr": _INCR, "extend": _EXTEND}
+# Safe to run twice: a retried remove, drop or incr would count (or add) again.
+_IDEMPOTENT = ("get", "items", "put", "extend")
 
 
 def _text(value: bytes | str) -> str:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 
 from bots.web.resume import RedisReplyLog
 from core.app import build_engine
@@ -19,6 +20,7 @@ from core.engine import collect
 from core.errors import MemoryUnavailable
 from core.redis_client import RedisHub, _Link
 from core.types import IncomingMessage, ReplyKind
+from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -151,3 +153,36 @@ async def test_a_memory_call_on_a_shared_connection_still_fails_as_memory(
                     message_id="m", text="x").key)
         finally:
             redis_server.start()
+
+
+async def test_plugin_storage_joins_memorys_connection_and_survives_a_restart(
+    redis_server: RedisServer, redis_url: str, memory_prefix: str,
+) -> None:
+    settings = parse_settings({
+        "bot": {"name": "hub"},
+        "generation": {"backend": "echo"},
+        "memory": {"backend": "redis", "url": redis_url, "key_prefix": memory_prefix},
+        "moderation": {"backend": "passthrough"},
+    }, source="<hub>")
+    engine = build_engine(settings)
+    store = engine.plugins.services.store
+    watcher = Redis.from_url(redis_url)
+    try:
+        before = len(await watcher.client_list())
+        async with engine:
+            reply = await collect(engine.handle(IncomingMessage(
+                bot="hub", channel="web", conversation_id="c", user_id="u",
+                message_id="m1", text="hello there")))
+            assert reply.kind is ReplyKind.FINAL, reply
+            await store.put("b", {"seen": "1"}, 60)
+            assert await store.incr("b", "n", 2, None) == 2
+            # Memory and plugin storage: one pool, one pipelined connection.
+            assert len(await watcher.client_list()) == before + 1
+            redis_server.restart()  # empty again
+            assert await store.get("b", "seen") is None
+            await store.put("b", {"seen": "2"}, 60)
+            assert await store.items("b") == {"seen": "2"}
+            assert await store.incr("b", "n", 1, None, bounds=(0, 5), start=4) == 5
+            assert await store.remove("b", "n") == 1 and await store.drop("b") == 1
+    finally:
+        await watcher.aclose()
