@@ -252,11 +252,19 @@ def _pexpire(ttl: float | None) -> int:
 # none), pexpire (-1: keep the bucket's expiry). HINCRBY cannot clamp, so read, add and
 # clamp run here, where nothing else runs in between.
 _INCR = """
-local current = redis.call('HGET', KEYS[1], ARGV[1])
-local value = (current and tonumber(current) or tonumber(ARGV[3])) + tonumber(ARGV[2])
-if ARGV[4] ~= '' then value = math.max(tonumber(ARGV[4]), value) end
-if ARGV[5] ~= '' then value = math.min(tonumber(ARGV[5]), value) end
-redis.call('HSET', KEYS[1], ARGV[1], value)
+local value
+if ARGV[3] == '0' and ARGV[4] == '' and ARGV[5] == '' then
+  -- A plain count: Redis's own 64-bit HINCRBY, which refuses a field that is no integer;
+  -- read back as text, as a Lua number holds only 53 bits.
+  redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
+  value = redis.call('HGET', KEYS[1], ARGV[1])
+else
+  local current = redis.call('HGET', KEYS[1], ARGV[1])
+  value = (current and tonumber(current) or tonumber(ARGV[3])) + tonumber(ARGV[2])
+  if ARGV[4] ~= '' then value = math.max(tonumber(ARGV[4]), value) end
+  if ARGV[5] ~= '' then value = math.min(tonumber(ARGV[5]), value) end
+  redis.call('HSET', KEYS[1], ARGV[1], value)
+end
 if tonumber(ARGV[6]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[6]) end
 return value
 """

@@ -176,6 +176,14 @@ async def test_plugin_storage_joins_memorys_connection_and_survives_a_restart(
             assert reply.kind is ReplyKind.FINAL, reply
             await store.put("b", {"seen": "1"}, 60)
             assert await store.incr("b", "n", 2, None) == 2
+            # A plain count is exact past 2**53 (HINCRBY, not a Lua number) and refuses
+            # a field that holds no integer, as it did before storage shared the hub.
+            assert await store.incr("b", "big", 2**53 + 1, None) == 2**53 + 1
+            assert await store.incr("b", "big", 2, None) == 2**53 + 3
+            await store.put("b", {"word": "abc"}, None)
+            with pytest.raises(MemoryUnavailable):
+                await store.incr("b", "word", 1, None)
+            assert await store.get("b", "word") == "abc"
             # Memory and plugin storage: one pool, one pipelined connection.
             assert len(await watcher.client_list()) == before + 1
             redis_server.restart()  # empty again
