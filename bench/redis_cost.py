@@ -7,9 +7,11 @@ message's calls -- moderation's flood admit, memory's begin and finish -- for 64
 conversations at once (as a busy front end batches them), the same on every run
 whatever the load. The conversations first run ``--rounds`` messages each (their dedupe
 records, flood windows and windows of turns fill), and one round late in the run is
-counted.
+counted. ``--reply-log`` adds the web widget's reply log (:mod:`bots.web.resume`): an
+append of the user's message and one of the answer (a quick reply is one append of both,
+a streamed one several; an append is the unit).
 
-    python bench/redis_cost.py                 # needs valgrind (apt-get install valgrind)
+    python bench/redis_cost.py --reply-log      # needs valgrind (apt-get install valgrind)
     python bench/redis_cost.py --rounds 60 --keep /tmp/cg   # keep the callgrind files
     callgrind_annotate --inclusive=yes /tmp/cg/cg.*.2       # then: where begin's go
 
@@ -27,11 +29,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from redis import Redis
 
+from bots.web.resume import RedisReplyLog
 from core.config import MemorySection
 from core.memory.base import StoredReply
 from core.memory.redis import RedisMemory
@@ -41,6 +45,7 @@ from core.redis_client import RedisHub
 from core.types import ConversationKey, Turn
 
 PHASES = ("admit", "begin", "finish")
+LOG_PHASES = ("append",)
 CONVERSATIONS = 64
 
 
@@ -49,13 +54,15 @@ def control(pid: int, *args: str) -> None:
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-async def drive(url: str, pid: int, rounds: int) -> None:
+async def drive(url: str, pid: int, rounds: int, reply_log: bool) -> None:
     hub = RedisHub()
     memory = RedisMemory(MemorySection(backend="redis", url=url, key_prefix="cost",
                                        timeout=60), redis=hub)
     state = RedisState(url, prefix="cost", bot="b", timeout=60, redis=hub)
     limits = Limits(10**9, 10.0, 10**9, 10.0)  # counted, never refused (as peers.py)
     keys = [ConversationKey("b", "web", f"conv-{c}") for c in range(CONVERSATIONS)]
+    section = MemorySection(backend="redis", url=url, key_prefix="cost", timeout=60)
+    replies = RedisReplyLog(section, "b", ttl=3600, cap=2000, redis=hub)
 
     async def admit(c: int, message_id: str) -> None:
         await state.admit(f"web:u{c}", f"web:conv-{c}", limits,
@@ -71,11 +78,21 @@ async def drive(url: str, pid: int, rounds: int) -> None:
                              Turn("assistant", text)],
                             StoredReply("final", text, "allow", ""))
 
+    async def append(c: int, message_id: str) -> None:
+        text = f"hello from client {c} with message {message_id}, how are you today?"
+        await replies.append(f"web:conv-{c}", [
+            {"kind": "user", "message_id": message_id, "text": text},
+            {"kind": "final", "message_id": message_id, "text": text, "action": "allow"}])
+
+    phases: list[tuple[str, Any]] = [("admit", admit), ("begin", begin), ("finish", finish)]
+    if reply_log:
+        phases.append(("append", append))
+        await replies.start()
     await memory.start()
     await state.start()
     try:
         for r in range(rounds):
-            for name, call in (("admit", admit), ("begin", begin), ("finish", finish)):
+            for name, call in phases:
                 if r == rounds - 10:
                     control(pid, "--zero")
                 await asyncio.gather(*(call(c, f"m{c}x{r}") for c in range(CONVERSATIONS)))
@@ -84,6 +101,8 @@ async def drive(url: str, pid: int, rounds: int) -> None:
     finally:
         await memory.stop()
         await state.stop()
+        if reply_log:
+            await replies.stop()
 
 
 def counted(path: Path) -> tuple[str, int]:
@@ -98,6 +117,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--reply-log", action="store_true",
+                        help="count the web widget's reply-log append too")
     parser.add_argument("--keep", metavar="DIR", help="keep the callgrind files here")
     args = parser.parse_args()
     if shutil.which("valgrind") is None or shutil.which("redis-server") is None:
@@ -118,7 +139,7 @@ def main() -> None:
                     break
                 except Exception:
                     time.sleep(0.1)
-            asyncio.run(drive(f"unix://{sock}", proc.pid, args.rounds))
+            asyncio.run(drive(f"unix://{sock}", proc.pid, args.rounds, args.reply_log))
         finally:
             proc.terminate()
             proc.wait()
@@ -128,6 +149,10 @@ def main() -> None:
     for name in PHASES:
         print(f"  {name:<8} {totals.get(name, 0) / CONVERSATIONS:10,.0f}")
     print(f"  {'total':<8} {sum(totals.get(n, 0) for n in PHASES) / CONVERSATIONS:10,.0f}")
+    if args.reply_log:
+        print("web reply log, per append (2 events):")
+        for name in LOG_PHASES:
+            print(f"  {name:<8} {totals.get(name, 0) / CONVERSATIONS:10,.0f}")
 
 
 if __name__ == "__main__":
