@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 
 from bots.web.resume import MemoryReplyLog, RedisReplyLog
 from bots.web.writer import ReplyWriter, compact
@@ -115,6 +116,46 @@ async def test_redis_keeps_the_newest_cap_entries(redis_url: str, memory_prefix:
         after_first = await log.since("r", first[0]["seq"])
     assert kept.entries == (first + second)[-16:]
     assert after_first.gap  # what came right after it is no longer kept
+
+
+async def test_redis_keeps_numbers_and_entries_for_the_ttl(redis_url: str,
+                                                           memory_prefix: str) -> None:
+    section = MemorySection(backend="redis", url=redis_url, key_prefix=memory_prefix)
+    async with RedisReplyLog(section, "bot", ttl=77, cap=16) as log:
+        one = await log.append("r", [ev("user", "hi")])
+        client = Redis.from_url(redis_url)
+        try:
+            await client.expire(f"{memory_prefix}:bot:web:seq:r", 5)
+            await client.expire(f"{memory_prefix}:bot:web:log:r", 5)
+            two = await log.append("r", [ev("final", "hello")])  # each sets them again
+            ttls = [await client.pttl(f"{memory_prefix}:bot:web:{kind}:r")
+                    for kind in ("seq", "log")]
+        finally:
+            await client.aclose()
+        kept = await log.since("r", 0)
+    assert all(75_000 < t <= 77_000 for t in ttls), ttls
+    assert kept.entries == one + two and two[0]["seq"] == one[0]["seq"] + 1 == kept.last
+
+
+async def test_redis_pokes_the_other_front_ends_that_listen(redis_url: str,
+                                                            memory_prefix: str) -> None:
+    section = MemorySection(backend="redis", url=redis_url, key_prefix=memory_prefix)
+    async with (RedisReplyLog(section, "bot", ttl=60, cap=100) as here,
+                RedisReplyLog(section, "bot", ttl=60, cap=100) as there):
+        with here.subscribe("r") as mine, there.subscribe("r") as theirs:
+            entries = await here.append("r", [ev("user", "hi")])
+            async with asyncio.timeout(10):
+                assert await theirs.get() is None  # a poke: read the log
+                assert await mine.get() == entries[0]
+            # This front end no longer listens (its pub/sub is down), the other does:
+            # it is still poked.
+            assert here._listener is not None
+            here._listener.cancel()
+            await asyncio.gather(here._listener, return_exceptions=True)
+            here._listening = False
+            await here.append("r", [ev("final", "hello")])
+            async with asyncio.timeout(10):
+                assert await theirs.get() is None
 
 
 def test_a_batch_due_within_uvloops_millisecond_is_still_appended() -> None:

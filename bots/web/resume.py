@@ -210,37 +210,53 @@ class MemoryReplyLog(ReplyLog):
         return sum(self._logs.pop(ref, None) is not None for ref in refs)
 
 
-# KEYS: seq, log. ARGV: cap, ttl, channel, origin, ref, listeners, entries (JSON)...
+# KEYS: seq, log. ARGV: channel, origin, ref, listeners ('0' or '1'), entries (JSON)...
+# Written with the log's cap and TTL (:func:`_append_source`): numbers go to Redis as
+# strings (a Lua number is printed with %.17g, thousands of instructions), none is
+# parsed per call, and the usual append of one or two entries builds no table.
 _APPEND = """
-local n = #ARGV - 6
-local last = redis.call('INCRBY', KEYS[1], n)
+local n = #ARGV - 4
+local last = redis.call('INCRBY', KEYS[1], string.format('%d', n))
 if last == n then
   -- A new (or expired) log: its numbers start at the time in microseconds.
   local t = redis.call('TIME')
-  last = tonumber(t[1]) * 1000000 + tonumber(t[2]) + n
+  last = t[1] * 1000000 + t[2] + n
   redis.call('SET', KEYS[1], string.format('%d', last))
 end
 local first = last - n + 1
-local items = {}
-for i = 1, n do
-  -- %d: a plain concatenation would write a number this big as 1.79e+15.
-  items[i] = string.format('%d', first + i - 1) .. '\\n' .. ARGV[6 + i]
-end
+-- %d: a plain concatenation would write a number this big as 1.79e+15.
 local length = 0
-for i = 1, n, 1000 do  -- one RPUSH per thousand: unpack() has a stack limit
-  length = redis.call('RPUSH', KEYS[2], unpack(items, i, math.min(i + 999, n)))
+if n == 1 then  -- most appends: one or two entries, pushed without a table
+  length = redis.call('RPUSH', KEYS[2], string.format('%d\\n', first) .. ARGV[5])
+elseif n == 2 then
+  length = redis.call('RPUSH', KEYS[2], string.format('%d\\n', first) .. ARGV[5],
+                      string.format('%d\\n', first + 1) .. ARGV[6])
+else
+  local items = {}
+  for i = 1, n do items[i] = string.format('%d\\n', first + i - 1) .. ARGV[4 + i] end
+  for i = 1, n, 1000 do  -- one RPUSH per thousand: unpack() has a stack limit
+    length = redis.call('RPUSH', KEYS[2], unpack(items, i, math.min(i + 999, n)))
+  end
 end
-if length > tonumber(ARGV[1]) then
-  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[1]), -1)
+if length > $CAP then
+  redis.call('LTRIM', KEYS[2], '-$CAP', '-1')
 end
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
--- Only when another front end listens: ARGV[6] is how many listeners this one is.
-if redis.call('PUBSUB', 'NUMSUB', ARGV[3])[2] > tonumber(ARGV[6]) then
-  redis.call('PUBLISH', ARGV[3], ARGV[4] .. '\\n' .. ARGV[5] .. '\\n' .. string.format('%d', last))
+redis.call('EXPIRE', KEYS[1], '$TTL')
+redis.call('EXPIRE', KEYS[2], '$TTL')
+-- Only when another front end listens: ARGV[4] is how many listeners this one is.
+local listeners = redis.call('PUBSUB', 'NUMSUB', ARGV[1])[2]
+if listeners > 1 or (listeners == 1 and ARGV[4] == '0') then
+  redis.call('PUBLISH', ARGV[1], ARGV[2] .. '\\n' .. ARGV[3] .. '\\n' .. string.format('%d', last))
 end
 return first
 """
+
+
+def _append_source(cap: int, ttl: int) -> str:
+    """The append script for a log of ``cap`` entries kept ``ttl`` seconds."""
+    return _APPEND.replace("$CAP", str(int(cap))).replace("$TTL", str(int(ttl)))
+
+
 # KEYS: seq, log.
 _SINCE = "return {redis.call('GET', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1)}"
 
@@ -273,7 +289,8 @@ class RedisReplyLog(ReplyLog):
                                                 where=f"{self.source}: memory.url")
         client = self._client = share.client
         async with self._failures("start"), asyncio.timeout(self.section.timeout):
-            self._pipeline = await share.scripts({"append": _APPEND, "since": _SINCE},
+            self._pipeline = await share.scripts({"append": _append_source(self.cap, self.ttl),
+                                                  "since": _SINCE},
                                                  call_timeout=self.section.timeout)
         ready = asyncio.get_running_loop().create_future()
         self._listener = asyncio.create_task(self._listen(client, ready))
@@ -330,8 +347,7 @@ class RedisReplyLog(ReplyLog):
 
     async def _append(self, ref: str, events: list[Entry]) -> int:
         encoded = [jsoncodec.dumpb(e) for e in events]
-        args = [self.cap, self.ttl, self.channel, self._origin, ref, int(self._listening),
-                *encoded]
+        args = [self.channel, self._origin, ref, "1" if self._listening else "0", *encoded]
         return int(await self._run("append", self._keys(ref), args))
 
     async def since(self, ref: str, after: int) -> Backlog:
