@@ -20,15 +20,21 @@ import argparse
 import asyncio
 import re
 import statistics
-import subprocess
 import sys
 import time
-import tomllib
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.echo_bot import (  # noqa: E402
+    checkout_arguments,
+    demo_settings,
+    in_turn,
+    peer_messages,
+)
+
 PERSONA = "You are a helpful assistant."  # [bot] persona's default
 _WORD = re.compile(r"\s*\S+")  # as the echo generator streams
 
@@ -36,21 +42,10 @@ _WORD = re.compile(r"\s*\S+")  # as the echo generator streams
 async def measure(code: Path, messages: int, rounds: int, sync: bool = False) -> float:
     """The guard's CPU microseconds per reply with the code of checkout ``code``."""
     sys.path.insert(0, str(code))
-    from core.config import parse_settings
     from core.moderation.moderator import FilterModerator
-    from core.types import IncomingMessage
 
-    section = tomllib.loads((code / "config" / "demo.toml").read_text())["moderation"]
-    section = {k: v for k, v in section.items() if k != "channels"}
-    settings = parse_settings({
-        "bot": {"name": "peers"}, "generation": {"backend": "echo"},
-        "memory": {"backend": "embedded"},
-        "moderation": {**section, "user_rate": 10**9, "conversation_rate": 10**9}})
-    batch = [IncomingMessage(bot="peers", channel="web", conversation_id=f"c{i % 64}",
-                             user_id=f"u{i % 64}", message_id=uuid.uuid4().hex,
-                             text=f"hello number {i // 64 + 1} from client {i % 64}, "
-                                  "how are you today?")
-             for i in range(messages)]
+    settings = demo_settings(code)
+    batch = peer_messages(messages)
 
     async def deltas(text: str) -> AsyncIterator[str]:
         for word in _WORD.findall(text):
@@ -99,11 +94,7 @@ def main() -> None:
     """Parse arguments; measure this checkout, or it and another in turn."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--messages", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--code", type=Path, default=ROOT, help="the checkout to measure")
-    parser.add_argument("--compare", type=Path, help="another checkout to run in turn")
-    parser.add_argument("--repeat", type=int, default=4, help="runs of each, with --compare")
+    checkout_arguments(parser, ROOT, messages=2000, rounds=3)
     parser.add_argument("--sync", action="store_true",
                         help="the synchronous guard (Moderator.output_guard), not guard()")
     args = parser.parse_args()
@@ -111,15 +102,11 @@ def main() -> None:
         cost = asyncio.run(measure(args.code.resolve(), args.messages, args.rounds, args.sync))
         print(f"{cost:.1f}")
         return
-    results: dict[Path, list[float]] = {args.code.resolve(): [], args.compare.resolve(): []}
-    for i in range(args.repeat):
-        for code in list(results)[:: 1 if i % 2 == 0 else -1]:
-            out = subprocess.run([sys.executable, __file__, "--code", str(code), "--messages",
-                                  str(args.messages), "--rounds", str(args.rounds),
-                                  *(["--sync"] if args.sync else [])],
-                                 capture_output=True, text=True, check=True).stdout
-            results[code].append(float(out.split()[-1]))
-    for code, values in results.items():
+    runs = in_turn(__file__, [args.code.resolve(), args.compare.resolve()],
+                   ["--messages", str(args.messages), "--rounds", str(args.rounds),
+                    *(["--sync"] if args.sync else [])], args.repeat)
+    for code, outputs in runs.items():
+        values = [float(out.split()[-1]) for out in outputs]
         print(f"{code}: {statistics.median(values):.1f} us/reply (runs: "
               f"{', '.join(f'{v:.1f}' for v in values)})")
 

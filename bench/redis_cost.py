@@ -56,12 +56,11 @@ def control(pid: int, *args: str) -> None:
 
 async def drive(url: str, pid: int, rounds: int, reply_log: bool) -> None:
     hub = RedisHub()
-    memory = RedisMemory(MemorySection(backend="redis", url=url, key_prefix="cost",
-                                       timeout=60), redis=hub)
+    section = MemorySection(backend="redis", url=url, key_prefix="cost", timeout=60)
+    memory = RedisMemory(section, redis=hub)
     state = RedisState(url, prefix="cost", bot="b", timeout=60, redis=hub)
     limits = Limits(10**9, 10.0, 10**9, 10.0)  # counted, never refused (as peers.py)
     keys = [ConversationKey("b", "web", f"conv-{c}") for c in range(CONVERSATIONS)]
-    section = MemorySection(backend="redis", url=url, key_prefix="cost", timeout=60)
     replies = RedisReplyLog(section, "b", ttl=3600, cap=2000, redis=hub)
 
     async def admit(c: int, message_id: str) -> None:
