@@ -171,13 +171,10 @@ class RedisBuckets(ServiceBase):
     async def _start(self) -> None:
         share = self._share = self._hub.acquire(
             self.section.url, timeout=self.section.timeout, where=f"{self.source}: memory.url")
-        try:
-            async with self._failures("start"), asyncio.timeout(self.section.timeout):
-                self._scripts = await share.scripts(
-                    _SCRIPTS, call_timeout=self.section.timeout, retry=_IDEMPOTENT)
-        except BaseException:
-            await self._stop()
-            raise
+        # (A failure here is stopped by ServiceBase.start, releasing the share.)
+        async with self._failures("start"), asyncio.timeout(self.section.timeout):
+            self._scripts = await share.scripts(
+                _SCRIPTS, call_timeout=self.section.timeout, retry=_IDEMPOTENT)
 
     async def _stop(self) -> None:
         self._scripts = None
@@ -293,12 +290,28 @@ return encoded
 
 _GET = "return redis.call('HGET', KEYS[1], ARGV[1])"
 _ITEMS = "return redis.call('HGETALL', KEYS[1])"
-_REMOVE = "return redis.call('HDEL', KEYS[1], unpack(ARGV))"
-_DROP = "return redis.call('DEL', unpack(KEYS))"
+# Long lists go in pieces: Lua's unpack() refuses more than about 8,000 values.
+_REMOVE = """
+local n = 0
+for i = 1, #ARGV, 1000 do
+  n = n + redis.call('HDEL', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+return n
+"""
+_DROP = """
+local n = 0
+for i = 1, #KEYS, 1000 do
+  n = n + redis.call('DEL', unpack(KEYS, i, math.min(i + 999, #KEYS)))
+end
+return n
+"""
 
 # KEYS: the bucket. ARGV: pexpire (-1: keep the bucket's expiry), then field, value, ...
+# (in pieces of 500 pairs).
 _PUT = """
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+for i = 2, #ARGV, 1000 do
+  redis.call('HSET', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
 if tonumber(ARGV[1]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return 1
 """

@@ -192,5 +192,14 @@ async def test_plugin_storage_joins_memorys_connection_and_survives_a_restart(
             assert await store.items("b") == {"seen": "2"}
             assert await store.incr("b", "n", 1, None, bounds=(0, 5), start=4) == 5
             assert await store.remove("b", "n") == 1 and await store.drop("b") == 1
+            # Past what one Lua unpack() takes (about 8,000 values), as HSET/HDEL/DEL take.
+            many = {f"f{i}": str(i) for i in range(5000)}
+            await store.put("big", many, 60)
+            assert await store.items("big") == many
+            assert await store.remove("big", *many) == 5000
+            buckets = [f"big{i}" for i in range(9000)]
+            for name in buckets[:3]:
+                await store.put(name, {"x": "1"}, 60)
+            assert await store.drop(*buckets) == 3
     finally:
         await watcher.aclose()
