@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -152,10 +152,9 @@ class _Child:
     proc: subprocess.Popen[bytes] | None = None
     link: socket.socket | None = None
     ready_at: float | None = None
-    started_at: float = 0.0
     backoff: float = FIRST_BACKOFF
     restart_at: float | None = None
-    said: bytes = field(default=b"")
+    said: bytes = b""
 
 
 class Supervisor:
@@ -214,7 +213,7 @@ class Supervisor:
             theirs.close()
         ours.setblocking(False)
         child.link, child.said, child.ready_at = ours, b"", None
-        child.started_at, child.restart_at = time.monotonic(), None
+        child.restart_at = None
         self._selector.register(ours, selectors.EVENT_READ, child)
         log.info("process %d started (pid %d)", child.index, child.proc.pid)
 

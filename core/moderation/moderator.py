@@ -79,9 +79,10 @@ class FilterModerator(InputChecks, ServiceBase):
 
     def share_redis(self, hub: RedisHub) -> None:
         """Keep the state in ``hub``'s Redis connections (see ``core.redis_client``)."""
-        share = getattr(self.state, "share_redis", None)  # RedisState; not MemoryState
-        if share is not None:
-            share(hub)
+        from core.redis_client import SharesRedis  # (a hub exists: redis is loaded)
+
+        if isinstance(self.state, SharesRedis):  # RedisState; not MemoryState
+            self.state.share_redis(hub)
 
     async def _start(self) -> None:
         # The confusables table is read and the pattern scanners are compiled once (about
