@@ -163,11 +163,10 @@ class Supervisor:
     ``command(index, fd)`` is a child's command line (``fd``: its end of the link).
     """
 
-    def __init__(self, command: Callable[[int, int], list[str]], count: int,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(self, command: Callable[[int, int], list[str]], count: int) -> None:
         self._command = command
         self._children = [_Child(i) for i in range(count)]
-        self._env = {**(env if env is not None else os.environ)}
+        self._env = dict(os.environ)
         self._stopping = False
         self._crashed = False
         self._selector = selectors.DefaultSelector()
