@@ -327,7 +327,7 @@ class ScoreWindow:
         else:
             vector, known = self._model.word_part(name)
         if vector is not None:
-            self._sums = [s + -1 * v for s, v in zip(self._sums, vector, strict=True)]
+            self._sums = [s - v for s, v in zip(self._sums, vector, strict=True)]
             self._known -= known
 
 

@@ -166,13 +166,14 @@ class TermFilter:
         """The first blocked term in ``text``, as written in the list; None if clean."""
         return self._find(text)[0]
 
-    def _find(self, text: Normalised) -> tuple[TermHit | None, str]:
+    def _find(self, text: Normalised) -> tuple[TermHit | None, str | None]:
         """:meth:`find`, and the text's words between single spaces (one at each end)
-        without its allowlisted phrases."""
+        without its allowlisted phrases (None: the lists have no phrases, so the words
+        as they are, ``text.key``; the output guard asks at every release)."""
         words = text.words
-        key = f" {' '.join(words)} "
         if not self._phrases:
-            return self._blocked.find(words, self._allowed_words), key
+            return self._blocked.find(words, self._allowed_words), None
+        key = f" {' '.join(words)} "
         # Split once (its ends are empty strings, which no phrase starts with).
         split = key.split(" ")
         if self._allowed_phrases and not self._allowed_firsts.isdisjoint(split):
@@ -199,7 +200,7 @@ class TermFilter:
         hit, key = self._find(text)
         if hit is not None or self._patterns is None:
             return hit
-        category = self._patterns.find(key.strip())
+        category = self._patterns.find(text.key if key is None else key.strip())
         return TermHit(f"pattern:{category}", category) if category is not None else None
 
     def _without_allowed(self, key: str) -> str:
