@@ -83,7 +83,8 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log
 
 
 # A started server: its base URL, its process, and the processes whose CPU is counted.
-Server = tuple[str, "subprocess.Popen[bytes]", list[int]]
+# (base URL, process, pids whose CPU is the server's, its Redis URL if it has one)
+Server = tuple[str, "subprocess.Popen[bytes]", list[int], str | None]
 
 
 def free_port() -> int:
@@ -185,7 +186,6 @@ def parley_server(folder: Path, loop: str, processes: int = 1) -> Iterator[Serve
     with private_redis() as redis_url:
         redis_pid = int(Redis.from_url(redis_url).info("server")["process_id"])
         config = parley_config(folder, port, redis_url)
-        (folder / "redis.url").write_text(redis_url)  # for peers.py --redis-stats
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         # From the working directory's checkout (run it in another to compare two).
         command = [sys.executable, "-m", "core.cli", "run", str(config), "--adapter", "web"]
@@ -196,7 +196,7 @@ def parley_server(folder: Path, loop: str, processes: int = 1) -> Iterator[Serve
         with running(command, folder / "parley.log", env) as proc:
             if processes > 1:  # every child serving before the clients connect
                 await_line(folder / "parley.log", f"serving with {processes} processes", proc)
-            yield f"http://127.0.0.1:{port}", proc, [proc.pid, redis_pid]
+            yield f"http://127.0.0.1:{port}", proc, [proc.pid, redis_pid], redis_url
 
 
 def await_line(log: Path, line: str, proc: subprocess.Popen[bytes]) -> None:
@@ -231,7 +231,7 @@ skills:
     env = {**os.environ, "HOME": str(folder)}  # opsdroid keeps its own files under ~
     command = [str(venv / "bin" / "opsdroid"), "start", "-f", str(config)]
     with running(command, folder / "opsdroid.log", env) as proc:
-        yield f"http://127.0.0.1:{port}", proc, [proc.pid]
+        yield f"http://127.0.0.1:{port}", proc, [proc.pid], None
 
 
 @contextlib.contextmanager
@@ -240,4 +240,4 @@ def aiohttp_server(folder: Path, loop: str) -> Iterator[Server]:
     script = folder / "echo_server.py"
     script.write_text(AIOHTTP_ECHO)
     with running([sys.executable, str(script), str(port), loop], folder / "aiohttp.log") as proc:
-        yield f"http://127.0.0.1:{port}", proc, [proc.pid]
+        yield f"http://127.0.0.1:{port}", proc, [proc.pid], None

@@ -274,11 +274,10 @@ async def bench(name: str, folder: Path, args: argparse.Namespace, venv: Path | 
     profile = None
     if args.py_spy and name.startswith("parley"):
         profile = Path(args.py_spy) / f"{folder.name}.txt"
-    with server as (base, proc, pids):
+    with server as (base, proc, pids, redis_url):
         await wait_http(base + health, proc)
-        url = folder / "redis.url"
         result = await drive(base, client, pids, args, profile,
-                             url.read_text() if args.redis_stats and url.exists() else None)
+                             redis_url if args.redis_stats else None)
     if profile is not None and profile.exists():
         print(table(profile, 1e6 * result.server_cpu / result.messages))
     return result
