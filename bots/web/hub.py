@@ -28,16 +28,21 @@ from core.engine import Engine
 from core.lifecycle import ServiceBase
 from core.plugin_services import DeliveryError
 from core.streams import closing
-from core.types import ConversationKey, IncomingMessage, ReplyEvent, Turn
+from core.types import ConversationKey, IncomingMessage, ReplyEvent, ReplyKind, Turn
 
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT = 10.0  # seconds replies in progress get to finish when the hub stops
 
 
+# A kind's text by dict lookup: an enum member's ``.value`` is a descriptor call (~0.25 µs,
+# three times a reply).
+_KINDS = {kind: kind.value for kind in ReplyKind}
+
+
 def event_entry(event: ReplyEvent, message_id: str) -> Entry:
     """A reply event as the log keeps it (without its number)."""
-    entry: Entry = {"kind": event.kind.value, "message_id": message_id, "text": event.text,
+    entry: Entry = {"kind": _KINDS[event.kind], "message_id": message_id, "text": event.text,
                     "action": str(event.action)}
     if event.code is not None:
         entry["code"] = event.code

@@ -71,30 +71,46 @@ class Subscription:
         self.ref = ref
         # A list and one waiter rather than an asyncio.Queue: one reader, which takes
         # everything waiting at once.
-        self._waiting: deque[Entry | None] = deque()
+        self._waiting: list[Entry | None] = []
         self._waiter: asyncio.Future[None] | None = None
 
     def put(self, entry: Entry | None) -> None:
         """Hand an entry (or a poke) to the subscriber."""
         self._waiting.append(entry)
+        self._wake()
+
+    def put_all(self, entries: list[Entry]) -> None:
+        """Hand the entries of one append to the subscriber (one wake-up for them all)."""
+        self._waiting.extend(entries)
+        self._wake()
+
+    def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def get(self) -> Entry | None:
-        """The next entry or poke; waits for one."""
+    async def _wait(self) -> None:
         while not self._waiting:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-        return self._waiting.popleft()
+
+    async def get(self) -> Entry | None:
+        """The next entry or poke; waits for one."""
+        await self._wait()
+        return self._waiting.pop(0)
+
+    async def batch(self) -> list[Entry | None]:
+        """Every entry and poke waiting (at least one); waits for one."""
+        await self._wait()
+        waiting, self._waiting = self._waiting, []
+        return waiting
 
     def ready(self) -> list[Entry | None]:
         """The entries and pokes already waiting, without waiting."""
-        waiting = list(self._waiting)
-        self._waiting.clear()
+        waiting, self._waiting = self._waiting, []
         return waiting
 
 
@@ -134,8 +150,8 @@ class ReplyLog(ServiceBase):
         numbered entries. One call whatever their number."""
         first = await self._append(ref, events)
         entries = [{"seq": first + i, **event} for i, event in enumerate(events)]
-        for entry in entries:
-            self._fan_out(ref, entry)
+        for sub in self._subscribers.get(ref, ()):
+            sub.put_all(entries)
         return entries
 
     async def _append(self, ref: str, events: list[Entry]) -> int:

@@ -237,13 +237,13 @@ class _Socket:
 
     async def _forward_all(self, sub: Subscription) -> None:
         while True:
-            first = await sub.get()
-            if first is None:
+            ready = await sub.batch()
+            if ready[0] is None:
                 # Another front end appended: a moment's wait lets a few of its appends
                 # be read back together. (This process's events come already batched by
                 # its ReplyWriter, one append per few deltas: they go out at once.)
                 await asyncio.sleep(COALESCE_SECONDS)
-            ready = [first, *sub.ready()]
+                ready += sub.ready()
             out: list[Entry] = []
             hole = False
             for entry in ready:
