@@ -10,6 +10,19 @@ writer's batching, the log's append and fan-out, the forwarder and the frame's J
 
     python bench/web_channel.py                  # the log in Redis and in memory
     python bench/web_channel.py --log memory --messages 20000 --rounds 7
+    python bench/web_channel.py --api http [--access-log off]
+    python bench/web_channel.py --log memory --gap 30   # a reply's end 30 ms after its words
+
+``--gap MS`` makes the stub wait that long (instead of one loop turn) between a reply's
+words and its end, as memory's write does on a busy server, and prints the frames each
+socket got per message: above 1.0, replies whose words went out (in an append of their
+own) before their end.
+
+``--api http`` measures ``POST /api/v1/chat`` instead: the web adapter as ``parley run``
+starts it (aiohttp, the middleware, the request checks, the access log through logging
+configured as the CLI does, written to /dev/null) on loopback, the same stub engine, and
+64 keep-alive connections of a raw HTTP client in this process (its CPU is counted too,
+the same on both sides of a comparison).
 
 Prints CPU µs per message for each round and their minimum (the least disturbed by other
 work on the machine). Compare two checkouts by running it from each, in turns.
@@ -19,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -29,6 +44,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.pipeline import private_redis
+from bots.web.adapter import WebAdapter
 from bots.web.hub import ChatHub
 from bots.web.settings import WebSettings
 from bots.web.ws import _Socket
@@ -45,20 +61,25 @@ class FarEnd:
     that ends the reply awaited."""
 
     closed = False
+    frames = 0  # sent to every far end, counted on the class
 
     def __init__(self) -> None:
         self.waiter: asyncio.Future[None] | None = None
 
     async def send_frame(self, data: bytes, kind: Any) -> None:
+        FarEnd.frames += 1
         if (b'"final"' in data or b'"error"' in data) and self.waiter and not self.waiter.done():
             self.waiter.set_result(None)
+
+
+GAP = 0.0  # seconds between a reply's words and its end (--gap)
 
 
 async def echo(message: IncomingMessage) -> AsyncIterator[ReplyEvent]:
     """The engine's events for a quick reply, without the engine."""
     yield ReplyEvent(ReplyKind.TYPING)
     yield ReplyEvent(ReplyKind.DELTA, message.text)
-    await asyncio.sleep(0)  # where memory's write would be
+    await asyncio.sleep(GAP)  # where memory's write would be
     yield ReplyEvent(ReplyKind.FINAL, message.text)
 
 
@@ -97,12 +118,61 @@ async def measure(memory: dict[str, Any], messages: int, rounds: int) -> list[fl
                         await far.waiter
 
                 started = time.process_time()
+                FarEnd.frames = 0
                 await asyncio.gather(*(client(n, f"r{round_}", *s)
                                        for n, s in enumerate(sockets)))
                 figures.append(1e6 * (time.process_time() - started) / messages)
             for sock, _, _ in sockets:
                 if sock._forwarder is not None:
                     sock._forwarder.cancel()
+    return figures
+
+
+async def measure_http(memory: dict[str, Any], messages: int, rounds: int,
+                       access_log: bool) -> list[float]:
+    """CPU µs per ``POST /api/v1/chat`` of each round (server and client together)."""
+    settings = parse_settings({"bot": {"name": "channel"}, "generation": {"backend": "echo"},
+                               "memory": memory, "moderation": {"backend": "passthrough"}},
+                              source="bench/web_channel.py")
+    engine = build_engine(settings)
+    engine.handle = echo  # type: ignore[method-assign]
+    adapter = WebAdapter(settings, {"port": 0, "access_log": access_log})
+    figures = []
+    async with engine:
+        await adapter.start(engine)
+        try:
+            connections = [await asyncio.open_connection("127.0.0.1", adapter.port)
+                           for _ in range(CLIENTS)]
+            for round_ in range(rounds):
+                left = messages
+
+                async def client(n: int, tag: str, reader: asyncio.StreamReader,
+                                 writer: asyncio.StreamWriter) -> None:
+                    nonlocal left
+                    i = 0
+                    while left > 0:
+                        left -= 1
+                        i += 1
+                        body = (f'{{"conversation_id":"c{n}","user_id":"u{n}","message_id":'
+                                f'"m{n}x{i}{tag}","text":"hello number {i} from client {n}, '
+                                f'how are you today?"}}').encode()
+                        writer.write(b"POST /api/v1/chat HTTP/1.1\r\nHost: bench\r\n"
+                                     b"Content-Type: application/json\r\nContent-Length: "
+                                     + str(len(body)).encode() + b"\r\n\r\n" + body)
+                        head = await reader.readuntil(b"\r\n\r\n")
+                        size = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                        reply = await reader.readexactly(size)
+                        if not head.startswith(b"HTTP/1.1 200") or b'"final"' not in reply:
+                            raise RuntimeError(f"unexpected answer: {head!r} {reply!r}")
+
+                started = time.process_time()
+                await asyncio.gather(*(client(n, f"r{round_}", *c)
+                                       for n, c in enumerate(connections)))
+                figures.append(1e6 * (time.process_time() - started) / messages)
+            for _, writer in connections:
+                writer.close()
+        finally:
+            await adapter.stop()
     return figures
 
 
@@ -113,14 +183,30 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=10000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto")
+    parser.add_argument("--api", choices=["ws", "http"], default="ws",
+                        help="the widget's socket (default) or POST /api/v1/chat")
+    parser.add_argument("--access-log", choices=["on", "off"], default="on",
+                        help="with --api http: [adapters.web] access_log")
+    parser.add_argument("--gap", type=float, default=0.0, metavar="MS",
+                        help="milliseconds between a reply's words and its end")
     args = parser.parse_args()
+    global GAP
+    GAP = args.gap / 1000
+    if args.api == "http":
+        # As `parley run` configures logging (INFO, its format), to nowhere.
+        logging.basicConfig(level=logging.INFO, stream=open(os.devnull, "w"),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for log in (["redis", "memory"] if args.log == "both" else [args.log]):
         with ExitStack() as stack:
             memory = ({"backend": "redis", "url": stack.enter_context(private_redis())}
                       if log == "redis" else {"backend": "embedded"})
-            figures = run_loop(args.loop, measure(memory, args.messages, args.rounds))
-        print(f"log in {log}: min {min(figures):.1f} µs/message; rounds "
-              + " ".join(f"{f:.1f}" for f in figures), flush=True)
+            work = (measure_http(memory, args.messages, args.rounds, args.access_log == "on")
+                    if args.api == "http" else measure(memory, args.messages, args.rounds))
+            figures = run_loop(args.loop, work)
+        frames = (f"; {FarEnd.frames / args.messages:.3f} frames/message in the last round"
+                  if args.api == "ws" else "")
+        print(f"{args.api}, log in {log}: min {min(figures):.1f} µs/message; rounds "
+              + " ".join(f"{f:.1f}" for f in figures) + frames, flush=True)
 
 
 if __name__ == "__main__":
