@@ -11,13 +11,23 @@ import pytest
 from redis.asyncio import Redis
 
 from bots.web.resume import MemoryReplyLog, RedisReplyLog
-from bots.web.writer import ReplyWriter, compact
+from bots.web.writer import ReplyWriter, _tick, compact
 from core.config import MemorySection
 from tests.support.widget import shown
 
 
 def ev(kind: str, text: str = "", mid: str = "m1", action: str = "allow") -> dict[str, Any]:
     return {"kind": kind, "message_id": mid, "text": text, "action": action}
+
+
+def test_a_batch_goes_out_late_in_its_linger_but_within_it() -> None:
+    """Words are out within the linger (the streaming promise), and wait for their
+    reply's end for most of it: at least four fifths of it."""
+    for i in range(10_000):
+        now = 1_000.0 + i * 0.000_731
+        for linger in (0.05, 0.2):
+            wait = _tick(now, linger) - now
+            assert linger * 0.8 - 1e-9 < wait <= linger + 1e-9
 
 
 def test_compact_keeps_what_the_widget_shows_in_fewer_entries() -> None:
