@@ -1,13 +1,17 @@
 """Forgetting a user: the contract every store of user data signs, and ``parley forget``.
 
 What a bot keeps about a user lives in many places: memory (the conversations they took
-part in, their facts), the moderation state, plugins' storage and linked accounts, an
+part in, their facts), the moderation audit log, plugins' storage and linked accounts, an
 adapter's own stores (the web widget's reply logs and feedback), dead-lettered
 generation jobs. Nothing here knows their keys. Each part registers a
 :data:`UserDataHook` with the bot's :class:`Forgetting` (adapters when they start, see
 :class:`KeepsUserData` for ``parley forget``); the plugin registry's ``forget_user``
 runs them for a user and every account linked to it, before memory forgets the
 conversations the hooks were told about.
+
+Moderation's enforcement is not the user's data to erase: a mute, the violation score
+and the flood windows (which hold no text) outlive a forget until they expire, so that
+``/forget`` is no way out of a mute or a limit (see ``docs/guarantees.md``).
 
 ``parley forget CONFIG --channel C --user U`` builds the same parts without running the
 bot (plugins are set up, not started; adapters are constructed, not started) and calls
@@ -36,9 +40,10 @@ class ForgetsUsers(Protocol):
     """A moderation state that can delete what it keeps about a user."""
 
     async def forget_user(self, user: str, conversations: Sequence[str] = ()) -> int:
-        """Delete the state of ``user`` (``{channel}:{user_id}``) and of the
+        """Delete the records of ``user`` (``{channel}:{user_id}``) and of the
         ``conversations`` (``{channel}:{conversation_id}``) they took part in; how many
-        records went."""
+        went. What enforces the limits (a mute, the violation score, flood windows) is
+        kept until it expires: forgetting must not lift a mute."""
         ...
 
 

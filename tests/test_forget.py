@@ -16,7 +16,7 @@ from core.config import load_settings
 from core.engine import collect
 from core.memory.base import UserRef
 from core.types import IncomingMessage, ReplyKind
-from tests.support.redis_dump import dump_keys
+from tests.support.redis_dump import dump_keys, enforcement
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -78,9 +78,14 @@ async def test_forget_leaves_nothing_about_the_user_in_redis(
         after = await everything(client, memory_prefix)
     finally:
         await client.aclose()
-    leftovers = {k: v for k, v in after.items() if SECRET in k + v or (
+    kept, rest = enforcement(after)
+    leftovers = {k: v for k, v in rest.items() if SECRET in k + v or (
         "carol-9" in k + v and "telegram" not in k and "other carol" not in v)}
     assert leftovers == {}
+    # Her flood window stays until it slides past (forgetting lifts no limit), holding
+    # none of what she wrote.
+    assert any(":mod:rate:u:web%3Acarol-9" in k for k in kept), kept
+    assert not any(SECRET in k + v for k, v in kept.items())
     # Bob's own conversation and the Telegram namesake are untouched.
     assert any("room-c" in k and "bob alone" in v for k, v in after.items())
     assert any("telegram" in k and "other carol" in v for k, v in after.items())
@@ -156,9 +161,11 @@ async def test_forget_reaches_the_widgets_logs_and_feedback_plugin_storage_and_l
         after = await everything(client, memory_prefix)
     finally:
         await client.aclose()
-    leftovers = {k: v for k, v in after.items()
+    kept, rest = enforcement(after)
+    leftovers = {k: v for k, v in rest.items()
                  if SECRET in k + v or any(i in k + v for i in carol_ids)}
     assert sorted(leftovers) == [], out
+    assert not any(SECRET in k + v for k, v in kept.items())
     # Bob's own widget conversation, feedback and instructions stay.
     assert any(":web:log:" in k and "bob here" in v for k, v in after.items())
     assert any(":web:feedback:" in k and "bob here" in v for k, v in after.items())

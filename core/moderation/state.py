@@ -13,7 +13,7 @@ import json
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -162,6 +162,19 @@ class MemoryState:
     async def unmute(self, user: str) -> bool:
         """See :class:`ModerationState`."""
         return self._mutes.pop(user, 0.0) > self.clock()
+
+    async def forget_user(self, user: str, conversations: Sequence[str] = ()) -> int:
+        """Delete ``user``'s audit and escalation entries; how many went. The mute, the
+        score and the flood windows are kept, as the Redis state keeps them (see
+        :meth:`~core.moderation.state_redis.RedisState.forget_user`)."""
+        channel, _, user_id = user.partition(":")
+        count = 0
+        for log in (self._audit, self._escalations):
+            kept = [e for e in log if e.get("user") != user_id or e.get("channel") != channel]
+            count += len(log) - len(kept)
+            log.clear()
+            log.extend(kept)
+        return count
 
     async def read_audit(self, count: int) -> list[dict[str, str]]:
         """See :class:`ModerationState`."""

@@ -210,17 +210,15 @@ class RedisState(ServiceBase):
             return bool(await self.client.delete(f"{self.base}mute:{key_part(user)}"))
 
     async def forget_user(self, user: str, conversations: Sequence[str] = ()) -> int:
-        """Delete ``user``'s rate window, score and mute, and their audit and escalation
-        entries (``user`` is ``{channel}:{user_id}``), and the rate windows of
-        ``conversations`` (``{channel}:{conversation_id}``) they took part in; how many
-        records went."""
+        """Delete ``user``'s audit and escalation entries (``user`` is
+        ``{channel}:{user_id}``); how many went. What enforces the limits is kept, so
+        ``/forget`` lifts none of them: the mute, the violation score and the flood
+        windows (of ``user`` and of ``conversations``), none of which holds what the user
+        wrote, and each of which expires on its own (the mute when it ends, the score once
+        decayed, a window after its length)."""
         channel, _, user_id = user.partition(":")
-        part = key_part(user)
+        count = 0
         async with self._failures("forget_user"):
-            count = int(await self.client.delete(
-                f"{self.base}rate:u:{part}", f"{self.base}score:{part}",
-                f"{self.base}mute:{part}",
-                *(f"{self.base}rate:c:{key_part(c)}" for c in conversations)))
             for stream in ("audit", "escalations"):
                 start = "-"
                 while True:

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from redis.asyncio import Redis
+
+# What forgetting a user keeps, so that it lifts none of moderation's limits (see
+# RedisState.forget_user): the mute, the violation score and the flood windows, keyed by
+# the user or conversation and expiring on their own; none holds what anyone wrote.
+_ENFORCEMENT = re.compile(r":mod:(?:mute|score|rate:[uc]):")
+
+
+def enforcement(found: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """``found`` (see :func:`dump_keys`) split in two: moderation's enforcement keys, which
+    outlive forgetting, and all the others."""
+    kept = {k: v for k, v in found.items() if _ENFORCEMENT.search(k)}
+    return kept, {k: v for k, v in found.items() if k not in kept}
 
 
 def _text(value: bytes | str) -> str:

@@ -1,0 +1,120 @@
+"""A user cannot shed moderation's limits: ``/forget`` erases what moderation kept about
+them but not an active mute. Both state backends: in this process and on a real
+redis-server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core.moderation.state import Limits, MemoryState, ModerationState
+from core.moderation.state_redis import RedisState
+from core.testing import ChatHarness
+
+REPO = Path(__file__).resolve().parents[1]
+LIMITS = Limits(user_rate=100, user_window=60, conversation_rate=100, conversation_window=60)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Memory settings for a bot whose moderation state is in process, or in Redis."""
+    if request.param == "memory":
+        return {"backend": "embedded"}
+    return {"backend": "redis", "url": request.getfixturevalue("redis_url"),
+            "key_prefix": request.getfixturevalue("memory_prefix")}
+
+
+def state_for(memory: dict[str, Any]) -> ModerationState:
+    if memory["backend"] == "embedded":
+        return MemoryState()
+    return RedisState(memory["url"], prefix=memory["key_prefix"], bot="ebot")
+
+
+@pytest.fixture
+async def state(backend: dict[str, Any]) -> AsyncIterator[ModerationState]:
+    made = state_for(backend)
+    await made.start()
+    try:
+        yield made
+    finally:
+        await made.stop()
+
+
+def entry(user: str) -> dict[str, str]:
+    return {"channel": "web", "user": user, "conversation": f"dm-{user}", "message": "m1",
+            "action": "mute", "policy": "insult:terms:x", "hash": "0" * 32}
+
+
+async def test_forget_user_erases_the_audit_but_keeps_an_active_mute(
+    state: ModerationState,
+) -> None:
+    await state.record(entry("alice"), mute_user="web:alice", mute_seconds=600, escalate=True)
+    await state.record(entry("bob"), escalate=True)
+    assert (await state.admit("web:alice", "web:dm-alice", LIMITS)).muted_for > 0
+
+    forget_user = state.forget_user  # type: ignore[attr-defined]
+    assert await forget_user("web:alice", ["web:dm-alice"]) == 2  # her audit, her escalation
+
+    # What she said and did is gone from the logs; others' entries stay.
+    assert [e["user"] for e in await state.read_audit(10)] == ["bob"]
+    assert [e["user"] for e in await state.read_escalations(10)] == ["bob"]
+    # The mute is enforcement, not a record of her: it runs its course.
+    admission = await state.admit("web:alice", "web:dm-alice", LIMITS)
+    assert 590 < admission.muted_for <= 600
+    assert await state.unmute("web:alice")  # a moderator can still lift it
+
+
+async def test_forget_user_keeps_the_score_and_the_flood_windows(state: ModerationState
+                                                                  ) -> None:
+    # Otherwise /forget would be a way out of them: a user one offence short of a mute
+    # would start from nothing, and one /forget every few messages would empty the window.
+    await state.add_points("web:alice", 4.0, half_life=3600)
+    for _ in range(3):
+        await state.admit("web:alice", "web:dm-alice", LIMITS)
+    await state.forget_user("web:alice", ["web:dm-alice"])  # type: ignore[attr-defined]
+    assert await state.add_points("web:alice", 0.0, half_life=3600) == pytest.approx(
+        4.0, rel=1e-3)
+    admission = await state.admit("web:alice", "web:dm-alice", LIMITS)
+    assert (admission.user_count, admission.conversation_count) == (4, 4)
+
+
+def community(memory: dict[str, Any], user_rate: int = 1000) -> ChatHarness:
+    return ChatHarness.from_file(
+        REPO / "config" / "community.toml", env={"REDIS_URL": "redis://127.0.0.1:1/0",
+                                                 "DISCORD_TOKEN": "x", "TELEGRAM_TOKEN": "1:a"},
+        memory_url=memory.get("url"), key_prefix=memory.get("key_prefix"), channel="discord",
+        plugins={"modules": ["plugins.community"], "admins": {"discord": ["mod-1"]}},
+        memory=memory,
+        moderation={"backend": "filters", "user_rate": user_rate, "conversation_rate": 1000})
+
+
+async def test_a_muted_user_s_forget_does_not_lift_the_mute(backend: dict[str, Any]) -> None:
+    async with community(backend) as bot:
+        await bot.send("hello there", user="troll")
+        assert (await bot.send("/mute troll 5 spamming", user="mod-1")).text == (
+            "Muted for 5 minute(s).")
+        assert (await bot.send("hello", user="troll")).code == "moderated"
+        gone = await bot.send("/forget", user="troll")  # commands stay open to the muted
+        assert gone.text.startswith("Done: I deleted everything I kept about you")
+        # The audit no longer names them (the mute's entry, the refusals) ...
+        assert "troll" not in (await bot.send("/audit 20", user="mod-1")).text
+
+        # ... but they are still muted (and that refusal is audited afresh) ...
+        still = await bot.send("hello again", user="troll")
+        assert (still.kind, still.code) == ("notice", "moderated")
+        assert "muted" in still.text
+        assert "discord:troll mute muted" in (await bot.send("/audit 1", user="mod-1")).text
+        # ... until a moderator lifts it (or it ends).
+        assert (await bot.send("/unmute troll", user="mod-1")).text == "Unmuted."
+        assert (await bot.send("hello once more", user="troll")).kind == "final"
+
+
+async def test_forget_does_not_empty_the_flood_window(backend: dict[str, Any]) -> None:
+    async with community(backend, user_rate=3) as bot:
+        assert (await bot.send("hello", user="flooder")).kind == "final"
+        assert (await bot.send("hello", user="flooder")).kind == "final"
+        assert (await bot.send("/forget", user="flooder")).code == "command"
+        assert (await bot.send("hello", user="flooder")).code == "slow_down"
