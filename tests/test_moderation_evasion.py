@@ -1,18 +1,24 @@
 """A user cannot shed moderation's limits: ``/forget`` erases what moderation kept about
-them but not an active mute. Both state backends: in this process and on a real
-redis-server."""
+them but not an active mute, and commands count against the flood limits as messages do.
+Both state backends: in this process and on a real redis-server."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from core.app import build_engine
+from core.config import parse_settings
+from core.engine import collect
+from core.moderation.moderator import FilterModerator
 from core.moderation.state import Limits, MemoryState, ModerationState
 from core.moderation.state_redis import RedisState
 from core.testing import ChatHarness
+from core.types import IncomingMessage, ReplyKind
 
 REPO = Path(__file__).resolve().parents[1]
 LIMITS = Limits(user_rate=100, user_window=60, conversation_rate=100, conversation_window=60)
@@ -118,3 +124,51 @@ async def test_forget_does_not_empty_the_flood_window(backend: dict[str, Any]) -
         assert (await bot.send("hello", user="flooder")).kind == "final"
         assert (await bot.send("/forget", user="flooder")).code == "command"
         assert (await bot.send("hello", user="flooder")).code == "slow_down"
+
+
+# -- commands and flood control ----------------------------------------------------------
+
+def flood_bot(memory: dict[str, Any]) -> Any:
+    return parse_settings({
+        "bot": {"name": "ebot"}, "generation": {"backend": "echo"}, "memory": memory,
+        "moderation": {"backend": "filters", "user_rate": 3, "user_window": 60,
+                       "mute_seconds": 600},
+    })
+
+
+def msg(text: str, user: str = "u1", conv: str = "c1") -> IncomingMessage:
+    return IncomingMessage(bot="ebot", channel="web", conversation_id=conv, user_id=user,
+                           message_id=uuid.uuid4().hex, text=text)
+
+
+@pytest.mark.parametrize("text", ["/help", "/reset", "/help me please", "/nosuchcommand"])
+async def test_commands_count_against_the_flood_limits(backend: dict[str, Any], text: str
+                                                       ) -> None:
+    settings = flood_bot(backend)
+    async with build_engine(settings) as engine:
+        replies = [await collect(engine.handle(msg(text))) for _ in range(5)]
+        assert [r.code for r in replies[:3]] != ["slow_down"] * 3
+        refused = replies[3:]
+        # Refused as a message over the limit is: the same "slow down", told at once.
+        assert {(r.kind, r.code, r.text) for r in refused} == {
+            (ReplyKind.ERROR, "slow_down", settings.moderation.flood_reply)}
+        # Commands and messages share one count.
+        assert (await collect(engine.handle(msg("hello")))).code == "slow_down"
+        assert (await collect(engine.handle(msg("hello", user="u2")))).kind is ReplyKind.FINAL
+
+
+@pytest.mark.parametrize("text", ["/help", "/reset", "/help me please", "/nosuchcommand"])
+async def test_a_muted_user_s_commands_count_against_the_flood_limits(
+    backend: dict[str, Any], text: str,
+) -> None:
+    settings = flood_bot(backend)
+    async with build_engine(settings) as engine:
+        moderator = engine.moderator
+        assert isinstance(moderator, FilterModerator)
+        await moderator.state.record({"note": "muted by a moderator"}, mute_user="web:u1",
+                                     mute_seconds=600)
+        replies = [await collect(engine.handle(msg(text))) for _ in range(6)]
+        # Within the limits a bare command is answered (the mute leaves commands open)
+        # and one with arguments is told of the mute; beyond them, "slow down".
+        assert "slow_down" not in [r.code for r in replies[:3]]
+        assert {(r.kind, r.code) for r in replies[3:]} == {(ReplyKind.ERROR, "slow_down")}

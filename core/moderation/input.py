@@ -219,8 +219,10 @@ class InputChecks:
         answered with the mute reply (decided and audited as :meth:`check_input` did,
         without running the filters), not after waiting in the lane -- unless the message
         is shaped like a command (``/name``): the bot's commands stay open to a muted user
-        (``/forget``, and the engine checks only a command's arguments); otherwise the
-        count is kept for the message's ``flood`` step, so it is counted once.
+        (``/forget``, and the engine checks only a command's arguments), within the flood
+        limits as any message is (the engine runs no filter on a bare command, so this is
+        the only count it meets). A message let on leaves its count for its ``flood``
+        step, so it is counted once.
         """
         channel = self._channel(message.channel)
         step = channel.flood
@@ -237,9 +239,9 @@ class InputChecks:
                                            muted_for=admission.muted_for), channel.policy)
         limits = channel.limits
         # Within the limits (most messages) is asked first: the policy only beyond them.
+        # A muted sender's command is held to them too: a bare one is checked nowhere else.
         if ((admission.user_count <= limits.user_rate
              and admission.conversation_count <= limits.conversation_rate)
-                or admission.muted_for > 0
                 or base_action(channel.policy, [_flood_finding(admission)]).action.answers):
             self._admitted[_admitted_key(message)] = admission
             while len(self._admitted) > _ADMITTED_MAX:
