@@ -24,7 +24,8 @@ from pathlib import Path
 PARTS = [
     ("json/", "json (stdlib)"), ("orjson", "json (orjson)"), ("core/jsoncodec.py", "json (orjson)"),
     ("prometheus_client", "metrics"),
-    ("core/redis_client.py", "redis client"), ("redis/", "redis client"),
+    ("core/redis_client.py", "redis client"), ("core/redis_pipeline.py", "redis client"),
+    ("redis/", "redis client"),
     ("hiredis", "redis client"),
     ("aiohttp/", "aiohttp (HTTP/WebSocket)"),
     ("core/moderation/state_redis.py", "moderation: state"),

@@ -21,7 +21,8 @@ from typing import Any, Protocol
 from core.config import BotSettings, MemorySection
 from core.errors import MemoryUnavailable
 from core.lifecycle import ServiceBase
-from core.redis_client import RedisHub, RedisShare, Scripts, failures_as, key_part, redact
+from core.redis_client import RedisHub, RedisShare, failures_as, key_part, redact
+from core.redis_pipeline import Scripts
 from core.registry import Registry
 
 
@@ -144,7 +145,7 @@ class EmbeddedBuckets(ServiceBase):
 class RedisBuckets(ServiceBase):
     """A :class:`BucketStore` on Redis: one hash per bucket under the memory prefix.
 
-    Every call is one Lua script on a :class:`~core.redis_client.ScriptPipeline`: its own
+    Every call is one Lua script on a :class:`~core.redis_pipeline.ScriptPipeline`: its own
     (alone), or the process's for its URL once the app shares a
     :class:`~core.redis_client.RedisHub` (``share_redis``), so a message's pause check
     goes out in the same write as memory's and moderation's calls, on one connection.

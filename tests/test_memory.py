@@ -22,7 +22,7 @@ from core.errors import ConfigError, MemoryUnavailable
 from core.memory.base import MemoryStore, StoredReply, UserRef, memory_backends
 from core.memory.embedded import EmbeddedMemory
 from core.memory.redis import RedisMemory
-from core.redis_client import _Link
+from core.redis_pipeline import _Link
 from core.types import ConversationKey, Turn
 from tests.support.redis_server import RedisServer
 

@@ -18,7 +18,8 @@ from core.app import build_engine
 from core.config import parse_settings
 from core.engine import collect
 from core.errors import MemoryUnavailable
-from core.redis_client import RedisHub, _Link
+from core.redis_client import RedisHub
+from core.redis_pipeline import _Link
 from core.types import IncomingMessage, ReplyKind
 from tests.support.redis_server import RedisServer
 

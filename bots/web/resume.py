@@ -39,7 +39,8 @@ from core import jsoncodec
 from core.config import MemorySection
 from core.errors import ParleyError
 from core.lifecycle import ServiceBase
-from core.redis_client import RedisHub, RedisShare, Scripts, failures_as, key_part, redact
+from core.redis_client import RedisHub, RedisShare, failures_as, key_part, redact
+from core.redis_pipeline import Scripts
 
 log = logging.getLogger(__name__)
 

@@ -55,14 +55,8 @@ from core.errors import MemoryUnavailable
 from core.lifecycle import ServiceBase
 from core.memory import redis_scripts as lua
 from core.memory.base import WAIT, Begun, MemorySnapshot, StoredReply, UserRef
-from core.redis_client import (
-    RedisHub,
-    RedisShare,
-    Scripts,
-    failures_as,
-    key_part,
-    redact,
-)
+from core.redis_client import RedisHub, RedisShare, failures_as, key_part, redact
+from core.redis_pipeline import Scripts
 from core.types import ConversationKey, Turn
 
 log = logging.getLogger(__name__)

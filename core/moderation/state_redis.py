@@ -20,7 +20,7 @@ the process; and a script's fixed cost in Redis is small beside its commands' (m
 with bench/redis_cost.py: the admit's ten commands are most of its instructions), so
 one script for both would save little of Redis's time for a memory store that knows
 moderation's keys. (Admits of many messages made in one turn of the event loop still go
-out in one write with the other calls: :class:`~core.redis_client.ScriptPipeline`.)
+out in one write with the other calls: :class:`~core.redis_pipeline.ScriptPipeline`.)
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from redis.asyncio import Redis
 from core.errors import ParleyError
 from core.lifecycle import ServiceBase
 from core.moderation.state import Admission, Limits
-from core.redis_client import RedisHub, RedisShare, Scripts, connect, failures_as, key_part
+from core.redis_client import RedisHub, RedisShare, connect, failures_as, key_part
+from core.redis_pipeline import Scripts
 
 
 class ModerationStateUnavailable(ParleyError):
