@@ -11,18 +11,16 @@ one Lua script, pipelined with the other calls of its event-loop turn.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol
+from typing import Protocol
 
 from core.config import BotSettings, MemorySection
 from core.errors import MemoryUnavailable
 from core.lifecycle import ServiceBase
-from core.redis_client import RedisHub, RedisShare, failures_as, key_part, redact
-from core.redis_pipeline import Scripts
+from core.redis_client import RedisHub, RedisService, key_part, redact
 from core.registry import Registry
 
 
@@ -142,11 +140,11 @@ class EmbeddedBuckets(ServiceBase):
         return kept
 
 
-class RedisBuckets(ServiceBase):
+class RedisBuckets(RedisService):
     """A :class:`BucketStore` on Redis: one hash per bucket under the memory prefix.
 
-    Every call is one Lua script on a :class:`~core.redis_pipeline.ScriptPipeline`: its own
-    (alone), or the process's for its URL once the app shares a
+    Every call is one Lua script on a :class:`~core.redis_pipeline.ScriptPipeline`: its
+    own (alone), or the process's for its URL once the app shares a
     :class:`~core.redis_client.RedisHub` (``share_redis``), so a message's pause check
     goes out in the same write as memory's and moderation's calls, on one connection.
     Only the calls safe to run twice (reads, ``put``, ``extend``) are sent again after a
@@ -160,39 +158,13 @@ class RedisBuckets(ServiceBase):
         self.source = source
         self._base = f"{section.key_prefix}:{key_part(bot)}:plugin:"
         # Its own connections unless the app shares a process's (share_redis).
-        self._hub = redis or RedisHub()
-        self._share: RedisShare | None = None
-        self._scripts: Scripts | None = None
-
-    def share_redis(self, hub: RedisHub) -> None:
-        """Talk to Redis through ``hub``'s connections from the next start on (see
-        :class:`~core.redis_client.RedisHub`); the app calls it before starting."""
-        self._hub = hub
-
-    async def _start(self) -> None:
-        share = self._share = self._hub.acquire(
-            self.section.url, timeout=self.section.timeout, where=f"{self.source}: memory.url")
-        # (A failure here is stopped by ServiceBase.start, releasing the share.)
-        async with self._failures("start"), asyncio.timeout(self.section.timeout):
-            self._scripts = await share.scripts(
-                _SCRIPTS, call_timeout=self.section.timeout, retry=_IDEMPOTENT)
-
-    async def _stop(self) -> None:
-        self._scripts = None
-        share, self._share = self._share, None
-        if share is not None:
-            await share.release()
+        super().__init__(section.url, _SCRIPTS, timeout=section.timeout,
+                         setting=f"{source}: memory.url", error=MemoryUnavailable,
+                         failing=f"redis at {redact(section.url)}", retry=_IDEMPOTENT,
+                         redis=redis)
 
     def _failures(self, what: str) -> AbstractAsyncContextManager[None]:
-        return failures_as(MemoryUnavailable, f"redis at {redact(self.section.url)}",
-                           f"plugin storage {what}")
-
-    async def _run(self, what: str, name: str, keys: Sequence[str],
-                   args: Sequence[Any]) -> Any:
-        if self._scripts is None:
-            raise RuntimeError("RedisBuckets is used before start() or after stop()")
-        async with self._failures(what):
-            return await self._scripts(name, keys, args)
+        return super()._failures(f"plugin storage {what}")
 
     def key(self, bucket: str) -> str:
         """The Redis key of ``bucket``."""
@@ -200,12 +172,12 @@ class RedisBuckets(ServiceBase):
 
     async def get(self, bucket: str, field: str) -> str | None:
         """See :class:`BucketStore`."""
-        value = await self._run("get", "get", [self.key(bucket)], [field])
+        value = await self._run("get", [self.key(bucket)], [field])
         return None if value is None else _text(value)
 
     async def items(self, bucket: str) -> dict[str, str]:
         """See :class:`BucketStore`."""
-        flat = await self._run("read", "items", [self.key(bucket)], [])
+        flat = await self._run("items", [self.key(bucket)], [], what="read")
         return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
 
     async def put(self, bucket: str, values: Mapping[str, str], ttl: float | None) -> None:
@@ -213,32 +185,34 @@ class RedisBuckets(ServiceBase):
         if not values:
             return
         flat = [part for pair in values.items() for part in pair]
-        await self._run("write", "put", [self.key(bucket)], [_pexpire(ttl), *flat])
+        await self._run("put", [self.key(bucket)], [_pexpire(ttl), *flat], what="write")
 
     async def remove(self, bucket: str, *fields: str) -> int:
         """See :class:`BucketStore`."""
         if not fields:
             return 0
-        return int(await self._run("delete", "remove", [self.key(bucket)], fields))
+        return int(await self._run("remove", [self.key(bucket)], fields, what="delete"))
 
     async def drop(self, *buckets: str) -> int:
         """See :class:`BucketStore`."""
         if not buckets:
             return 0
-        return int(await self._run("delete", "drop", [self.key(b) for b in buckets], []))
+        return int(await self._run("drop", [self.key(b) for b in buckets], [],
+                                   what="delete"))
 
     async def extend(self, bucket: str, field: str, items: Sequence[str], cap: int,
                      ttl: float | None, *, start: Sequence[str] = ()) -> list[str]:
         """See :class:`BucketStore`."""
-        raw = await self._run("write", "extend", [self.key(bucket)], [
-            field, cap, _pexpire(ttl), json.dumps(list(start)), json.dumps(list(items))])
+        raw = await self._run("extend", [self.key(bucket)], [
+            field, cap, _pexpire(ttl), json.dumps(list(start)), json.dumps(list(items))],
+            what="write")
         return [str(i) for i in json.loads(_text(raw))]
 
     async def incr(self, bucket: str, field: str, by: int, ttl: float | None, *,
                    bounds: Bounds | None = None, start: int = 0) -> int:
         """See :class:`BucketStore`."""
-        return int(await self._run("write", "incr", [self.key(bucket)], [
-            field, by, start, *(bounds or ("", "")), _pexpire(ttl)]))
+        return int(await self._run("incr", [self.key(bucket)], [
+            field, by, start, *(bounds or ("", "")), _pexpire(ttl)], what="write"))
 
 
 def _pexpire(ttl: float | None) -> int:

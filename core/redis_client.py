@@ -12,10 +12,12 @@ The services of a process share a client and a script pipeline
 
 from __future__ import annotations
 
+import asyncio
 import functools
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from redis.asyncio import Redis
@@ -25,6 +27,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from core.errors import ConfigError, ParleyError
+from core.lifecycle import ServiceBase
 from core.redis_pipeline import ScriptPipeline, Scripts
 
 
@@ -188,3 +191,77 @@ class RedisHub:
             await share.pipeline.aclose()
         finally:
             await share.client.aclose()
+
+
+class RedisService(ServiceBase):
+    """The Redis plumbing of a service whose calls are Lua scripts on a process's
+    :class:`RedisHub` (memory, the moderation state, the web reply log, plugin storage).
+
+    It takes its URL's share when it starts and loads its scripts there (both within its
+    timeout; a failure is its own error), gives the share back when it stops, runs a
+    script by name (:meth:`_run`), and lends the share's client for other commands
+    (:attr:`_redis`). It has a hub of its own unless the app shares a process's
+    (:meth:`share_redis`) before it starts. A subclass passes its settings to
+    ``__init__`` and extends ``_start``/``_stop`` with what is its own.
+    """
+
+    def __init__(self, url: str, scripts: Mapping[str, str], *, timeout: float, setting: str,
+                 error: type[ParleyError], failing: str, retry: Collection[str] = (),
+                 redis: RedisHub | None = None) -> None:
+        """Scripts ``scripts`` (Lua by name) on the Redis at ``url`` (named ``setting``
+        in a config error), each call timed by ``timeout`` and sent again after a broken
+        connection if named in ``retry`` (safe to run twice); a failure raises ``error``
+        with ``failing`` (e.g. ``"redis at HOST"``) and what failed."""
+        self._url = url
+        self._sources = dict(scripts)
+        self._timeout = timeout
+        self._setting = setting
+        self._error = error
+        self._failing = failing
+        self._retry = retry
+        self._hub = redis or RedisHub()
+        self._share: RedisShare | None = None
+        self._scripts: Scripts | None = None
+
+    def share_redis(self, hub: RedisHub) -> None:
+        """Talk to Redis through ``hub``'s connections from the next start on (see
+        :class:`RedisHub`); the app calls it before starting."""
+        self._hub = hub
+
+    async def _start(self) -> None:
+        share = self._share = self._hub.acquire(self._url, timeout=self._timeout,
+                                                where=self._setting)
+        # (A failure here is stopped by ServiceBase.start, releasing the share.)
+        async with self._failures("start"), asyncio.timeout(self._timeout):
+            self._scripts = await share.scripts(self._sources, call_timeout=self._timeout,
+                                                retry=self._retry)
+
+    async def _stop(self) -> None:
+        self._scripts = None
+        share, self._share = self._share, None
+        if share is not None:
+            await share.release()
+
+    def _failures(self, what: str) -> AbstractAsyncContextManager[None]:
+        """Redis and socket errors in the block raised as the service's error."""
+        return failures_as(self._error, self._failing, what)
+
+    def _unstarted(self) -> RuntimeError:
+        return RuntimeError(f"{type(self).__name__} is used before start() or after stop()")
+
+    @property
+    def _redis(self) -> Redis:
+        """The share's client (replies as bytes, commands untimed: the caller times
+        them); only between start and stop."""
+        if self._share is None:
+            raise self._unstarted()
+        return self._share.client
+
+    async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any], *,
+                   what: str | None = None) -> Any:
+        """Script ``name``'s result; a failure names ``what`` (by default ``name``)."""
+        scripts = self._scripts
+        if scripts is None:
+            raise self._unstarted()
+        async with self._failures(what or name):
+            return await scripts(name, keys, args)

@@ -39,8 +39,7 @@ from core import jsoncodec
 from core.config import MemorySection
 from core.errors import ParleyError
 from core.lifecycle import ServiceBase
-from core.redis_client import RedisHub, RedisShare, failures_as, key_part, redact
-from core.redis_pipeline import Scripts
+from core.redis_client import RedisHub, RedisService, key_part, redact
 
 log = logging.getLogger(__name__)
 
@@ -280,37 +279,30 @@ _SINCE = "return {redis.call('GET', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -
 _RESUBSCRIBE_DELAY = 1.0
 
 
-class RedisReplyLog(ReplyLog):
+class RedisReplyLog(ReplyLog, RedisService):
     """The log in Redis (with ``[memory] backend = "redis"``); see the module docstring."""
 
     def __init__(self, section: MemorySection, bot: str, *, ttl: int, cap: int,
                  source: str = "<memory>", redis: RedisHub | None = None) -> None:
         super().__init__(ttl=ttl, cap=cap)
+        # The process's shared connections to this Redis when the app passes them.
+        RedisService.__init__(
+            self, section.url, {"append": _append_source(cap, ttl), "since": _SINCE},
+            timeout=section.timeout, setting=f"{source}: memory.url", error=StoreUnavailable,
+            failing=f"redis at {redact(section.url)}", redis=redis)
         self.section = section
         self.source = source
-        self._where = f"redis at {redact(section.url)}"
         self._base = f"{section.key_prefix}:{key_part(bot)}:web:"
         self.channel = self._base + "events"
         self._origin = secrets.token_hex(8)  # this process, to skip its own pokes
-        # The process's shared connections to this Redis when the app passes them.
-        self._hub = redis or RedisHub()
-        self._share: RedisShare | None = None
-        self._client: Redis | None = None
-        self._pipeline: Scripts | None = None
         self._listener: asyncio.Task[None] | None = None
         # Subscribed to the pokes: then an append pokes only when someone else listens.
         self._listening = False
 
     async def _start(self) -> None:
-        share = self._share = self._hub.acquire(self.section.url, timeout=self.section.timeout,
-                                                where=f"{self.source}: memory.url")
-        client = self._client = share.client
-        async with self._failures("start"), asyncio.timeout(self.section.timeout):
-            self._pipeline = await share.scripts({"append": _append_source(self.cap, self.ttl),
-                                                  "since": _SINCE},
-                                                 call_timeout=self.section.timeout)
+        await super()._start()
         ready = asyncio.get_running_loop().create_future()
-        self._listener = asyncio.create_task(self._listen(client, ready))
+        self._listener = asyncio.create_task(self._listen(self._redis, ready))
         await ready  # subscribed: no poke sent after start() returns is missed
 
     async def _stop(self) -> None:
@@ -319,10 +311,7 @@ class RedisReplyLog(ReplyLog):
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
         self._listening = False
-        self._client = self._pipeline = None
-        share, self._share = self._share, None
-        if share is not None:
-            await share.release()
+        await super()._stop()
 
     async def _listen(self, client: Redis, ready: asyncio.Future[None]) -> None:
         """Poke local subscribers when another front end appends to their conversation."""
@@ -350,15 +339,6 @@ class RedisReplyLog(ReplyLog):
                     ready.set_result(None)
                 await asyncio.sleep(_RESUBSCRIBE_DELAY)
 
-    def _failures(self, what: str) -> Any:
-        return failures_as(StoreUnavailable, self._where, what)
-
-    async def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        if self._pipeline is None:
-            raise RuntimeError("RedisReplyLog is used before start() or after stop()")
-        async with self._failures(name):
-            return await self._pipeline(name, keys, args)
-
     def _keys(self, ref: str) -> list[str]:
         return [f"{self._base}seq:{ref}", f"{self._base}log:{ref}"]
 
@@ -378,12 +358,11 @@ class RedisReplyLog(ReplyLog):
 
     async def drop(self, refs: list[str]) -> int:
         """Delete the logs of ``refs`` (and their numbers); how many there were."""
-        if self._client is None:
-            raise RuntimeError("RedisReplyLog is used before start() or after stop()")
+        client = self._redis  # (before start: an error, even for no refs)
         if not refs:
             return 0
         async with self._failures("forget"), asyncio.timeout(self.section.timeout):
-            async with self._client.pipeline(transaction=False) as pipe:
+            async with client.pipeline(transaction=False) as pipe:
                 pipe.delete(*(f"{self._base}log:{ref}" for ref in refs))
                 pipe.delete(*(f"{self._base}seq:{ref}" for ref in refs))
                 logs, _ = await pipe.execute()

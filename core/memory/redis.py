@@ -43,20 +43,15 @@ import hashlib
 import logging
 import secrets
 from collections.abc import Sequence
-from contextlib import AbstractAsyncContextManager
 from typing import Any
 from urllib.parse import unquote
-
-from redis.asyncio import Redis
 
 from core import jsoncodec
 from core.config import BotSettings, MemorySection
 from core.errors import MemoryUnavailable
-from core.lifecycle import ServiceBase
 from core.memory import redis_scripts as lua
 from core.memory.base import WAIT, Begun, MemorySnapshot, StoredReply, UserRef
-from core.redis_client import RedisHub, RedisShare, failures_as, key_part, redact
-from core.redis_pipeline import Scripts
+from core.redis_client import RedisHub, RedisService, key_part, redact
 from core.types import ConversationKey, Turn
 
 log = logging.getLogger(__name__)
@@ -70,7 +65,7 @@ STALE_WAITER_MS = 2000
 _IDEMPOTENT = frozenset({"load", "begin", "finish", "abort", "renew", "reset", "forget_user"})
 
 
-class RedisMemory(ServiceBase):
+class RedisMemory(RedisService):
     """A :class:`~core.memory.base.MemoryStore` on Redis (``redis://`` or ``unix://``).
 
     Every Redis failure is raised as :class:`~core.errors.MemoryUnavailable`. Only the
@@ -83,48 +78,19 @@ class RedisMemory(ServiceBase):
         self.section = section
         self.source = source
         self.where = redact(section.url)
-        # Its own connections unless the app shares a process's (share_redis).
-        self._hub = redis or RedisHub()
-        self._share: RedisShare | None = None
-        self._client: Redis | None = None
-        self._pipeline: Scripts | None = None
         self._lease_ms = int(section.lease * 1000)
         self._dedupe_ms = int(section.dedupe_window * 1000)
         # A load refreshes the conversation's TTL once this much of it has run down.
         self._slack_ms = min(60_000, int(section.ttl * 100))
         self._windows = WindowCache(section.window, cache_size)
-
-    def share_redis(self, hub: RedisHub) -> None:
-        """Talk to Redis through ``hub``'s connections from the next start on (see
-        :class:`~core.redis_client.RedisHub`); the app calls it before starting."""
-        self._hub = hub
-
-    async def _start(self) -> None:
-        share = self._share = self._hub.acquire(
-            self.section.url, timeout=self.section.timeout, where=f"{self.source}: memory.url")
-        self._client = share.client
-        sources = lua.sources(lua.Settings(
-            lease_ms=self._lease_ms, stale_ms=STALE_WAITER_MS, window=self.section.window,
-            ttl=self.section.ttl, slack_ms=self._slack_ms, dedupe_ms=self._dedupe_ms,
-            dedupe_max=self.section.dedupe_max))
-        async with self._failures("start"), asyncio.timeout(self.section.timeout):
-            self._pipeline = await share.scripts(sources, call_timeout=self.section.timeout,
-                                                 retry=_IDEMPOTENT)
-
-    async def _stop(self) -> None:
-        self._client = self._pipeline = None
-        share, self._share = self._share, None
-        if share is not None:
-            await share.release()
-
-    def _failures(self, what: str) -> AbstractAsyncContextManager[None]:
-        return failures_as(MemoryUnavailable, f"redis at {self.where}", what)
-
-    async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        if self._pipeline is None:
-            raise RuntimeError("RedisMemory is used before start() or after stop()")
-        async with self._failures(name):
-            return await self._pipeline(name, keys, args)
+        scripts = lua.sources(lua.Settings(
+            lease_ms=self._lease_ms, stale_ms=STALE_WAITER_MS, window=section.window,
+            ttl=section.ttl, slack_ms=self._slack_ms, dedupe_ms=self._dedupe_ms,
+            dedupe_max=section.dedupe_max))
+        # Its own connections unless the app shares a process's (share_redis).
+        super().__init__(section.url, scripts, timeout=section.timeout,
+                         setting=f"{source}: memory.url", error=MemoryUnavailable,
+                         failing=f"redis at {self.where}", retry=_IDEMPOTENT, redis=redis)
 
     def _base(self, bot: str) -> str:
         return f"{self.section.key_prefix}:{key_part(bot)}:"
@@ -240,17 +206,13 @@ class RedisMemory(ServiceBase):
 
     async def set_fact(self, user: UserRef, name: str, value: str) -> None:
         """Store ``name = value`` in the user's facts."""
-        if self._client is None:
-            raise RuntimeError("RedisMemory is used before start() or after stop()")
         async with self._failures("set_fact"), asyncio.timeout(self.section.timeout):
-            await self._client.hset(self._facts(user), name, value)
+            await self._redis.hset(self._facts(user), name, value)
 
     async def conversations(self, user: UserRef) -> list[ConversationKey]:
         """See :meth:`MemoryStore.conversations` (the user's index)."""
-        if self._client is None:
-            raise RuntimeError("RedisMemory is used before start() or after stop()")
         async with self._failures("conversations"), asyncio.timeout(self.section.timeout):
-            refs = await self._client.smembers(self._index(user))
+            refs = await self._redis.smembers(self._index(user))
         keys = []
         for ref in sorted(_text(r) for r in refs):
             channel, _, conversation = ref.partition(":")

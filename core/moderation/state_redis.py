@@ -25,19 +25,15 @@ out in one write with the other calls: :class:`~core.redis_pipeline.ScriptPipeli
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from redis.asyncio import Redis
 
 from core.errors import ParleyError
-from core.lifecycle import ServiceBase
 from core.moderation.state import Admission, Limits
-from core.redis_client import RedisHub, RedisShare, connect, failures_as, key_part
-from core.redis_pipeline import Scripts
+from core.redis_client import RedisHub, RedisService, connect, key_part
 
 
 class ModerationStateUnavailable(ParleyError):
@@ -84,7 +80,7 @@ return tostring(score)
 
 
 
-class RedisState(ServiceBase):
+class RedisState(RedisService):
     """:class:`~core.moderation.state.ModerationState` on Redis; see the module docstring."""
 
     def __init__(
@@ -97,35 +93,23 @@ class RedisState(ServiceBase):
         self.timeout = timeout
         self.audit_max_entries = audit_max_entries
         self.audit_retention = audit_retention
+        self._client: Redis | None = None
         # The scripts (every message's flood check) go through the hub's pipeline, shared
         # with the process's other services on this Redis when the app passes one.
-        self._hub = redis or RedisHub()
-        self._share: RedisShare | None = None
-        self._client: Redis | None = None
-        self._scripts: Scripts | None = None
-
-    def share_redis(self, hub: RedisHub) -> None:
-        """Run the scripts through ``hub``'s connections from the next start on (see
-        :class:`~core.redis_client.RedisHub`); the app calls it before starting."""
-        self._hub = hub
+        super().__init__(url, {"admit": _ADMIT, "add_points": _ADD_POINTS}, timeout=timeout,
+                         setting="moderation.url", error=ModerationStateUnavailable,
+                         failing="moderation state", redis=redis)
 
     async def _start(self) -> None:
         # Decoded replies for the other commands (audit, mutes); connects when first used.
         self._client = connect(self.url, timeout=self.timeout, where="moderation.url",
                                decode_responses=True)
-        share = self._share = self._hub.acquire(self.url, timeout=self.timeout,
-                                                where="moderation.url")
-        async with self._failures("start"), asyncio.timeout(self.timeout):
-            self._scripts = await share.scripts(
-                {"admit": _ADMIT, "add_points": _ADD_POINTS}, call_timeout=self.timeout)
+        await super()._start()
 
     async def _stop(self) -> None:
         client, self._client = self._client, None
-        share, self._share = self._share, None
-        self._scripts = None
         try:
-            if share is not None:
-                await share.release()
+            await super()._stop()
         finally:
             if client is not None:
                 await client.aclose()
@@ -134,18 +118,8 @@ class RedisState(ServiceBase):
     def client(self) -> Redis:
         """The connection; only between start and stop."""
         if self._client is None:
-            raise RuntimeError("RedisState is used before start() or after stop()")
+            raise self._unstarted()
         return self._client
-
-    def _failures(self, what: str) -> AbstractAsyncContextManager[None]:
-        return failures_as(ModerationStateUnavailable, "moderation state", what)
-
-    @property
-    def scripts(self) -> Scripts:
-        """The state's Lua scripts; only between start and stop."""
-        if self._scripts is None:
-            raise RuntimeError("RedisState is used before start() or after stop()")
-        return self._scripts
 
     async def admit(self, user: str, conversation: str, limits: Limits, *,
                     message: str | None = None) -> Admission:
@@ -156,17 +130,13 @@ class RedisState(ServiceBase):
         member = f"m:{message}" if message is not None else f"r:{os.urandom(16).hex()}"
         args: list[str | int] = [member, int(limits.user_window * 1000),
                                  int(limits.conversation_window * 1000)]
-        async with self._failures("admit"):
-            users, convs, mute_ms = await self.scripts("admit", keys, args)
+        users, convs, mute_ms = await self._run("admit", keys, args)
         return Admission(int(users), int(convs), int(mute_ms) / 1000)
 
     async def add_points(self, user: str, points: float, half_life: float) -> float:
         """See :class:`~core.moderation.state.ModerationState`."""
-        async with self._failures("add_points"):
-            score = await self.scripts(
-                "add_points", [f"{self.base}score:{key_part(user)}"],
-                [points, int(half_life * 1000)],
-            )
+        score = await self._run("add_points", [f"{self.base}score:{key_part(user)}"],
+                                [points, int(half_life * 1000)])
         return float(score)
 
     async def record(
