@@ -650,6 +650,23 @@ async def test_a_failed_append_stores_nothing(redis_backend: Backend, raw: Redis
     assert members == ["alice"]
 
 
+async def test_an_append_a_member_leaves_checks_their_index_first(
+    redis_backend: Backend, raw: Redis
+) -> None:
+    # bob joins and alice's turn leaves the window: both index keys are checked (join's,
+    # then leave's) before anything is written.
+    store = await redis_backend.open(window=2)
+    await store.append(KEY, turns("a", user="alice"))
+    index = f"{redis_backend.prefix}:bot:user:web:alice:convs"
+    await raw.delete(index)
+    await raw.set(index, "not a set")
+    with pytest.raises(MemoryUnavailable, match=f"WRONGTYPE {index} is a string"):
+        await store.append(KEY, turns("b1", "b2", user="bob"))
+    assert texts(await store.load(KEY, "bob")) == ["a"]
+    members = await raw.hkeys(f"{redis_backend.prefix}:bot:members:web:conv-1")
+    assert members == ["alice"]
+
+
 @pytest.mark.parametrize("kind", ["seen", "seenby", "replies", "conv", "members"])
 async def test_a_finish_meeting_a_key_of_the_wrong_type_stores_nothing(
     redis_backend: Backend, raw: Redis, kind: str

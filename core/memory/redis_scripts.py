@@ -272,12 +272,10 @@ local function append(conv, members, seenby, ver, v, ref, first, now, epoch, kee
       leave[#leave + 1] = user
     end
   end
-  for _, user in ipairs(join) do
-    local bad = wrong(known[user], 'set')
-    if bad then return bad end
-  end
-  for _, user in ipairs(leave) do
-    local bad = wrong(known[user], 'set')
+  -- The index keys about to be written, join's then leave's (i past join: leave's).
+  local joining = #join
+  for i = 1, joining + #leave do
+    local bad = wrong(known[join[i] or leave[i - joining]], 'set')
     if bad then return bad end
   end
   if prelude then prelude() end
