@@ -172,3 +172,28 @@ async def test_a_muted_user_s_commands_count_against_the_flood_limits(
         # and one with arguments is told of the mute; beyond them, "slow down".
         assert "slow_down" not in [r.code for r in replies[:3]]
         assert {(r.kind, r.code) for r in replies[3:]} == {(ReplyKind.ERROR, "slow_down")}
+
+
+async def test_a_bare_command_is_refused_when_the_flood_count_fails_closed(
+    redis_server: Any, memory_prefix: str,
+) -> None:
+    # With the flood count out of reach and fail_input = "closed", a message is refused
+    # by its flood step; a bare command meets no filter after admission, so admission
+    # refuses it (it was answered, without limits, while the state was down).
+    redis_server.start()
+    settings = parse_settings({
+        "bot": {"name": "ebot"}, "generation": {"backend": "echo"},
+        "memory": {"backend": "embedded"},
+        "moderation": {"backend": "filters", "state": "redis", "url": redis_server.url,
+                       "key_prefix": memory_prefix, "fail_input": "closed"},
+    })
+    async with build_engine(settings) as engine:
+        assert (await collect(engine.handle(msg("/help")))).code == "command"
+        redis_server.kill()
+        try:
+            for text in ("hello", "/help", "/reset", "/help me please"):
+                refused = await collect(engine.handle(msg(text)))
+                assert (refused.kind, refused.code, refused.text) == (
+                    ReplyKind.NOTICE, "moderated", settings.moderation.failure_reply), text
+        finally:
+            redis_server.restart()

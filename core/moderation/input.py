@@ -222,7 +222,8 @@ class InputChecks:
         (``/forget``, and the engine checks only a command's arguments), within the flood
         limits as any message is (the engine runs no filter on a bare command, so this is
         the only count it meets). A message let on leaves its count for its ``flood``
-        step, so it is counted once.
+        step, so it is counted once. If the count fails, the flood step tries again for a
+        message; a command is refused now when the policy fails closed.
         """
         channel = self._channel(message.channel)
         step = channel.flood
@@ -231,8 +232,16 @@ class InputChecks:
         try:
             async with asyncio.timeout(step.timeout):
                 admission = await self._count(message, channel)
-        except Exception:
-            return None  # the flood step tries again, and fails open or closed as set
+        except Exception as exc:
+            if channel.policy.fail_input == "open" or not message.text.startswith("/"):
+                return None  # the flood step tries again, and fails open or closed as set
+            # Failing closed: a command is refused now, as its flood step would refuse a
+            # message (a bare command meets no filter after this).
+            text = normalise(message.text)
+            run = _Run(message, channel.policy, text, text.clean,
+                       findings=[Finding("failure", step.name)])
+            self._failed(run, step.name, exc)
+            return await self._decide(run, channel.policy)
         if admission.muted_for > 0 and not message.text.startswith("/"):
             text = normalise(message.text)
             return await self._decide(_Run(message, channel.policy, text, text.clean,
