@@ -48,7 +48,7 @@ from bots.web.adapter import WebAdapter
 from bots.web.hub import ChatHub
 from bots.web.settings import WebSettings
 from bots.web.ws import _Socket
-from core.app import build_engine
+from core.app import build_engine, freeze_startup_heap
 from core.cli import run_loop
 from core.config import parse_settings
 from core.types import IncomingMessage, ReplyEvent, ReplyKind
@@ -102,6 +102,7 @@ async def measure(memory: dict[str, Any], messages: int, rounds: int) -> list[fl
                 sub = subscriptions.enter_context(hub.log.subscribe(sock.ref))
                 await sock._resume({"type": "resume", "after": 0}, sub)
                 sockets.append((sock, far, sub))
+            freeze_startup_heap()  # as parley run does once it serves
             for round_ in range(rounds):
                 left = messages
 
@@ -143,6 +144,7 @@ async def measure_http(memory: dict[str, Any], messages: int, rounds: int,
         try:
             connections = [await asyncio.open_connection("127.0.0.1", adapter.port)
                            for _ in range(CLIENTS)]
+            freeze_startup_heap()  # as parley run does once it serves
             for round_ in range(rounds):
                 left = messages
 
