@@ -110,7 +110,8 @@ class WebSettings(WidgetFields):
     # Server-to-server callers of /api/v1/chat: with keys, every call needs one, and user
     # and conversation ids live in the key's tenant (two tenants' "u1" are two users).
     api_keys: Annotated[list[ApiKeySection], AfterValidator(unique_keys)] = []
-    # One line per HTTP request on the ``aiohttp.access`` logger (at INFO). Off saves the
-    # line's making and writing (~15 µs a request) where a proxy in front logs anyway;
-    # WebSocket messages never had lines.
+    # One line per HTTP request on the ``aiohttp.access`` logger (at INFO). On by default:
+    # it is the only record of requests refused before the engine (docs/http-api.md).
+    # Off saves the line's making and writing (~100K instructions, 7-10 µs a request)
+    # where a proxy in front logs anyway; WebSocket messages never had lines.
     access_log: bool = True
