@@ -4,6 +4,7 @@ built once per system text yet each reply checked against its own. No mocks."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,11 +16,11 @@ from hypothesis import strategies as st
 from core.config import parse_settings
 from core.moderation.base import ReplyWithheld
 from core.moderation.guard import GuardConfig
-from core.moderation.leak import LeakDetector
+from core.moderation.leak import LeakDetector, _runs
 from core.moderation.moderator import FilterModerator
 from core.moderation.ngram import ScoreWindow, load_model
 from core.moderation.normalise import _keys, normalise, words_of
-from core.moderation.release import release_point
+from core.moderation.release import _plain_cut, _unit_cut, release_point
 from core.types import IncomingMessage
 
 # Single letters (which join when spelled out), leetspeak, separators, spaces of several
@@ -82,6 +83,59 @@ def test_most_deltas_are_judged_without_units_as_with_them() -> None:
     assert release_point("we ride north for, gold at dawn and then", "so", config) == 19
     assert release_point("we ride north for gold at dawn and then home again", "so",
                          config) == 26
+
+
+# Units of a reply as release_point sees them: words, system words and their starts,
+# single letters, digits, data, capitals, clause marks, spaces of several kinds.
+UNITS = ["the", "quest", "you", "are", "Mira", "inn", "innkeeper", "of", "Pony", "zebra",
+         "quartz", "a", "f", "I", "x", "12", "020", "+44", "(555)", "123-4567", "NL91", "ABNA",
+         "4111", "e.g.", "ok,", "so.", "why?", "Hi!", "and;", "x_y", "_", "naïve", "ß", "Σ"]
+GAPS = [" ", " ", " ", "  ", "\n", "\t", " \n ", "\x1c", "\u00a0", "\u2003", ""]
+
+
+@hsettings(max_examples=4000, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(UNITS), st.sampled_from(GAPS)), min_size=1,
+                max_size=16),
+       st.sampled_from(["", "so ", "you are "]), st.booleans(), st.integers(1, 5))
+def test_the_cut_found_from_the_end_is_the_cut_found_from_the_units(
+        parts: list[tuple[str, str]], shown: str, leak: bool, phrase_words: int) -> None:
+    # release_point finds the units before the held words one rsplit at a time, from
+    # the end (_plain_cut), where the text allows it; everywhere it must cut as the
+    # units found by _UNIT do (_unit_cut).
+    pending = "".join(unit + gap for unit, gap in parts)
+    detector = LeakDetector(SYSTEM, 12, "zebra quartz") if leak else None
+    config = GuardConfig(terms=None, pii=None, classify=None, threshold=0.9, hold_chars=160,
+                         replacement="-", fail_closed=True, timeout=1.0, leak=detector,
+                         phrase_words=phrase_words)
+    words = config.hold_words if pending[-1:].isspace() else config.hold_words + 1
+    held = pending.rsplit(None, words)
+    if len(held) > words and not pending[:1].isspace():
+        assert _plain_cut(pending, shown, config, held) == \
+            _unit_cut(pending, shown, config, words)
+
+
+SYSTEM = "You are Mira, the innkeeper of the Prancing Pony; you keep the inn."
+
+
+@hsettings(max_examples=3000, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(UNITS), st.sampled_from(GAPS)), max_size=12),
+       st.sampled_from(["", "x", "you", "Mi", "!", "_"]), st.sampled_from(["", "so ", "Mira "]),
+       st.integers(12, 60))
+def test_the_leak_s_shortcuts_answer_as_the_whole_search(
+        parts: list[tuple[str, str]], end: str, shown: str, min_chars: int) -> None:
+    # Where a run of system words ends the text, from its last word alone; whether the
+    # text has too few system words for a leak, from their weights: as all the runs say.
+    text = "".join(unit + gap for unit, gap in parts) + end
+    leak = LeakDetector(SYSTEM, min_chars, "zebra quartz")
+    before = shown[-leak.margin:]
+    assert leak.trailing_run_start(shown, text) == leak._run_start(before + text, len(before))
+    words = [w.casefold() for w in re.findall(r"\w+", shown + text)]
+    found = None
+    for index, (_, limit) in enumerate(leak._sequences):
+        if _runs(words, leak._positions[index])[0] >= limit:
+            found = "canary" if index else "system"
+            break
+    assert leak.find(shown + text) == found
 
 
 def _settings(**moderation: Any) -> Any:

@@ -33,12 +33,19 @@ class LeakDetector:
         self.margin = 2 * max([min_chars, *(n for _, n in self._sequences)])
         self._least = min((n for _, n in self._sequences), default=0)  # the shortest leak
         self._prefixes: set[str] = set()  # of every system word: a word still arriving
+        # Per sequence, each word's characters in it (one more for the space after it, each
+        # time it is there): a run of a text's words in order is no longer than the sum of
+        # those of its distinct words, less one.
+        self._weights: list[dict[str, int]] = []
         for sequence, _ in self._sequences:
             positions: dict[str, list[int]] = {}
+            weights: dict[str, int] = {}
             for j, word in enumerate(sequence):
                 positions.setdefault(word, []).append(j)
+                weights[word] = weights.get(word, 0) + len(word) + 1
                 self._prefixes.update(word[:i] for i in range(1, len(word) + 1))
             self._positions.append(positions)
+            self._weights.append(weights)
 
     def __bool__(self) -> bool:
         return bool(self._sequences)
@@ -54,8 +61,11 @@ class LeakDetector:
         else:
             words = [w.casefold() for w in _WORD.findall(text)]
         for index, (_, limit) in enumerate(self._sequences):
-            longest, _ = _runs(words, self._positions[index])
-            if longest >= limit:
+            # Most texts have too few system words for a run as long as the limit (no run
+            # is longer than its distinct words' weights, less one): no runs looked for.
+            weights = self._weights[index]
+            if sum(map(weights.__getitem__, weights.keys() & words)) > limit \
+                    and _runs(words, self._positions[index])[0] >= limit:
                 return "canary" if index else "system"
         return None
 
@@ -67,13 +77,23 @@ class LeakDetector:
         """
         before = shown[-self.margin:]
         text = before + pending
+        # Most texts end in a word that neither is a system word nor starts one (if it is
+        # still arriving): no run ends them, seen from that word alone (the first in the
+        # text reversed), without the others.
+        last = _WORD.search(text[::-1])
+        if last is None:
+            return None
+        word = last.group()[::-1].casefold()
+        if word not in self._prefixes if text[-1:].isalnum() \
+                else not any(word in p for p in self._positions):
+            return None
+        return self._run_start(text, len(before))
+
+    def _run_start(self, text: str, skip: int) -> int | None:
+        """:meth:`trailing_run_start` in ``text[skip:]``, from all of ``text``'s words."""
         matches = list(_WORD.finditer(text))
         partial = matches[-1].group().casefold() if matches and text[-1:].isalnum() else None
-        if partial is not None and partial not in self._prefixes:
-            return None  # the word arriving is no system word: no run ends the text
         words = [m.group().casefold() for m in (matches[:-1] if partial else matches)]
-        if partial is None and (not words or not any(words[-1] in p for p in self._positions)):
-            return None
         start: int | None = None
         for (sequence, _), positions in zip(self._sequences, self._positions, strict=True):
             _, ends = _runs(words, positions)
@@ -84,7 +104,7 @@ class LeakDetector:
                              if j not in ends and w.startswith(partial)})
             trailing = max(ends.values(), default=0)
             if trailing:
-                offset = max(0, matches[len(matches) - trailing].start() - len(before))
+                offset = max(0, matches[len(matches) - trailing].start() - skip)
                 start = offset if start is None else min(start, offset)
         return start
 

@@ -53,6 +53,13 @@ def release_point(pending: str, shown: str, config: GuardConfig) -> int:
         latest = len(pending) - sum(map(len, parts)) + len(parts[0]) - (words - 1)
         if not _enough(pending, latest, shown, _CLAUSE_MARK):
             return 0
+        return _plain_cut(pending, shown, config, parts)
+    return _unit_cut(pending, shown, config, words)
+
+
+def _unit_cut(pending: str, shown: str, config: GuardConfig, words: int) -> int:
+    """The cut, from ``pending``'s units (``words``: the whole words held back)."""
+    run_on = len(pending) > config.hold_chars
     units = _UNIT.findall(pending)
     if not units:
         return 0
@@ -72,6 +79,39 @@ def release_point(pending: str, shown: str, config: GuardConfig) -> int:
             if start == 0:
                 return _run_on(pending, config)
             cut = _piece(pending, units, start, shown)
+    return cut
+
+
+def _plain_cut(pending: str, shown: str, config: GuardConfig, parts: list[str]) -> int:
+    """:func:`_unit_cut`'s cut, for ``pending`` that is no run-on, starts with no space
+    and has no CJK: its units are then the runs of non-spaces (``parts``: its ``rsplit``
+    at the words held), each with the spaces after it, and the units before the held
+    words are found from the end, one ``rsplit`` each, instead of all by ``_UNIT``."""
+    body = parts[0]  # the text before the held words, without the spaces after it
+    at = pending.find(parts[1], len(body))  # where the held words start
+    # Spelled-out letters and personal data still arriving (as _held_from).
+    while True:
+        begin = len(body) - len(body.rsplit(None, 1)[-1])
+        unit = pending[begin:at]
+        if not (_single(unit) or _DATA_UNIT.fullmatch(unit)):
+            break
+        if not begin:
+            return 0  # every unit held, and no run-on: nothing to release
+        at = begin
+        body = pending[:at].rstrip()
+    cut = at if _enough(pending, at, shown, _CLAUSE_END) else 0
+    if not cut and _CLAUSE_MARK.search(pending, 0, at) is None:
+        return 0
+    if config.leak is not None:
+        run = config.leak.trailing_run_start(shown, pending)
+        if run is not None and run < at:
+            # The unit that holds ``run``: the run of non-spaces there, or before the
+            # spaces there.
+            body = pending[:run + 1].rstrip()
+            at = len(body) - len(body.rsplit(None, 1)[-1])
+            if not at:
+                return 0
+            cut = at if _enough(pending, at, shown, _CLAUSE_END) else 0
     return cut
 
 
