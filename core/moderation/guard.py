@@ -82,6 +82,7 @@ class GuardConfig:
     window: Callable[[int], ScoreWindow] | None = None
     # By output category: the score that withholds a reply (from the two above).
     limits: Mapping[str, float] = field(init=False, repr=False, compare=False)
+    limit_items: tuple[tuple[str, float], ...] = field(init=False, repr=False, compare=False)
     # Whole words held back before the one arriving: LOOKAHEAD, or as many as the longest
     # blocked phrase needs (from ``phrase_words``).
     hold_words: int = field(init=False, repr=False, compare=False)
@@ -92,6 +93,7 @@ class GuardConfig:
         object.__setattr__(self, "limits", {
             c: max(self.threshold, thresholds.get(c, self.threshold)) for c in OUTPUT_CATEGORIES
         })
+        object.__setattr__(self, "limit_items", tuple(self.limits.items()))
 
 
 class ScoreWindow(Protocol):
@@ -119,8 +121,8 @@ class OutputGuard:
     :meth:`finish_async` instead.
     """
 
-    __slots__ = ("_degraded", "_masked", "_pending", "_report", "_reports", "_sentence",
-                 "_shown", "_window", "awaits", "config")
+    __slots__ = ("_degraded", "_masked", "_pending", "_renew", "_report", "_reports",
+                 "_sentence", "_shown", "_window", "awaits", "config")
 
     def __init__(self, config: GuardConfig, report: Report) -> None:
         self.config = config
@@ -135,6 +137,7 @@ class OutputGuard:
         # same words: there is none (None) and the reply's scores count for both.
         self._window: ScoreWindow | None = None
         self._sentence: ScoreWindow | None = None
+        self._renew = False  # a sentence ended: the next text starts a new sentence window
         if config.window is not None and config.classify is not None:
             self._window = config.window(CLASSIFY_WORDS)
             if SENTENCE_WORDS != CLASSIFY_WORDS:
@@ -145,7 +148,11 @@ class OutputGuard:
 
     def feed(self, text: str) -> list[str]:
         """Add ``text`` to the reply; the pieces that may be shown now."""
-        cut = self._take(text)
+        # (_take, inline: this runs for every delta of every reply.)
+        pending = self._pending = self._pending + text
+        if BREAK.search(text) is None and len(pending) <= self.config.hold_chars:
+            return []
+        cut = release_point(pending, self._shown, self.config)
         return self._release(*self._check(cut, final=False)) if cut else []
 
     def finish(self) -> list[str]:
@@ -194,9 +201,13 @@ class OutputGuard:
             if score is None:
                 raise TypeError("this guard's classifier must be awaited: use feed_async()")
             self._scored(ask, score)
-        self._masked.extend(Finding("pii", span.kind, source="pii") for span in spans)
-        segment = PiiDetector.mask(self._pending[:cut], spans)
-        self._pending = self._pending[cut:]
+        pending = self._pending
+        if spans:
+            self._masked.extend(Finding("pii", span.kind, source="pii") for span in spans)
+            segment = PiiDetector.mask(pending[:cut], spans)
+        else:
+            segment = pending[:cut]
+        self._pending = pending[cut:]
         self._shown += segment
         return [segment]
 
@@ -239,29 +250,40 @@ class OutputGuard:
         segment = pending[:cut]
         if not segment:
             return 0, spans, None
-        if config.classify is None or not segment.strip():
+        if config.classify is None or segment.isspace():
             return cut, spans, None
         # The reply's recent text, not the sentence fragment alone: a few words score
         # wildly ("Most people" reads as hate), a few sentences score steadily.
         if self._window is None:
             return cut, spans, (shown + segment)[-CLASSIFY_CHARS:]
         for sentence in _SENTENCE.split(segment):
-            if sentence:
-                self._scored(sentence, self._fed)
+            if sentence:  # (_scored, inline)
+                try:
+                    scores = self._fed(sentence)
+                except Exception as exc:
+                    self._failed(sentence, exc)
+                else:
+                    self._judge(sentence, scores)
         return cut, spans, None
 
     def _fed(self, text: str) -> Mapping[str, float]:
         """``text`` (part of one sentence) fed to the reply's and the sentence's windows;
         each category's higher score of the two."""
         assert self._window is not None
+        if self._renew:
+            # Made now, not when the sentence before ended: a reply's last sentence end
+            # needs none.
+            self._renew = False
+            if self.config.window is not None:
+                self._sentence = self.config.window(SENTENCE_WORDS)
         words = normalise(text)  # once for both windows
         scores: Mapping[str, float] = self._window.feed(words)
         if self._sentence is not None:
             scores = dict(scores)
             for category, score in self._sentence.feed(words).items():
                 scores[category] = max(score, scores.get(category, 0.0))
-        if _SENTENCE_END.search(text) and self.config.window is not None:
-            self._sentence = self.config.window(SENTENCE_WORDS)
+        if _SENTENCE_END.search(text):
+            self._renew = True
         return scores
 
     def _scored(self, text: str, score: Callable[[str], Scores]) -> None:
@@ -281,6 +303,14 @@ class OutputGuard:
             self._degraded.append("classifier")
 
     def _judge(self, text: str, scores: Scores) -> None:
+        if type(scores) is dict:
+            # Most scores are under every limit: seen from the output categories alone.
+            for category, bound in self.config.limit_items:
+                score = scores.get(category)
+                if score is not None and score >= bound:
+                    break
+            else:
+                return
         limits = self.config.limits
         # (A dict is its own mapping by category: by_category's isinstance() is slow.)
         for category, score in (scores if type(scores) is dict else by_category(scores)).items():
