@@ -278,21 +278,24 @@ class ScoreWindow:
         window's scores."""
         model = self._model
         weights = model.weights
+        kept = model._words  # word_part's cache, asked first (the method only on a miss)
         counts = self._counts
         order = self._order
+        size = self._size
+        add = operator.add
+        last = self._last
         for word in (text if isinstance(text, Normalised) else normalise(text)).words:
-            last = self._last
-            self._last = word
             # A pair is keyed as its feature ("b:first second"): no word has a colon.
             pair = f"b:{last} {word}" if last is not None else ""
+            last = self._last = word
             order.append((word, pair))
             # A word or pair counts once however often it is in the window (as features()).
             before = counts.get(word, 0)
             counts[word] = before + 1
             if not before:
-                vector, known = model.word_part(word)
+                vector, known = kept.get(word) or model.word_part(word)
                 if vector is not None:
-                    self._sums = list(map(operator.add, self._sums, vector))
+                    self._sums = list(map(add, self._sums, vector))
                 self._known += known
             if pair:
                 before = counts.get(pair, 0)
@@ -300,9 +303,9 @@ class ScoreWindow:
                 if not before:
                     vector = weights.get(pair)  # as model.pair_part()
                     if vector is not None:
-                        self._sums = list(map(operator.add, self._sums, vector))
+                        self._sums = list(map(add, self._sums, vector))
                         self._known += 1
-            if len(order) > self._size:
+            if len(order) > size:
                 old, old_pair = order.popleft()
                 self._drop(old)
                 if old_pair:
@@ -311,10 +314,18 @@ class ScoreWindow:
             return dict.fromkeys(model.categories, 0.0)  # as NgramModel.scores
         if not self._known:
             return model.probabilities([], 0)
-        # NgramModel.probabilities of the one part the window sums to.
+        # NgramModel.probabilities of the one part the window sums to (_sigmoid inline).
         scale = 1.0 / math.sqrt(self._known)
-        return {c: _sigmoid(b + scale * s)
-                for c, b, s in zip(model.categories, model.intercepts, self._sums, strict=True)}
+        exp = math.exp
+        scores = {}
+        for c, b, s in zip(model.categories, model.intercepts, self._sums, strict=True):
+            x = b + scale * s
+            if x >= 0:
+                scores[c] = 1.0 / (1.0 + exp(-x))
+            else:
+                z = exp(x)
+                scores[c] = z / (1.0 + z)
+        return scores
 
     def _drop(self, name: str) -> None:
         left = self._counts[name] - 1
