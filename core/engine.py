@@ -52,7 +52,7 @@ from core.outcomes import outcome as outcome_of
 from core.plugin_runner import Before, PluginFailed, PluginRunner
 from core.plugins import AddContext, PluginRegistry
 from core.prompt import HistoryMessages, chat_messages, instructions
-from core.streams import closing, guarded_attempts
+from core.streams import guarded_attempts
 from core.types import IncomingMessage, ReplyEvent, ReplyKind, Turn
 from core.validation import clean_text
 
@@ -61,6 +61,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Looked up once: reading a member off an enum class costs more than building the event.
+_TYPING, _DELTA, _RESET = ReplyKind.TYPING, ReplyKind.DELTA, ReplyKind.RESET
 
 
 class Engine(ServiceBase):
@@ -159,7 +161,8 @@ class Engine(ServiceBase):
             if text != message.text:
                 message = replace(message, text=text)
             try:
-                async with self.lanes.enter(message, self._admit):
+                lane = await self.lanes.hold(message, self._admit)
+                try:
                     claim = Claim(self.memory, message, self._ids(), self.settings.memory.lease,
                                   self._renewals)
                     shown: list[str] = []  # the pieces of the reply the user was shown
@@ -172,9 +175,9 @@ class Engine(ServiceBase):
                             return
                         message, verdict, request, history = ready
                         action = verdict.action
-                        yield ReplyEvent(ReplyKind.TYPING, action=action)
+                        yield ReplyEvent(_TYPING, "", action)
                         deltas, guard = self._guarded(message, request)
-                        async with closing(deltas):
+                        try:
                             async for delta in deltas:
                                 if delta.restart:
                                     # A remote worker died mid-reply and another started
@@ -183,7 +186,7 @@ class Engine(ServiceBase):
                                     guard = self._restarted(message, request, guard)
                                     if shown:
                                         shown.clear()
-                                        yield ReplyEvent(ReplyKind.RESET, action=action)
+                                        yield ReplyEvent(_RESET, "", action)
                                 text = delta.text
                                 if not text:
                                     continue
@@ -191,13 +194,19 @@ class Engine(ServiceBase):
                                     if not shown:
                                         self._first_shown(message)
                                     shown.append(piece)
-                                    yield ReplyEvent(ReplyKind.DELTA, piece, action=action)
+                                    yield ReplyEvent(_DELTA, piece, action)
+                        finally:
+                            # Closed here, not with core.streams.closing: a context
+                            # manager's object and two coroutines, for every message.
+                            aclose = getattr(deltas, "aclose", None)
+                            if aclose is not None:
+                                await aclose()
                         if guard is not None:
                             for piece in guard.finish():
                                 if not shown:
                                     self._first_shown(message)
                                 shown.append(piece)
-                                yield ReplyEvent(ReplyKind.DELTA, piece, action=action)
+                                yield ReplyEvent(_DELTA, piece, action)
                             await guard.flush()
                         ending = await self._answered(message, claim, verdict, shown, history)
                     except ReplyWithheld as withheld:
@@ -211,6 +220,10 @@ class Engine(ServiceBase):
                             await claim.release()
                     for last in ending:
                         yield last
+                finally:
+                    # Held and let go without a context manager (Lanes.enter): its object
+                    # and two coroutines, for every message.
+                    self.lanes.leave(lane, message)
             except SlowDown as exc:
                 outcome = "slow_down"
                 log.debug("bot %s: refused before the lane: %s", self.name, exc)

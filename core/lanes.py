@@ -107,22 +107,13 @@ class _Entry:
         self._lane: _Lane | None = None
 
     async def __aenter__(self) -> None:
-        lane = self._lanes._join(self._message)
-        try:
-            await self._lanes._acquire(lane, self._message, self._admit)
-        except BaseException:
-            self._lanes._leave(lane, self._message)
-            raise
-        self._lane = lane
+        self._lane = await self._lanes.hold(self._message, self._admit)
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                         traceback: TracebackType | None) -> None:
         lane, self._lane = self._lane, None
         if lane is not None:
-            try:
-                lane.release()
-            finally:
-                self._lanes._leave(lane, self._message)
+            self._lanes.leave(lane, self._message)
 
 
 class Lanes:
@@ -144,6 +135,39 @@ class Lanes:
         ``admit`` (rate limits) refuses it; ``admit`` is asked while the message keeps
         its place in the lane, so arrival order holds however long it takes to answer."""
         return _Entry(self, message, admit)
+
+    async def hold(self, message: IncomingMessage, admit: Admit | None = None) -> _Lane:
+        """:meth:`enter` without the context manager, for the engine (whose every
+        message would pay for its object and its two coroutines): the lane, held once
+        this returns, to hand back to :meth:`leave` whatever happens after."""
+        lane = self._join(message)
+        # Queued first and asked while queued: a refusal comes at once, not after the
+        # messages ahead are answered.
+        waiting = lane.take()
+        try:
+            if admit is not None:
+                refusal = await admit(message)
+                if refusal is not None:
+                    raise refusal
+            if waiting is not None:
+                await waiting
+        except BaseException:
+            try:
+                if waiting is None:
+                    lane.release()
+                else:
+                    lane.give_up(waiting)
+            finally:
+                self._leave(lane, message)
+            raise
+        return lane
+
+    def leave(self, lane: _Lane, message: IncomingMessage) -> None:
+        """Let go of ``lane``, which :meth:`hold` gave ``message``."""
+        try:
+            lane.release()
+        finally:
+            self._leave(lane, message)
 
     def _join(self, message: IncomingMessage) -> _Lane:
         key, who = message.key, (message.channel, message.user_id)
@@ -169,27 +193,6 @@ class Lanes:
             self._in_flight[who] = left
         else:
             del self._in_flight[who]
-
-    @staticmethod
-    async def _acquire(lane: _Lane, message: IncomingMessage, admit: Admit | None
-                       ) -> None:
-        """Take ``lane`` in arrival order, refusing (SlowDown) if ``admit`` does. A
-        message queues first and is asked while queued: a refusal comes at once, not
-        after the messages ahead are answered."""
-        waiting = lane.take()
-        try:
-            if admit is not None:
-                refusal = await admit(message)
-                if refusal is not None:
-                    raise refusal
-            if waiting is not None:
-                await waiting
-        except BaseException:
-            if waiting is None:
-                lane.release()
-            else:
-                lane.give_up(waiting)
-            raise
 
 
 class Renewals:
