@@ -61,8 +61,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Looked up once: reading a member off an enum class costs more than building the event.
-_TYPING, _DELTA, _RESET = ReplyKind.TYPING, ReplyKind.DELTA, ReplyKind.RESET
+# Looked up once: reading a member off an enum class (or Action.answers, which reads
+# three) costs more than building an event, and these are read for every message.
+_TYPING, _DELTA, _RESET, _FINAL = (
+    ReplyKind.TYPING, ReplyKind.DELTA, ReplyKind.RESET, ReplyKind.FINAL)
+_ALLOW, _WARN = Action.ALLOW, Action.WARN
+_ANSWERING = tuple(action for action in Action if action.answers)
 
 
 class Engine(ServiceBase):
@@ -257,7 +261,7 @@ class Engine(ServiceBase):
                         notice="flood" not in verdict.categories)
 
     def _count_verdict(self, message: IncomingMessage, verdict: Verdict) -> None:
-        if verdict.action is not Action.ALLOW:
+        if verdict.action is not _ALLOW:
             self.metrics.moderation.labels(
                 self.name, message.channel, "input", verdict.action.value).inc()
         for category in verdict.categories:
@@ -308,10 +312,10 @@ class Engine(ServiceBase):
             return [ReplyEvent(ReplyKind.ERROR, self.apologies.empty, action=action,
                                code="empty_reply")]
         notice = ""
-        if action is Action.WARN and verdict.reply:
+        if action is _WARN and verdict.reply:
             # The warning goes to the user, not into the conversation's memory.
             notice = f"\n\n{verdict.reply}"
-        final = ReplyEvent(ReplyKind.FINAL, reply + notice, action=action)
+        final = ReplyEvent(_FINAL, reply + notice, action)
         await self._finish(message, claim, final, reply)
         self.runner.after(message, reply, history)
         if notice:
@@ -348,7 +352,7 @@ class Engine(ServiceBase):
         assert begun.snapshot is not None
         verdict = await self._check_input(message)
         self._count_verdict(message, verdict)
-        if not verdict.action.answers:
+        if verdict.action not in _ANSWERING:
             refused = ReplyEvent(ReplyKind.NOTICE, verdict.reply or "",
                                  action=verdict.action, code="moderated")
             await self._finish(message, claim, refused)
@@ -441,7 +445,7 @@ class Engine(ServiceBase):
         claim.stop_renewing()
         await self.memory.finish(
             message.key, message.message_id, message.user_id, claim.token, turns,
-            StoredReply(event.kind.value, event.text, str(event.action), event.code),
+            StoredReply(str(event.kind), event.text, str(event.action), event.code),
         )
         claim.settled = True
 

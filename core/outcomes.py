@@ -30,17 +30,22 @@ class Apologies:
     internal: str = "Sorry, something went wrong. Please try again."
 
 
+# Looked up once: reading a member off an enum class costs more than the test, and
+# every message's outcome is asked.
+_FINAL, _ERROR, _ALLOW = ReplyKind.FINAL, ReplyKind.ERROR, Action.ALLOW
+
+
 def outcome(event: ReplyEvent) -> str:
     """What a reply stream that ended in ``event`` is counted as (``messages`` metric)."""
     if event.code == "duplicate":
         return "duplicate"
-    if event.kind is ReplyKind.FINAL:
+    if event.kind is _FINAL:
         return "answered"
-    if event.kind is ReplyKind.ERROR:
+    if event.kind is _ERROR:
         return "error"
     if event.code == "command":
         return "command"
-    return "blocked" if event.action != Action.ALLOW else "notice"
+    return "blocked" if event.action != _ALLOW else "notice"
 
 
 async def collect(events: AsyncIterator[ReplyEvent]) -> ReplyEvent:
