@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import FrozenInstanceError, dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
 from typing import Literal, NamedTuple
@@ -12,19 +12,63 @@ from typing import Literal, NamedTuple
 Role = Literal["system", "user", "assistant"]
 
 
-@dataclass(frozen=True, slots=True)
 class ConversationKey:
-    """Identifies one conversation of one bot on one channel."""
+    """Identifies one conversation of one bot on one channel.
+
+    Immutable and hashable, as a frozen dataclass; not one, as its hash is made once: a
+    message's key is hashed by each dict it passes (its lane, its history, ...), and a
+    frozen dataclass builds a tuple for every hash and two for every comparison.
+    """
+
+    __slots__ = ("_hash", "bot", "channel", "conversation_id")
+    __match_args__ = ("bot", "channel", "conversation_id")
 
     bot: str
     channel: str
     conversation_id: str
+    _hash: int
+
+    def __init__(self, bot: str, channel: str, conversation_id: str) -> None:
+        _set_bot(self, bot)
+        _set_channel(self, channel)
+        _set_conversation_id(self, conversation_id)
+        _set_hash(self, hash((bot, channel, conversation_id)))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def __reduce__(self) -> tuple[type[ConversationKey], tuple[str, str, str]]:
+        return ConversationKey, (self.bot, self.channel, self.conversation_id)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not ConversationKey:
+            return NotImplemented
+        assert isinstance(other, ConversationKey)
+        return (self.conversation_id == other.conversation_id and self.channel == other.channel
+                and self.bot == other.bot)
+
+    def __repr__(self) -> str:
+        return (f"ConversationKey(bot={self.bot!r}, channel={self.channel!r}, "
+                f"conversation_id={self.conversation_id!r})")
 
     def __str__(self) -> str:
         return f"{self.bot}/{self.channel}/{self.conversation_id}"
 
 
-@dataclass(frozen=True, slots=True)
+# A frozen class sets its own slots through their descriptors: a frozen dataclass's
+# object.__setattr__ per field costs twice as much, and these are made for every message.
+_set_bot, _set_channel, _set_conversation_id, _set_hash = (
+    getattr(ConversationKey, name).__set__
+    for name in ("bot", "channel", "conversation_id", "_hash"))
+
+
+@dataclass(frozen=True, slots=True, init=False)
 class IncomingMessage:
     """A user's message as an adapter hands it to the engine.
 
@@ -45,12 +89,27 @@ class IncomingMessage:
     # prompt and the channel each ask for it.
     key: ConversationKey = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "key",
-                           ConversationKey(self.bot, self.channel, self.conversation_id))
+    def __init__(self, bot: str, channel: str, conversation_id: str, user_id: str,
+                 message_id: str, text: str, user_name: str | None = None,
+                 received_at: float | None = None,
+                 metadata: Mapping[str, str] | None = None) -> None:
+        # The dataclass's own __init__, but through the slots' descriptors (see
+        # ConversationKey), unrolled: a loop over them costs as much as it saves.
+        (set_bot, set_channel, set_conversation_id, set_user_id, set_message_id, set_text,
+         set_user_name, set_received_at, set_metadata, set_key) = _set_message
+        set_bot(self, bot)
+        set_channel(self, channel)
+        set_conversation_id(self, conversation_id)
+        set_user_id(self, user_id)
+        set_message_id(self, message_id)
+        set_text(self, text)
+        set_user_name(self, user_name)
+        set_received_at(self, time.time() if received_at is None else received_at)
+        set_metadata(self, {} if metadata is None else metadata)
+        set_key(self, ConversationKey(bot, channel, conversation_id))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Turn:
     """One stored utterance of a conversation."""
 
@@ -59,6 +118,17 @@ class Turn:
     user_id: str | None = None
     message_id: str | None = None
     at: float = field(default_factory=time.time)
+
+    def __init__(self, role: Role, text: str, user_id: str | None = None,
+                 message_id: str | None = None, at: float | None = None) -> None:
+        # The dataclass's own __init__, but through the slots' descriptors (see
+        # ConversationKey), unrolled.
+        set_role, set_text, set_user_id, set_message_id, set_at = _set_turn
+        set_role(self, role)
+        set_text(self, text)
+        set_user_id(self, user_id)
+        set_message_id(self, message_id)
+        set_at(self, time.time() if at is None else at)
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready form, used by the memory backends."""
@@ -87,6 +157,14 @@ class Turn:
             message_id=message_id if isinstance(message_id, str) else None,
             at=float(at) if isinstance(at, int | float) else 0.0,
         )
+
+
+# Set through the slots' descriptors (see ConversationKey).
+_set_message = tuple(getattr(IncomingMessage, name).__set__ for name in (
+    "bot", "channel", "conversation_id", "user_id", "message_id", "text", "user_name",
+    "received_at", "metadata", "key"))
+_set_turn = tuple(getattr(Turn, name).__set__
+                  for name in ("role", "text", "user_id", "message_id", "at"))
 
 
 class ReplyKind(StrEnum):
