@@ -17,12 +17,21 @@ from core.types import Role
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class ChatMessage:
     """One message of the chat a request carries; the worker formats it for its model."""
 
     role: Role
     content: str
+
+    def __init__(self, role: Role, content: str) -> None:
+        # The dataclass's own __init__, but through the slots' descriptors (as
+        # core.types' classes): a request's chat is made for every message.
+        _set_role(self, role)
+        _set_content(self, content)
+
+
+_set_role, _set_content = (getattr(ChatMessage, name).__set__ for name in ("role", "content"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +56,7 @@ class SamplingParams:
     max_sentences: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class GenerationRequest:
     """A chat to continue. ``tenant`` (the bot) and ``user`` let a scheduler be fair."""
 
@@ -57,6 +66,21 @@ class GenerationRequest:
     user: str = ""
     # 128 random bits in hex, like uuid4().hex without building a UUID (5x cheaper).
     request_id: str = field(default_factory=lambda: os.urandom(16).hex())
+
+    def __init__(self, messages: tuple[ChatMessage, ...],
+                 sampling: SamplingParams = SamplingParams(), tenant: str = "",
+                 user: str = "", request_id: str | None = None) -> None:
+        # The dataclass's own __init__, through the slots' descriptors (see ChatMessage).
+        set_messages, set_sampling, set_tenant, set_user, set_request_id = _set_request
+        set_messages(self, messages)
+        set_sampling(self, sampling)
+        set_tenant(self, tenant)
+        set_user(self, user)
+        set_request_id(self, os.urandom(16).hex() if request_id is None else request_id)
+
+
+_set_request = tuple(getattr(GenerationRequest, name).__set__ for name in (
+    "messages", "sampling", "tenant", "user", "request_id"))
 
 
 class TokenDelta(NamedTuple):
