@@ -20,11 +20,15 @@ def clean_text(text: str, max_chars: int) -> str:
     """
     if len(text) > max_chars:
         raise InvalidMessage(f"message is too long ({len(text)} characters, at most {max_chars})")
-    if _SURROGATE.search(text):
-        raise InvalidMessage("message is not valid UTF-8 text")
-    bad = _CONTROL.search(text)
-    if bad:
-        raise InvalidMessage(f"message contains a control character (U+{ord(bad.group()):04X})")
+    # Printable text has neither (str.isprintable: one pass in C, a quarter of the two
+    # searches' cost, and nearly every message is printable).
+    if not text.isprintable():
+        if _SURROGATE.search(text):
+            raise InvalidMessage("message is not valid UTF-8 text")
+        bad = _CONTROL.search(text)
+        if bad:
+            raise InvalidMessage(
+                f"message contains a control character (U+{ord(bad.group()):04X})")
     stripped = text.strip()
     if not stripped:
         raise InvalidMessage("message is empty")
