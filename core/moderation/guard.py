@@ -150,7 +150,8 @@ class OutputGuard:
         """Add ``text`` to the reply; the pieces that may be shown now."""
         # (_take, inline: this runs for every delta of every reply.)
         pending = self._pending = self._pending + text
-        if BREAK.search(text) is None and len(pending) <= self.config.hold_chars:
+        if " " not in text and BREAK.search(text) is None \
+                and len(pending) <= self.config.hold_chars:
             return []
         cut = release_point(pending, self._shown, self.config)
         return self._release(*self._check(cut, final=False)) if cut else []
@@ -183,8 +184,10 @@ class OutputGuard:
         """Add ``text``; how much of what is held may be released (0: nothing)."""
         pending = self._pending = self._pending + text
         # Whether ``text`` can have completed something: a space or a CJK character in
-        # it, or a run-on past ``hold_chars``.
-        if BREAK.search(text) is None and len(pending) <= self.config.hold_chars:
+        # it (a plain space, most deltas' own, seen without the pattern), or a run-on past
+        # ``hold_chars``.
+        if " " not in text and BREAK.search(text) is None \
+                and len(pending) <= self.config.hold_chars:
             return 0  # the word still arriving grew; nothing new is complete
         return release_point(pending, self._shown, self.config)
 
