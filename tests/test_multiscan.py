@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
@@ -162,6 +162,7 @@ def test_the_case_table_is_what_re_ignorecase_does() -> None:
 
 @hsettings(max_examples=300, deadline=None)
 @given(st.text(alphabet=st.sampled_from("aAbBzZ 1!éÉß\u0130中🙂\u212a"), max_size=40))
+@example("AAAAAAAAAbbb")  # 9 capitals of 12 letters: the fewest that shout
 def test_shouting_is_counted_as_before(text: str) -> None:
     letters = [c for c in text if c.isalpha() and c.isascii()]
     before = len(letters) >= 12 and sum(c.isupper() for c in letters) >= 0.7 * len(letters)
@@ -262,3 +263,39 @@ def test_without_hyperscan_the_same_verdicts() -> None:
     done = subprocess.run([sys.executable, "-c", _VERDICTS, str(ROOT)], input=json.dumps(texts),
                           capture_output=True, text=True, check=True, cwd=ROOT)
     assert json.loads(done.stdout) == verdicts(texts)
+
+
+_RUN_TEXT = st.text(alphabet=st.sampled_from("aaab \n\u00e9中🙂"), max_size=60)
+
+
+@hsettings(max_examples=500, deadline=None)
+@given(_RUN_TEXT)
+def test_runs_are_found_as_before(text: str) -> None:
+    """The run patterns spelt as back-references find a run where ``{n,}`` did."""
+    from core.moderation import ngram
+
+    assert bool(ngram._CHAR_RUN.search(text)) == bool(re.search(r"(.)\1{7,}", text))
+    assert bool(spam._RUN.search(text)) == bool(re.search(r"(.)\1{19,}", text, re.DOTALL))
+    assert bool(spam._RUN.search(text * 3)) == bool(re.search(r"(.)\1{19,}", text * 3, re.DOTALL))
+
+
+@hsettings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(["A", "AAA", "b", "bb", " ", "1", "É", "é", "\u0130", "中"]),
+                max_size=12).map("".join))
+def test_capitals_are_counted_as_before(text: str) -> None:
+    from core.moderation.ngram import signals
+
+    alpha = [c for c in text if c.isalpha()]
+    before = len(alpha) >= 8 and sum(c.isupper() for c in alpha) >= 0.7 * len(alpha)
+    assert ("#caps" in signals(text)) == before
+
+
+@hsettings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(["GB", "Z", "82", "0", "9", " ", "-", "WEST", "a1b2", "\u0663",
+                                 "é"]), max_size=14).map("".join))
+def test_the_iban_hint_never_hides_a_match(text: str) -> None:
+    from core.moderation.pii import DETECTORS
+
+    iban = DETECTORS["iban"]
+    if iban.pattern.search(text):
+        assert iban.hint(text), text

@@ -33,7 +33,10 @@ from core.moderation.normalise import Normalised, normalise
 MODEL_FILE = "ngram_model.json.gz"
 _URL = re.compile(r"https?://|www\.|\b[\w-]+\.(?:com|net|org|xyz|top|biz|ru|cn|click|gg|io|"
                   r"fr|de|es|co|me|ly|info|site|online)\b", re.IGNORECASE)
-_CHAR_RUN = re.compile(r"(.)\1{7,}")
+# Eight of one character in a row (only ever asked whether there are): spelt as seven
+# back-references, not ``\1{7,}``, which sends re through its general repeat at each
+# character (2-3x the time; there is a run of 8 or more wherever there is one of 8).
+_CHAR_RUN = re.compile(r"(.)" + r"\1" * 7)
 
 
 def _cjk(char: str) -> bool:
@@ -53,10 +56,13 @@ def signals(clean: str) -> list[str]:
         found.append("#url")
     if clean.isascii():
         # The letters and the capitals counted in C (the same counts as below).
+        # The capitals first: under 6 of them (most texts) cannot be 70 % of 8 letters.
         raw = clean.encode("ascii")
-        letters = len(raw.translate(None, _NOT_LETTERS))
-        if letters >= 8 and len(raw.translate(None, _NOT_CAPITALS)) >= 0.7 * letters:
-            found.append("#caps")
+        capitals = len(raw.translate(None, _NOT_CAPITALS))
+        if capitals >= 6:
+            letters = len(raw.translate(None, _NOT_LETTERS))
+            if letters >= 8 and capitals >= 0.7 * letters:
+                found.append("#caps")
     else:
         alpha = [c for c in clean if c.isalpha()]
         if len(alpha) >= 8 and sum(c.isupper() for c in alpha) >= 0.7 * len(alpha):

@@ -84,6 +84,17 @@ def _digits(text: str) -> int:
     return len(_DIGIT.findall(text))
 
 
+# ASCII letters as "a", digits as "0", any other byte as " ".
+_CLASSES = bytes(0x61 if chr(b).isascii() and chr(b).isalpha()
+                 else 0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
+
+
+def _iban_hint(text: str) -> bool:
+    """Whether ``text`` may hold an IBAN: two ASCII letters then two digits (the
+    pattern's start), looked for in C for ASCII text; any other text may."""
+    return not text.isascii() or b"aa00" in text.encode("ascii").translate(_CLASSES)
+
+
 DETECTORS: Mapping[str, Detector] = {
     "email": Detector(
         "email",
@@ -98,6 +109,7 @@ DETECTORS: Mapping[str, Detector] = {
         "iban",
         re.compile(r"\b[A-Za-z]{2}\d{2}(?:[ -]?[A-Za-z0-9]{4}){2,7}(?:[ -]?[A-Za-z0-9]{1,4})?\b"),
         iban_ok,
+        hint=_iban_hint,
         digits=2,
     ),
     "phone": Detector(

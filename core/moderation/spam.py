@@ -18,7 +18,9 @@ from collections import Counter
 from core.moderation.multiscan import RegexSet, alternatives
 
 RUN = 20  # one character this many times in a row
-_RUN = re.compile(rf"(.)\1{{{RUN - 1},}}", re.DOTALL)
+# RUN of one character in a row, spelt out as back-references (faster than \1{19,}; see
+# ngram._CHAR_RUN: only ever asked whether there is one).
+_RUN = re.compile(r"(.)" + r"\1" * (RUN - 1), re.DOTALL)
 _MIN_WORDS = 6
 _FEW = 4
 
@@ -131,6 +133,8 @@ def shouts(text: str) -> bool:
     """Whether ``text`` has at least ``_SHOUT`` ASCII letters, 70 % of them capitals."""
     data = text.encode("ascii", "ignore")  # only ASCII letters count
     upper = len(data.translate(None, _NOT_UPPER))
+    if upper < 9:  # (most texts) 70 % of at least 12 letters is more than 8
+        return False
     letters = upper + len(data.translate(None, _NOT_LOWER))
     return letters >= _SHOUT and upper >= 0.7 * letters
 
