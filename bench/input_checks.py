@@ -2,6 +2,7 @@
 
     python bench/input_checks.py [--messages 6000] [--rounds 5] [--code CHECKOUT]
     python bench/input_checks.py --compare /path/to/other/checkout [--repeat 4]
+    python bench/input_checks.py --callgrind [--compare CHECKOUT]  # needs valgrind
 
 ``Moderator.check_input`` with config/demo.toml's moderation filters (in-process state;
 each message admitted first, as the engine does) over the messages bench/peers.py's
@@ -12,16 +13,28 @@ and p50/p99 over the last round; then admit()'s best 64 in a row. ``--code`` mea
 another checkout's code (this one by default). With ``--compare``, runs the two in turn,
 each in a fresh process, ``--repeat`` times each (the machine's load moves; taking turns
 shares it out), and prints the median of each and the best of the best 64 in a row.
+
+``--callgrind`` counts instructions instead, the same on every run whatever the load:
+each checkout runs under valgrind's callgrind (a few minutes; two checkouts side by
+side), checks ``--messages`` messages (1,000 at most) once to warm its caches, then
+again with callgrind collecting only inside that second loop (``operator.call``'s C
+function is the toggle), and prints the instructions per message of ``check_input``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import operator
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -71,12 +84,72 @@ async def measure(code: Path, messages: int, rounds: int
             1e6 * each[int(len(each) * 0.99) - 1], 1e6 * best_admit / _RUN)
 
 
+async def counted(code: Path, messages: int) -> None:
+    """Check the messages once, then again inside ``operator.call`` (what callgrind
+    collects: see the module docstring)."""
+    sys.path.insert(0, str(code))
+    from core.moderation.moderator import FilterModerator
+
+    batch = peer_messages(messages)
+    async with FilterModerator(demo_settings(code)) as moderator:
+        for message in batch:
+            await moderator.admit(message)
+            await moderator.check_input(message)
+        for message in batch:
+            await moderator.admit(message)
+        check = moderator.check_input
+
+        def loop() -> None:
+            for message in batch:
+                _done(check(message))
+
+        operator.call(loop)
+
+
+def _done(coroutine: Coroutine[Any, Any, Any]) -> None:
+    # In-process state: check_input never waits, so one step runs it to its end.
+    try:
+        coroutine.send(None)
+    except StopIteration:
+        return
+    raise RuntimeError("check_input waited")
+
+
+def callgrind(codes: list[Path], messages: int) -> None:
+    """Each checkout's instructions per message, under callgrind, side by side."""
+    with tempfile.TemporaryDirectory(prefix="input-checks-") as tmp:
+        runs = [subprocess.Popen(
+            ["valgrind", "--tool=callgrind", "--collect-atstart=no",
+             "--toggle-collect=_operator_call", f"--callgrind-out-file={tmp}/cg.{i}",
+             sys.executable, __file__, "--code", str(code), "--messages", str(messages),
+             "--counted"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for i, code in enumerate(codes)]
+        for i, (code, run) in enumerate(zip(codes, runs, strict=True)):
+            if run.wait():
+                raise SystemExit(f"{code}: the run under callgrind failed ({run.returncode})")
+            text = Path(tmp, f"cg.{i}").read_text(errors="replace")
+            total = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
+            instructions = int(total[1]) if total else 0
+            print(f"{code}: {instructions / messages / 1000:.1f}K instructions per message "
+                  f"({messages} messages)")
+
+
 def main() -> None:
     """Parse arguments; measure this checkout, or it and another in turn."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     checkout_arguments(parser, ROOT, messages=6000, rounds=5)
+    parser.add_argument("--callgrind", action="store_true",
+                        help="count instructions under valgrind's callgrind instead")
+    parser.add_argument("--counted", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.counted:  # (the run callgrind counts)
+        asyncio.run(counted(args.code.resolve(), args.messages))
+        return
+    if args.callgrind:
+        codes = [args.code.resolve()] + ([args.compare.resolve()] if args.compare else [])
+        callgrind(codes, min(args.messages, 1000))
+        return
     if args.compare is None:
         mean, best, p50, p99, admit = asyncio.run(measure(args.code.resolve(), args.messages,
                                                           args.rounds))
