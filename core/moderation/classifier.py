@@ -31,7 +31,7 @@ Scorer = Callable[[str], Scores]
 
 def by_category(scores: Scores) -> Mapping[str, float]:
     """``scores`` as a mapping of category to score."""
-    if isinstance(scores, Mapping):
+    if type(scores) is dict or isinstance(scores, Mapping):  # a dict (most) asks no ABC
         return scores
     return {"insult": float(scores)}
 

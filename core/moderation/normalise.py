@@ -142,9 +142,16 @@ def words_of(text: str) -> list[str]:
     # by one go on across a space ("f u c k"): then the text is keyed as a whole.
     words: list[str] = []
     single_before = False  # the last word so far is a single letter
+    kept = _kept
     for chunk in text.split():
-        keys, single_first, single_last = (
-            _kept_chunk_keys(chunk) if len(chunk) <= _KEPT_CHARS else _chunk_keys(chunk))
+        found = kept.get(chunk)
+        if found is None:
+            found = _chunk_keys(chunk)
+            if len(chunk) <= _KEPT_CHARS:
+                if len(kept) >= _CHUNKS_KEPT:
+                    kept.clear()
+                kept[chunk] = found
+        keys, single_first, single_last = found
         if keys:
             if single_before and single_first:
                 return _keys(text)[0]
@@ -153,13 +160,18 @@ def words_of(text: str) -> list[str]:
     return words
 
 
-def _chunk_keys(chunk: str) -> tuple[tuple[str, ...], bool, bool]:
+_ChunkKeys = tuple[tuple[str, ...], bool, bool]  # a run's keys; first, last a single letter
+
+
+def _chunk_keys(chunk: str) -> _ChunkKeys:
     words, first, last = _keys(chunk)
     return tuple(words), first, last
 
 
-# Kept for runs of up to _KEPT_CHARS characters: a word, not a pasted blob.
-_kept_chunk_keys = functools.lru_cache(maxsize=_CHUNKS_KEPT)(_chunk_keys)
+# Kept for runs of up to _KEPT_CHARS characters (a word, not a pasted blob), in a plain
+# dict cleared when full: every word of every text is looked up here, and a dict lookup
+# costs less than functools.lru_cache's (which reorders its list at every hit).
+_kept: dict[str, _ChunkKeys] = {}
 
 
 def _keys(text: str) -> tuple[list[str], bool, bool]:
