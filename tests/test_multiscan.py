@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from core.moderation import builtin_terms, injection, multiscan, spam
 from core.moderation.injection import check_injection
-from core.moderation.multiscan import _CASE_EXTRA, RegexSet, alternatives, translate
+from core.moderation.input import MESSAGE_SETS
+from core.moderation.multiscan import _CASE_EXTRA, RegexSet, ViewSets, alternatives, translate
 from core.moderation.normalise import Normalised, normalise
 from core.moderation.patterns import PatternFilter
 from core.moderation.spam import check_spam, promotion
@@ -81,6 +82,20 @@ def assert_same(texts: list[str]) -> None:
                 continue
             matching = [i for i, p in enumerate(regex_set.compiled) if p.search(subject)]
             assert set(matching) <= set(found), (name, text)
+        # The input checks' one pass over the message's three views (input.py).
+        scanned = MESSAGE_SETS.scan(views(text))
+        if scanned is None:
+            continue
+        for (regex_set, view), found in zip(MESSAGE_SETS.members, scanned, strict=True):
+            subject = views(text)[view]
+            matching = [i for i, p in enumerate(regex_set.compiled) if p.search(subject)]
+            assert set(matching) <= set(found), (view, text)
+        assert terms_fast.find_in_message(n, (n.key, scanned[0])) == \
+            terms_exact.find_in_message(n), text
+        assert check_injection(text, n, candidates=scanned[1:4]) == \
+            check_injection(text, n, prefilter=False), text
+        assert check_spam(n.clean, n.key, candidates=scanned[4:]) == \
+            check_spam(n.clean, n.key, prefilter=False), text
 
 
 def test_hyperscan_is_used_where_it_is_a_dependency() -> None:
@@ -89,6 +104,7 @@ def test_hyperscan_is_used_where_it_is_a_dependency() -> None:
     assert multiscan.hyperscan is not None, "hyperscan is not installed: run scripts/setup dev"
     for regex_set, _ in SETS.values():
         assert regex_set.prepare()
+    assert MESSAGE_SETS.prepare()
 
 
 def test_fast_path_decides_as_re_on_the_labelled_sets() -> None:
@@ -137,6 +153,22 @@ def test_translation_matches_wherever_python_does(pattern: str, text: str) -> No
     assert re.search(pattern, text, flags)
     assert regex_set.candidates(text) == [0], translate(pattern, flags)
     assert regex_set.search(text)
+
+
+@pytest.mark.parametrize(("pattern", "text"), [
+    (r"\bfoo", "。foo"), (r"foo\b", "foo。"), (r"^\s*system:", "system: hi"),
+    (r"^\s*system:", "hi\n  system:"), (r"\bfoo\b", "foo"), (r"(?!no )\w+ x", "nox x"),
+])
+def test_views_side_by_side_match_wherever_python_does(pattern: str, text: str) -> None:
+    """A pattern is found in its view wherever Python finds it, between other views."""
+    if multiscan.hyperscan is None:
+        pytest.skip("needs hyperscan")
+    view_sets = ViewSets([(RegexSet(["zzz"]), "before"),
+                          (RegexSet([pattern, "zzz"], re.MULTILINE), "text"),
+                          (RegexSet(["zzz", "yyy"]), "after")])
+    found = view_sets.scan({"before": "x x", "text": text, "after": "y"})
+    assert found is not None
+    assert [list(ids) for ids in found] == [[], [0], []]
 
 
 def test_alternatives_split_only_at_the_top_level() -> None:

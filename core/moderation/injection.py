@@ -14,6 +14,7 @@ Phrases are matched on the normalised words, so spacing and leetspeak don't hide
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from core.moderation.multiscan import RegexSet, alternatives
@@ -161,17 +162,16 @@ _NONE = InjectionReport(0, ())  # what most messages get (the sum of no weights 
 _TOKEN_SET = RegexSet(alternatives(_TOKENS.pattern), _TOKENS.flags)
 _KEY_SET = RegexSet(alternatives(_PHRASES.pattern) + alternatives(_MORE.pattern))
 _LOWER_SET = RegexSet(alternatives(_PHRASES.pattern))
+# Each set and the view of a message it is looked for in (see multiscan.ViewSets):
+# the clean text, its normalised words, the clean text lowercased.
+SETS = ((_TOKEN_SET, "clean"), (_KEY_SET, "key"), (_LOWER_SET, "lower"))
 
 
-def prepare() -> None:
-    """Build the one-pass scanners now (a second or so; off the event loop)."""
-    for regex_set in (_TOKEN_SET, _KEY_SET, _LOWER_SET):
-        regex_set.prepare()
-
-
-def check_injection(raw: str, text: Normalised, *, prefilter: bool = True) -> InjectionReport:
+def check_injection(raw: str, text: Normalised, *, prefilter: bool = True,
+                    candidates: Sequence[Sequence[int]] | None = None) -> InjectionReport:
     """Score ``raw`` (as the user sent it) and its normalised form ``text``.
 
+    ``candidates``: those of :data:`SETS` (in its order), if ``text`` was scanned already.
     ``prefilter=False`` (or no Hyperscan) runs every pattern by ``re`` (the tests compare
     the two paths).
     """
@@ -179,7 +179,14 @@ def check_injection(raw: str, text: Normalised, *, prefilter: bool = True) -> In
     if text.invisible:
         # One stray zero-width space is copy-paste; several hide something.
         signals.append("invisible" if text.invisible >= 3 else "stray_invisible")
-    if prefilter and _KEY_SET.scanning:
+    if candidates is not None:
+        tokens, keys, lowers = candidates
+        if tokens and _TOKEN_SET.confirmed(tokens, text.clean):
+            signals.append("token")
+        if ((keys and _KEY_SET.confirmed(keys, text.key))
+                or (lowers and _LOWER_SET.confirmed(lowers, text.clean.lower()))):
+            signals.append("phrase")
+    elif prefilter and _KEY_SET.scanning:
         if _TOKEN_SET.search(text.clean):
             signals.append("token")
         if _KEY_SET.search(text.key) or _LOWER_SET.search(text.clean.lower()):

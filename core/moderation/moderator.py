@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING
 
 from core.config import BotSettings
 from core.lifecycle import ServiceBase
-from core.moderation import injection, spam
 from core.moderation.audit import Auditor
 from core.moderation.base import PassThroughGuard, ReplyGuard
 from core.moderation.classifier import Classifier, classifiers, scorer_now
 from core.moderation.guard import OutputGuard, guarded
 from core.moderation.input import InputChecks, _Channel, raise_unknown
+from core.moderation.input import prepare as input_prepare
 from core.moderation.normalise import confusables
 from core.moderation.output import OUTPUT_FILTERS, GuardConfigs, guard_report
 from core.moderation.pii import PiiDetector
@@ -94,8 +94,7 @@ class FilterModerator(InputChecks, ServiceBase):
 
     def _prepare(self) -> None:
         confusables()
-        injection.prepare()
-        spam.prepare()
+        input_prepare()
         for channel in self._channels.values():
             channel.terms.prepare()
 

@@ -25,7 +25,7 @@ import functools
 import logging
 import re
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from re import _constants as sre  # type: ignore[attr-defined]
 from re import _parser as sre_parse  # type: ignore[attr-defined]
 from typing import Any
@@ -332,16 +332,18 @@ class RegexSet:
         scanner = self._scanner
         if scanner is None:
             return True
-        return self._confirmed(scanner.scan(text), text)
+        return self.confirmed(scanner.scan(text), text)
 
     def search(self, text: str) -> bool:
         """Whether any pattern matches ``text``."""
         scanner = self._scanner
         if scanner is None:
             return self._any.search(text) is not None
-        return self._confirmed(scanner.scan(text), text)
+        return self.confirmed(scanner.scan(text), text)
 
-    def _confirmed(self, ids: list[int], text: str) -> bool:
+    def confirmed(self, ids: Sequence[int], text: str) -> bool:
+        """Whether one of the patterns ``ids`` (the candidates of a scan of ``text``, as
+        :class:`ViewSets` gives them) matches ``text``, as ``re`` decides."""
         # Most texts have no candidate: no generator, no lookup of the compiled patterns.
         if not ids:
             return False
@@ -376,13 +378,19 @@ def _collect(index: int, start: int, end: int, flags: int, hits: list[int]) -> N
     hits.append(index)
 
 
-@functools.cache
 def _database(patterns: tuple[str, ...], flags: int) -> _Scanner | None:
     """The Hyperscan database of ``patterns`` (None without Hyperscan); built once."""
+    return _flagged_database(tuple((p, flags) for p in patterns))
+
+
+@functools.cache
+def _flagged_database(patterns: tuple[tuple[str, int], ...]) -> _Scanner | None:
+    """The Hyperscan database of ``patterns``, each with its own ``re`` flags (None
+    without Hyperscan); built once."""
     if hyperscan is None:
         return None
     try:
-        return _build(patterns, flags)
+        return _build(patterns)
     except hyperscan.error as exc:
         # A CPU Hyperscan does not support, say: the same answers, by re alone.
         log.warning("moderation: no one-pass scanner (%s: %s); patterns run one by one",
@@ -390,23 +398,26 @@ def _database(patterns: tuple[str, ...], flags: int) -> _Scanner | None:
         return None
 
 
-def _build(patterns: tuple[str, ...], flags: int) -> _Scanner:
+def _build(patterns: tuple[tuple[str, int], ...]) -> _Scanner:
     always: list[int] = []
-    exprs: list[bytes] = []
+    exprs: list[tuple[bytes, int]] = []  # (expression, Hyperscan flags)
     ids: list[int] = []
-    for i, pattern in enumerate(patterns):
+    for i, (pattern, flags) in enumerate(patterns):
         try:
-            exprs.append(translate(pattern, flags))
-            ids.append(i)
+            expr = translate(pattern, flags)
         except Untranslatable:
             always.append(i)
-    hs_flags = hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_ALLOWEMPTY
-    if flags & re.MULTILINE:
-        hs_flags |= hyperscan.HS_FLAG_MULTILINE
+            continue
+        hs_flags = hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_ALLOWEMPTY
+        if flags & re.MULTILINE:
+            hs_flags |= hyperscan.HS_FLAG_MULTILINE
+        exprs.append((expr, hs_flags))
+        ids.append(i)
 
-    def compiled(exprs: list[bytes], ids: list[int]) -> Any:
+    def compiled(exprs: list[tuple[bytes, int]], ids: list[int]) -> Any:
         database = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-        database.compile(expressions=exprs, ids=ids, elements=len(exprs), flags=hs_flags)
+        database.compile(expressions=[e for e, _ in exprs], ids=ids, elements=len(exprs),
+                         flags=[f for _, f in exprs])
         return database
 
     try:
@@ -414,11 +425,68 @@ def _build(patterns: tuple[str, ...], flags: int) -> _Scanner:
     except hyperscan.error:
         # One pattern Hyperscan refuses (too large, say) costs only itself.
         keep = []
-        for expr, i in zip(exprs, ids, strict=True):
+        for flagged, i in zip(exprs, ids, strict=True):
             try:
-                compiled([expr], [i])
-                keep.append((expr, i))
+                compiled([flagged], [i])
+                keep.append((flagged, i))
             except hyperscan.error:
                 always.append(i)
         database = compiled([e for e, _ in keep], [i for _, i in keep]) if keep else None
     return _Scanner(database, sorted(always))
+
+
+class ViewSets:
+    """Several :class:`RegexSet`, each looked for in one view of a message (its clean
+    text, its normalised words, ...), found in one Hyperscan pass over all the views.
+
+    The views are scanned side by side, a newline between two: every translated pattern
+    matches (the UTF-8 of) its view wherever the Python pattern does, and so the whole
+    wherever it matches a view (anchors other than a multi-line ``^`` are dropped, and a
+    kept ``\b`` or ``^`` holds after a newline as at the start of a text); a pattern
+    found in another view than its own, or across the newline, is one more candidate,
+    which ``re`` then turns down in its own view. A pattern in several sets (or views)
+    is compiled once.
+    """
+
+    def __init__(self, members: Sequence[tuple[RegexSet, str]]) -> None:
+        self.members = tuple(members)
+        self.views = tuple(dict.fromkeys(view for _, view in self.members))
+        unique: dict[tuple[str, int], list[tuple[int, int]]] = {}
+        for m, (regex_set, _) in enumerate(self.members):
+            for i, pattern in enumerate(regex_set.patterns):
+                unique.setdefault((pattern, regex_set.flags), []).append((m, i))
+        self._patterns = tuple(unique)
+        # Each compiled pattern's (member, index in the member's set) pairs.
+        self._owners = tuple(tuple(owners) for owners in unique.values())
+        self._none: tuple[tuple[int, ...], ...] = ((),) * len(self.members)
+
+    @functools.cached_property
+    def _scanner(self) -> _Scanner | None:
+        return _flagged_database(self._patterns)
+
+    def prepare(self) -> bool:
+        """Compile the members' patterns and the one Hyperscan database now (seconds:
+        off the event loop); whether there is a database."""
+        scanning = self._scanner is not None
+        for regex_set, _ in self.members:
+            _ = regex_set.compiled if scanning else regex_set._any
+        return scanning
+
+    def scan(self, views: Mapping[str, str]) -> Sequence[Sequence[int]] | None:
+        """Each member's candidates in ``views`` (view name -> text), ascending, in the
+        members' order; None without Hyperscan (then any pattern may match)."""
+        scanner = self._scanner
+        if scanner is None:
+            return None
+        hits = scanner.scan("\n".join([views[name] for name in self.views]))
+        if not hits:
+            return self._none
+        found: list[list[int]] = [[] for _ in self.members]
+        owners = self._owners
+        for hit in hits:
+            for m, i in owners[hit]:
+                found[m].append(i)
+        for ids in found:
+            if len(ids) > 1:
+                ids.sort()
+        return found

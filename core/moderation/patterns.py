@@ -13,6 +13,7 @@ terms). They are part of the built-in list (``builtin_terms``).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from core.moderation.multiscan import RegexSet
 
@@ -271,6 +272,13 @@ PATTERNS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Self-harm first: a message that is also abusive is answered with care.
+_ORDER = ("selfharm", "threat", "hate", "sexual", "insult")
+# Every pattern, in that order, for a one-pass scan of the normalised words (shared by
+# every PatternFilter; the input checks scan for it with other sets, see input.py).
+SET = RegexSet([p for c in _ORDER for p in PATTERNS[c]])
+
+
 class PatternFilter:
     """The built-in patterns, compiled; :meth:`find` names the category of the first.
 
@@ -279,23 +287,25 @@ class PatternFilter:
 
     def __init__(self, prefilter: bool = True) -> None:
         self._prefilter = prefilter
-        # Self-harm first: a message that is also abusive is answered with care.
-        order = ("selfharm", "threat", "hate", "sexual", "insult")
         self._compiled = [(c, re.compile("|".join(f"(?:{p})" for p in PATTERNS[c])))
-                          for c in order]
-        self._set = RegexSet([p for c in order for p in PATTERNS[c]])
-        self._category = [c for c in order for _ in PATTERNS[c]]
+                          for c in _ORDER]
+        self._set = SET
+        self._category = [c for c in _ORDER for _ in PATTERNS[c]]
 
     def prepare(self) -> None:
         """Build the one-pass scanner now (about a second; off the event loop)."""
         if self._prefilter:
             self._set.prepare()
 
-    def find(self, key: str) -> str | None:
-        """The category of the first pattern ``key`` (normalised words) matches, or None."""
-        if self._prefilter and (ids := self._set.candidates(key)) is not None:
-            # Only what the scan found can match; the first (in ``order``) that does names
-            # the category, as the alternations below would.
+    def find(self, key: str, candidates: Sequence[int] | None = None) -> str | None:
+        """The category of the first pattern ``key`` (normalised words) matches, or None;
+        ``candidates``: :data:`SET`'s, if ``key`` was scanned already."""
+        ids = None
+        if self._prefilter:
+            ids = candidates if candidates is not None else self._set.candidates(key)
+        if ids is not None:
+            # Only what the scan found can match; the first (in ``_ORDER``) that does
+            # names the category, as the alternations below would.
             compiled = self._set.compiled
             for i in ids:
                 if compiled[i].search(key):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Sequence
 
 from core.moderation.multiscan import RegexSet, alternatives
 
@@ -98,23 +99,28 @@ _ALL = re.compile("|".join([f"(?P<link>{_LINK.pattern})"] + [
 _MARK_PARTS = [a for pattern in _MARKS.values() for a in alternatives(pattern.pattern)]
 _TEXT_SET = RegexSet(alternatives(_LINK.pattern) + _MARK_PARTS, re.IGNORECASE)
 _KEY_SET = RegexSet(_MARK_PARTS, re.IGNORECASE)
+# Each set and the view of a message it is looked for in (see multiscan.ViewSets).
+SETS = ((_TEXT_SET, "clean"), (_KEY_SET, "key"))
 
 
-def prepare() -> None:
-    """Build the one-pass scanners now (a fraction of a second; off the event loop)."""
-    _TEXT_SET.prepare()
-    _KEY_SET.prepare()
-
-
-def promotion(text: str, key: str = "", *, prefilter: bool = True) -> list[str]:
+def promotion(text: str, key: str = "", *, prefilter: bool = True,
+              candidates: Sequence[Sequence[int]] | None = None) -> list[str]:
     """The marks of promotion in ``text`` or its normalised words ``key`` (see the
-    module docstring). ``prefilter=False`` runs every pattern by ``re`` (the tests
-    compare the two paths)."""
+    module docstring). ``candidates``: those of :data:`SETS` (in its order), if the
+    two were scanned already. ``prefilter=False`` runs every pattern by ``re`` (the
+    tests compare the two paths)."""
+    if candidates is not None:
+        of_text, of_key = candidates
+        text_may = _TEXT_SET.confirmed(of_text, text)
+        key_may = bool(key) and _KEY_SET.confirmed(of_key, key)
+    else:
+        text_may = not prefilter or _TEXT_SET.may_match(text)
+        key_may = not prefilter or _KEY_SET.may_match(key) if key else False
     # Counted only where a mark may be (most texts have none).
     counts: Counter[str | None] | None = None
-    if not prefilter or _TEXT_SET.may_match(text):
+    if text_may:
         counts = Counter(m.lastgroup for m in _ALL.finditer(text))
-    if key and (not prefilter or _KEY_SET.may_match(key)):
+    if key and key_may:
         in_key = Counter(m.lastgroup for m in _ALL.finditer(key) if m.lastgroup != "link")
         counts = in_key if counts is None else counts | in_key
     found = [name for name, hits in counts.items() if name is not None
@@ -139,9 +145,11 @@ def shouts(text: str) -> bool:
     return letters >= _SHOUT and upper >= 0.7 * letters
 
 
-def check_spam(text: str, key: str | None = None, *, prefilter: bool = True) -> str | None:
+def check_spam(text: str, key: str | None = None, *, prefilter: bool = True,
+               candidates: Sequence[Sequence[int]] | None = None) -> str | None:
     """Why ``text`` is spam (``run``, ``repeat`` or ``promotion``), or None; ``key`` is
-    its normalised words (accents gone), if known. ``prefilter``: see :func:`promotion`."""
+    its normalised words (accents gone), if known. ``prefilter``, ``candidates``: see
+    :func:`promotion`."""
     if len(text) >= RUN and _RUN.search(text):
         return "run"
     words = text.casefold().split()
@@ -155,7 +163,7 @@ def check_spam(text: str, key: str | None = None, *, prefilter: bool = True) -> 
     # The normalised words add accents folded and look-alikes undone; plain ASCII text
     # has neither, and a second pass would double the cost.
     marks = promotion(text, key if key is not None and not text.isascii() else "",
-                      prefilter=prefilter)
+                      prefilter=prefilter, candidates=candidates)
     if len(marks) >= 2:
         return "promotion"
     return None

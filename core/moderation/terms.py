@@ -195,12 +195,18 @@ class TermFilter:
                     break
         return (first[1] if first is not None else None), key
 
-    def find_in_message(self, text: Normalised) -> TermHit | None:
-        """:meth:`find`, then the built-in patterns (input only; see ``patterns.py``)."""
+    def find_in_message(self, text: Normalised,
+                        scanned: tuple[str, Sequence[int]] | None = None) -> TermHit | None:
+        """:meth:`find`, then the built-in patterns (input only; see ``patterns.py``).
+        ``scanned``: a key already scanned for the patterns and their candidates in it
+        (``patterns.SET``'s), used if the patterns are looked for in that key (the
+        text's words with no allowlisted phrase cut from them, as a rule)."""
         hit, key = self._find(text)
         if hit is not None or self._patterns is None:
             return hit
-        category = self._patterns.find(text.key if key is None else key.strip())
+        subject = text.key if key is None else key.strip()
+        ids = scanned[1] if scanned is not None and scanned[0] == subject else None
+        category = self._patterns.find(subject, ids)
         return TermHit(f"pattern:{category}", category) if category is not None else None
 
     def _without_allowed(self, key: str) -> str:
