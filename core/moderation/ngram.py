@@ -132,7 +132,8 @@ class NgramModel:
     lane, made a float (rounded once, half to even), is what ``math.fsum`` of the
     category's column gives: the exact sum, correctly rounded -- the same scores to the
     last bit (tests/test_ngram.py checks), for one int addition a part instead of a
-    column of floats each.
+    column of floats each. How many known features a part has is counted in the same
+    int, in a lane above the categories'.
     """
 
     def __init__(self, categories: tuple[str, ...], weights: Mapping[str, tuple[float, ...]],
@@ -154,10 +155,12 @@ class NgramModel:
         self._offsets = tuple(i * self._lane for i in range(len(categories)))
         # Each lane is kept non-negative by half its range, so lanes never borrow.
         self._bias = sum(self._half << at for at in self._offsets)
-        self._packed: dict[str, tuple[int, int]] = {}
-        self._pairs = {(pair[0], pair[1]): self._pack(vector) for name, vector in weights.items()
+        self._known_at = self._lane * len(categories)  # the count's lane, above them all
+        self._packed: dict[str, int] = {}
+        self._pairs = {(pair[0], pair[1]): self._pack(vector) + (1 << self._known_at)
+                       for name, vector in weights.items()
                        if name.startswith("b:") and len(pair := name[2:].split(" ")) == 2}
-        self._signals: dict[tuple[str, ...], tuple[int, int]] = {}
+        self._signals: dict[tuple[str, ...], int] = {}
         self._lanes = tuple(zip(categories, intercepts, self._offsets, strict=True))
 
     @classmethod
@@ -191,9 +194,11 @@ class NgramModel:
             packed += int(whole) << at
         return packed
 
-    def _packed_part(self, names: list[str]) -> tuple[int, int]:
+    def _packed_part(self, names: list[str]) -> int:
+        """The part of ``names`` packed, with how many of them are known (see the class
+        docstring)."""
         vector, count = self._sum(names)
-        return self._pack(vector), count
+        return self._pack(vector) + (count << self._known_at)
 
     def word_part(self, word: str) -> _Part:
         """``word``'s part of a score (cached)."""
@@ -230,7 +235,7 @@ class NgramModel:
             return dict.fromkeys(self.categories, 0.0)
         # The packed parts of each distinct word and pair and of the signals, in any order.
         packed = self._packed
-        total = known = 0
+        total = 0
         for word in set(words):
             part = packed.get(word)
             if part is None:
@@ -238,25 +243,23 @@ class NgramModel:
                 if len(packed) >= _CACHE_WORDS:
                     packed.clear()
                 packed[word] = part
-            total += part[0]
-            known += part[1]
+            total += part
         pairs = self._pairs
         for pair in set(pairwise(words)):  # as pair_part()
             value = pairs.get(pair)
             if value is not None:
                 total += value
-                known += 1
         found = tuple(signals(norm.clean))
         part = self._signals.get(found)
         if part is None:
             part = self._signals[found] = self._packed_part(list(found))
-        total += part[0]
-        known += part[1]
+        # With the bias, every lane is whole, and above them is the count of known ones.
+        total += part + self._bias
+        known = total >> self._known_at
         if not known:
             return self.probabilities([], 0)
         # Each lane, less its bias, made a float (correctly rounded), less the shift; then
-        # _sigmoid, written out (a call for each of seven categories is a fifth of this).
-        total += self._bias
+        # _sigmoid written out (no call for each of the seven).
         mask, half, shift = self._mask, self._half, -self._shift
         scale = 1.0 / math.sqrt(known)
         exp, ldexp = math.exp, math.ldexp
