@@ -176,7 +176,9 @@ class InputChecks:
                 if channel.policy.fail_input == "closed":
                     run.findings.append(Finding("failure", step.name))
                     break
-        return await self._decide(run, channel.policy)
+        # A plain allow (most messages) is decided without _decide's coroutine.
+        allowed = self._allowed(run)
+        return allowed if allowed is not None else await self._decide(run, channel.policy)
 
     def _failed(self, run: _Run, name: str, exc: Exception) -> None:
         log.warning("moderation: bot %s: filter %s failed (%s mode): %s: %s",
@@ -321,11 +323,17 @@ class InputChecks:
                 or admission.conversation_count > channel.limits.conversation_rate):
             run.findings.append(_flood_finding(admission))
 
-    async def _decide(self, run: _Run, policy: ModerationPolicy) -> Verdict:
+    def _allowed(self, run: _Run) -> Verdict | None:
         if not run.findings and not run.degraded and run.muted_for <= 0:
             # A plain allow (most messages): no points, no audit, no reply.
             self.counts["action:allow"] += 1
             return Verdict(Action.ALLOW, run.out_text, None, None, ())
+        return None
+
+    async def _decide(self, run: _Run, policy: ModerationPolicy) -> Verdict:
+        allowed = self._allowed(run)
+        if allowed is not None:
+            return allowed
         msg = run.message
         user = f"{msg.channel}:{msg.user_id}"
         if run.muted_for > 0:
@@ -344,8 +352,8 @@ class InputChecks:
         self.counts[f"action:{decision.action}"] += 1
         if decision.action is not Action.ALLOW or run.degraded:
             scores = run.scores
-            if run.classified is not None:  # rounded as the entry rounds all scores
-                scores = {**{f"classifier:{c}": round(s, 4) for c, s in run.classified.items()},
+            if run.classified is not None:  # (the entry rounds every score)
+                scores = {**{f"classifier:{c}": s for c, s in run.classified.items()},
                           **scores}
             entry = self.auditor.entry(msg, "input", decision, run.text.clean,
                                        degraded=tuple(run.degraded), scores=scores)

@@ -158,7 +158,8 @@ class PiiDetector:
                     continue
                 if detector.valid(match.group()):
                     spans.append(Span(start, end, detector.kind))
-        spans.sort(key=lambda s: s.start)
+        if len(spans) > 1:
+            spans.sort(key=lambda s: s.start)
         return spans
 
     @staticmethod
