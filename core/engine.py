@@ -166,6 +166,7 @@ class Engine(ServiceBase):
                 message = replace(message, text=text)
             try:
                 lane = await self.lanes.hold(message, self._admit)
+                entered = message  # the lane is left as it was held (message changes below)
                 try:
                     claim = Claim(self.memory, message, self._ids(), self.settings.memory.lease,
                                   self._renewals)
@@ -227,7 +228,7 @@ class Engine(ServiceBase):
                 finally:
                     # Held and let go without a context manager (Lanes.enter): its object
                     # and two coroutines, for every message.
-                    self.lanes.leave(lane, message)
+                    self.lanes.leave(lane, entered)
             except SlowDown as exc:
                 outcome = "slow_down"
                 log.debug("bot %s: refused before the lane: %s", self.name, exc)

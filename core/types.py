@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import FrozenInstanceError, dataclass, field
 from enum import StrEnum
-from types import MappingProxyType
 from typing import Literal, NamedTuple
 
 Role = Literal["system", "user", "assistant"]
@@ -182,9 +181,30 @@ class ReplyKind(StrEnum):
 _LAST = (ReplyKind.FINAL, ReplyKind.NOTICE, ReplyKind.ERROR)
 
 
-# The metadata of an event that has none: one shared mapping, read-only so that no
-# event's metadata can change another's.
-NO_METADATA: Mapping[str, str] = MappingProxyType({})
+class _NoMetadata(Mapping[str, str]):
+    """The metadata of an event that has none: one shared mapping, empty and read-only
+    so that no event's metadata can change another's. Pickled and copied as itself (a
+    ``MappingProxyType`` can be neither, and events cross process boundaries)."""
+
+    __slots__ = ()
+
+    def __getitem__(self, key: str) -> str:
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return "{}"
+
+    def __reduce__(self) -> str:
+        return "NO_METADATA"  # the module's own instance
+
+
+NO_METADATA: Mapping[str, str] = _NoMetadata()
 
 
 class ReplyEvent(NamedTuple):

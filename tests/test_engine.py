@@ -293,3 +293,25 @@ async def test_a_restarted_generation_shows_one_answer() -> None:
         assert "".join(e.text for e in after_reset) == "The answer."
         assert events[-1].text == "The answer."
         assert await turns(engine) == [("user", "hi"), ("assistant", "The answer.")]
+
+
+def test_reply_events_pickle_and_copy_with_or_without_metadata() -> None:
+    # Events cross process boundaries (a --processes child, a remote worker's relay): the
+    # shared empty metadata of an event without any must survive pickle and deepcopy as
+    # itself, and stay read-only.
+    import copy
+    import pickle
+
+    from core.types import NO_METADATA
+
+    plain = ReplyEvent(ReplyKind.FINAL, "hello")
+    tagged = ReplyEvent(ReplyKind.FINAL, "hello", metadata={"faq_entry": "returns"})
+    for event in (plain, tagged):
+        for again in (pickle.loads(pickle.dumps(event)), copy.deepcopy(event)):
+            assert again == event
+            assert dict(again.metadata) == dict(event.metadata)
+    assert pickle.loads(pickle.dumps(plain)).metadata is NO_METADATA
+    assert copy.deepcopy(plain).metadata is NO_METADATA
+    assert plain.metadata == {} and len(plain.metadata) == 0 and "x" not in plain.metadata
+    with pytest.raises(TypeError):
+        plain.metadata["x"] = "y"  # type: ignore[index]
