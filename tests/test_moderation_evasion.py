@@ -197,3 +197,51 @@ async def test_a_bare_command_is_refused_when_the_flood_count_fails_closed(
                     ReplyKind.NOTICE, "moderated", settings.moderation.failure_reply), text
         finally:
             redis_server.restart()
+
+
+async def test_a_mute_is_never_shortened_by_a_shorter_one(state: ModerationState) -> None:
+    # A moderator's day-long mute, then an automatic one of the policy's minutes: the
+    # longer stands, in process and on Redis alike (Redis's SET PX replaced it).
+    await state.record(entry("dave"), mute_user="web:dave", mute_seconds=86_400)
+    await state.record(entry("dave"), mute_user="web:dave", mute_seconds=300)
+    assert (await state.admit("web:dave", "web:dm-dave", LIMITS)).muted_for > 86_000
+    # A longer one still lengthens a shorter one.
+    await state.record(entry("erin"), mute_user="web:erin", mute_seconds=300)
+    await state.record(entry("erin"), mute_user="web:erin", mute_seconds=3_600)
+    assert (await state.admit("web:erin", "web:dm-erin", LIMITS)).muted_for > 3_500
+
+
+async def test_a_muted_user_flooding_commands_cannot_shorten_their_mute(
+    backend: dict[str, Any],
+) -> None:
+    # Each refused command over the limit scores a point; at the policy's mute_at that is
+    # an automatic mute of mute_seconds (600 here), which must not cut a moderator's day.
+    settings = flood_bot(backend)
+    async with build_engine(settings) as engine:
+        moderator = engine.moderator
+        assert isinstance(moderator, FilterModerator)
+        await moderator.state.record({"note": "muted by a moderator"}, mute_user="web:u1",
+                                     mute_seconds=86_400)
+        for _ in range(12):
+            await collect(engine.handle(msg("/help")))
+        admission = await moderator.state.admit("web:u1", "web:c1", LIMITS)
+        assert admission.muted_for > 86_000
+
+
+async def test_in_process_state_lets_a_forgotten_user_s_spent_score_and_mute_go() -> None:
+    # docs/guarantees.md: after /forget the score stays only until it has decayed below
+    # a hundredth of a point, and a mute until it ends, in both states. In process they
+    # stayed until a restart (the score was never dropped at all).
+    now = [1_000.0]
+    state = MemoryState(clock=lambda: now[0])
+    await state.add_points("web:fay", 1.0, half_life=60)  # below 0.01 after ~399 s
+    await state.record(entry("fay"), mute_user="web:fay", mute_seconds=100)
+    await state.forget_user("web:fay")
+    assert "web:fay" in state.dump()  # both still running their course
+    now[0] += 120
+    await state.forget_user("web:fay")
+    assert "web:fay" in state.dump()  # the mute is over, but the score has not decayed
+    now[0] += 300
+    await state.forget_user("web:fay")
+    assert "web:fay" not in state.dump()
+    assert await state.add_points("web:fay", 1.0, half_life=60) == 1.0  # a fresh start

@@ -96,7 +96,8 @@ class MemoryState:
         self.clock = clock
         self.retention = audit_retention
         self._hits: dict[str, _Window] = {}
-        self._scores: dict[str, tuple[float, float]] = {}  # user -> (score, at)
+        # user -> (score, at, gone): gone once decayed below a hundredth, as in Redis
+        self._scores: dict[str, tuple[float, float, float]] = {}
         self._mutes: dict[str, float] = {}  # user -> until
         self._audit: deque[dict[str, str]] = deque(maxlen=audit_max_entries)
         self._escalations: deque[dict[str, str]] = deque(maxlen=audit_max_entries)
@@ -133,13 +134,15 @@ class MemoryState:
             del self._hits[key]
         for user in [u for u, until in self._mutes.items() if until <= now]:
             del self._mutes[user]
+        for user in [u for u, (_, _, gone) in self._scores.items() if gone <= now]:
+            del self._scores[user]
 
     async def add_points(self, user: str, points: float, half_life: float) -> float:
         """See :class:`ModerationState`."""
         now = self.clock()
-        score, at = self._scores.get(user, (0.0, now))
-        score = decayed(score, now - at, half_life) + points
-        self._scores[user] = (score, now)
+        score, at, gone = self._scores.get(user, (0.0, now, now))
+        score = (decayed(score, now - at, half_life) if gone > now else 0.0) + points
+        self._scores[user] = (score, now, now + score_life(score, half_life))
         return score
 
     async def record(
@@ -167,6 +170,12 @@ class MemoryState:
         """Delete ``user``'s audit and escalation entries; how many went. The mute, the
         score and the flood windows are kept, as the Redis state keeps them (see
         :meth:`~core.moderation.state_redis.RedisState.forget_user`)."""
+        now = self.clock()
+        # What has run its course goes now rather than at the next sweep.
+        if self._mutes.get(user, now) <= now:
+            self._mutes.pop(user, None)
+        if self._scores.get(user, (0.0, now, now))[2] <= now:
+            self._scores.pop(user, None)
         channel, _, user_id = user.partition(":")
         count = 0
         for log in (self._audit, self._escalations):
@@ -187,7 +196,8 @@ class MemoryState:
     def dump(self) -> str:
         """Everything held, as text (for tests that look for leaks)."""
         return json.dumps(
-            [list(self._audit), list(self._escalations), list(self._hits), list(self._scores)],
+            [list(self._audit), list(self._escalations), list(self._hits), list(self._scores),
+             list(self._mutes)],
             ensure_ascii=False,
         )
 
@@ -216,6 +226,12 @@ def message_member(conversation_id: str, message_id: str) -> str | None:
     """How a flood window knows a message again: its id within its conversation (ids
     need only be unique there); None if it has no id."""
     return f"{len(conversation_id)}:{conversation_id}:{message_id}" if message_id else None
+
+
+def score_life(score: float, half_life: float) -> float:
+    """Seconds until ``score`` decays below a hundredth of a point (at least one half
+    life): when the Redis state lets its key expire."""
+    return half_life * max(1.0, math.log2(max(score, 1.0) * 100))
 
 
 def decayed(score: float, elapsed: float, half_life: float) -> float:

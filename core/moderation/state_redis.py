@@ -147,9 +147,16 @@ class RedisState(RedisService):
         fields: dict[Any, Any] = dict(entry)
         async with self._failures("record"):
             async with self.client.pipeline(transaction=True) as pipe:
+                muting = False
                 if mute_user is not None and mute_seconds > 0:
-                    pipe.set(f"{self.base}mute:{key_part(mute_user)}", "1",
-                             px=max(1, int(mute_seconds * 1000)))
+                    muting = True
+                    # A mute only ever grows, as in process: a moderator's day-long mute
+                    # is not cut to the policy's minutes by a later automatic one (a
+                    # muted user flooding commands earns one).
+                    mute, ms = f"{self.base}mute:{key_part(mute_user)}", max(
+                        1, int(mute_seconds * 1000))
+                    pipe.set(mute, "1", px=ms, nx=True)
+                    pipe.pexpire(mute, ms, gt=True)
                 # Bounded twice: by count, and by age (MINID) on the next write.
                 pipe.xadd(f"{self.base}audit", fields, maxlen=self.audit_max_entries,
                           approximate=True)
@@ -158,7 +165,7 @@ class RedisState(RedisService):
                     pipe.xadd(f"{self.base}escalations", fields,
                               maxlen=self.audit_max_entries, approximate=True)
                 results = await pipe.execute()
-            seconds, micros = results[2 if mute_user and mute_seconds > 0 else 1]
+            seconds, micros = results[3 if muting else 1]
             oldest = int(seconds * 1000 + micros // 1000 - self.audit_retention * 1000)
             await self.client.xtrim(f"{self.base}audit", minid=max(oldest, 0), approximate=True)
 
