@@ -4,6 +4,7 @@ Both state backends: in this process and on a real redis-server."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -245,3 +246,55 @@ async def test_in_process_state_lets_a_forgotten_user_s_spent_score_and_mute_go(
     await state.forget_user("web:fay")
     assert "web:fay" not in state.dump()
     assert await state.add_points("web:fay", 1.0, half_life=60) == 1.0  # a fresh start
+
+
+# -- abandoned attempts and flood control ------------------------------------------------
+
+async def generate_then_hang_up(engine: Any, message: IncomingMessage) -> Any:
+    """Send ``message`` and hang up once its reply starts streaming (as a web or NPC
+    client disconnects): True if a generation ran, else the message's answer."""
+    events = engine.handle(message)
+    try:
+        async for event in events:
+            if event.kind is ReplyKind.DELTA:
+                return True
+            if event.is_last:
+                return event
+    finally:
+        await events.aclose()
+    raise AssertionError("the stream ended without an answer")
+
+
+async def test_each_attempt_to_answer_a_message_counts_but_a_replay_does_not(
+    backend: dict[str, Any],
+) -> None:
+    # The client picks the message id and frees it by hanging up: the flood windows
+    # count one message id once, so without counting each started generation one id
+    # would buy unlimited generations in one window.
+    settings = flood_bot(backend)
+    async with build_engine(settings) as engine:
+        again = msg("tell me a long story about dragons please")
+        outcomes = [await generate_then_hang_up(engine, again) for _ in range(6)]
+        assert outcomes[:3] == [True, True, True]  # user_rate = 3
+        refused = outcomes[3]
+        assert (refused.kind, refused.code, refused.text) == (
+            ReplyKind.NOTICE, "moderated", settings.moderation.flood_reply)
+        # Still over the limit: refused at once, before the lane.
+        assert [(o.kind, o.code) for o in outcomes[4:]] == [(ReplyKind.ERROR, "slow_down")] * 2
+        assert (await collect(engine.handle(msg("hello")))).code == "slow_down"
+
+        # Copies sent at once wait in the lane behind the first, admitted as redeliveries:
+        # each that starts a generation once the one before hung up counts all the same.
+        other = msg("tell me a long story about dragons please", user="u2", conv="c2")
+        at_once = await asyncio.gather(*(generate_then_hang_up(engine, other)
+                                         for _ in range(6)))
+        assert at_once.count(True) == 3
+
+        # A network retry of an answered message is answered from memory, not counted.
+        first = msg("hello there", user="u3", conv="c3")
+        assert (await collect(engine.handle(first))).kind is ReplyKind.FINAL
+        replays = [await collect(engine.handle(first)) for _ in range(5)]
+        assert {(r.kind, r.code, r.text) for r in replays} == {
+            (ReplyKind.FINAL, "duplicate", "hello there")}
+        assert [(await collect(engine.handle(msg(f"hi {i}", user="u3", conv="c3")))).kind
+                for i in range(3)] == [ReplyKind.FINAL] * 2 + [ReplyKind.ERROR]

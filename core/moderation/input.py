@@ -289,7 +289,10 @@ class InputChecks:
         if ((admission.user_count <= limits.user_rate
              and admission.conversation_count <= limits.conversation_rate)
                 or base_action(channel.policy, [_flood_finding(admission)]).action.answers):
-            self._admitted[_admitted_key(message)] = admission
+            key = _admitted_key(message)
+            if not admission.repeated or key not in self._admitted:
+                # A copy admitted while the first waits keeps the first's count for it.
+                self._admitted[key] = admission
             while len(self._admitted) > _ADMITTED_MAX:
                 del self._admitted[next(iter(self._admitted))]
             return None
@@ -309,13 +312,25 @@ class InputChecks:
         # Counted by admit() (the usual case): decided here, nothing to wait for (and no
         # timer to set); otherwise counted now, under the step's timeout.
         admission = self._admitted.pop(_admitted_key(run.message), None)
-        if admission is None:  # not admitted first (a direct call)
-            return self._flood_counted(run, channel)
+        if admission is None or admission.repeated:  # a direct call, or counted before
+            return self._flood_counted(run, channel, admission)
         self._flooded(run, channel, admission)
         return None
 
-    async def _flood_counted(self, run: _Run, channel: _Channel) -> None:
-        self._flooded(run, channel, await self._count(run.message, channel))
+    async def _flood_counted(self, run: _Run, channel: _Channel,
+                             admission: Admission | None) -> None:
+        if admission is None:
+            admission = await self._count(run.message, channel)
+        if admission.repeated:
+            # The engine runs this step only for a message it is about to answer (a
+            # replay of a stored answer never gets here), so an id counted before is an
+            # attempt that ended unanswered (the client hung up, a failure) sent again:
+            # each attempt counts, or one id would buy unlimited generations.
+            msg = run.message
+            admission = await self.state.admit(f"{msg.channel}:{msg.user_id}",
+                                               f"{msg.channel}:{msg.conversation_id}",
+                                               channel.limits)
+        self._flooded(run, channel, admission)
 
     def _flooded(self, run: _Run, channel: _Channel, admission: Admission) -> None:
         run.muted_for = admission.muted_for

@@ -20,11 +20,16 @@ from typing import Protocol
 
 @dataclass(frozen=True, slots=True)
 class Admission:
-    """A message counted against the rate limits: counts in their windows, mute left."""
+    """A message counted against the rate limits: counts in their windows, mute left.
+
+    ``repeated``: the message's id was in both windows already, so this call counted
+    nothing (a redelivery, or a resend of an attempt that was abandoned).
+    """
 
     user_count: int
     conversation_count: int
     muted_for: float  # seconds of mute left; 0 if not muted
+    repeated: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +60,8 @@ class ModerationState(Protocol):
         """Count a message of ``user`` in ``conversation`` and report rates and mute.
 
         ``message`` identifies the message (see :func:`message_member`): one counted
-        already, in the windows now, is not counted again (a redelivery); None counts
-        every call.
+        already, in the windows now, is not counted again (a redelivery; the admission
+        says it was ``repeated``); None counts every call.
         """
         ...
 
@@ -109,11 +114,11 @@ class MemoryState:
     async def stop(self) -> None:
         """Nothing to release."""
 
-    def _count(self, key: str, window: float, now: float, message: str | None) -> int:
+    def _window(self, key: str) -> _Window:
         hits = self._hits.get(key)
         if hits is None:
             hits = self._hits[key] = _Window()
-        return hits.count(now - window, now, message)
+        return hits
 
     async def admit(self, user: str, conversation: str, limits: Limits, *,
                     message: str | None = None) -> Admission:
@@ -122,11 +127,12 @@ class MemoryState:
         if len(self._hits) > 100_000:
             self._sweep(now, max(limits.user_window, limits.conversation_window))
         until = self._mutes.get(user, 0.0)
-        return Admission(
-            self._count(f"u:{user}", limits.user_window, now, message),
-            self._count(f"c:{conversation}", limits.conversation_window, now, message),
-            max(0.0, until - now),
-        )
+        users = self._window(f"u:{user}")
+        convs = self._window(f"c:{conversation}")
+        added = (users.count(now - limits.user_window, now, message)
+                 + convs.count(now - limits.conversation_window, now, message))
+        return Admission(len(users.stamps), len(convs.stamps), max(0.0, until - now),
+                         repeated=added == 0)
 
     def _sweep(self, now: float, window: float) -> None:
         for key in [k for k, hits in self._hits.items()
@@ -213,13 +219,15 @@ class _Window:
         self.messages: set[str | None] = set()
 
     def count(self, expired: float, now: float, message: str | None) -> int:
+        """Drop what has left the window and count ``message``: 1 if it was, else 0."""
         stamps = self.stamps
         while stamps and stamps[0][0] <= expired:
             self.messages.discard(stamps.popleft()[1])
         if message is None or message not in self.messages:
             self.messages.add(message)
             stamps.append((now, message))
-        return len(stamps)
+            return 1
+        return 0
 
 
 def message_member(conversation_id: str, message_id: str) -> str | None:

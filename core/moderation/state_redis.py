@@ -42,23 +42,25 @@ class ModerationStateUnavailable(ParleyError):
 
 # KEYS: user rate, conversation rate, mute. ARGV: member, user window ms, conv window ms.
 # The member is the message's (see message_member): a redelivered message still in the
-# window keeps its first stamp and is not counted again (NX). Numbers go to Redis as
-# strings made with '%d' (a Lua number is printed with '%.17g', thousands of instructions
-# each: see core.memory.redis_scripts).
+# window keeps its first stamp and is not counted again (NX); how many windows added it
+# comes back last (0: a repeat). Numbers go to Redis as strings made with '%d' (a Lua
+# number is printed with '%.17g', thousands of instructions each: see
+# core.memory.redis_scripts).
 _ADMIT = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local now_s = string.format('%d', now)
 local counts = {}
+local added = 0
 for i = 1, 2 do
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', string.format('%d', now - ARGV[i + 1]))
-  redis.call('ZADD', KEYS[i], 'NX', now_s, ARGV[1])
+  added = added + redis.call('ZADD', KEYS[i], 'NX', now_s, ARGV[1])
   redis.call('PEXPIRE', KEYS[i], ARGV[i + 1])
   counts[i] = redis.call('ZCARD', KEYS[i])
 end
 local mute = redis.call('PTTL', KEYS[3])
 if mute < 0 then mute = 0 end
-return {counts[1], counts[2], mute}
+return {counts[1], counts[2], mute, added}
 """
 
 # KEYS: score. ARGV: points, half life ms. Returns the new score as a string.
@@ -130,8 +132,8 @@ class RedisState(RedisService):
         member = f"m:{message}" if message is not None else f"r:{os.urandom(16).hex()}"
         args: list[str | int] = [member, int(limits.user_window * 1000),
                                  int(limits.conversation_window * 1000)]
-        users, convs, mute_ms = await self._run("admit", keys, args)
-        return Admission(int(users), int(convs), int(mute_ms) / 1000)
+        users, convs, mute_ms, added = await self._run("admit", keys, args)
+        return Admission(int(users), int(convs), int(mute_ms) / 1000, repeated=not added)
 
     async def add_points(self, user: str, points: float, half_life: float) -> float:
         """See :class:`~core.moderation.state.ModerationState`."""
