@@ -20,7 +20,7 @@ from typing import Protocol
 from core.config import BotSettings, MemorySection
 from core.errors import MemoryUnavailable
 from core.lifecycle import ServiceBase
-from core.redis_client import RedisHub, RedisService, key_part, redact
+from core.redis_client import RedisHub, RedisService, key_part, redact, reply_text
 from core.registry import Registry
 
 
@@ -173,12 +173,12 @@ class RedisBuckets(RedisService):
     async def get(self, bucket: str, field: str) -> str | None:
         """See :class:`BucketStore`."""
         value = await self._run("get", [self.key(bucket)], [field])
-        return None if value is None else _text(value)
+        return None if value is None else reply_text(value)
 
     async def items(self, bucket: str) -> dict[str, str]:
         """See :class:`BucketStore`."""
         flat = await self._run("items", [self.key(bucket)], [], what="read")
-        return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
+        return {reply_text(flat[i]): reply_text(flat[i + 1]) for i in range(0, len(flat), 2)}
 
     async def put(self, bucket: str, values: Mapping[str, str], ttl: float | None) -> None:
         """See :class:`BucketStore`."""
@@ -206,7 +206,7 @@ class RedisBuckets(RedisService):
         raw = await self._run("extend", [self.key(bucket)], [
             field, cap, _pexpire(ttl), json.dumps(list(start)), json.dumps(list(items))],
             what="write")
-        return [str(i) for i in json.loads(_text(raw))]
+        return [str(i) for i in json.loads(reply_text(raw))]
 
     async def incr(self, bucket: str, field: str, by: int, ttl: float | None, *,
                    bounds: Bounds | None = None, start: int = 0) -> int:
@@ -295,10 +295,6 @@ _SCRIPTS = {"get": _GET, "items": _ITEMS, "put": _PUT, "remove": _REMOVE, "drop"
             "incr": _INCR, "extend": _EXTEND}
 # Safe to run twice: a retried remove, drop or incr would count (or add) again.
 _IDEMPOTENT = ("get", "items", "put", "extend")
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
 
 
 BucketFactory = Callable[[BotSettings], BucketStore]

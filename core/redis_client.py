@@ -156,6 +156,12 @@ class SharesRedis(Protocol):
         """Use ``hub``'s connections from the next start on; called before starting."""
 
 
+def reply_text(value: bytes | str) -> str:
+    """A value from Redis as text: a client without ``decode_responses`` hands back bytes
+    (invalid UTF-8 is replaced, never raised)."""
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+
+
 class RedisHub:
     """The Redis connections of one process: one client (with its pool) and one
     :class:`ScriptPipeline` per URL, shared by every service that talks to that Redis.

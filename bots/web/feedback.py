@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 from bots.web.resume import StoreUnavailable
 from core.config import MemorySection
 from core.lifecycle import ServiceBase
-from core.redis_client import connect, failures_as, key_part, redact
+from core.redis_client import connect, failures_as, key_part, redact, reply_text
 
 Rating = Literal["up", "down"]
 MAX_COMMENT_CHARS = 2000
@@ -129,7 +129,7 @@ class RedisFeedbackStore(FeedbackStore):
         async with self._failures("feedback"):
             async for raw_key in client.scan_iter(match=_glob_escape(self._base) + "*",
                                                   count=1000):
-                key = _text(raw_key)
+                key = reply_text(raw_key)
                 async with asyncio.timeout(self.section.timeout):
                     raw = await client.hvals(key)
                 for record in (Feedback.from_dict(json.loads(r)) for r in raw):
@@ -143,7 +143,7 @@ class RedisFeedbackStore(FeedbackStore):
         client = self._redis()
         index = self._by_user(user_id)
         async with self._failures("feedback"), asyncio.timeout(self.section.timeout):
-            rated = {_text(r) for r in await client.smembers(index)}
+            rated = {reply_text(r) for r in await client.smembers(index)}
             keys = [self._base + ref for ref in sorted(rated | set(refs))]
             async with client.pipeline(transaction=True) as pipe:
                 if keys:
@@ -165,10 +165,6 @@ class RedisFeedbackStore(FeedbackStore):
 def _glob_escape(text: str) -> str:
     """``text`` matched literally in a SCAN pattern."""
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
 
 
 def new_feedback(message_id: str, rating: Rating, comment: str, prompt: str, reply: str,

@@ -39,7 +39,7 @@ from core import jsoncodec
 from core.config import MemorySection
 from core.errors import ParleyError
 from core.lifecycle import ServiceBase
-from core.redis_client import RedisHub, RedisService, key_part, redact
+from core.redis_client import RedisHub, RedisService, key_part, redact, reply_text
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +325,7 @@ class RedisReplyLog(ReplyLog, RedisService):
                     async for message in pubsub.listen():
                         if message.get("type") != "message":
                             continue
-                        origin, ref, _ = _text(message["data"]).split("\n", 2)
+                        origin, ref, _ = reply_text(message["data"]).split("\n", 2)
                         if origin != self._origin:
                             self._fan_out(ref, None)
             except asyncio.CancelledError:
@@ -352,7 +352,7 @@ class RedisReplyLog(ReplyLog, RedisService):
         last, raw = await self._run("since", self._keys(ref), [])
         numbered = []
         for item in raw:
-            seq, _, encoded = _text(item).partition("\n")
+            seq, _, encoded = reply_text(item).partition("\n")
             numbered.append((int(seq), jsoncodec.loads(encoded)))
         return _backlog(numbered, after, int(last) if last is not None else 0)
 
@@ -367,7 +367,3 @@ class RedisReplyLog(ReplyLog, RedisService):
                 pipe.delete(*(f"{self._base}seq:{ref}" for ref in refs))
                 logs, _ = await pipe.execute()
         return int(logs)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value

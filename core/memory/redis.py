@@ -51,7 +51,7 @@ from core.config import BotSettings, MemorySection
 from core.errors import MemoryUnavailable
 from core.memory import redis_scripts as lua
 from core.memory.base import WAIT, Begun, MemorySnapshot, StoredReply, UserRef
-from core.redis_client import RedisHub, RedisService, key_part, redact
+from core.redis_client import RedisHub, RedisService, key_part, redact, reply_text
 from core.types import ConversationKey, Turn
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ class RedisMemory(RedisService):
         async with self._failures("conversations"), asyncio.timeout(self.section.timeout):
             refs = await self._redis.smembers(self._index(user))
         keys = []
-        for ref in sorted(_text(r) for r in refs):
+        for ref in sorted(reply_text(r) for r in refs):
             channel, _, conversation = ref.partition(":")
             keys.append(ConversationKey(user.bot, unquote(channel), unquote(conversation)))
         return keys
@@ -337,16 +337,13 @@ def _decoded(raw_turns: Sequence[bytes], key: ConversationKey) -> list[Turn | No
 
 
 def _facts(raw_facts: Sequence[bytes]) -> dict[str, str]:
-    return {_text(raw_facts[i]): _text(raw_facts[i + 1]) for i in range(0, len(raw_facts), 2)}
+    return {reply_text(raw_facts[i]): reply_text(raw_facts[i + 1])
+            for i in range(0, len(raw_facts), 2)}
 
 
 def _digest(value: bytes | str) -> str:
     data = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
     return hashlib.sha256(data).hexdigest()[:16]
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
 
 
 def create(settings: BotSettings) -> RedisMemory:

@@ -59,7 +59,7 @@ from core.generation.fleet.replies import ReplyWriter, RunningJob
 from core.generation.fleet.settings import FleetSettings, inner_settings
 from core.lifecycle import ServiceBase, stop_signals
 from core.metrics import WorkerMetrics
-from core.redis_client import connect, load_scripts, redact
+from core.redis_client import connect, load_scripts, redact, reply_text
 from core.streams import closing
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ class Worker(ServiceBase):
                     GROUP, self.name, {self.keys.jobs: ">"}, count=free,
                     block=int(READ_BLOCK * 1000),
                 )
-                entries = [(_text(i), f, 1) for _k, batch in answer or () for i, f in batch]
+                entries = [(reply_text(i), f, 1) for _k, batch in answer or () for i, f in batch]
                 if entries:
                     await self._admit(entries)
             except (RedisError, OSError) as exc:
@@ -253,8 +253,8 @@ class Worker(ServiceBase):
                     keys=[self.keys.jobs],
                     args=[GROUP, self.name, int(self.section.claim_idle * 1000), cursor, free],
                 )
-                cursor = _text(cursor_raw)
-                entries = [(_text(i), _pairs(f), int(n)) for i, f, n in claimed]
+                cursor = reply_text(cursor_raw)
+                entries = [(reply_text(i), _pairs(f), int(n)) for i, f, n in claimed]
                 if entries:
                     self.metrics.reclaimed.inc(len(entries))
                     log.info("worker %s: reclaimed %d jobs", self.name, len(entries))
@@ -468,10 +468,6 @@ async def _finish(tasks: Sequence[asyncio.Task[None]]) -> None:
             pass
         except Exception:
             log.exception("worker task %s failed", task.get_name())
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
 
 
 def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
