@@ -20,7 +20,7 @@ from typing import Protocol
 from core.config import BotSettings, MemorySection
 from core.errors import MemoryUnavailable
 from core.lifecycle import ServiceBase
-from core.redis_client import RedisHub, RedisService, key_part, redact, reply_text
+from core.redis_client import RedisHub, RedisService, key_part, redact, reply_pairs, reply_text
 from core.registry import Registry
 
 
@@ -178,7 +178,7 @@ class RedisBuckets(RedisService):
     async def items(self, bucket: str) -> dict[str, str]:
         """See :class:`BucketStore`."""
         flat = await self._run("items", [self.key(bucket)], [], what="read")
-        return {reply_text(flat[i]): reply_text(flat[i + 1]) for i in range(0, len(flat), 2)}
+        return reply_pairs(flat)
 
     async def put(self, bucket: str, values: Mapping[str, str], ttl: float | None) -> None:
         """See :class:`BucketStore`."""

@@ -162,6 +162,12 @@ def reply_text(value: bytes | str) -> str:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
 
 
+def reply_pairs(flat: Sequence[bytes | str]) -> dict[str, str]:
+    """A flat field, value, field, value ... reply (HGETALL's, a script's) as a dict of
+    text."""
+    return {reply_text(flat[i]): reply_text(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
 class RedisHub:
     """The Redis connections of one process: one client (with its pool) and one
     :class:`ScriptPipeline` per URL, shared by every service that talks to that Redis.

@@ -51,7 +51,7 @@ from core.config import BotSettings, MemorySection
 from core.errors import MemoryUnavailable
 from core.memory import redis_scripts as lua
 from core.memory.base import WAIT, Begun, MemorySnapshot, StoredReply, UserRef
-from core.redis_client import RedisHub, RedisService, key_part, redact, reply_text
+from core.redis_client import RedisHub, RedisService, key_part, redact, reply_pairs, reply_text
 from core.types import ConversationKey, Turn
 
 log = logging.getLogger(__name__)
@@ -77,20 +77,17 @@ class RedisMemory(RedisService):
                  cache_size: int = 2048, redis: RedisHub | None = None) -> None:
         self.section = section
         self.source = source
-        self.where = redact(section.url)
-        self._lease_ms = int(section.lease * 1000)
-        self._dedupe_ms = int(section.dedupe_window * 1000)
-        # A load refreshes the conversation's TTL once this much of it has run down.
-        self._slack_ms = min(60_000, int(section.ttl * 100))
         self._windows = WindowCache(section.window, cache_size)
         scripts = lua.sources(lua.Settings(
-            lease_ms=self._lease_ms, stale_ms=STALE_WAITER_MS, window=section.window,
-            ttl=section.ttl, slack_ms=self._slack_ms, dedupe_ms=self._dedupe_ms,
-            dedupe_max=section.dedupe_max))
+            lease_ms=int(section.lease * 1000), stale_ms=STALE_WAITER_MS,
+            window=section.window, ttl=section.ttl,
+            # A load refreshes the conversation's TTL once this much of it has run down.
+            slack_ms=min(60_000, int(section.ttl * 100)),
+            dedupe_ms=int(section.dedupe_window * 1000), dedupe_max=section.dedupe_max))
         # Its own connections unless the app shares a process's (share_redis).
         super().__init__(section.url, scripts, timeout=section.timeout,
                          setting=f"{source}: memory.url", error=MemoryUnavailable,
-                         failing=f"redis at {self.where}", retry=_IDEMPOTENT, redis=redis)
+                         failing=f"redis at {redact(section.url)}", retry=_IDEMPOTENT, redis=redis)
 
     def _base(self, bot: str) -> str:
         return f"{self.section.key_prefix}:{key_part(bot)}:"
@@ -133,7 +130,7 @@ class RedisMemory(RedisService):
             n = reply[4]
             turns = self._windows.update(where, cached, reply[1], reply[2], reply[3],
                                          reply[5:5 + n], key)
-            return Begun(snapshot=MemorySnapshot(turns, _facts(reply[5 + n:])))
+            return Begun(snapshot=MemorySnapshot(turns, reply_pairs(reply[5 + n:])))
         if reply[0] == 2:
             try:
                 return Begun(replay=StoredReply.loads(reply[1]))
@@ -174,7 +171,7 @@ class RedisMemory(RedisService):
         reply = await self._run("load", keys, ())
         n = reply[3]  # flat: version, length, 0, n, n turns, the facts' names and values
         turns = tuple(t for t in _decoded(reply[4:4 + n], key) if t is not None)
-        return MemorySnapshot(turns, _facts(reply[4 + n:]))
+        return MemorySnapshot(turns, reply_pairs(reply[4 + n:]))
 
     def _turn_args(
         self, key: ConversationKey, turns: Sequence[Turn], extra_user: str | None = None
@@ -334,11 +331,6 @@ def _decoded(raw_turns: Sequence[bytes], key: ConversationKey) -> list[Turn | No
                         key, len(raw), _digest(raw))
             turns.append(None)
     return turns
-
-
-def _facts(raw_facts: Sequence[bytes]) -> dict[str, str]:
-    return {reply_text(raw_facts[i]): reply_text(raw_facts[i + 1])
-            for i in range(0, len(raw_facts), 2)}
 
 
 def _digest(value: bytes | str) -> str:
