@@ -64,6 +64,14 @@ class _Run:
     key: str = ""
     candidates: Sequence[Sequence[int]] | None = None
 
+    @classmethod
+    def of(cls, message: IncomingMessage, policy: ModerationPolicy, *,
+           findings: list[Finding] | None = None, muted_for: float = 0.0) -> _Run:
+        """The run of ``message``, its text normalised."""
+        text = normalise(message.text)
+        return cls(message, policy, text, text.clean,
+                   findings=[] if findings is None else findings, muted_for=muted_for)
+
     def scan(self) -> Sequence[Sequence[int]] | None:
         """MESSAGE_SETS' candidates in the message, scanned at the first filter that
         asks (None without Hyperscan); sets :attr:`key`."""
@@ -159,7 +167,7 @@ class InputChecks:
     async def check_input(self, message: IncomingMessage) -> Verdict:
         """Run the channel's input filters and decide; see the module docstring."""
         channel = self._channel(message.channel)
-        text = normalise(message.text)
+        text = normalise(message.text)  # (_Run.of's work, without its call: every message)
         run = _Run(message, channel.policy, text, text.clean)
         for step in channel.steps:
             try:
@@ -178,7 +186,7 @@ class InputChecks:
                     break
         # A plain allow (most messages) is decided without _decide's coroutine.
         allowed = self._allowed(run)
-        return allowed if allowed is not None else await self._decide(run, channel.policy)
+        return allowed if allowed is not None else await self._decide(run)
 
     def _failed(self, run: _Run, name: str, exc: Exception) -> None:
         log.warning("moderation: bot %s: filter %s failed (%s mode): %s: %s",
@@ -274,15 +282,12 @@ class InputChecks:
                 return None  # the flood step tries again, and fails open or closed as set
             # Failing closed: a command is refused now, as its flood step would refuse a
             # message (a bare command meets no filter after this).
-            text = normalise(message.text)
-            run = _Run(message, channel.policy, text, text.clean,
-                       findings=[Finding("failure", step.name)])
+            run = _Run.of(message, channel.policy, findings=[Finding("failure", step.name)])
             self._failed(run, step.name, exc)
-            return await self._decide(run, channel.policy)
+            return await self._decide(run)
         if admission.muted_for > 0 and not message.text.startswith("/"):
-            text = normalise(message.text)
-            return await self._decide(_Run(message, channel.policy, text, text.clean,
-                                           muted_for=admission.muted_for), channel.policy)
+            return await self._decide(
+                _Run.of(message, channel.policy, muted_for=admission.muted_for))
         limits = channel.limits
         # Within the limits (most messages) is asked first: the policy only beyond them.
         # A muted sender's command is held to them too: a bare one is checked nowhere else.
@@ -296,17 +301,17 @@ class InputChecks:
             while len(self._admitted) > _ADMITTED_MAX:
                 del self._admitted[next(iter(self._admitted))]
             return None
-        text = normalise(message.text)
-        run = _Run(message, channel.policy, text, text.clean,
-                   findings=[_flood_finding(admission)])
-        return await self._decide(run, channel.policy)
+        return await self._decide(
+            _Run.of(message, channel.policy, findings=[_flood_finding(admission)]))
 
-    def _count(self, msg: IncomingMessage, channel: _Channel) -> Awaitable[Admission]:
-        # Counted once per message id: a redelivery (admitted before the engine's dedupe
-        # sees it) is not counted again.
-        return self.state.admit(f"{msg.channel}:{msg.user_id}",
-                                f"{msg.channel}:{msg.conversation_id}", channel.limits,
-                                message=message_member(msg.conversation_id, msg.message_id))
+    def _count(self, msg: IncomingMessage, channel: _Channel, *, once: bool = True
+               ) -> Awaitable[Admission]:
+        # Counted once per message id (``once``): a redelivery (admitted before the
+        # engine's dedupe sees it) is not counted again.
+        return self.state.admit(
+            f"{msg.channel}:{msg.user_id}", f"{msg.channel}:{msg.conversation_id}",
+            channel.limits,
+            message=message_member(msg.conversation_id, msg.message_id) if once else None)
 
     def _flood(self, run: _Run, channel: _Channel) -> Awaitable[None] | None:
         # Counted by admit() (the usual case): decided here, nothing to wait for (and no
@@ -326,10 +331,7 @@ class InputChecks:
             # replay of a stored answer never gets here), so an id counted before is an
             # attempt that ended unanswered (the client hung up, a failure) sent again:
             # each attempt counts, or one id would buy unlimited generations.
-            msg = run.message
-            admission = await self.state.admit(f"{msg.channel}:{msg.user_id}",
-                                               f"{msg.channel}:{msg.conversation_id}",
-                                               channel.limits)
+            admission = await self._count(run.message, channel, once=False)
         self._flooded(run, channel, admission)
 
     def _flooded(self, run: _Run, channel: _Channel, admission: Admission) -> None:
@@ -345,11 +347,9 @@ class InputChecks:
             return Verdict(Action.ALLOW, run.out_text, None, None, ())
         return None
 
-    async def _decide(self, run: _Run, policy: ModerationPolicy) -> Verdict:
-        allowed = self._allowed(run)
-        if allowed is not None:
-            return allowed
-        msg = run.message
+    async def _decide(self, run: _Run) -> Verdict:
+        """The verdict on a run that is no plain allow (see :meth:`_allowed`)."""
+        msg, policy = run.message, run.policy
         user = f"{msg.channel}:{msg.user_id}"
         if run.muted_for > 0:
             decision = Decision(Action.MUTE, [Finding("muted", score=run.muted_for)])
