@@ -315,8 +315,7 @@ class OutputGuard:
             else:
                 return
         limits = self.config.limits
-        # (A dict is its own mapping by category: by_category's isinstance() is slow.)
-        for category, score in (scores if type(scores) is dict else by_category(scores)).items():
+        for category, score in by_category(scores).items():
             limit = limits.get(category)
             if limit is not None and score >= limit:
                 self._withhold([Finding(category, "classifier", score, "classifier")],
