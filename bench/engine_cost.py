@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -27,6 +26,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import callgrind
 
 
 async def control(*args: str) -> None:
@@ -66,12 +67,6 @@ def child(args: argparse.Namespace) -> None:
         asyncio.run(measured(args, {"backend": "embedded"}))
 
 
-def counted(path: Path) -> int:
-    """The instruction total of the dump at ``path``."""
-    total = re.search(r"^(?:summary|totals): (\d+)", path.read_text(errors="replace"), re.M)
-    return int(total[1]) if total else 0
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,13 +90,13 @@ def main() -> None:
         for old in out.glob("cg.*"):
             old.unlink()
         subprocess.run(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/cg.%p",
-             sys.executable, __file__, "--child", *sys.argv[1:]],
+            callgrind.command(f"{out}/cg.%p", [sys.executable, __file__, "--child",
+                                                *sys.argv[1:]]),
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         dumps = [p for p in out.glob("cg.*") if "measured" in p.read_text(errors="replace")[:2000]]
         if len(dumps) != 1:
             raise SystemExit(f"expected one dump of the measured run, found {len(dumps)}")
-        total = counted(dumps[0])
+        total = callgrind.total(dumps[0])
     print(f"engine_cost  memory={args.memory} moderation={args.moderation} "
           f"messages={args.messages}  {total / args.messages:,.0f} instructions/message")
 

@@ -35,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import callgrind  # noqa: E402
 from bench.echo_bot import (  # noqa: E402
     checkout_arguments,
     demo_settings,
@@ -121,30 +122,33 @@ def instructions(code: Path, messages: int, sync: bool) -> float:
         folder = Path(tmp)
         out = folder / "callgrind.out"
         child = subprocess.Popen(
-            ["valgrind", "--tool=callgrind", "--instr-atstart=no",
-             f"--callgrind-out-file={out}", sys.executable, __file__, "--code", str(code),
-             "--messages", str(messages), "--counted", str(folder),
-             *(["--sync"] if sync else [])],
+            callgrind.command(out, [sys.executable, __file__, "--code", str(code),
+                                    "--messages", str(messages), "--counted", str(folder),
+                                    *(["--sync"] if sync else [])],
+                              "--instr-atstart=no"),
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
             env={**os.environ, "PYTHONHASHSEED": "0"})
-        assert child.stdout is not None
-        # On; then the replies' count dumped (and zeroed) before the bare stream's; off.
-        for step, control in (("start", ["-i", "on"]), ("bare", ["-d"]), ("stop", ["-i", "off"])):
-            while child.stdout.readline().strip() != step:
-                if child.poll() is not None:
-                    raise RuntimeError("the counted run ended early")
-            subprocess.run(["callgrind_control", *control, str(child.pid)], check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            (folder / step).touch()
-        child.wait()
-        guard, bare = (_total(folder / name) for name in ("callgrind.out.1", "callgrind.out"))
+        # The child waits for each step's file: if a step fails, it would wait (under
+        # valgrind) for ever.
+        try:
+            assert child.stdout is not None
+            # On; then the replies' count dumped (and zeroed) before the bare stream's; off.
+            for step, control in (("start", ["-i", "on"]), ("bare", ["-d"]),
+                                  ("stop", ["-i", "off"])):
+                while child.stdout.readline().strip() != step:
+                    if child.poll() is not None:
+                        raise RuntimeError("the counted run ended early")
+                subprocess.run(["callgrind_control", *control, str(child.pid)], check=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                (folder / step).touch()
+            child.wait()
+        finally:
+            if child.poll() is None:
+                child.kill()
+            child.wait()
+        guard, bare = (callgrind.total(folder / name, "totals")
+                       for name in ("callgrind.out.1", "callgrind.out"))
         return (guard - bare) / messages
-
-
-def _total(path: Path) -> int:
-    """The instructions a callgrind file counted."""
-    return next(int(line.split()[1]) for line in path.read_text().splitlines()
-                if line.startswith("totals:"))
 
 
 def main() -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import operator
-import re
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import callgrind as cg  # noqa: E402
 from bench.echo_bot import (  # noqa: E402
     checkout_arguments,
     demo_settings,
@@ -119,17 +119,16 @@ def callgrind(codes: list[Path], messages: int) -> None:
     """Each checkout's instructions per message, under callgrind, side by side."""
     with tempfile.TemporaryDirectory(prefix="input-checks-") as tmp:
         runs = [subprocess.Popen(
-            ["valgrind", "--tool=callgrind", "--collect-atstart=no",
-             "--toggle-collect=_operator_call", f"--callgrind-out-file={tmp}/cg.{i}",
-             sys.executable, __file__, "--code", str(code), "--messages", str(messages),
-             "--counted"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            cg.command(f"{tmp}/cg.{i}",
+                       [sys.executable, __file__, "--code", str(code), "--messages",
+                        str(messages), "--counted"],
+                       "--collect-atstart=no", "--toggle-collect=_operator_call"),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for i, code in enumerate(codes)]
         for i, (code, run) in enumerate(zip(codes, runs, strict=True)):
             if run.wait():
                 raise SystemExit(f"{code}: the run under callgrind failed ({run.returncode})")
-            text = Path(tmp, f"cg.{i}").read_text(errors="replace")
-            total = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
-            instructions = int(total[1]) if total else 0
+            instructions = cg.total(Path(tmp, f"cg.{i}"))
             print(f"{code}: {instructions / messages / 1000:.1f}K instructions per message "
                   f"({messages} messages)")
 

@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,27 +75,42 @@ def settings(memory: dict[str, Any], moderation: str = "passthrough") -> Any:
 
 
 @contextlib.contextmanager
-def private_redis() -> Iterator[str]:
-    """A throwaway redis-server on a unix socket; yields its URL."""
+def private_redis(wrapper: Sequence[str] = (), wait: float = 60.0) -> Iterator[str]:
+    """A throwaway redis-server on a unix socket; yields its URL once it answers (a
+    RuntimeError if it has not within ``wait`` seconds, or ended). ``wrapper`` is a
+    command it runs under (valgrind's, say: bench/redis_cost.py); it is then told to
+    end (its last words written: callgrind's dump at exit), and killed after 30 s."""
     server = shutil.which("redis-server")
     if server is None:
         raise SystemExit("redis-server is not installed (apt-get install redis-server)")
     with tempfile.TemporaryDirectory() as tmp:
         sock = Path(tmp) / "redis.sock"
         proc = subprocess.Popen(
-            [server, "--port", "0", "--unixsocket", str(sock), "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
+            [*wrapper, server, "--port", "0", "--unixsocket", str(sock), "--save", "",
+             "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL if wrapper else None, cwd=tmp,
         )
         try:
             # Until it answers: the socket file appears at bind(), a moment before
             # listen(), and a connection in between is refused.
-            for _ in range(500):
-                if sock.exists() and _answers(sock):
-                    break
+            deadline = time.monotonic() + wait
+            while not (sock.exists() and _answers(sock)):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"redis-server ended ({proc.returncode}) before it "
+                                       "answered")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not answer within {wait:g} s")
                 time.sleep(0.01)
             yield f"unix://{sock}"
         finally:
-            proc.kill()
+            if wrapper:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            else:
+                proc.kill()
             proc.wait()
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import shutil
 import subprocess
 import sys
@@ -35,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from redis import Redis
 
+from bench import callgrind
+from bench.pipeline import private_redis
 from bots.web.resume import RedisReplyLog
 from core.config import MemorySection
 from core.memory.base import StoredReply
@@ -104,14 +105,6 @@ async def drive(url: str, pid: int, rounds: int, reply_log: bool) -> None:
             await replies.stop()
 
 
-def counted(path: Path) -> tuple[str, int]:
-    """The dump's trigger (the phase) and its instruction total."""
-    text = path.read_text(errors="replace")
-    trigger = re.search(r"^desc: Trigger: dump (\S+)", text, re.M)
-    total = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
-    return (trigger[1] if trigger else "?"), int(total[1]) if total else 0
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,26 +116,14 @@ def main() -> None:
     if shutil.which("valgrind") is None or shutil.which("redis-server") is None:
         raise SystemExit("needs valgrind and redis-server (apt-get install valgrind redis-server)")
     with tempfile.TemporaryDirectory(prefix="redis-cost-") as tmp:
-        out = Path(args.keep or tmp)
+        out = Path(args.keep or tmp).resolve()  # (redis-server runs in a folder of its own)
         out.mkdir(parents=True, exist_ok=True)
-        sock = Path(tmp) / "redis.sock"
-        proc = subprocess.Popen(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/cg.%p",
-             "redis-server", "--port", "0", "--unixsocket", str(sock), "--save", "",
-             "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp)
-        try:
-            for _ in range(600):
-                try:
-                    Redis(unix_socket_path=str(sock)).ping()
-                    break
-                except Exception:
-                    time.sleep(0.1)
-            asyncio.run(drive(f"unix://{sock}", proc.pid, args.rounds, args.reply_log))
-        finally:
-            proc.terminate()
-            proc.wait()
-        totals = dict(counted(path) for path in sorted(out.glob(f"cg.{proc.pid}.*")))
+        with private_redis(callgrind.command(f"{out}/cg.%p", [])) as url:
+            with Redis.from_url(url) as client:  # (valgrind's pid is redis-server's)
+                pid = int(client.info("server")["process_id"])
+            asyncio.run(drive(url, pid, args.rounds, args.reply_log))
+        totals = {callgrind.trigger(path) or "?": callgrind.total(path)
+                  for path in sorted(out.glob(f"cg.{pid}.*"))}
     print(f"redis-server instructions per message ({CONVERSATIONS} conversations at once, "
           f"round {args.rounds - 9} of {args.rounds}):")
     for name in PHASES:
